@@ -1,0 +1,201 @@
+"""Config loading and validation.
+
+`load("configs/llama.py:tiny", ["model.num_layers=2"])` imports the file, calls
+its `get_config(arg)`, applies `PATH=VALUE` overrides and validates the result.
+The command line does the same through `ml_collections.config_flags`; both end
+in `validate`, which refuses bad values with a message naming the field.
+"""
+
+import ast
+import importlib.util
+import os
+
+import ml_collections
+
+CHOICES = {
+    'model.norm_type': ('rmsnorm', 'layernorm'),
+    'model.norm_position': ('pre', 'post', 'sandwich'),
+    'model.position': ('rope', 'alibi', 'learned', 'sinusoidal', 'none'),
+    'model.mlp_activation': ('silu', 'gelu', 'gelu_tanh', 'relu'),
+    'model.attention_impl': ('auto', 'xla', 'pallas', 'cudnn'),
+    'model.remat': ('none', 'full', 'dots'),
+    'model.dtype': ('float32', 'bfloat16', 'float16'),
+    'model.param_dtype': ('float32', 'bfloat16', 'float16'),
+    'train.lr_schedule': ('cosine', 'linear', 'constant', 'wsd'),
+    'data.source': ('builtin', 'text', 'jsonl', 'arrayrecord', 'synthetic', 'sft'),
+    'dpo.loss': ('sigmoid', 'ipo', 'hinge'),
+}
+ROPE_SCALING_TYPES = ('linear', 'ntk', 'yarn', 'llama3')
+
+
+class ConfigError(ValueError):
+  """A config value that ablax refuses; the message names the field."""
+
+
+def _get(cfg, path):
+  node = cfg
+  for part in path.split('.'):
+    node = node[part]
+  return node
+
+
+def _parse_value(text):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def apply_override(cfg: ml_collections.ConfigDict, override: str) -> None:
+  """Applies one `a.b.c=VALUE` override in place; unknown fields are an error."""
+  if '=' not in override:
+    raise ConfigError(f'override {override!r} is not of the form PATH=VALUE')
+  path, text = override.split('=', 1)
+  *parents, leaf = path.strip().split('.')
+  node = cfg
+  for i, part in enumerate(parents):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      raise ConfigError(f'unknown config field {".".join(parents[:i + 1])!r} '
+                        f'(in override {override!r})')
+    node = node[part]
+  if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    raise ConfigError(f'unknown config field {path!r}')
+  value = _parse_value(text.strip())
+  current = node[leaf]
+  if isinstance(current, str) and not isinstance(value, str):
+    value = text.strip()        # e.g. tokenizer=123 stays a string
+  if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  try:
+    node[leaf] = value
+  except TypeError as e:
+    raise ConfigError(f'{path}={text!r}: {e}') from None
+
+
+def load_module(path: str):
+  spec = importlib.util.spec_from_file_location(
+      'ablax_config_' + os.path.basename(path).removesuffix('.py'), path)
+  if spec is None or not os.path.exists(path):
+    raise ConfigError(f'config file {path!r} not found')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load(spec: str, overrides=()) -> ml_collections.ConfigDict:
+  """Loads `path.py[:arg]`, applies overrides, validates; returns the config."""
+  path, _, arg = spec.partition(':')
+  cfg = load_module(path).get_config(arg or None)
+  for override in overrides:
+    apply_override(cfg, override)
+  validate(cfg)
+  return cfg
+
+
+def _check(ok, message):
+  if not ok:
+    raise ConfigError(message)
+
+
+def validate_model(m: ml_collections.ConfigDict) -> None:
+  """Checks `config.model` alone (layers and tests build only this part)."""
+  for path, choices in CHOICES.items():
+    section, field = path.split('.')
+    if section == 'model' and field in m:
+      _check(m[field] in choices,
+             f'{path}={m[field]!r}: must be one of {", ".join(choices)}')
+  for field in ('vocab_size', 'd_model', 'num_layers', 'num_heads',
+                'num_kv_heads', 'd_ff', 'max_seq_len'):
+    _check(isinstance(m[field], int) and m[field] > 0,
+           f'model.{field}={m[field]!r}: must be a positive integer')
+  _check(m.num_heads % m.num_kv_heads == 0,
+         f'num_heads={m.num_heads}, num_kv_heads={m.num_kv_heads}: '
+         'num_heads must be a multiple of num_kv_heads')
+  if m.head_dim is None:
+    _check(m.d_model % m.num_heads == 0,
+           f'd_model={m.d_model}, num_heads={m.num_heads}: d_model must be a '
+           'multiple of num_heads when model.head_dim is None')
+  else:
+    _check(m.head_dim > 0, f'model.head_dim={m.head_dim}: must be positive')
+  head_dim = m.head_dim or m.d_model // m.num_heads
+  if m.position == 'rope':
+    _check(head_dim % 2 == 0, f'model.head_dim={head_dim}: RoPE needs an even head_dim')
+    _check(m.rope_theta > 0, f'model.rope_theta={m.rope_theta}: must be positive')
+  if m.rope_scaling is not None:
+    _check(m.position == 'rope', 'model.rope_scaling is set but model.position '
+           f'is {m.position!r}, not rope')
+    kind = m.rope_scaling.get('type')
+    _check(kind in ROPE_SCALING_TYPES, f'model.rope_scaling.type={kind!r}: must be '
+           f'one of {", ".join(ROPE_SCALING_TYPES)}')
+    _check(m.rope_scaling.get('factor', 0) >= 1,
+           'model.rope_scaling.factor must be given and >= 1')
+    if kind in ('yarn', 'llama3', 'ntk'):
+      _check(m.rope_scaling.get('original_max_seq_len', 0) > 0,
+             f'model.rope_scaling.original_max_seq_len is required for {kind}')
+  _check(m.norm_eps > 0, f'model.norm_eps={m.norm_eps}: must be positive')
+  for field in ('attn_logit_softcap', 'final_logit_softcap', 'attn_scale'):
+    _check(m[field] is None or m[field] > 0,
+           f'model.{field}={m[field]}: must be None or positive')
+  _check(m.sliding_window is None or m.sliding_window > 0,
+         f'model.sliding_window={m.sliding_window}: must be None or positive')
+  if m.global_layer_interval is not None:
+    _check(m.sliding_window is not None, 'model.global_layer_interval is set '
+           'but model.sliding_window is None (nothing to alternate with)')
+    _check(m.global_layer_interval > 0,
+           f'model.global_layer_interval={m.global_layer_interval}: must be positive')
+  _check(m.num_memory_tokens >= 0,
+         f'model.num_memory_tokens={m.num_memory_tokens}: must be >= 0')
+  for field in ('attention_block_q', 'attention_block_kv'):
+    if field in m and m[field] is not None:
+      _check(m[field] > 0 and m[field] % 8 == 0,
+             f'model.{field}={m[field]}: must be a positive multiple of 8')
+  _check(m.num_experts >= 0, f'model.num_experts={m.num_experts}: must be >= 0')
+  if m.num_experts:
+    _check(1 <= m.experts_per_token <= m.num_experts,
+           f'model.experts_per_token={m.experts_per_token}: must be in '
+           f'[1, num_experts={m.num_experts}]')
+    _check(m.moe_layer_interval >= 1,
+           f'model.moe_layer_interval={m.moe_layer_interval}: must be >= 1')
+    _check(m.moe_capacity_factor is None or m.moe_capacity_factor > 0,
+           f'model.moe_capacity_factor={m.moe_capacity_factor}: must be None or positive')
+    _check(m.num_shared_experts >= 0,
+           f'model.num_shared_experts={m.num_shared_experts}: must be >= 0')
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Checks the whole config; raises ConfigError naming the bad field."""
+  validate_model(cfg.model)
+  for path, choices in CHOICES.items():
+    section, field = path.split('.')
+    if section != 'model' and section in cfg and field in cfg[section]:
+      value = cfg[section][field]
+      _check(value in choices, f'{path}={value!r}: must be one of {", ".join(choices)}')
+  t = cfg.train
+  for field in ('steps', 'global_batch_size', 'seq_len', 'grad_accum_steps',
+                'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
+                'keep_checkpoints'):
+    _check(isinstance(t[field], int) and t[field] > 0,
+           f'train.{field}={t[field]!r}: must be a positive integer')
+  _check(t.global_batch_size % t.grad_accum_steps == 0,
+         f'train.global_batch_size={t.global_batch_size}, train.grad_accum_steps='
+         f'{t.grad_accum_steps}: the batch must divide into the accumulation steps')
+  _check(t.learning_rate > 0, f'train.learning_rate={t.learning_rate}: must be positive')
+  _check(0 <= t.min_lr_ratio <= 1, f'train.min_lr_ratio={t.min_lr_ratio}: must be in [0, 1]')
+  _check(t.warmup_steps >= 0, f'train.warmup_steps={t.warmup_steps}: must be >= 0')
+  _check(0 <= t.adam_b1 < 1 and 0 <= t.adam_b2 < 1, 'train.adam_b1 and train.adam_b2 must be in [0, 1)')
+  _check(t.eval_steps >= 0, f'train.eval_steps={t.eval_steps}: must be >= 0')
+  _check(t.seq_len <= cfg.model.max_seq_len or cfg.model.position not in ('learned',),
+         f'train.seq_len={t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len} '
+         'with learned positions')
+  for axis in ('data', 'fsdp', 'tensor', 'expert'):
+    v = cfg.mesh[axis]
+    _check(v == -1 or (isinstance(v, int) and v > 0),
+           f'mesh.{axis}={v!r}: must be a positive integer or -1')
+  _check(sum(cfg.mesh[a] == -1 for a in ('data', 'fsdp', 'tensor', 'expert')) <= 1,
+         'at most one mesh axis may be -1')
+  tok = cfg.data.tokenizer
+  _check(tok == 'bytes' or tok.startswith(('sentencepiece:', 'hf:')),
+         f'data.tokenizer={tok!r}: must be bytes, sentencepiece:PATH or hf:PATH')
+  _check(cfg.dpo.beta > 0, f'dpo.beta={cfg.dpo.beta}: must be positive')
+  _check(0 <= cfg.dpo.label_smoothing < 0.5,
+         f'dpo.label_smoothing={cfg.dpo.label_smoothing}: must be in [0, 0.5)')

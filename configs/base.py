@@ -1,0 +1,124 @@
+"""Every field of the ablax config, with defaults.
+
+Presets (`configs/llama.py`, `configs/gpt2.py`, ...) start from `get_config()`
+here and flip the flags that make their family. Field names are fixed by the
+design contract (`shared/DESIGN.md`); `configs.validate` refuses bad values.
+
+    python -m train --config configs/base.py --workdir /tmp/ablax_base
+"""
+
+import ml_collections
+
+
+def model_config() -> ml_collections.ConfigDict:
+  """The decoder's fields; layers see only this part of the config."""
+  m = ml_collections.ConfigDict()
+  # Shape.
+  m.vocab_size = 256
+  m.d_model = 64
+  m.num_layers = 2
+  m.num_heads = 4
+  m.num_kv_heads = 4
+  m.head_dim = ml_collections.FieldReference(None, field_type=int)
+  m.d_ff = 256
+  m.max_seq_len = 128
+  m.tie_embeddings = True
+  # Norms.
+  m.norm_type = 'rmsnorm'        # rmsnorm | layernorm
+  m.norm_position = 'pre'        # pre | post | sandwich
+  m.norm_eps = 1e-6
+  # Positions.
+  m.position = 'rope'            # rope | alibi | learned | sinusoidal | none
+  m.rope_theta = 10000.0
+  # None, or {type: linear | ntk | yarn | llama3, factor, original_max_seq_len, ...}.
+  m.rope_scaling = ml_collections.FieldReference(None, field_type=dict)
+  # MLP.
+  m.mlp_activation = 'silu'      # silu | gelu | gelu_tanh | relu
+  m.mlp_gated = True
+  # Linear layers.
+  m.use_bias = False
+  m.embedding_scale = False
+  m.attn_scale = ml_collections.FieldReference(None, field_type=float)
+  # Stability.
+  m.qk_norm = False
+  m.attn_logit_softcap = ml_collections.FieldReference(None, field_type=float)
+  m.final_logit_softcap = ml_collections.FieldReference(None, field_type=float)
+  # Attention.
+  m.sliding_window = ml_collections.FieldReference(None, field_type=int)
+  m.global_layer_interval = ml_collections.FieldReference(None, field_type=int)
+  m.num_memory_tokens = 0
+  m.attention_impl = 'auto'      # auto | xla | pallas | cudnn
+  # Pallas block sizes; None picks per backend and head_dim.
+  m.attention_block_q = ml_collections.FieldReference(None, field_type=int)
+  m.attention_block_kv = ml_collections.FieldReference(None, field_type=int)
+  # MoE.
+  m.num_experts = 0
+  m.experts_per_token = 2
+  m.num_shared_experts = 0
+  m.moe_d_ff = ml_collections.FieldReference(None, field_type=int)
+  m.moe_layer_interval = 1
+  m.moe_capacity_factor = ml_collections.FieldReference(None, field_type=float)
+  m.moe_renormalize = True
+  # Numerics.
+  m.dtype = 'float32'
+  m.param_dtype = 'float32'
+  m.remat = 'none'               # none | full | dots
+  return m
+
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+  del arg
+  c = ml_collections.ConfigDict()
+  c.model = model_config()
+
+  c.train = ml_collections.ConfigDict()
+  c.train.seed = 0
+  c.train.steps = 200
+  c.train.global_batch_size = 8
+  c.train.seq_len = 128
+  c.train.learning_rate = 3e-3
+  c.train.warmup_steps = 20
+  c.train.lr_schedule = 'cosine'  # cosine | linear | constant | wsd
+  c.train.min_lr_ratio = 0.1
+  c.train.decay_fraction = 0.2    # wsd: share of steps spent decaying
+  c.train.weight_decay = 0.1
+  c.train.adam_b1 = 0.9
+  c.train.adam_b2 = 0.95
+  c.train.grad_clip_norm = 1.0
+  c.train.grad_accum_steps = 1
+  c.train.z_loss_weight = 0.0
+  c.train.moe_aux_loss_weight = 0.01
+  c.train.moe_router_z_loss_weight = 0.001
+  c.train.log_every_steps = 10
+  c.train.eval_every_steps = 50
+  c.train.eval_steps = 4
+  c.train.checkpoint_every_steps = 50
+  c.train.keep_checkpoints = 3
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.expert = 1
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = 'builtin'       # builtin | text | jsonl | arrayrecord | synthetic | sft
+  c.data.train_files = ''
+  c.data.eval_files = ''
+  c.data.text_field = 'text'
+  c.data.tokenizer = 'bytes'      # bytes | sentencepiece:PATH | hf:PATH/tokenizer.json
+  c.data.packing = True
+  c.data.shuffle_seed = 0
+  c.data.worker_count = 0
+
+  c.dpo = ml_collections.ConfigDict()
+  c.dpo.init_checkpoint = ''
+  c.dpo.beta = 0.1
+  c.dpo.loss = 'sigmoid'          # sigmoid | ipo | hinge
+  c.dpo.label_smoothing = 0.0
+  c.dpo.reference_free = False
+  c.dpo.train_files = 'builtin'
+  c.dpo.eval_files = 'builtin'
+  c.dpo.max_prompt_len = 64
+  c.dpo.max_len = 128
+  return c

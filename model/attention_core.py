@@ -1,0 +1,97 @@
+"""Scaled dot-product attention: the XLA reference and the dispatch to kernels.
+
+`dot_product_attention` is what the decoder's attention layer calls. With
+`impl='xla'` it runs the reference below (plain jnp; the numerics every kernel
+is tested against); `'pallas'` runs ablax's flash-attention kernel
+(`model/kernels/`), `'cudnn'` jax's cuDNN path, and `'auto'` picks the kernel on
+GPU/TPU and the reference on CPU.
+
+GQA/MQA: queries are grouped as [batch, seq, kv_heads, group, head_dim] and
+contracted against the shared K/V head, so K/V are never repeated in memory.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from model import masking
+
+IMPLS = ('auto', 'xla', 'pallas', 'cudnn')
+
+
+def reference_attention(q, k, v, *, segment_ids=None, causal=True, sliding_window=None,
+                        alibi_slopes=None, logit_softcap=None, scale=None,
+                        num_memory_tokens=0, q_idx=None, kv_idx=None,
+                        kv_segment_ids=None):
+  """Attention computed in full, in float32.
+
+  Args:
+    q: [batch, q_len, num_heads, head_dim].
+    k, v: [batch, kv_len, num_kv_heads, head_dim]; num_heads % num_kv_heads == 0.
+    segment_ids: None or int [batch, q_len] (also the kv segments when
+      kv_segment_ids is None; then q_len == kv_len).
+    causal, sliding_window, num_memory_tokens: see `masking.visible`.
+    alibi_slopes: None or float [num_heads].
+    logit_softcap: None or cap (applied after scaling, before bias and mask).
+    scale: None means 1/sqrt(head_dim).
+    q_idx, kv_idx: None, or int [q_len] / [kv_len] indices in the attention
+      sequence (a KV-cache decode step passes its offsets); default arange.
+  Returns:
+    [batch, q_len, num_heads, head_dim] in q's dtype. A query that sees no key
+    (e.g. padding in its own segment of nothing) gets zeros, never NaN.
+  """
+  b, t, n, h = q.shape
+  s, kvh = k.shape[1], k.shape[2]
+  g = n // kvh
+  scale = h ** -0.5 if scale is None else scale
+  qf = q.astype(jnp.float32).reshape(b, t, kvh, g, h)
+  logits = jnp.einsum('btkgh,bskh->bkgts', qf, k.astype(jnp.float32)) * scale
+  logits = masking.softcap(logits, logit_softcap)
+
+  q_idx = jnp.arange(t) if q_idx is None else q_idx
+  kv_idx = jnp.arange(s) if kv_idx is None else kv_idx
+  qi, ki = q_idx[:, None], kv_idx[None, :]                  # [t, 1], [1, s]
+  if alibi_slopes is not None:
+    slopes = jnp.asarray(alibi_slopes, jnp.float32).reshape(kvh, g, 1, 1)
+    logits = logits + masking.alibi_bias(slopes, qi, ki, num_memory_tokens)
+  if kv_segment_ids is None:
+    kv_segment_ids = segment_ids
+  q_seg = None if segment_ids is None else segment_ids[:, None, None, :, None]
+  kv_seg = None if kv_segment_ids is None else kv_segment_ids[:, None, None, None, :]
+  mask = masking.visible(qi, ki, q_seg, kv_seg, causal=causal, window=sliding_window,
+                         num_memory=num_memory_tokens)
+  mask = jnp.broadcast_to(mask, logits.shape)
+
+  logits = jnp.where(mask, logits, -jnp.inf)
+  row_max = jnp.max(logits, axis=-1, keepdims=True)
+  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  p = jnp.where(mask, jnp.exp(logits - row_max), 0.0)
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  p = p / jnp.where(denom == 0, 1.0, denom)
+  out = jnp.einsum('bkgts,bskh->btkgh', p, v.astype(jnp.float32))
+  return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+def resolve_impl(impl: str) -> str:
+  """'auto' -> 'pallas' on GPU/TPU, 'xla' on CPU."""
+  if impl not in IMPLS:
+    raise ValueError(f'model.attention_impl={impl!r}: must be one of {", ".join(IMPLS)}')
+  if impl == 'auto':
+    return 'xla' if jax.default_backend() == 'cpu' else 'pallas'
+  return impl
+
+
+def dot_product_attention(q, k, v, *, impl='xla', segment_ids=None, causal=True,
+                          sliding_window=None, alibi_slopes=None, logit_softcap=None,
+                          scale=None, num_memory_tokens=0, block_q=None, block_kv=None):
+  """Attention with the implementation `impl`; arguments as `reference_attention`."""
+  kwargs = dict(segment_ids=segment_ids, causal=causal, sliding_window=sliding_window,
+                alibi_slopes=alibi_slopes, logit_softcap=logit_softcap, scale=scale,
+                num_memory_tokens=num_memory_tokens)
+  impl = resolve_impl(impl)
+  if impl == 'xla':
+    return reference_attention(q, k, v, **kwargs)
+  if impl == 'pallas':
+    from model import kernels  # pylint: disable=import-outside-toplevel
+    return kernels.flash_attention(q, k, v, block_q=block_q, block_kv=block_kv, **kwargs)
+  from model.kernels import cudnn  # pylint: disable=import-outside-toplevel
+  return cudnn.attention(q, k, v, **kwargs)

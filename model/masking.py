@@ -1,0 +1,89 @@
+"""Attention masks, ALiBi bias and logit soft-capping as plain elementwise functions.
+
+The XLA reference attention and every Pallas kernel call these same functions on
+index arrays (full matrices in the reference, one tile inside a kernel), so the
+paths cannot drift apart. Index convention: query and key/value indices count
+from the start of the sequence the attention sees, which begins with the
+`num_memory` learned memory tokens (Burtsev et al. 2020, "Memory Transformer";
+Darcet et al. 2023, "Vision Transformers Need Registers").
+
+- Memory keys/values (index < num_memory) are visible to every query.
+- Memory queries see only memory keys (they must not leak later tokens into
+  the memory that earlier tokens read).
+- Other pairs: causal, inside the sliding window, same segment.
+
+ALiBi: Press et al. 2021, "Train Short, Test Long". Soft-capping: Gemma 2.
+"""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def visible(q_idx, kv_idx, q_seg=None, kv_seg=None, *, causal=True, window=None,
+            num_memory=0):
+  """Boolean mask, broadcasting over its inputs; True where q may attend kv.
+
+  Args:
+    q_idx, kv_idx: integer index arrays (broadcastable, e.g. [T, 1] and [1, S]).
+    q_seg, kv_seg: segment ids of the same shapes, or None (one segment).
+    causal: kv_idx <= q_idx.
+    window: None, or w: q_idx - kv_idx < w (the query and the w-1 before it).
+    num_memory: leading memory tokens, always visible, never attending out.
+  """
+  mask = jnp.ones(jnp.broadcast_shapes(jnp.shape(q_idx), jnp.shape(kv_idx)), bool)
+  if causal:
+    mask = mask & (kv_idx <= q_idx)
+  if window is not None:
+    mask = mask & (q_idx - kv_idx < window)
+    if not causal:
+      mask = mask & (kv_idx - q_idx < window)
+  if q_seg is not None and kv_seg is not None:
+    mask = mask & (q_seg == kv_seg)
+  if num_memory:
+    is_mem_kv = kv_idx < num_memory
+    is_mem_q = q_idx < num_memory
+    mask = jnp.where(is_mem_kv, True, mask & ~is_mem_q)
+  return mask
+
+
+def alibi_bias(slopes, q_idx, kv_idx, num_memory=0):
+  """ALiBi bias -slope * |q - kv|; zero on memory keys. slopes broadcasts over heads."""
+  distance = jnp.abs(q_idx - kv_idx).astype(jnp.float32)
+  bias = -slopes * distance
+  if num_memory:
+    bias = jnp.where(kv_idx < num_memory, 0.0, bias)
+  return bias
+
+
+def softcap(logits, cap):
+  """cap * tanh(logits / cap), or logits unchanged when cap is None."""
+  if cap is None:
+    return logits
+  return cap * jnp.tanh(logits / cap)
+
+
+def softcap_grad(capped, cap):
+  """d softcap / d logits written in terms of the capped value: 1 - (capped/cap)^2."""
+  if cap is None:
+    return jnp.ones_like(capped)
+  return 1.0 - jnp.square(capped / cap)
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+  """The per-head slopes of the ALiBi paper, float32 [num_heads].
+
+  For 2^k heads: 2^(-8 i / n), i = 1..n. Otherwise the paper's recipe: the slopes
+  of the closest smaller power of two, then every other slope of twice that.
+  """
+  def power_of_two(n):
+    start = 2.0 ** (-8.0 / n)
+    return [start ** (i + 1) for i in range(n)]
+
+  if math.log2(num_heads).is_integer():
+    slopes = power_of_two(num_heads)
+  else:
+    closest = 2 ** math.floor(math.log2(num_heads))
+    slopes = power_of_two(closest) + power_of_two(2 * closest)[0::2][:num_heads - closest]
+  return np.asarray(slopes, np.float32)
