@@ -14,7 +14,7 @@ def model_config() -> ml_collections.ConfigDict:
   """The decoder's fields; layers see only this part of the config."""
   m = ml_collections.ConfigDict()
   # Shape.
-  m.vocab_size = 256
+  m.vocab_size = 320             # bytes tokenizer: 256 bytes + BOS + EOS, rounded up
   m.d_model = 64
   m.num_layers = 2
   m.num_heads = 4
