@@ -1,1 +1,17 @@
-"""The ablax decoder, assembled from `config.model` flags (see README's flag table)."""
+"""The ablax decoder, assembled from `config.model` flags (see README's flag table).
+
+    decoder = model.Decoder(cfg.model, rngs=flax.nnx.Rngs(0))
+    logits, aux = decoder(tokens, segment_ids=None, positions=None)
+    model.count_params(cfg.model); model.flops_per_token(cfg.model, seq_len)
+
+One file per concept: `norms`, `positions`, `mlp`, `moe`, `attention` (the
+layer), `attention_core` and `masking` (the attention math shared with the
+kernels in `kernels/`), `decoder` (blocks and the model), `flops` (parameter
+and FLOP counts).
+"""
+
+from model.decoder import Decoder
+from model.flops import count_params
+from model.flops import flops_per_token
+
+__all__ = ['Decoder', 'count_params', 'flops_per_token']

@@ -1,0 +1,130 @@
+"""The multi-head attention layer: projections, QK-norm, RoPE, and the attention call.
+
+Implements multi-head attention (Vaswani et al. 2017), grouped-query attention
+(Ainslie et al. 2023, "GQA") and multi-query attention (Shazeer 2019), picked by
+`num_kv_heads`; K/V keep their `num_kv_heads` heads all the way into
+`attention_core`, which groups the queries instead of repeating K/V. Optional:
+QK-norm (Dehghani et al. 2023; Qwen3), attention-logit soft-capping (Gemma 2),
+a sliding window (Mistral; Gemma 2 alternates it with global layers), ALiBi
+slopes, and learned memory tokens (their positions are handled by the decoder).
+
+The layer is split into `project` (q/k/v with norms and rotary positions),
+`attend` and `output` so that a KV cache can sit between the first two.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model import attention_core
+from model import masking
+from model import mlp as mlp_lib
+from model import norms
+from model import positions as positions_lib
+
+
+class Attention(nnx.Module):
+  """x [b, t, d] -> [b, t, d]; `sliding_window` is this layer's window (None: global)."""
+
+  def __init__(self, cfg_model, *, sliding_window: int | None = None, rngs: nnx.Rngs):
+    d, n, kv = cfg_model.d_model, cfg_model.num_heads, cfg_model.num_kv_heads
+    h = cfg_model.head_dim or d // n
+    self.num_heads, self.num_kv_heads, self.head_dim = n, kv, h
+    self.dtype = jnp.dtype(cfg_model.dtype)
+    self.sliding_window = sliding_window
+    self.position = cfg_model.position
+    self.rope_theta = cfg_model.rope_theta
+    scaling = cfg_model.rope_scaling
+    # Static module data must be hashable: keep the scaling as sorted items.
+    self.rope_scaling = None if scaling is None else tuple(sorted(scaling.items()))
+    self.scale = cfg_model.attn_scale
+    self.logit_softcap = cfg_model.attn_logit_softcap
+    self.impl = cfg_model.attention_impl
+    self.block_q = cfg_model.get('attention_block_q')
+    self.block_kv = cfg_model.get('attention_block_kv')
+    self.use_bias = cfg_model.use_bias
+
+    pdt = jnp.dtype(cfg_model.param_dtype)
+    w_in = nnx.initializers.normal(0.02)
+    w_out = nnx.initializers.normal(mlp_lib.out_init_stddev(cfg_model))
+    self.wq = nnx.Param(w_in(rngs.params(), (d, n, h), pdt),
+                        logical_axes=('embed', 'heads', 'head_dim'))
+    self.wk = nnx.Param(w_in(rngs.params(), (d, kv, h), pdt),
+                        logical_axes=('embed', 'kv_heads', 'head_dim'))
+    self.wv = nnx.Param(w_in(rngs.params(), (d, kv, h), pdt),
+                        logical_axes=('embed', 'kv_heads', 'head_dim'))
+    self.wo = nnx.Param(w_out(rngs.params(), (n, h, d), pdt),
+                        logical_axes=('heads', 'head_dim', 'embed'))
+    if self.use_bias:
+      self.bq = nnx.Param(jnp.zeros((n, h), pdt), logical_axes=('heads', 'head_dim'))
+      self.bk = nnx.Param(jnp.zeros((kv, h), pdt), logical_axes=('kv_heads', 'head_dim'))
+      self.bv = nnx.Param(jnp.zeros((kv, h), pdt), logical_axes=('kv_heads', 'head_dim'))
+      self.bo = nnx.Param(jnp.zeros((d,), pdt), logical_axes=('embed',))
+    self.qk_norm = cfg_model.qk_norm
+    if self.qk_norm:
+      # One norm over head_dim, shared by all heads (as Qwen3 and Gemma 3).
+      self.q_norm = norms.make_norm(cfg_model, h)
+      self.k_norm = norms.make_norm(cfg_model, h)
+
+  def _proj(self, x, w, b):
+    y = jnp.einsum('btd,dnh->btnh', x, w[...].astype(self.dtype))
+    if self.use_bias:
+      y = y + b[...].astype(self.dtype)
+    return y
+
+  def project(self, x, positions):
+    """q [b, t, n, h] and k, v [b, t, kv, h], normed and rotated at positions [b, t]."""
+    x = x.astype(self.dtype)
+    bias = lambda name: getattr(self, name) if self.use_bias else None
+    q = self._proj(x, self.wq, bias('bq'))
+    k = self._proj(x, self.wk, bias('bk'))
+    v = self._proj(x, self.wv, bias('bv'))
+    if self.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    if self.position == 'rope':
+      scaling = None if self.rope_scaling is None else dict(self.rope_scaling)
+      cos, sin = positions_lib.rope_cos_sin(
+          positions, self.head_dim, self.rope_theta, scaling)
+      q = positions_lib.apply_rope(q, cos, sin)
+      k = positions_lib.apply_rope(k, cos, sin)
+    return q, k, v
+
+  def attend(self, q, k, v, *, segment_ids=None, num_memory_tokens=0):
+    """Causal attention of q over k, v; [b, t, n, h]."""
+    slopes = None
+    if self.position == 'alibi':
+      slopes = masking.alibi_slopes(self.num_heads)
+    return attention_core.dot_product_attention(
+        q, k, v, impl=self.impl, segment_ids=segment_ids, causal=True,
+        sliding_window=self.sliding_window, alibi_slopes=slopes,
+        logit_softcap=self.logit_softcap, scale=self.scale,
+        num_memory_tokens=num_memory_tokens, block_q=self.block_q,
+        block_kv=self.block_kv)
+
+  def output(self, o):
+    """Heads back to the model width: [b, t, n, h] -> [b, t, d]."""
+    y = jnp.einsum('btnh,nhd->btd', o.astype(self.dtype), self.wo[...].astype(self.dtype))
+    if self.use_bias:
+      y = y + self.bo[...].astype(self.dtype)
+    return y
+
+  def __call__(self, x, positions, segment_ids=None, num_memory_tokens=0):
+    with jax.named_scope('qkv'):
+      q, k, v = self.project(x, positions)
+    with jax.named_scope('attention'):
+      o = self.attend(q, k, v, segment_ids=segment_ids,
+                      num_memory_tokens=num_memory_tokens)
+    with jax.named_scope('out'):
+      return self.output(o)
+
+
+def attention_params(cfg_model) -> int:
+  """Parameter count of one `Attention` (for `model.flops`)."""
+  d, n, kv = cfg_model.d_model, cfg_model.num_heads, cfg_model.num_kv_heads
+  h = cfg_model.head_dim or d // n
+  count = 2 * d * n * h + 2 * d * kv * h
+  if cfg_model.use_bias:
+    count += n * h + 2 * kv * h + d
+  if cfg_model.qk_norm:
+    count += 2 * norms.norm_params(cfg_model.norm_type, h)
+  return count

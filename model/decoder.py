@@ -1,0 +1,241 @@
+"""The decoder-only transformer, assembled from `config.model` flags alone.
+
+`Decoder(cfg.model, rngs=nnx.Rngs(0))(tokens, segment_ids, positions)` returns
+float32 logits [batch, seq, vocab] and a dict of auxiliary losses and
+statistics (the MoE load-balancing and router z-losses and the expert load,
+averaged over MoE layers; empty for dense models).
+
+A block is attention then MLP (or MoE), each a residual branch with the norm
+placement of `model.norm_position`:
+- `pre`: x + f(norm(x)) (GPT-2, LLaMA; Xiong et al. 2020), final norm before
+  the head;
+- `post`: norm(x + f(x)) (Vaswani et al. 2017, GPT-1, BERT); the last block's
+  output is already normalised, so there is no final norm;
+- `sandwich`: x + norm_out(f(norm_in(x))) (Gemma 2; Ding et al. 2021, "CogView"),
+  final norm before the head.
+
+Also here: token embeddings (tied to the head through `Embed.attend`, as GPT-2
+and Gemma, or a separate head), `embedding_scale` (x sqrt(d_model), Gemma),
+additive learned/sinusoidal positions, learned memory tokens (Burtsev et al.
+2020, "Memory Transformer"; Darcet et al. 2023, "Registers") that are prepended
+to the sequence and stripped before the head, final-logit soft-capping
+(Gemma 2), and per-block rematerialisation.
+
+Layer i uses the sliding window unless `global_layer_interval=k` makes it
+global ((i + 1) % k == 0), and uses MoE when `num_experts > 0` and
+(i + 1) % moe_layer_interval == 0.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model import attention as attention_lib
+from model import mlp as mlp_lib
+from model import norms
+from model import positions as positions_lib
+
+REMAT_POLICIES = {
+    # Keep only the block's inputs; recompute everything in the backward pass.
+    'full': jax.checkpoint_policies.nothing_saveable,
+    # Keep the outputs of the weight matmuls (projections, MLP); recompute the
+    # cheap elementwise work and the attention scores (batched dots), which
+    # are the memory-hungry part.
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def is_global_layer(cfg_model, layer_index: int) -> bool:
+  """Whether layer `layer_index` attends without the sliding window."""
+  if cfg_model.sliding_window is None:
+    return True
+  k = cfg_model.global_layer_interval
+  return k is not None and (layer_index + 1) % k == 0
+
+
+def is_moe_layer(cfg_model, layer_index: int) -> bool:
+  """Whether layer `layer_index` uses the MoE layer instead of the dense MLP."""
+  return cfg_model.num_experts > 0 and (layer_index + 1) % cfg_model.moe_layer_interval == 0
+
+
+class Embed(nnx.Module):
+  """Token embedding [vocab, d_model]; `attend` is the tied output head."""
+
+  def __init__(self, cfg_model, *, rngs: nnx.Rngs):
+    init = nnx.initializers.normal(0.02)
+    self.embedding = nnx.Param(
+        init(rngs.params(), (cfg_model.vocab_size, cfg_model.d_model),
+             jnp.dtype(cfg_model.param_dtype)),
+        logical_axes=('vocab', 'embed'))
+    self.dtype = jnp.dtype(cfg_model.dtype)
+
+  def __call__(self, tokens):
+    """int [b, t] -> [b, t, d] in the compute dtype."""
+    return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+
+  def attend(self, x):
+    """Logits against the embedding rows: [b, t, d] -> float32 [b, t, vocab]."""
+    return jnp.einsum('btd,vd->btv', x.astype(self.dtype),
+                      self.embedding[...].astype(self.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+class Block(nnx.Module):
+  """One transformer layer; (x, positions, segment_ids) -> (x, aux)."""
+
+  def __init__(self, cfg_model, layer_index: int, *, rngs: nnx.Rngs):
+    self.norm_position = cfg_model.norm_position
+    self.num_memory_tokens = cfg_model.num_memory_tokens
+    window = None if is_global_layer(cfg_model, layer_index) else cfg_model.sliding_window
+    self.attn = attention_lib.Attention(cfg_model, sliding_window=window, rngs=rngs)
+    self.is_moe = is_moe_layer(cfg_model, layer_index)
+    if self.is_moe:
+      from model import moe  # pylint: disable=import-outside-toplevel
+      self.mlp = moe.MoE(cfg_model, rngs=rngs)
+    else:
+      self.mlp = mlp_lib.MLP(cfg_model, rngs=rngs)
+    self.attn_norm = norms.make_norm(cfg_model)
+    self.mlp_norm = norms.make_norm(cfg_model)
+    if self.norm_position == 'sandwich':
+      self.attn_out_norm = norms.make_norm(cfg_model)
+      self.mlp_out_norm = norms.make_norm(cfg_model)
+
+  def _ffn(self, x):
+    if self.is_moe:
+      return self.mlp(x)
+    return self.mlp(x), {}
+
+  def __call__(self, x, positions, segment_ids=None):
+    attn = lambda y: self.attn(y, positions, segment_ids, self.num_memory_tokens)
+    dtype = x.dtype
+    if self.norm_position == 'pre':
+      with jax.named_scope('attention_block'):
+        x = x + attn(self.attn_norm(x)).astype(dtype)
+      with jax.named_scope('mlp_block'):
+        y, aux = self._ffn(self.mlp_norm(x))
+        x = x + y.astype(dtype)
+    elif self.norm_position == 'post':
+      with jax.named_scope('attention_block'):
+        x = self.attn_norm(x + attn(x).astype(dtype))
+      with jax.named_scope('mlp_block'):
+        y, aux = self._ffn(x)
+        x = self.mlp_norm(x + y.astype(dtype))
+    elif self.norm_position == 'sandwich':
+      with jax.named_scope('attention_block'):
+        x = x + self.attn_out_norm(attn(self.attn_norm(x))).astype(dtype)
+      with jax.named_scope('mlp_block'):
+        y, aux = self._ffn(self.mlp_norm(x))
+        x = x + self.mlp_out_norm(y).astype(dtype)
+    else:
+      raise ValueError(f'model.norm_position={self.norm_position!r}: must be one '
+                       'of pre, post, sandwich')
+    return x, aux
+
+
+def _call_block(block, x, positions, segment_ids):
+  return block(x, positions, segment_ids)
+
+
+class Decoder(nnx.Module):
+  """tokens int [b, t] -> (logits float32 [b, t, vocab], aux dict)."""
+
+  def __init__(self, cfg_model, *, rngs: nnx.Rngs):
+    if cfg_model.remat not in ('none', *REMAT_POLICIES):
+      raise ValueError(f'model.remat={cfg_model.remat!r}: must be one of none, '
+                       f'{", ".join(REMAT_POLICIES)}')
+    d = cfg_model.d_model
+    self.d_model = d
+    self.dtype = jnp.dtype(cfg_model.dtype)
+    self.position = cfg_model.position
+    self.embedding_scale = cfg_model.embedding_scale
+    self.num_memory_tokens = cfg_model.num_memory_tokens
+    self.final_logit_softcap = cfg_model.final_logit_softcap
+    self.remat = cfg_model.remat
+    self.tie_embeddings = cfg_model.tie_embeddings
+    self.norm_position = cfg_model.norm_position
+    pdt = jnp.dtype(cfg_model.param_dtype)
+
+    self.embed = Embed(cfg_model, rngs=rngs)
+    if self.position == 'learned':
+      self.position_embed = positions_lib.LearnedPositions(cfg_model, rngs=rngs)
+    if self.num_memory_tokens:
+      self.memory = nnx.Param(
+          nnx.initializers.normal(0.02)(rngs.params(), (self.num_memory_tokens, d), pdt),
+          logical_axes=(None, 'embed'))
+    self.blocks = nnx.List(
+        [Block(cfg_model, i, rngs=rngs) for i in range(cfg_model.num_layers)])
+    if self.norm_position != 'post':
+      self.final_norm = norms.make_norm(cfg_model)
+    if not self.tie_embeddings:
+      self.head = nnx.Param(
+          nnx.initializers.normal(1.0 / math.sqrt(d))(
+              rngs.params(), (d, cfg_model.vocab_size), pdt),
+          logical_axes=('embed', 'vocab'))
+
+  def embed_tokens(self, tokens, positions):
+    """Token embeddings plus additive positions, [b, t, d] in the compute dtype."""
+    x = self.embed(tokens)
+    if self.embedding_scale:
+      # Gemma rounds the normaliser to the compute dtype before multiplying.
+      x = x * jnp.asarray(math.sqrt(self.d_model), self.dtype)
+    if self.position == 'learned':
+      x = x + self.position_embed(positions).astype(self.dtype)
+    elif self.position == 'sinusoidal':
+      x = x + positions_lib.sinusoidal(positions, self.d_model).astype(self.dtype)
+    return x
+
+  def logits(self, x):
+    """Final norm and head: [b, t, d] -> float32 [b, t, vocab]."""
+    if self.norm_position != 'post':
+      x = self.final_norm(x)
+    if self.tie_embeddings:
+      logits = self.embed.attend(x)
+    else:
+      logits = jnp.einsum('btd,dv->btv', x.astype(self.dtype),
+                          self.head[...].astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+    if self.final_logit_softcap is not None:
+      cap = self.final_logit_softcap
+      logits = cap * jnp.tanh(logits / cap)
+    return logits
+
+  def __call__(self, tokens, segment_ids=None, positions=None):
+    b, t = tokens.shape
+    if positions is None:
+      if segment_ids is None:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+      else:
+        positions = positions_lib.segment_positions(segment_ids)
+    with jax.named_scope('embed'):
+      x = self.embed_tokens(tokens, positions)
+
+    m = self.num_memory_tokens
+    if m:
+      # Memory tokens lead the attention sequence. Their rotary position is 0
+      # (no rotation); their segment id is irrelevant to the mask (memory keys
+      # are visible to all), so they copy the first token's to keep ids sorted.
+      memory = jnp.broadcast_to(self.memory[...].astype(self.dtype), (b, m, self.d_model))
+      x = jnp.concatenate([memory, x], axis=1)
+      positions = jnp.concatenate([jnp.zeros((b, m), positions.dtype), positions], axis=1)
+      if segment_ids is not None:
+        segment_ids = jnp.concatenate(
+            [jnp.broadcast_to(segment_ids[:, :1], (b, m)), segment_ids], axis=1)
+
+    call = _call_block
+    if self.remat != 'none':
+      call = nnx.remat(_call_block, policy=REMAT_POLICIES[self.remat])
+    moe_aux = []
+    for i, block in enumerate(self.blocks):
+      with jax.named_scope(f'layer_{i}'):
+        x, aux = call(block, x, positions, segment_ids)
+      if aux:
+        moe_aux.append(aux)
+
+    x = x[:, m:]
+    with jax.named_scope('head'):
+      logits = self.logits(x)
+    # Each MoE statistic is averaged over the MoE layers.
+    aux = {key: sum(a[key] for a in moe_aux) / len(moe_aux) for key in moe_aux[0]} if moe_aux else {}
+    return logits, aux

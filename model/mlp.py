@@ -1,0 +1,90 @@
+"""The position-wise feed-forward layer, plain or gated.
+
+- plain: wo(act(wi x)) (Vaswani et al. 2017; GPT-2 with GELU).
+- gated: wo(act(wi_gate x) * wi_up x), the GLU variants of Shazeer 2020, "GLU
+  Variants Improve Transformer": SwiGLU (silu, LLaMA) and GeGLU (gelu, Gemma).
+
+Activations: `relu`, `gelu` (exact, erf), `gelu_tanh` (the tanh approximation
+that GPT-2 and Gemma were trained with), `silu`.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ACTIVATIONS = {
+    'relu': jax.nn.relu,
+    'gelu': lambda x: jax.nn.gelu(x, approximate=False),
+    'gelu_tanh': lambda x: jax.nn.gelu(x, approximate=True),
+    'silu': jax.nn.silu,
+}
+
+
+def activation(name: str):
+  """The elementwise function of `model.mlp_activation`."""
+  if name not in ACTIVATIONS:
+    raise ValueError(f'model.mlp_activation={name!r}: must be one of '
+                     f'{", ".join(ACTIVATIONS)}')
+  return ACTIVATIONS[name]
+
+
+def out_init_stddev(cfg_model) -> float:
+  """Std of residual-branch output projections: 0.02 / sqrt(2 num_layers) (GPT-2).
+
+  Each layer adds two branches to the residual stream; the scaling keeps the
+  stream's variance at initialisation independent of depth.
+  """
+  return 0.02 / math.sqrt(2 * cfg_model.num_layers)
+
+
+class MLP(nnx.Module):
+  """Feed-forward layer d_model -> d_ff -> d_model; x [b, t, d] -> [b, t, d]."""
+
+  def __init__(self, cfg_model, *, d_ff: int | None = None, rngs: nnx.Rngs):
+    d, f = cfg_model.d_model, cfg_model.d_ff if d_ff is None else d_ff
+    self.gated = cfg_model.mlp_gated
+    self.activation = cfg_model.mlp_activation
+    self.dtype = jnp.dtype(cfg_model.dtype)
+    pdt = jnp.dtype(cfg_model.param_dtype)
+    w_in = nnx.initializers.normal(0.02)
+    w_out = nnx.initializers.normal(out_init_stddev(cfg_model))
+    if self.gated:
+      self.wi_gate = nnx.Param(w_in(rngs.params(), (d, f), pdt), logical_axes=('embed', 'mlp'))
+      self.wi_up = nnx.Param(w_in(rngs.params(), (d, f), pdt), logical_axes=('embed', 'mlp'))
+    else:
+      self.wi = nnx.Param(w_in(rngs.params(), (d, f), pdt), logical_axes=('embed', 'mlp'))
+    self.wo = nnx.Param(w_out(rngs.params(), (f, d), pdt), logical_axes=('mlp', 'embed'))
+    self.use_bias = cfg_model.use_bias
+    if self.use_bias:
+      for name in (('bi_gate', 'bi_up') if self.gated else ('bi',)):
+        setattr(self, name, nnx.Param(jnp.zeros((f,), pdt), logical_axes=('mlp',)))
+      self.bo = nnx.Param(jnp.zeros((d,), pdt), logical_axes=('embed',))
+
+  def _dense(self, x, w, b, spec):
+    y = jnp.einsum(spec, x, w[...].astype(self.dtype))
+    if self.use_bias:
+      y = y + b[...].astype(self.dtype)
+    return y
+
+  def __call__(self, x):
+    x = x.astype(self.dtype)
+    act = activation(self.activation)
+    bias = lambda name: getattr(self, name) if self.use_bias else None
+    if self.gated:
+      h = (act(self._dense(x, self.wi_gate, bias('bi_gate'), 'btd,df->btf'))
+           * self._dense(x, self.wi_up, bias('bi_up'), 'btd,df->btf'))
+    else:
+      h = act(self._dense(x, self.wi, bias('bi'), 'btd,df->btf'))
+    return self._dense(h, self.wo, bias('bo'), 'btf,fd->btd')
+
+
+def mlp_params(cfg_model, d_ff: int | None = None) -> int:
+  """Parameter count of one `MLP` (for `model.flops`)."""
+  d, f = cfg_model.d_model, cfg_model.d_ff if d_ff is None else d_ff
+  n_in = 2 if cfg_model.mlp_gated else 1
+  count = (n_in + 1) * d * f
+  if cfg_model.use_bias:
+    count += n_in * f + d
+  return count
