@@ -34,6 +34,7 @@ from flax import nnx
 
 from model import attention as attention_lib
 from model import mlp as mlp_lib
+from model import moe
 from model import norms
 from model import positions as positions_lib
 
@@ -92,7 +93,6 @@ class Block(nnx.Module):
     self.attn = attention_lib.Attention(cfg_model, sliding_window=window, rngs=rngs)
     self.is_moe = is_moe_layer(cfg_model, layer_index)
     if self.is_moe:
-      from model import moe  # pylint: disable=import-outside-toplevel
       self.mlp = moe.MoE(cfg_model, rngs=rngs)
     else:
       self.mlp = mlp_lib.MLP(cfg_model, rngs=rngs)
