@@ -1,0 +1,217 @@
+"""The grain input pipeline: documents -> tokens -> packed rows -> batches.
+
+    it = data.pipeline.make_iterator(cfg, 'train', jax.process_index(), jax.process_count())
+    batch = next(it)   # dict of numpy arrays, each [global_batch_size // process_count, seq_len]
+
+Batch fields (see `data/packing.py` for the layout): `inputs` int32, `targets`
+int32 (the next token), `segment_ids` int32 (1, 2, ... per document piece in
+the row, 0 = padding), `positions` int32 (restart at 0 at each piece),
+`loss_mask` float32 (1 where the target is the next token of the same
+document). Documents are tokenized as `[BOS] + encode(text) + [EOS]` when the
+pipeline reaches them (nothing is tokenized up front); `synthetic` documents
+are random token ids without BOS/EOS.
+
+Row slots and process sharding. The global batch has `B = global_batch_size`
+row slots. Slot r reads documents r, r+B, r+2B, ... of the document stream
+(the shuffled, endlessly repeated document list) and packs them into its own
+sequence of rows; the global batch at step t is row t of every slot, in slot
+order. Process p of P owns slots [p*B/P, (p+1)*B/P): it reads only its own
+slots' documents, and the local batches of all processes at one step,
+concatenated in process order, are exactly the single-process global batch at
+that step. So the data never depends on the number of hosts, and the local
+batch is the process's contiguous block of global rows (what
+`jax.make_array_from_process_local_data` expects for a batch sharded over the
+leading axis).
+
+Splits. `train`: documents shuffled with `data.shuffle_seed` (grain's index
+shuffle, a new permutation every epoch), repeating forever. `eval`: documents
+in source order, not shuffled, repeating if the eval set is small; the
+iterator stops after `train.eval_steps` batches, and every `make_iterator`
+call starts again from the first batch, so each eval sees the same tokens.
+
+`data.worker_count > 0` reads the training batches in that many grain worker
+processes (`mp_prefetch`); each worker handles its share of the batches, so
+the sequence of batches depends on `worker_count` (but is deterministic and
+restorable for a fixed value; 0 and 1 give the same batches). With 0 a
+background thread prepares the next batches while the step runs.
+
+Checkpointing. The iterator is a `grain.DatasetIterator`: `get_state()` is a
+small JSON-able dict and `set_state(state)` resumes at the exact next batch.
+grain ships an orbax handler that writes one `process_{i}-of-{n}.json` per
+process (`i` = `jax.process_index()`); put it beside the model state:
+
+    import grain
+    import orbax.checkpoint as ocp
+
+    it = data.pipeline.make_iterator(cfg, 'train', jax.process_index(), jax.process_count())
+    mngr = ocp.CheckpointManager(workdir + '/checkpoints')
+    mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(it)))      # state read at save()
+    ...
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=grain.checkpoint.CheckpointRestore(it)))   # `it` resumes in place
+
+The iterator's state is taken when `save` is called (the handler is
+synchronous even in an async CheckpointManager), so the loop may go on
+drawing batches while the model state is written.
+"""
+
+import atexit
+import weakref
+
+from absl import flags
+import grain
+import numpy as np
+
+from data import packing
+from data import sources
+from data import tokenizers
+
+_TRAIN_PREFETCH = 2  # Batches a background thread prepares ahead of the step.
+
+
+class TokenizeDocument:
+  """text -> {'tokens': int32 [BOS] + ids + [EOS]}."""
+
+  def __init__(self, tokenizer):
+    self.tokenizer = tokenizer
+
+  def __call__(self, text: str):
+    ids = self.tokenizer.encode_array(text)
+    tokens = np.empty(len(ids) + 2, np.int32)
+    tokens[0] = self.tokenizer.bos_id
+    tokens[1:-1] = ids
+    tokens[-1] = self.tokenizer.eos_id
+    return {packing.TOKENS: tokens}
+
+
+def wrap_tokens(tokens: np.ndarray):
+  """Synthetic documents are token arrays already."""
+  return {packing.TOKENS: tokens}
+
+
+class _ThreadPrefetchIterator(grain.experimental.ThreadPrefetchDatasetIterator):
+  """grain's prefetch iterator, with a `close` that may run twice.
+
+  The first close (ours, at exit) joins the thread; grain's `__del__` closes
+  again during interpreter teardown, when its module globals are gone.
+  """
+
+  def close(self):
+    if not self._closed:
+      super().close()
+
+
+class _ThreadPrefetch(grain.experimental.ThreadPrefetchIterDataset):
+
+  def __iter__(self):
+    return _ThreadPrefetchIterator(self._parent.__iter__(), self._prefetch_buffer_size)
+
+
+def _check(ok: bool, message: str) -> None:
+  if not ok:
+    raise sources.DataError(message)
+
+
+def make_dataset(cfg, split: str = 'train', process_index: int = 0,
+                 process_count: int = 1) -> grain.IterDataset:
+  """The batches of `split` for one process, as a grain IterDataset."""
+  _check(split in ('train', 'eval'), f'split={split!r}: must be train or eval')
+  _check(process_count >= 1 and 0 <= process_index < process_count,
+         f'process_index={process_index}, process_count={process_count}: '
+         'need 0 <= process_index < process_count')
+  global_batch = cfg.train.global_batch_size
+  _check(global_batch % process_count == 0,
+         f'train.global_batch_size={global_batch} does not divide over '
+         f'{process_count} processes')
+  _check(0 <= cfg.data.shuffle_seed < 2**32,
+         f'data.shuffle_seed={cfg.data.shuffle_seed}: must be in [0, 2**32)')
+  seq_len = cfg.train.seq_len
+  vocab_size = cfg.model.vocab_size
+
+  docs = sources.documents(cfg.data, split, vocab_size=vocab_size, seq_len=seq_len)
+  if cfg.data.source == 'synthetic':
+    to_tokens = wrap_tokens
+  else:
+    tokenizer = tokenizers.get_tokenizer(cfg.data.tokenizer)
+    _check(tokenizer.vocab_size <= vocab_size,
+           f'data.tokenizer={cfg.data.tokenizer!r} has {tokenizer.vocab_size} '
+           f'ids but model.vocab_size={vocab_size}')
+    to_tokens = TokenizeDocument(tokenizer)
+  _check(len(docs) > 0, f'data.source={cfg.data.source!r}: the {split} split '
+         'has no documents')
+
+  if split == 'train' and cfg.data.source != 'synthetic':
+    stream = docs.shuffle(seed=cfg.data.shuffle_seed).repeat()
+  else:
+    stream = docs.repeat()
+
+  local_batch = global_batch // process_count
+  first_slot = process_index * local_batch
+  # Threads would only contend for the GIL here: a slot reads one document
+  # per many rows, and the whole batch is prefetched in one thread below.
+  read_options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+  slots = []
+  for slot in range(first_slot, first_slot + local_batch):
+    slot_docs = stream[slot::global_batch].map(to_tokens)
+    slots.append(packing.pack(slot_docs.to_iter_dataset(read_options),
+                              seq_len + 1, cfg.data.packing))
+  ds = grain.experimental.ZipIterDataset(slots).map(packing.rows_to_batch)
+
+  if split == 'eval':
+    _check(cfg.train.eval_steps > 0,
+           f'train.eval_steps={cfg.train.eval_steps}: no eval batches to read')
+    return grain.experimental.LimitIterDataset(ds, count=cfg.train.eval_steps)
+  if cfg.data.worker_count > 0:
+    # grain's worker processes read absl flags; outside an absl app (tests,
+    # notebooks) they are unparsed and reading them raises. Defaults are fine.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data.worker_count))
+  return _ThreadPrefetch(ds, prefetch_buffer_size=_TRAIN_PREFETCH)
+
+
+def make_iterator(cfg, split: str = 'train', process_index: int = 0,
+                  process_count: int = 1) -> grain.DatasetIterator:
+  """A checkpointable iterator over this process's batches of `split`.
+
+  Args:
+    cfg: the full config (`data`, `train.global_batch_size`, `train.seq_len`,
+      `train.eval_steps`, `model.vocab_size`).
+    split: `train` (shuffled, endless) or `eval` (fixed, `train.eval_steps`
+      batches, the same on every call).
+    process_index: this process, `jax.process_index()`.
+    process_count: all processes, `jax.process_count()`.
+
+  Returns:
+    A grain DatasetIterator of dicts of numpy arrays, each
+    `[global_batch_size // process_count, seq_len]`, with `get_state()` and
+    `set_state()`. Call `close()` when done with a train iterator (it is also
+    closed at interpreter exit).
+  """
+  it = iter(make_dataset(cfg, split, process_index, process_count))
+  if split == 'train':
+    _close_at_exit(it)
+  return it
+
+
+def _close_at_exit(it: grain.DatasetIterator) -> None:
+  # A prefetch thread still running while the interpreter shuts down can be
+  # inside grain's C++ index shuffle when Python kills it, which aborts the
+  # process (exit code 134 instead of 0); closing first joins the thread.
+  ref = weakref.ref(it)
+
+  def close():
+    live = ref()
+    if live is not None:
+      live.close()
+
+  atexit.register(close)
+
+
+def has_eval(cfg) -> bool:
+  """Whether the config names eval data (`text`/`jsonl`/`arrayrecord` need
+  `data.eval_files`; `builtin` and `synthetic` always have it)."""
+  return sources.has_split(cfg.data, 'eval')

@@ -1,0 +1,239 @@
+"""Document sources behind `config.data.source`.
+
+Each source is a random-access list of documents (a `grain.MapDataset`), so
+shuffling, sharding and resuming work on document indices and a document is
+read only when the pipeline reaches it:
+
+* `builtin`: the Python standard library, one document per file, split train /
+  eval by file (`data/builtin.py`).
+* `text`: plain UTF-8 text files matched by `data.train_files` /
+  `data.eval_files` (comma-separated globs, `**` allowed), one document per
+  file, files in sorted order per glob.
+* `jsonl`: one JSON object per line, the document is its `data.text_field`
+  string. Empty lines are skipped; any other line that is not a JSON object
+  with that string field is an error naming `file:line`. Lines are indexed at
+  start-up (a byte scan) and parsed when read, so a bad line is reported when
+  the pipeline reaches it.
+* `arrayrecord`: ArrayRecord files of UTF-8 text records, read through grain's
+  `ArrayRecordDataSource`; `write_arrayrecord` makes such files.
+* `synthetic`: documents of uniformly random token ids with random lengths,
+  generated from the seed and the document index (benchmarks and tests; no
+  files, no tokenizer). Each element is already an int32 token array.
+
+Text documents are `str`; the pipeline tokenizes them.
+"""
+
+import functools
+import glob
+import json
+import os
+
+import grain
+import numpy as np
+
+from data import builtin
+
+SOURCES = ('builtin', 'text', 'jsonl', 'arrayrecord', 'synthetic')
+SYNTHETIC_NUM_DOCS = 1 << 40  # Never exhausted in practice.
+
+
+class DataError(ValueError):
+  """Bad data or data config; the message names the file, line or field."""
+
+
+def expand_globs(spec: str, field: str) -> list[str]:
+  """Files matched by the comma-separated globs in `spec` (config `field`)."""
+  patterns = [p.strip() for p in spec.split(',') if p.strip()]
+  if not patterns:
+    raise DataError(f'data.{field} is empty: give one or more comma-separated '
+                    'globs of data files')
+  files, seen = [], set()
+  for pattern in patterns:
+    matches = sorted(m for m in glob.glob(os.path.expanduser(pattern), recursive=True)
+                     if os.path.isfile(m))
+    if not matches:
+      raise DataError(f'data.{field}: glob {pattern!r} matches no file')
+    files.extend(m for m in matches if m not in seen)
+    seen.update(matches)
+  return files
+
+
+class BuiltinDocuments:
+  """The stdlib files of one split, each read when accessed."""
+
+  def __init__(self, split: str):
+    self.paths = builtin.split_files(split)
+
+  def __len__(self):
+    return len(self.paths)
+
+  def __getitem__(self, index) -> str:
+    return builtin.read_file(self.paths[index])
+
+
+class TextDocuments:
+  """Plain text files, one document per file."""
+
+  def __init__(self, paths):
+    self.paths = list(paths)
+
+  def __len__(self):
+    return len(self.paths)
+
+  def __getitem__(self, index) -> str:
+    path = self.paths[index]
+    try:
+      with open(path, encoding='utf-8') as f:
+        return f.read()
+    except UnicodeDecodeError as e:
+      raise DataError(f'{path}: not UTF-8 text ({e.reason} at byte {e.start})') from None
+
+
+@functools.lru_cache(maxsize=16)
+def _index_lines(path: str, mtime_ns: int, size: int):
+  """(start offsets, lengths, 1-based line numbers) of the non-empty lines."""
+  del mtime_ns, size  # Only part of the cache key: a rewritten file re-indexes.
+  newlines = []
+  offset = 0
+  with open(path, 'rb') as f:
+    while chunk := f.read(1 << 24):
+      newlines.append(np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10) + offset)
+      offset += len(chunk)
+  ends = np.concatenate(newlines + [np.array([offset], np.int64)]).astype(np.int64)
+  starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
+  lengths = ends - starts
+  line_numbers = np.arange(1, len(starts) + 1, dtype=np.int64)
+  # A line of nothing but a line feed (or CR LF) is no record; anything else
+  # that is not a JSON object is reported when read.
+  keep = lengths > 0
+  if np.any(lengths == 1):
+    with open(path, 'rb') as f:
+      for i in np.flatnonzero(lengths == 1):
+        f.seek(starts[i])
+        keep[i] = f.read(1) != b'\r'
+  return starts[keep], lengths[keep], line_numbers[keep]
+
+
+class JsonlDocuments:
+  """One document per JSON line: the string at `field`."""
+
+  def __init__(self, paths, field: str):
+    self.paths = list(paths)
+    self.field = field
+    starts, lengths, lines, file_ids = [], [], [], []
+    for i, path in enumerate(self.paths):
+      st = os.stat(path)
+      s, n, l = _index_lines(path, st.st_mtime_ns, st.st_size)
+      starts.append(s)
+      lengths.append(n)
+      lines.append(l)
+      file_ids.append(np.full(len(s), i, np.int32))
+    self._starts = np.concatenate(starts)
+    self._lengths = np.concatenate(lengths)
+    self._lines = np.concatenate(lines)
+    self._file_ids = np.concatenate(file_ids)
+    if not len(self._starts):
+      raise DataError(f'JSONL files {self.paths} hold no records')
+
+  def __len__(self):
+    return len(self._starts)
+
+  def __getitem__(self, index) -> str:
+    path = self.paths[self._file_ids[index]]
+    where = f'{path}:{self._lines[index]}'
+    with open(path, 'rb') as f:
+      f.seek(int(self._starts[index]))
+      raw = f.read(int(self._lengths[index]))
+    try:
+      record = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise DataError(f'{where}: malformed JSON line ({e})') from None
+    if not isinstance(record, dict) or self.field not in record:
+      raise DataError(f'{where}: no field {self.field!r} (data.text_field)')
+    text = record[self.field]
+    if not isinstance(text, str):
+      raise DataError(f'{where}: field {self.field!r} is '
+                      f'{type(text).__name__}, not a string')
+    return text
+
+
+class ArrayRecordDocuments:
+  """ArrayRecord files whose records are UTF-8 text."""
+
+  def __init__(self, paths):
+    self.paths = list(paths)
+    self._source = grain.sources.ArrayRecordDataSource(self.paths)
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, index) -> str:
+    raw = self._source[index]
+    try:
+      return raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+      raise DataError(f'record {index} of {self.paths}: not UTF-8 text '
+                      f'({e.reason} at byte {e.start})') from None
+
+
+def write_arrayrecord(path: str, texts) -> None:
+  """Writes `texts` (strings) as one ArrayRecord file of UTF-8 records."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  # group_size:1 keeps every record individually seekable, which the random
+  # access of shuffling needs.
+  writer = array_record_module.ArrayRecordWriter(os.fspath(path), 'group_size:1')
+  try:
+    for text in texts:
+      writer.write(text.encode('utf-8'))
+  finally:
+    writer.close()
+
+
+class SyntheticDocuments:
+  """Random token documents; element i is the same on every call and host."""
+
+  def __init__(self, seed: int, vocab_size: int, max_len: int):
+    self.seed = seed
+    self.vocab_size = vocab_size
+    self.max_len = max_len
+
+  def __len__(self):
+    return SYNTHETIC_NUM_DOCS
+
+  def __getitem__(self, index) -> np.ndarray:
+    rng = np.random.default_rng([self.seed, int(index)])
+    length = int(rng.integers(1, self.max_len + 1))
+    return rng.integers(0, self.vocab_size, length, dtype=np.int32)
+
+
+def documents(data_cfg, split: str, *, vocab_size: int, seq_len: int) -> grain.MapDataset:
+  """The documents of `split` (`train` or `eval`) as a grain MapDataset.
+
+  Elements are `str`, except for `synthetic`, whose elements are int32 token
+  arrays (ids below `vocab_size`, up to `2 * seq_len` tokens long).
+  """
+  if split not in ('train', 'eval'):
+    raise ValueError(f'split={split!r}: must be train or eval')
+  source = data_cfg.source
+  if source == 'builtin':
+    return grain.MapDataset.source(BuiltinDocuments(split))
+  if source == 'synthetic':
+    seed = (data_cfg.shuffle_seed * 2 + (split == 'eval')) % 2**32
+    return grain.MapDataset.source(SyntheticDocuments(seed, vocab_size, 2 * seq_len))
+  if source not in SOURCES:
+    raise DataError(f'data.source={source!r}: the data pipeline reads '
+                    f'{", ".join(SOURCES)}')
+  field = f'{split}_files'
+  paths = expand_globs(data_cfg[field], field)
+  if source == 'text':
+    return grain.MapDataset.source(TextDocuments(paths))
+  if source == 'jsonl':
+    return grain.MapDataset.source(JsonlDocuments(paths, data_cfg.text_field))
+  return grain.MapDataset.source(ArrayRecordDocuments(paths))
+
+
+def has_split(data_cfg, split: str) -> bool:
+  """Whether `documents(data_cfg, split)` has data to read (eval is optional)."""
+  if data_cfg.source in ('builtin', 'synthetic'):
+    return True
+  return bool(data_cfg[f'{split}_files'].strip())

@@ -1,0 +1,201 @@
+"""Tokenizers behind `config.data.tokenizer`.
+
+`get_tokenizer(spec)` turns the config string into an object with
+`encode(text) -> list[int]` (no special tokens), `decode(ids) -> str`,
+`vocab_size`, `bos_id` and `eos_id`:
+
+* `bytes`: UTF-8 bytes are ids 0..255, BOS is 256, EOS is 257 (258 ids; the
+  configs round `model.vocab_size` up to 320). Needs nothing and never meets an
+  unknown character, which is why it is the default.
+* `sentencepiece:PATH`: a local SentencePiece `.model` file (Kudo & Richardson,
+  2018), read with the `sentencepiece` package. BOS/EOS are the model's own.
+* `hf:PATH/tokenizer.json`: a Hugging Face `tokenizers` file. BOS/EOS come from
+  a `tokenizer_config.json` or `special_tokens_map.json` beside it, else from
+  the usual special-token names found in the vocabulary.
+
+A tokenizer without an EOS token is refused (documents end with EOS); one
+without a BOS token (GPT-2, Qwen) starts each document with its EOS token, the
+way those models separate documents in training.
+
+Every tokenizer also has `encode_array(text) -> np.ndarray[int32]`, the fast
+path the data pipeline uses, and pickles by path so grain worker processes
+reload it rather than copying native objects.
+"""
+
+import json
+import os
+
+import numpy as np
+
+
+class TokenizerError(ValueError):
+  """A tokenizer spec or file that cannot be used; the message says why."""
+
+
+class BytesTokenizer:
+  """UTF-8 bytes as ids 0..255, BOS = 256, EOS = 257."""
+
+  vocab_size = 258
+  bos_id = 256
+  eos_id = 257
+
+  def encode(self, text: str) -> list[int]:
+    return list(text.encode('utf-8'))
+
+  def encode_array(self, text: str) -> np.ndarray:
+    return np.frombuffer(text.encode('utf-8'), np.uint8).astype(np.int32)
+
+  def decode(self, ids) -> str:
+    # Specials and ids past the byte range (a model's vocab is padded to 320)
+    # have no text; dropping them lets samples print cleanly.
+    data = bytes(int(i) for i in ids if 0 <= int(i) < 256)
+    return data.decode('utf-8', errors='replace')
+
+  def __repr__(self):
+    return 'BytesTokenizer()'
+
+
+def _import(name: str, spec: str):
+  try:
+    return __import__(name)
+  except ImportError:
+    raise TokenizerError(
+        f'data.tokenizer={spec!r} needs the {name!r} package, which is not '
+        f'installed: pip install {name}') from None
+
+
+def _check_file(path: str, spec: str) -> str:
+  path = os.path.expanduser(path)
+  if not os.path.isfile(path):
+    raise TokenizerError(f'data.tokenizer={spec!r}: file {path!r} not found')
+  return path
+
+
+class SentencePieceTokenizer:
+  """A local SentencePiece model; BOS/EOS are the ids the model defines."""
+
+  def __init__(self, path: str):
+    self.spec = f'sentencepiece:{path}'
+    self.path = _check_file(path, self.spec)
+    spm = _import('sentencepiece', self.spec)
+    self._sp = spm.SentencePieceProcessor(model_file=self.path)
+    self.vocab_size = int(self._sp.get_piece_size())
+    self.eos_id = int(self._sp.eos_id())
+    if self.eos_id < 0:
+      raise TokenizerError(
+          f'{self.spec}: the model has no EOS token (trained with '
+          '--eos_id=-1); documents end with EOS, so retrain it with one')
+    # As for Hugging Face tokenizers: no BOS means documents start with EOS.
+    self.bos_id = int(self._sp.bos_id()) if self._sp.bos_id() >= 0 else self.eos_id
+
+  def encode(self, text: str) -> list[int]:
+    return list(self._sp.encode(text, out_type=int))
+
+  def encode_array(self, text: str) -> np.ndarray:
+    return np.asarray(self._sp.encode(text, out_type=int), np.int32)
+
+  def decode(self, ids) -> str:
+    return self._sp.decode([int(i) for i in ids])
+
+  def __getstate__(self):
+    return {'path': self.path}
+
+  def __setstate__(self, state):
+    self.__init__(state['path'])
+
+  def __repr__(self):
+    return f'SentencePieceTokenizer({self.path!r})'
+
+
+# Names of BOS/EOS tokens across common Hugging Face tokenizers, tried in
+# order when no tokenizer_config.json says which ones they are.
+_BOS_NAMES = ('<s>', '<bos>', '<|begin_of_text|>', '[BOS]', '<|startoftext|>')
+_EOS_NAMES = ('</s>', '<eos>', '<|end_of_text|>', '<|endoftext|>', '[EOS]',
+              '<|eot_id|>')
+
+
+def _token_content(value):
+  """tokenizer_config.json writes a token as a string or {'content': ...}."""
+  if isinstance(value, dict):
+    return value.get('content')
+  return value
+
+
+class HFTokenizer:
+  """A Hugging Face `tokenizer.json` read with the `tokenizers` package."""
+
+  def __init__(self, path: str):
+    self.spec = f'hf:{path}'
+    self.path = _check_file(path, self.spec)
+    tokenizers = _import('tokenizers', self.spec)
+    try:
+      self._tok = tokenizers.Tokenizer.from_file(self.path)
+    except Exception as e:  # The Rust side raises a bare Exception.
+      raise TokenizerError(f'{self.spec}: cannot read tokenizer: {e}') from None
+    self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
+    named = self._configured_specials()
+    self.eos_id = self._find('EOS', named.get('eos_token'), _EOS_NAMES)
+    try:
+      self.bos_id = self._find('BOS', named.get('bos_token'), _BOS_NAMES)
+    except TokenizerError:
+      self.bos_id = self.eos_id
+
+  def _configured_specials(self) -> dict:
+    folder = os.path.dirname(self.path)
+    for name in ('tokenizer_config.json', 'special_tokens_map.json'):
+      path = os.path.join(folder, name)
+      if os.path.isfile(path):
+        with open(path, encoding='utf-8') as f:
+          config = json.load(f)
+        found = {k: _token_content(config.get(k)) for k in ('bos_token', 'eos_token')}
+        if any(found.values()):
+          return found
+    return {}
+
+  def _find(self, name: str, configured, candidates) -> int:
+    if configured:
+      token_id = self._tok.token_to_id(configured)
+      if token_id is None:
+        raise TokenizerError(f'{self.spec}: the configured {name} token '
+                             f'{configured!r} is not in the vocabulary')
+      return int(token_id)
+    for token in candidates:
+      token_id = self._tok.token_to_id(token)
+      if token_id is not None:
+        return int(token_id)
+    raise TokenizerError(
+        f'{self.spec}: no {name} token found (no tokenizer_config.json beside '
+        f'it names one, and none of {", ".join(candidates)} is in the '
+        'vocabulary); documents are wrapped in BOS ... EOS')
+
+  def encode(self, text: str) -> list[int]:
+    return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+  def encode_array(self, text: str) -> np.ndarray:
+    return np.asarray(self._tok.encode(text, add_special_tokens=False).ids,
+                      np.int32)
+
+  def decode(self, ids) -> str:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+  def __getstate__(self):
+    return {'path': self.path}
+
+  def __setstate__(self, state):
+    self.__init__(state['path'])
+
+  def __repr__(self):
+    return f'HFTokenizer({self.path!r})'
+
+
+def get_tokenizer(spec: str):
+  """`bytes`, `sentencepiece:PATH` or `hf:PATH/tokenizer.json` -> tokenizer."""
+  if spec == 'bytes':
+    return BytesTokenizer()
+  kind, sep, path = spec.partition(':')
+  if sep and path and kind == 'sentencepiece':
+    return SentencePieceTokenizer(path)
+  if sep and path and kind == 'hf':
+    return HFTokenizer(path)
+  raise TokenizerError(f'data.tokenizer={spec!r}: must be bytes, '
+                       'sentencepiece:PATH or hf:PATH/tokenizer.json')
