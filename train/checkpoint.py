@@ -1,0 +1,192 @@
+"""Checkpoints: orbax saving and resuming, and the workdir's `config.json`.
+
+`DIR/checkpoints/STEP/` holds two orbax items:
+
+- `state`: the train state pytree of `train.step` (params, optimizer state,
+  step, RNG), sharded arrays written by every process in parallel;
+- `data`: the grain iterator's state, one small JSON file per process
+  (`grain.checkpoint.CheckpointHandler`), so a resumed run reads the very next
+  batch it would have read.
+
+Saving is asynchronous: `save` returns once the arrays are copied off the
+devices, and the disk write finishes in a background thread while training
+continues. Orbax writes into a temporary folder and renames it to `STEP` only
+once every file is written, so a process killed mid-save leaves a temporary
+folder that is never loaded (and is cleaned up on the next start).
+
+`restore_latest` loads the newest checkpoint; one that fails to load (a folder
+truncated by hand, a disk error) is skipped with a warning, moved aside to
+`DIR/checkpoints.skipped/STEP` so later saves can reuse the step number, and the
+previous one is used.
+
+`check_config` refuses to resume a workdir whose `config.json` describes a
+different model, naming the differing fields; `write_config` writes the fully
+resolved config there at start.
+"""
+
+import json
+import os
+import shutil
+import time
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+import configs
+
+# Model fields that change how the same parameters are computed with, not the
+# parameters: a run may resume with other values (a warning says so).
+RUNTIME_MODEL_FIELDS = ('attention_impl', 'attention_block_q', 'attention_block_kv',
+                        'remat', 'dtype')
+
+
+def config_json(cfg) -> str:
+  return cfg.to_json_best_effort(indent=2, sort_keys=True)
+
+
+def write_config(workdir: str, cfg) -> None:
+  """Writes `DIR/config.json` (process 0)."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, 'config.json')
+  with open(path + '.tmp', 'w') as f:
+    f.write(config_json(cfg) + '\n')
+  os.replace(path + '.tmp', path)
+
+
+def _has_checkpoints(workdir: str) -> bool:
+  directory = os.path.join(workdir, 'checkpoints')
+  return os.path.isdir(directory) and any(
+      name.isdigit() for name in os.listdir(directory))
+
+
+def model_differences(saved: dict, cfg) -> tuple[list[str], list[str]]:
+  """(shape-changing, runtime-only) `model.*` fields that differ from `saved`."""
+  now = json.loads(config_json(cfg))['model']
+  before = saved.get('model', {})
+  shape, runtime = [], []
+  for field in sorted(set(now) | set(before)):
+    if now.get(field) != before.get(field):
+      line = (f'model.{field}: saved {before.get(field, "<absent>")!r}, '
+              f'now {now.get(field, "<absent>")!r}')
+      (runtime if field in RUNTIME_MODEL_FIELDS else shape).append(line)
+  return shape, runtime
+
+
+def check_config(workdir: str, cfg) -> None:
+  """Refuses to resume a workdir that holds checkpoints of a different model."""
+  path = os.path.join(workdir, 'config.json')
+  if not (_has_checkpoints(workdir) and os.path.exists(path)):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  shape, runtime = model_differences(saved, cfg)
+  if shape:
+    raise configs.ConfigError(
+        f'{workdir} holds checkpoints of a different model; differing fields:\n  '
+        + '\n  '.join(shape) +
+        '\nUse a new --workdir, or set these fields back to the saved values.')
+  if runtime:
+    logging.warning('resuming %s with changed runtime fields: %s', workdir,
+                    '; '.join(runtime))
+
+
+class Checkpointer:
+  """Saves and restores (train state, data iterator) under `DIR/checkpoints`."""
+
+  def __init__(self, workdir: str, *, every_steps: int, keep: int,
+               async_save: bool = True):
+    self.workdir = workdir
+    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=every_steps,
+        max_to_keep=keep,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+        create=True)
+    self.manager = ocp.CheckpointManager(
+        self.directory, item_names=('state', 'data'), options=options)
+
+  @property
+  def steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state, data_iterator=None, *, force: bool = False) -> bool:
+    """Starts saving `state` at `step` if due (or `force`); True if it did."""
+    items = {'state': ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      import grain  # pylint: disable=g-import-not-at-top
+      items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+    if force and step in self.manager.all_steps():
+      return False
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+  def _check_process_count(self, step: int) -> None:
+    data_dir = os.path.join(self.directory, str(step), 'data')
+    if not os.path.isdir(data_dir):
+      return
+    counts = {name.rsplit('-of-', 1)[1].removesuffix('.json')
+              for name in os.listdir(data_dir) if '-of-' in name}
+    if counts and str(jax.process_count()) not in counts:
+      raise configs.ConfigError(
+          f'checkpoint {self.directory}/{step} was written by '
+          f'{"/".join(sorted(counts))} processes and this run has '
+          f'{jax.process_count()}; the data iterators cannot be mapped. Resume '
+          'with the same number of processes.')
+
+  def restore(self, step: int, abstract_state, data_iterator=None):
+    """The state saved at `step` (and `data_iterator` set to its position)."""
+    self._check_process_count(step)
+    items = {'state': ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      import grain  # pylint: disable=g-import-not-at-top
+      items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return restored['state']
+
+  def restore_latest(self, abstract_state, data_iterator=None):
+    """(state, step) of the newest loadable checkpoint, or (None, None).
+
+    A checkpoint that fails to load is skipped with a warning and moved to
+    `DIR/checkpoints.skipped/`; the next older one is tried.
+    """
+    skipped = []
+    result = (None, None)
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        result = (self.restore(step, abstract_state, data_iterator), step)
+        break
+      except configs.ConfigError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        message = str(e).strip().splitlines()[0][:300] if str(e).strip() else ''
+        logging.warning('checkpoint %s/%d cannot be loaded (%s: %s); skipping it '
+                        'and trying the previous one', self.directory, step,
+                        type(e).__name__, message)
+        skipped.append(step)
+    if skipped:
+      self._move_aside(skipped)
+    return result
+
+  def _move_aside(self, steps: list[int]) -> None:
+    """Moves unloadable step folders out of orbax's way (process 0)."""
+    if jax.process_index() == 0:
+      aside = os.path.join(os.path.dirname(self.directory), 'checkpoints.skipped')
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        target = os.path.join(aside, f'{step}.{int(time.time())}')
+        shutil.move(os.path.join(self.directory, str(step)), target)
+        logging.warning('moved the unloadable checkpoint %d to %s', step, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('ablax_checkpoints_moved_aside')
+    self.manager.reload()

@@ -1,0 +1,273 @@
+"""The train state, the language-model loss, and the pure jitted train/eval steps.
+
+The train state is a plain dict pytree, so orbax saves it as it is:
+
+    {'step': int32 [],                 # optimizer updates done
+     'params': nnx.State,              # the model's nnx.Params (param_dtype)
+     'opt_state': optax state,         # float32 moments, sharded like params
+     'rng': uint32 [2],                # base key; step n uses fold_in(rng, n)
+     'model_state': nnx.State}         # the model's other Variables (often empty)
+
+The graph definition (`nnx.GraphDef`) is static and lives outside it. The steps
+are `jax.jit` over this pytree with explicit shardings (`nnx.merge` happens
+inside the trace, so no Python graph walk runs per step), the state is donated,
+and it is created directly sharded by a jitted init.
+
+Losses are pluggable. A loss function has the signature
+
+    loss_fn(model, batch, rng) -> (loss_sum, metrics)
+
+and returns *sums* over its (micro)batch: `loss_sum` is the objective summed
+with the weights it wants, and `metrics` is a dict of weighted sums that must
+hold `'weight'` (the count the sums are over: target tokens for a language
+model, pairs for DPO). The step adds sums over microbatches and divides by the
+total weight, so gradient accumulation is exact: 4 microbatches of 2 rows give
+the gradient of the same 8 rows in one (up to float rounding), even when the
+microbatches hold different numbers of target tokens. DPO (`align/`) passes its
+own loss to `make_train_step` and keeps the state, shardings, optimizer and
+checkpoints of this module.
+
+The language-model loss (`lm_loss`) is token-mean cross-entropy over
+`loss_mask`, plus `z_loss_weight` times the mean of logsumexp(logits)^2 over the
+same tokens (PaLM, Chowdhery et al. 2022) and, for MoE models,
+`moe_aux_loss_weight` times the load-balancing loss (Switch Transformer, Fedus
+et al. 2021) and `moe_router_z_loss_weight` times the router z-loss (ST-MoE,
+Zoph et al. 2022), each weighted by the batch's target tokens so they average
+the same way under accumulation.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from train import sharding
+
+LossFn = Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+def _to_f32(tree):
+  return jax.tree.map(
+      lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+      tree)
+
+
+# ----------------------------------------------------------------------------
+# State.
+
+
+def train_state_spec(model_fn: Callable[[], nnx.Module],
+                     optimizer: optax.GradientTransformation, mesh: Mesh,
+                     seed: int):
+  """What the train state will be, without making it.
+
+  `model_fn()` constructs the model (e.g. `lambda: Decoder(cfg.model,
+  rngs=nnx.Rngs(seed))`); it runs only abstractly here (`jax.eval_shape`),
+  which reads shapes and logical axes.
+
+  Returns (graphdef, init, abstract_state, shardings): `jax.jit(init,
+  out_shardings=shardings)()` makes the state with every array born where the
+  rules place it, so no device ever holds the whole model; `abstract_state`
+  (shapes, dtypes, shardings) is the target to restore a checkpoint into.
+  """
+  abstract_model = nnx.eval_shape(model_fn)
+  graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
+
+  def init():
+    model = model_fn()
+    _, params, model_state = nnx.split(model, nnx.Param, ...)
+    return {
+        'step': jnp.zeros((), jnp.int32),
+        'params': params,
+        'opt_state': optimizer.init(_to_f32(params)),
+        'rng': jax.random.fold_in(jax.random.PRNGKey(seed), 1),
+        'model_state': model_state,
+    }
+
+  shapes = jax.eval_shape(init)
+  shardings = sharding.state_shardings(mesh, shapes)
+  abstract_state = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+  return graphdef, init, abstract_state, shardings
+
+
+def create_train_state(model_fn: Callable[[], nnx.Module],
+                       optimizer: optax.GradientTransformation, mesh: Mesh,
+                       seed: int):
+  """Builds the model and optimizer state directly sharded on `mesh`.
+
+  Returns (graphdef, state, shardings); see `train_state_spec`.
+  """
+  graphdef, init, _, shardings = train_state_spec(model_fn, optimizer, mesh, seed)
+  state = jax.jit(init, out_shardings=shardings)()
+  return graphdef, state, shardings
+
+
+# ----------------------------------------------------------------------------
+# The language-model loss.
+
+
+def lm_loss(train_cfg) -> LossFn:
+  """Cross-entropy + z-loss + MoE losses, as weighted sums (see module doc)."""
+  z_weight = float(train_cfg.get('z_loss_weight', 0.0))
+  aux_weight = float(train_cfg.get('moe_aux_loss_weight', 0.0))
+  router_z_weight = float(train_cfg.get('moe_router_z_loss_weight', 0.0))
+
+  def loss_fn(model, batch, rng):
+    del rng                     # the decoder has no dropout
+    logits, aux = model(batch['inputs'], segment_ids=batch.get('segment_ids'),
+                        positions=batch.get('positions'))
+    logits = logits.astype(jnp.float32)                       # [b, t, v]
+    mask = batch['loss_mask'].astype(jnp.float32)             # [b, t]
+    with jax.named_scope('cross_entropy'):
+      lse = jax.nn.logsumexp(logits, axis=-1)                 # [b, t]
+      target = jnp.take_along_axis(logits, batch['targets'][..., None], axis=-1)[..., 0]
+      ce_sum = jnp.sum((lse - target) * mask)
+      z_sum = jnp.sum(jnp.square(lse) * mask)
+    weight = jnp.sum(mask)
+    objective = ce_sum + z_weight * z_sum
+    metrics = {'weight': weight, 'loss': ce_sum, 'z_loss': z_sum}
+    if 'moe_aux_loss' in aux:
+      # Batch means: weighted by the tokens they were measured on.
+      objective += weight * (aux_weight * aux['moe_aux_loss'] +
+                             router_z_weight * aux['moe_router_z_loss'])
+      metrics['moe_aux_loss'] = weight * aux['moe_aux_loss']
+      metrics['moe_router_z_loss'] = weight * aux['moe_router_z_loss']
+      metrics['moe_expert_load'] = weight * aux['moe_expert_load']
+    metrics['objective'] = objective
+    return objective, metrics
+
+  return loss_fn
+
+
+# ----------------------------------------------------------------------------
+# Steps.
+
+
+def _microbatches(batch, num: int):
+  """[B, ...] -> [num, B / num, ...]; microbatch i holds rows i, i + num, ...
+
+  Splitting the row index as (B / num, num) keeps each device's rows on that
+  device in every microbatch, so no data moves when the batch is sharded.
+  """
+  def split(x):
+    if x.shape[0] % num:
+      raise ValueError(f'batch of {x.shape[0]} rows does not split into '
+                       f'{num} microbatches')
+    return jnp.swapaxes(x.reshape(x.shape[0] // num, num, *x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def _summed_grads(loss_fn, graphdef, params, model_state, batch, rng, accum, mesh):
+  """(gradient of the summed loss, summed metrics) over `accum` microbatches."""
+  def loss_of(p, mb, key):
+    model = nnx.merge(graphdef, p, model_state)
+    return loss_fn(model, mb, key)
+
+  grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+  if accum == 1:
+    (_, metrics), grads = grad_fn(params, batch, rng)
+    return _to_f32(grads), metrics
+
+  micro = _microbatches(batch, accum)
+  # Keep every microbatch split over the batch axes like the whole batch.
+  rows = sharding.batch_sharding(mesh).spec[0]
+  micro = jax.tree.map(
+      lambda x: jax.lax.with_sharding_constraint(
+          x, NamedSharding(mesh, PartitionSpec(None, rows))), micro)
+  first = jax.tree.map(lambda x: x[0], micro)
+  metric_shapes = jax.eval_shape(lambda: loss_of(params, first, rng)[1])
+  zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+           jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), metric_shapes))
+
+  def body(carry, inputs):
+    mb, i = inputs
+    (_, m), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+    g_acc, m_acc = carry
+    return (jax.tree.map(jnp.add, g_acc, _to_f32(g)),
+            jax.tree.map(lambda a, b: a + b.astype(jnp.float32), m_acc, m)), None
+
+  (grads, metrics), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
+  return grads, metrics
+
+
+def _means(metrics):
+  """Weighted sums -> weighted means; `weight` stays a count."""
+  weight = metrics['weight']
+  denom = jnp.maximum(weight, 1e-9)
+  return {k: (v if k == 'weight' else v / denom) for k, v in metrics.items()}
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
+                    graphdef: nnx.GraphDef, state_shardings, mesh: Mesh,
+                    grad_accum_steps: int = 1,
+                    schedule: optax.Schedule | None = None,
+                    donate: bool = True):
+  """`train_step(state, batch) -> (state, metrics)`, jitted and sharded.
+
+  `batch` is a dict of [global_batch, ...] arrays sharded over the batch mesh
+  axes (`sharding.batch_sharding(mesh)`). Metrics are replicated scalars
+  (vectors for `moe_expert_load`): the weighted means of the loss function's
+  metrics, plus `grad_norm` (before clipping), `learning_rate` and `weight`.
+  """
+  accum = int(grad_accum_steps)
+
+  def train_step(state, batch):
+    rng = jax.random.fold_in(state['rng'], state['step'])
+    grads, sums = _summed_grads(loss_fn, graphdef, state['params'],
+                                state['model_state'], batch, rng, accum, mesh)
+    # The gradient of the weighted mean: divide the summed gradient once.
+    weight = jnp.maximum(sums['weight'], 1e-9)
+    grads = jax.tree.map(lambda g: g / weight, grads)
+    params32 = _to_f32(state['params'])
+    updates, opt_state = optimizer.update(grads, state['opt_state'], params32)
+    new_params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype),
+                              state['params'], updates)
+    metrics = _means(sums)
+    metrics['grad_norm'] = optax.global_norm(grads)
+    if schedule is not None:
+      metrics['learning_rate'] = jnp.asarray(schedule(state['step']), jnp.float32)
+    new_state = dict(state, step=state['step'] + 1, params=new_params,
+                     opt_state=opt_state)
+    return new_state, metrics
+
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.jit(train_step,
+                 in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_shardings, replicated),
+                 donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(loss_fn: LossFn, *, graphdef: nnx.GraphDef, state_shardings,
+                   mesh: Mesh):
+  """`eval_step(state, batch) -> metric sums` (add over batches, then divide
+  by `weight`; `eval_metrics` does it)."""
+  def eval_step(state, batch):
+    model = nnx.merge(graphdef, state['params'], state['model_state'])
+    _, metrics = loss_fn(model, batch, jax.random.PRNGKey(0))
+    return jax.tree.map(lambda x: x.astype(jnp.float32), metrics)
+
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.jit(eval_step,
+                 in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=replicated)
+
+
+def eval_metrics(eval_step, state, batches) -> dict[str, Any]:
+  """Runs `eval_step` over `batches`; returns host floats: the weighted means,
+  and `perplexity` = exp(loss)."""
+  total = None
+  for batch in batches:
+    sums = eval_step(state, batch)
+    total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+  if total is None:
+    return {}
+  means = jax.device_get(_means(total))
+  out = {k: (float(v) if jnp.ndim(v) == 0 else v) for k, v in means.items()}
+  if 'loss' in out:
+    out['perplexity'] = float(jnp.exp(out['loss']))
+  return out
