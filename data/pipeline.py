@@ -70,6 +70,7 @@ from data import sources
 from data import tokenizers
 
 _TRAIN_PREFETCH = 2  # Batches a background thread prepares ahead of the step.
+_SEED_SPREAD = 0x9E3779B1  # An odd constant (2**32 / golden ratio): a bijection mod 2**32.
 
 
 class TokenizeDocument:
@@ -144,7 +145,11 @@ def make_dataset(cfg, split: str = 'train', process_index: int = 0,
          'has no documents')
 
   if split == 'train' and cfg.data.source != 'synthetic':
-    stream = docs.shuffle(seed=cfg.data.shuffle_seed).repeat()
+    # grain shuffles epoch e with seed + e, so seeds 1 and 2 would share
+    # permutations one epoch apart; spreading the seeds keeps runs that differ
+    # only in data.shuffle_seed independent.
+    seed = (cfg.data.shuffle_seed * _SEED_SPREAD + 1) % 2**32
+    stream = docs.shuffle(seed=seed).repeat()
   else:
     stream = docs.repeat()
 
