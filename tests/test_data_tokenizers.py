@@ -5,6 +5,7 @@ so nothing is downloaded.
 """
 
 import json
+import pickle
 import sys
 
 import pytest
@@ -51,6 +52,7 @@ def test_sentencepiece_trained_in_test(tmp_path):
   assert all(0 <= i < tok.vocab_size for i in ids)
   assert tok.vocab_size == spm.SentencePieceProcessor(
       model_file=str(tmp_path / 'sp.model')).get_piece_size()
+  assert pickle.loads(pickle.dumps(tok)).encode(TEXT) == ids  # grain workers
 
 
 def _train_hf(path, specials):
@@ -78,6 +80,7 @@ def test_hf_tokenizer_built_in_test(tmp_path):
   assert tok.eos_id == ref.token_to_id('</s>')
   assert tok.bos_id not in ids and tok.eos_id not in ids
   assert tok.vocab_size == ref.get_vocab_size(with_added_tokens=True)
+  assert pickle.loads(pickle.dumps(tok)).encode(TEXT) == ids  # grain workers
 
 
 def test_hf_specials_from_tokenizer_config(tmp_path):
