@@ -1,10 +1,44 @@
-"""`python -m align`: the DPO stage (issue 5), not built yet."""
+"""`python -m align`: DPO-train a pretrained workdir's model on preference pairs.
+
+    python -m align --config configs/dpo.py:tiny --workdir /tmp/ablax_tiny_dpo \\
+        --config.dpo.init_checkpoint=/tmp/ablax_tiny
+
+Re-running with the same workdir resumes. The library function is
+`align.loop.train_and_evaluate(cfg, workdir)`.
+"""
 
 import sys
 
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file, e.g. configs/dpo.py:tiny.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, config.json '
+                               'and TensorBoard event files of the DPO run go.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  import configs  # pylint: disable=g-import-not-at-top
+  from data.sources import DataError  # pylint: disable=g-import-not-at-top
+  from align import loop  # pylint: disable=g-import-not-at-top
+  from train import loop as train_loop  # pylint: disable=g-import-not-at-top
+  train_loop.configure_logging()
+  cfg = _CONFIG.value
+  try:
+    configs.validate(cfg)
+    loop.train_and_evaluate(cfg, _WORKDIR.value)
+  except (configs.ConfigError, DataError, FloatingPointError) as e:
+    sys.exit(f'ablax: {e}')
+
 
 def run():
-  sys.exit('ablax: the DPO stage (python -m align / ablax-dpo) is not built yet.')
+  """The `ablax-dpo` console script."""
+  app.run(main)
 
 
 if __name__ == '__main__':

@@ -1,0 +1,236 @@
+"""Preference-pair data for DPO: JSONL pairs, built-in pairs, tokenizing, batches.
+
+Sources (`dpo.train_files` / `dpo.eval_files`):
+
+- JSONL globs (comma-separated): one JSON object per line with string fields
+  `prompt`, `chosen`, `rejected`. Empty lines are skipped. A malformed line
+  (bad JSON, not an object, a missing or non-string field, an empty response)
+  stops loading with `file:line`, or, with `dpo.skip_bad_lines`, is skipped and
+  counted (the count is logged).
+- `builtin`: pairs made offline from the built-in corpus (the Python standard
+  library, `data/builtin.py`, split train/eval by file). Pair k takes file
+  k mod F, cuts it at a line start chosen by a hash of (file, k): the prompt is
+  the text before the cut, `chosen` the true continuation after it, `rejected`
+  the text after a line start of another file of the same split. Deterministic.
+
+Tokenizing keeps the prompt's ids identical in both sequences: the prompt is
+encoded once and each response is encoded separately and appended, so no BPE
+merge across the boundary can change the prompt's tokens. As in pretraining a
+sequence is one document, `[BOS] + prompt + response + [EOS]`. The prompt keeps
+its last `max_prompt_len` tokens; the whole sequence is cut to `max_len`
+tokens at the end of the response (a cut response loses its EOS). Rows are
+`max_len` wide: `inputs = tokens[:-1]`, `targets = tokens[1:]`, and
+`loss_mask` is 1 only where the target is a response token or its EOS.
+"""
+
+import hashlib
+import json
+
+import grain
+import numpy as np
+from absl import logging
+
+from data import builtin
+from data import sources
+from data import tokenizers
+from align.losses import SIDE_KEYS
+
+DataError = sources.DataError
+FIELDS = ('prompt', 'chosen', 'rejected')
+
+
+# ----------------------------------------------------------------------------
+# JSONL pairs.
+
+
+def _parse_line(line: str):
+  """(prompt, chosen, rejected) or a reason string."""
+  try:
+    obj = json.loads(line)
+  except json.JSONDecodeError as e:
+    return f'bad JSON ({e.msg} at column {e.colno})'
+  if not isinstance(obj, dict):
+    return f'not a JSON object but {type(obj).__name__}'
+  for field in FIELDS:
+    if field not in obj:
+      return f'missing field {field!r}'
+    if not isinstance(obj[field], str):
+      return f'field {field!r} is {type(obj[field]).__name__}, not a string'
+  for field in ('chosen', 'rejected'):
+    if not obj[field].strip():
+      return f'empty response {field!r}'
+  return tuple(obj[f] for f in FIELDS)
+
+
+def read_jsonl_pairs(paths, *, skip_bad_lines: bool = False):
+  """Reads pairs from JSONL files; returns (pairs, number of lines skipped)."""
+  pairs, skipped = [], 0
+  for path in paths:
+    with open(path, encoding='utf-8') as f:
+      for number, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        parsed = _parse_line(line)
+        if isinstance(parsed, str):
+          if not skip_bad_lines:
+            raise DataError(f'{path}:{number}: {parsed} (set '
+                            '--config.dpo.skip_bad_lines=True to skip such lines)')
+          skipped += 1
+          logging.debug('%s:%d: skipped: %s', path, number, parsed)
+          continue
+        pairs.append(parsed)
+  return pairs, skipped
+
+
+# ----------------------------------------------------------------------------
+# Built-in pairs.
+
+
+def _hash(*parts) -> int:
+  text = '\0'.join(str(p) for p in parts)
+  return int.from_bytes(hashlib.sha256(text.encode('utf-8')).digest()[:8], 'big')
+
+
+def _line_start(text: str, lo: int, hi: int, key: int) -> int:
+  """A line start in [lo, hi) picked by `key` (lo if none)."""
+  pos = lo + key % max(hi - lo, 1)
+  nl = text.rfind('\n', lo, pos)
+  return nl + 1 if nl >= lo else lo
+
+
+class BuiltinPairs:
+  """Preference pairs from the standard library files of one split."""
+
+  def __init__(self, split: str, prompt_chars: int, response_chars: int,
+               pairs_per_file: int = 16):
+    self.prompt_chars, self.response_chars = prompt_chars, response_chars
+    need = prompt_chars + 2 * response_chars
+    self.texts = [t for t in (builtin.read_file(p)
+                              for p in builtin.split_files(split)) if len(t) > need]
+    if len(self.texts) < 2:
+      raise DataError(f'builtin pairs: the {split} split has fewer than 2 '
+                      'files long enough')
+    self.length = len(self.texts) * pairs_per_file
+
+  def __len__(self):
+    return self.length
+
+  def __getitem__(self, k: int):
+    n = len(self.texts)
+    text = self.texts[k % n]
+    cut = _line_start(text, self.prompt_chars, len(text) - self.response_chars,
+                      _hash('cut', k))
+    other_index = (k % n + 1 + _hash('other', k) % (n - 1)) % n
+    other = self.texts[other_index]
+    start = _line_start(other, 0, len(other) - self.response_chars,
+                        _hash('start', k))
+    return (text[cut - self.prompt_chars:cut],
+            text[cut:cut + self.response_chars],
+            other[start:start + self.response_chars])
+
+
+# ----------------------------------------------------------------------------
+# Tokenizing.
+
+
+def encode_side(prompt_ids, response_ids, *, bos_id: int, eos_id: int,
+                max_len: int) -> dict:
+  """One sequence's row fields, each [max_len] (see the module docstring)."""
+  tokens = np.concatenate([[bos_id], prompt_ids, response_ids, [eos_id]]).astype(np.int32)
+  tokens = tokens[:max_len + 1]
+  n = len(tokens) - 1                       # inputs/targets that exist
+  first_response = 1 + len(prompt_ids)      # index in `tokens` of the first response id
+  out = {k: np.zeros(max_len, np.int32) for k in SIDE_KEYS if k != 'loss_mask'}
+  out['inputs'][:n] = tokens[:-1]
+  out['targets'][:n] = tokens[1:]
+  out['positions'][:n] = np.arange(n)
+  out['segment_ids'][:n] = 1
+  mask = np.zeros(max_len, np.float32)
+  mask[first_response - 1:n] = 1.0          # target t+1 is a response token
+  out['loss_mask'] = mask
+  return out
+
+
+class TokenizePair:
+  """(prompt, chosen, rejected) strings -> `chosen_*` and `rejected_*` rows."""
+
+  def __init__(self, tokenizer, max_prompt_len: int, max_len: int):
+    self.tokenizer = tokenizer
+    self.max_prompt_len, self.max_len = max_prompt_len, max_len
+
+  def __call__(self, pair):
+    prompt, chosen, rejected = pair
+    tok = self.tokenizer
+    prompt_ids = np.asarray(tok.encode(prompt), np.int32)
+    if self.max_prompt_len >= 0:
+      prompt_ids = prompt_ids[len(prompt_ids) - min(len(prompt_ids), self.max_prompt_len):]
+    out = {}
+    for name, response in (('chosen', chosen), ('rejected', rejected)):
+      side = encode_side(prompt_ids, np.asarray(tok.encode(response), np.int32),
+                         bos_id=tok.bos_id, eos_id=tok.eos_id, max_len=self.max_len)
+      out.update({f'{name}_{k}': v for k, v in side.items()})
+    return out
+
+
+def _stack(rows):
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+# ----------------------------------------------------------------------------
+# Iterators.
+
+
+def check_lengths(dpo_cfg) -> None:
+  if not (dpo_cfg.max_prompt_len >= 0 and dpo_cfg.max_len >= dpo_cfg.max_prompt_len + 2):
+    raise DataError(f'dpo.max_len={dpo_cfg.max_len} must be at least '
+                    f'dpo.max_prompt_len + 2 = {dpo_cfg.max_prompt_len + 2} (BOS, the '
+                    'prompt and one response token)')
+
+
+def pairs_for(cfg, split: str):
+  """The pair source of `split` (`train` or `eval`); logs skipped lines."""
+  d = cfg.dpo
+  spec = d.train_files if split == 'train' else d.eval_files
+  if spec == 'builtin':
+    return BuiltinPairs(split, prompt_chars=d.max_prompt_len,
+                        response_chars=d.max_len - d.max_prompt_len)
+  try:
+    paths = sources.expand_globs(spec, f'{split}_files')
+  except DataError as e:        # its message names the `data.` section
+    raise DataError(str(e).replace('data.', 'dpo.', 1)) from None
+  pairs, skipped = read_jsonl_pairs(paths, skip_bad_lines=d.get('skip_bad_lines', False))
+  if skipped:
+    logging.warning('dpo.%s_files: skipped %d malformed lines', split, skipped)
+  if not pairs:
+    raise DataError(f'dpo.{split}_files={spec!r}: no preference pairs')
+  return pairs
+
+
+def make_iterator(cfg, split: str = 'train', process_index: int = 0,
+                  process_count: int = 1) -> grain.DatasetIterator:
+  """A checkpointable iterator of this process's DPO batches.
+
+  Each batch is a dict of [global_batch_size // process_count, max_len] numpy
+  arrays: `chosen_*` and `rejected_*` for the fields of `SIDE_KEYS`. `train`
+  shuffles with `data.shuffle_seed` and repeats forever; `eval` reads the
+  first `train.eval_steps` batches in order, the same ones on every call.
+  """
+  check_lengths(cfg.dpo)
+  tokenizer = tokenizers.get_tokenizer(cfg.data.tokenizer)
+  if tokenizer.vocab_size > cfg.model.vocab_size:
+    raise DataError(f'data.tokenizer={cfg.data.tokenizer!r} has '
+                    f'{tokenizer.vocab_size} ids but model.vocab_size='
+                    f'{cfg.model.vocab_size}')
+  global_batch = cfg.train.global_batch_size
+  if global_batch % process_count:
+    raise DataError(f'train.global_batch_size={global_batch} does not divide '
+                    f'over {process_count} processes')
+  ds = grain.MapDataset.source(pairs_for(cfg, split))
+  if split == 'train':
+    ds = ds.shuffle(seed=cfg.data.shuffle_seed)
+  ds = ds.repeat()[process_index::process_count]
+  ds = ds.map(TokenizePair(tokenizer, cfg.dpo.max_prompt_len, cfg.dpo.max_len))
+  ds = ds.batch(global_batch // process_count, batch_fn=_stack)
+  if split == 'eval':
+    ds = ds[:cfg.train.eval_steps]
+  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))

@@ -1,0 +1,46 @@
+"""DPO (Rafailov et al. 2023) on top of a pretrained LLaMA-style model.
+
+Two steps, the second from the first one's workdir:
+
+    python -m train --config configs/llama.py:tiny --workdir /tmp/ablax_tiny
+    python -m align --config configs/dpo.py:tiny --workdir /tmp/ablax_tiny_dpo \\
+        --config.dpo.init_checkpoint=/tmp/ablax_tiny
+
+Sizes `tiny` (default) and `small` take the model of `configs/llama.py` of the
+same size, which must match the init run's `config.json`. The pairs are the
+built-in ones (`dpo.train_files=builtin`; give JSONL globs for your own).
+At step 0 the loss is ln 2 = 0.693 and the rewards are 0; `dpo_eval/
+reward_accuracy` should then climb above 0.5.
+"""
+
+from configs import llama
+
+DPO_TRAIN = {
+    'tiny': dict(steps=100, global_batch_size=8, learning_rate=1e-3, warmup_steps=10,
+                 eval_every_steps=25, eval_steps=4, checkpoint_every_steps=50,
+                 log_every_steps=10),
+    'small': dict(steps=500, global_batch_size=16, learning_rate=1e-4, warmup_steps=50,
+                  eval_every_steps=100, eval_steps=8, checkpoint_every_steps=100,
+                  log_every_steps=10),
+}
+
+
+def get_config(arg=None):
+  size = arg or 'tiny'
+  config = llama.get_config(size)
+  for field, value in DPO_TRAIN.get(size, DPO_TRAIN['tiny']).items():
+    config.train[field] = value
+  config.train.lr_schedule = 'cosine'
+  config.train.weight_decay = 0.0
+  d = config.dpo
+  d.init_checkpoint = ''          # required: the pretraining workdir
+  d.beta = 0.1
+  d.loss = 'sigmoid'              # sigmoid | ipo | hinge
+  d.label_smoothing = 0.0
+  d.reference_free = False
+  d.train_files = 'builtin'
+  d.eval_files = 'builtin'
+  d.max_prompt_len = 64
+  d.max_len = config.model.max_seq_len
+  d.skip_bad_lines = False        # True: skip malformed JSONL lines and log the count
+  return config
