@@ -1,0 +1,158 @@
+"""The DPO stage end to end on CPU: from a pretraining workdir to a DPO workdir.
+
+One tiny pretraining run (a few steps of `train.loop.train_and_evaluate`) is
+shared by the tests; each DPO run is a few steps.
+"""
+
+import glob
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+
+import configs
+import model as model_lib
+from align import data as data_lib
+from align import loop
+from flax import nnx
+from train import checkpoint as checkpoint_lib
+from train import loop as train_loop
+from train import mesh as mesh_lib
+from train import optim
+from train import sharding
+from train import step as step_lib
+
+MODEL = ['model.d_model=32', 'model.num_layers=1', 'model.num_heads=2',
+         'model.num_kv_heads=1', 'model.d_ff=64', 'model.max_seq_len=32']
+
+
+@pytest.fixture(scope='module')
+def pretrained(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('pretrain'))
+  cfg = configs.load('configs/llama.py:tiny', MODEL + [
+      'train.steps=3', 'train.seq_len=32', 'train.global_batch_size=8',
+      'train.eval_steps=0', 'train.checkpoint_every_steps=3', 'train.warmup_steps=1'])
+  train_loop.train_and_evaluate(cfg, workdir)
+  return workdir, cfg
+
+
+def _dpo_cfg(init, *extra):
+  return configs.load('configs/dpo.py:tiny', MODEL + [
+      f'dpo.init_checkpoint={init}', 'dpo.max_prompt_len=16', 'dpo.max_len=32',
+      'train.global_batch_size=8', 'train.warmup_steps=1', 'train.eval_steps=1',
+      'train.log_every_steps=1', *extra])
+
+
+def _scalars(workdir):
+  acc = event_accumulator.EventAccumulator(workdir)
+  acc.Reload()
+  return {tag: {e.step: e.value for e in acc.Scalars(tag)}
+          for tag in acc.Tags()['scalars']}
+
+
+def test_dpo_end_to_end_resume_and_train_loads_the_policy(pretrained, tmp_path):
+  init, pre_cfg = pretrained
+  workdir = str(tmp_path / 'dpo')
+  cfg = _dpo_cfg(init, 'train.steps=2', 'train.eval_every_steps=2',
+                 'train.checkpoint_every_steps=2')
+  first = loop.train_and_evaluate(cfg, workdir)
+  assert first['step'] == 2 and sorted(first['losses']) == [1, 2]
+  with open(os.path.join(workdir, 'reference.json')) as f:
+    assert json.load(f)['checkpoint'] == os.path.join(init, 'checkpoints', '3')
+
+  # Resume to step 3 from the checkpoint at step 2.
+  cfg = _dpo_cfg(init, 'train.steps=3', 'train.eval_every_steps=3',
+                 'train.checkpoint_every_steps=3')
+  second = loop.train_and_evaluate(cfg, workdir)
+  assert sorted(second['losses']) == [3]
+
+  scalars = _scalars(workdir)
+  for prefix in ('dpo', 'dpo_eval'):
+    for name in ('loss', 'rewards_chosen', 'rewards_rejected', 'reward_accuracy',
+                 'reward_margin', 'logps_chosen', 'logps_rejected'):
+      assert f'{prefix}/{name}' in scalars, f'{prefix}/{name}'
+  assert sorted(scalars['dpo/loss']) == [1, 2, 3]
+  # Eval at step 0 scores the policy against itself: loss ln 2, rewards 0.
+  assert abs(scalars['dpo_eval/loss'][0] - math.log(2)) < 1e-6
+  assert scalars['dpo_eval/rewards_chosen'][0] == 0
+  assert scalars['dpo_eval/rewards_rejected'][0] == 0
+  assert scalars['dpo_eval/reward_accuracy'][0] == 0.5
+  assert sorted(scalars['dpo_eval/loss']) == [0, 2, 3]
+
+  # The pretraining code restores the DPO checkpoint with its own state spec.
+  mesh = mesh_lib.make_mesh(pre_cfg.mesh)
+  optimizer, _ = optim.make_optimizer(pre_cfg.train)
+  _, _, abstract, _ = step_lib.train_state_spec(
+      lambda: model_lib.Decoder(pre_cfg.model, rngs=nnx.Rngs(0)), optimizer, mesh, 0)
+  ckpt = checkpoint_lib.Checkpointer(workdir, every_steps=1, keep=3)
+  state, step = ckpt.restore_latest(abstract)
+  ckpt.close()
+  assert step == 3 and int(state['step']) == 3
+  reference = checkpoint_lib.Checkpointer(init, every_steps=1, keep=3)
+  ref_state, _ = reference.restore_latest(abstract)
+  reference.close()
+  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                       state['params'], ref_state['params'])
+  assert max(jax.tree.leaves(moved)) > 0     # the policy did train
+
+
+def _run_steps(cfg, devices, batches):
+  """Two DPO steps on a mesh over `devices`; returns metrics, params, reference."""
+  cfg.mesh.data = len(devices)
+  mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+  model_fn = lambda: model_lib.Decoder(cfg.model, rngs=nnx.Rngs(0))
+  optimizer, schedule = optim.make_optimizer(cfg.train)
+  graphdef, _, _, shardings = step_lib.train_state_spec(model_fn, optimizer, mesh, 0)
+  init_workdir, step_dir = loop.resolve_init_checkpoint(cfg.dpo.init_checkpoint)
+  reference, model_state = loop.load_reference(cfg, step_dir, init_workdir, mesh,
+                                               shardings['params'], model_fn)
+  before = jax.tree.map(np.array, reference)
+  state = jax.jit(lambda p, ms: {
+      'step': jax.numpy.zeros((), jax.numpy.int32),
+      'params': jax.tree.map(jax.numpy.copy, p),
+      'opt_state': optimizer.init(p),
+      'rng': jax.random.PRNGKey(1), 'model_state': ms}, out_shardings=shardings)(
+          reference, model_state)
+  train_step, _ = loop.make_steps(cfg, mesh, graphdef, shardings, optimizer, schedule)
+  metrics = []
+  for batch in batches:
+    state, m = train_step(state, reference,
+                          train_loop.global_batch(batch, sharding.batch_sharding(mesh)))
+    metrics.append(jax.device_get(m))
+  return metrics, jax.tree.map(np.array, state['params']), before, reference
+
+
+def test_sharded_matches_one_device_and_reference_is_frozen(pretrained):
+  init, _ = pretrained
+  cfg = _dpo_cfg(init, 'train.steps=2', 'mesh.data=1')
+  it = data_lib.make_iterator(cfg, 'train')
+  batches = [next(it), next(it)]
+  one, params_one, before, reference = _run_steps(cfg, jax.devices()[:1], batches)
+  # Gradients flow only into the policy: the reference is bitwise unchanged.
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b),
+               reference, before)
+  assert one[0]['loss'] == pytest.approx(math.log(2), abs=1e-6)
+  eight, params_eight, before8, reference8 = _run_steps(cfg, jax.devices()[:8], batches)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b),
+               reference8, before8)
+  for a, b in zip(one, eight):
+    for k in ('loss', 'reward_accuracy', 'reward_margin', 'logps_chosen', 'grad_norm'):
+      np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=2e-5, err_msg=k)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               params_one, params_eight)
+  # And the policy moved away from the reference.
+  assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(params_one),
+                                            jax.tree.leaves(before)))
+
+
+def test_init_checkpoint_of_another_model_is_refused(pretrained, tmp_path):
+  init, _ = pretrained
+  cfg = _dpo_cfg(init, 'train.steps=1', 'model.d_ff=96')
+  with pytest.raises(configs.ConfigError, match='model.d_ff'):
+    loop.train_and_evaluate(cfg, str(tmp_path / 'x'))
+  with pytest.raises(configs.ConfigError, match='init_checkpoint'):
+    loop.resolve_init_checkpoint(str(tmp_path))
