@@ -1,0 +1,69 @@
+"""launch.local: 2 processes x 4 fake CPU devices train as 1 process x 8 devices.
+
+The same tiny config runs once as one process with 8 devices and once as a
+2-process job (jax.distributed over 127.0.0.1, gloo collectives) with 4
+devices each; the global batches, and so the losses of every step, must match
+(float32; the cross-process reductions may add in another order, hence the
+small tolerance). Only process 0 writes event files; both processes write
+their part of the checkpoint.
+"""
+
+import glob
+import os
+import subprocess
+import sys
+
+import numpy as np
+from tensorboard.backend.event_processing import event_accumulator
+
+from launch import local
+
+ARGS = ['--config', 'configs/llama.py:tiny', '--config.train.steps=3',
+        '--config.train.eval_every_steps=3', '--config.train.checkpoint_every_steps=3',
+        '--config.train.log_every_steps=1', '--config.train.eval_steps=1',
+        '--config.train.seq_len=16', '--config.model.num_layers=1',
+        '--config.model.d_model=32', '--config.model.d_ff=64']
+
+
+def losses(workdir):
+  files = glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
+  assert len(files) == 1, files          # process 0 alone writes
+  acc = event_accumulator.EventAccumulator(files[0], size_guidance={'scalars': 0})
+  acc.Reload()
+  return {tag: {e.step: e.value for e in acc.Scalars(tag)}
+          for tag in ('train/loss', 'eval/loss')}
+
+
+def test_two_processes_match_one(tmp_path):
+  env = local.process_env(8)
+  env['ABLAX_NO_BAR'] = '1'
+  one = str(tmp_path / 'one')
+  subprocess.run([sys.executable, '-m', 'train', *ARGS, '--workdir', one], env=env,
+                 check=True, timeout=400)
+  two = str(tmp_path / 'two')
+  os.environ['ABLAX_NO_BAR'] = '1'
+  assert local.main(['--num_processes', '2', '--devices_per_process', '4', '--',
+                     *ARGS, '--workdir', two]) == 0
+  expected, got = losses(one), losses(two)
+  assert sorted(got['train/loss']) == [1, 2, 3] and sorted(got['eval/loss']) == [0, 3]
+  for tag in expected:
+    steps = sorted(expected[tag])
+    np.testing.assert_allclose([got[tag][s] for s in steps],
+                               [expected[tag][s] for s in steps], rtol=2e-5, atol=0)
+  # Both processes wrote their data-iterator state into the checkpoint.
+  data = os.listdir(os.path.join(two, 'checkpoints', '3', 'data'))
+  assert sorted(n for n in data if '-of-' in n) == ['process_0-of-2.json',
+                                                    'process_1-of-2.json']
+  state = os.listdir(os.path.join(two, 'checkpoints', '3', 'state'))
+  assert {'ocdbt.process_0', 'ocdbt.process_1'} <= set(state)
+
+
+def test_commands_and_environment():
+  cmds = local.commands(3, ['--config', 'c.py', '--workdir', 'w'], port=4321)
+  assert [c[-3:] for c in cmds] == [
+      ['--coordinator_address=127.0.0.1:4321', '--num_processes=3', f'--process_id={i}']
+      for i in range(3)]
+  env = local.process_env(4, {'XLA_FLAGS': '--xla_force_host_platform_device_count=8 --foo',
+                              'JAX_PROCESS_ID': '7'})
+  assert env['XLA_FLAGS'].split() == ['--foo', '--xla_force_host_platform_device_count=4']
+  assert 'JAX_PROCESS_ID' not in env and env['JAX_PLATFORMS'] == 'cpu'
