@@ -1,0 +1,641 @@
+"""Hugging Face interop: local HF checkpoints in and out of ablax.
+
+    cfg, decoder = model.hf.load(HF_DIR)      # config.json + *.safetensors
+    model.hf.save(cfg, decoder, HF_DIR)       # loadable by transformers
+
+    python -m model.hf import HF_DIR --workdir DIR   # an ablax workdir at step 0
+    python -m model.hf export DIR --out HF_DIR       # its latest checkpoint, back
+
+Families (by `model_type`): llama (Llama 3 `llama3` and `linear` RoPE
+scaling), mistral (sliding window), qwen2 (biases on q/k/v only: ablax's
+`use_bias` with zero output and MLP biases, which computes the same), qwen3
+(QK-norm), gemma2 (sandwich norms, soft-caps, alternating local/global layers,
+embedding scale, `query_pre_attn_scalar`; Gemma's RMSNorm multiplies by
+`1 + w`, so norm weights gain 1 on import and lose it on export), gpt2
+(learned positions, LayerNorm, biases, Conv1D [in, out] weights), mixtral and
+qwen3_moe (routed experts onto `model/moe.py`).
+
+The HF `config.json` is read as JSON; neither transformers nor torch is
+needed. Every field is either mapped to an ablax flag, known not to change the
+computation (token ids, initialiser ranges, output switches), or refused with
+an error naming it. Dropout fields are dropped with a warning (ablax trains
+without dropout). Weights keep the dtype of the files, so HF -> ablax -> HF
+gives back the same tensors bit for bit (Gemma's `1 + w` round trip is exact
+whenever `1 + w` is representable, e.g. for the zero-initialised weights).
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import configs
+from configs import base as base_config
+from model import decoder as decoder_lib
+
+
+class HFError(ValueError):
+  """A Hugging Face folder or config that ablax cannot map."""
+
+
+# Fields that do not change what the network computes.
+NEUTRAL_FIELDS = {
+    'architectures', 'model_type', 'transformers_version', 'dtype', 'torch_dtype',
+    'bos_token_id', 'eos_token_id', 'pad_token_id', 'sep_token_id',
+    'decoder_start_token_id', 'initializer_range', 'use_cache', 'output_attentions',
+    'output_hidden_states', 'return_dict', '_name_or_path', 'id2label', 'label2id',
+    'problem_type', 'chunk_size_feed_forward', 'output_router_logits',
+    'router_aux_loss_coef', 'pretraining_tp', 'tokenizer_class', 'prefix',
+    'task_specific_params', 'finetuning_task', 'torchscript', 'tf_legacy_loss',
+    'use_bfloat16', 'pruned_heads', 'cross_attention_hidden_size',
+    'reorder_and_upcast_attn', 'summary_activation', 'summary_first_dropout',
+    'summary_proj_to_labels', 'summary_type', 'summary_use_proj', 'n_ctx',
+    'generation_config', 'is_decoder', 'keys_to_ignore_at_inference',
+}
+DROPOUT_FIELDS = {'attention_dropout', 'attn_pdrop', 'embd_pdrop', 'resid_pdrop',
+                  'hidden_dropout', 'mlp_dropout'}
+
+ARCHITECTURES = {
+    'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
+    'qwen2': 'Qwen2ForCausalLM', 'qwen3': 'Qwen3ForCausalLM',
+    'gemma2': 'Gemma2ForCausalLM', 'gpt2': 'GPT2LMHeadModel',
+    'mixtral': 'MixtralForCausalLM', 'qwen3_moe': 'Qwen3MoeForCausalLM',
+}
+ACTIVATIONS = {'silu': 'silu', 'swish': 'silu', 'gelu': 'gelu', 'relu': 'relu',
+               'gelu_new': 'gelu_tanh', 'gelu_pytorch_tanh': 'gelu_tanh',
+               'gelu_fast': 'gelu_tanh'}
+
+
+class _Fields:
+  """Reads an HF config dict; `finish` refuses any field no one consumed."""
+
+  def __init__(self, hf: dict, family: str):
+    self.hf, self.family, self.used = hf, family, set()
+
+  def get(self, name, default=None):
+    self.used.add(name)
+    return self.hf.get(name, default)
+
+  def require(self, name):
+    self.used.add(name)
+    if self.hf.get(name) is None:
+      raise HFError(f'{self.family} config.json: field {name!r} is missing')
+    return self.hf[name]
+
+  def expect(self, name, allowed, why):
+    """A field accepted only at values that match what ablax computes."""
+    value = self.get(name)
+    if value not in allowed:
+      raise HFError(f'{self.family} config.json: {name}={value!r} is not supported '
+                    f'by ablax ({why})')
+    return value
+
+  def finish(self):
+    for name in sorted(self.hf):
+      if name in self.used or name in NEUTRAL_FIELDS:
+        continue
+      if name in DROPOUT_FIELDS:
+        if self.hf[name]:
+          logging.warning('HF field %s=%r dropped: ablax has no dropout', name,
+                          self.hf[name])
+        continue
+      raise HFError(f'{self.family} config.json: field {name!r} (= {self.hf[name]!r}) '
+                    'has no ablax mapping')
+
+
+def _rope(f: _Fields, m):
+  """RoPE theta and scaling from `rope_parameters` (transformers 5) or the
+  older `rope_theta` + `rope_scaling` fields."""
+  params = dict(f.get('rope_parameters') or {})
+  legacy = f.get('rope_scaling')
+  if legacy:
+    params.update(legacy)
+  theta = params.pop('rope_theta', None)
+  if theta is None:
+    theta = f.get('rope_theta', 10000.0)
+  else:
+    f.get('rope_theta')
+  m.rope_theta = float(theta)
+  kind = params.pop('rope_type', params.pop('type', 'default'))
+  if kind == 'default':
+    scaling = None
+  elif kind == 'linear':
+    scaling = {'type': 'linear', 'factor': float(params.pop('factor'))}
+  elif kind == 'llama3':
+    scaling = {'type': 'llama3', 'factor': float(params.pop('factor')),
+               'low_freq_factor': float(params.pop('low_freq_factor')),
+               'high_freq_factor': float(params.pop('high_freq_factor')),
+               'original_max_seq_len': int(params.pop('original_max_position_embeddings'))}
+  else:
+    raise HFError(f'{f.family} config.json: rope_type {kind!r} is not supported '
+                  '(ablax imports default, linear, llama3)')
+  if params:
+    raise HFError(f'{f.family} config.json: rope parameter(s) {sorted(params)} '
+                  'have no ablax mapping')
+  m.rope_scaling = scaling
+  m.position = 'rope'
+
+
+def _layer_types(f: _Fields, num_layers, allowed):
+  types = f.get('layer_types')
+  if types is not None and tuple(types) != tuple(allowed(i) for i in range(num_layers)):
+    raise HFError(f'{f.family} config.json: layer_types={types!r} is not supported '
+                  'by ablax (expected ' + ', '.join(allowed(i) for i in range(num_layers)) + ')')
+
+
+def hf_to_model_config(hf: dict):
+  """(family, ablax `config.model`) from an HF config dict; raises HFError."""
+  family = hf.get('model_type')
+  if family not in ARCHITECTURES:
+    raise HFError(f'unsupported model_type {family!r} (architectures '
+                  f'{hf.get("architectures")!r}); ablax imports '
+                  + ', '.join(sorted(ARCHITECTURES)))
+  f = _Fields(hf, family)
+  m = base_config.model_config()
+  m.dtype, m.param_dtype = 'float32', 'float32'
+  f.expect('is_encoder_decoder', (None, False), 'decoder-only')
+  f.expect('add_cross_attention', (None, False), 'no cross-attention')
+  f.expect('use_bidirectional_attention', (None, False), 'causal attention only')
+  m.tie_embeddings = bool(f.get('tie_word_embeddings', family in ('gpt2', 'gemma2')))
+  if family == 'gpt2':
+    m.vocab_size = f.require('vocab_size')
+    m.d_model = f.require('n_embd')
+    m.num_layers = f.require('n_layer')
+    m.num_heads = m.num_kv_heads = f.require('n_head')
+    m.d_ff = f.get('n_inner') or 4 * m.d_model
+    m.max_seq_len = f.require('n_positions')
+    m.norm_type, m.norm_position = 'layernorm', 'pre'
+    m.norm_eps = float(f.get('layer_norm_epsilon', 1e-5))
+    m.position = 'learned'
+    act = f.get('activation_function', 'gelu_new')
+    m.mlp_gated, m.use_bias = False, True
+    f.expect('scale_attn_weights', (None, True), 'attention is scaled by 1/sqrt(head_dim)')
+    f.expect('scale_attn_by_inverse_layer_idx', (None, False), 'no per-layer scaling')
+  else:
+    m.vocab_size = f.require('vocab_size')
+    m.d_model = f.require('hidden_size')
+    m.num_layers = f.require('num_hidden_layers')
+    m.num_heads = f.require('num_attention_heads')
+    m.num_kv_heads = f.get('num_key_value_heads') or m.num_heads
+    m.head_dim = f.get('head_dim') or m.d_model // m.num_heads
+    m.d_ff = f.require('intermediate_size')
+    m.max_seq_len = f.require('max_position_embeddings')
+    m.norm_type, m.norm_position = 'rmsnorm', 'pre'
+    m.norm_eps = float(f.get('rms_norm_eps', 1e-6))
+    m.mlp_gated = True
+    act = f.get('hidden_activation') if family == 'gemma2' else None
+    act = act or f.get('hidden_act', 'silu')
+    f.get('hidden_act')
+    _rope(f, m)
+    m.use_bias = False
+    if family == 'qwen2':
+      m.use_bias = True  # q/k/v biases; output and MLP biases stay zero
+    elif family != 'llama':
+      f.expect('attention_bias', (None, False), 'biases on q/k/v/o only come with '
+               'model_type qwen2 or llama with mlp_bias')
+    if family == 'llama':
+      bias = bool(f.get('attention_bias', False))
+      if bias != bool(f.get('mlp_bias', False)):
+        raise HFError('llama config.json: attention_bias and mlp_bias must be equal '
+                      '(ablax use_bias puts biases on every projection)')
+      m.use_bias = bias
+    if family in ('llama', 'mistral', 'mixtral', 'qwen2', 'qwen3', 'qwen3_moe'):
+      _layer_types(f, m.num_layers, lambda i: 'full_attention'
+                   if family not in ('mistral', 'mixtral') or hf.get('sliding_window') is None
+                   else 'sliding_attention')
+    if family in ('mistral', 'mixtral'):
+      m.sliding_window = f.get('sliding_window')
+    if family in ('qwen2', 'qwen3', 'qwen3_moe'):
+      f.expect('use_sliding_window', (None, False), "Qwen's max_window_layers windows")
+      f.get('sliding_window'), f.get('max_window_layers')
+    if family in ('qwen3', 'qwen3_moe'):
+      m.qk_norm = True
+    if family == 'gemma2':
+      m.norm_position, m.embedding_scale = 'sandwich', True
+      m.sliding_window = f.require('sliding_window')
+      m.global_layer_interval = 2
+      _layer_types(f, m.num_layers,
+                   lambda i: 'full_attention' if i % 2 else 'sliding_attention')
+      m.attn_logit_softcap = f.get('attn_logit_softcapping')
+      m.final_logit_softcap = f.get('final_logit_softcapping')
+      m.attn_scale = float(f.require('query_pre_attn_scalar')) ** -0.5
+    if family in ('mixtral', 'qwen3_moe'):
+      m.num_experts = f.require('num_local_experts') if 'num_local_experts' in hf else f.require('num_experts')
+      f.get('num_experts'), f.get('num_local_experts')
+      m.experts_per_token = f.require('num_experts_per_tok')
+      m.moe_capacity_factor = None
+      if family == 'mixtral':
+        m.moe_renormalize = True
+        f.expect('router_jitter_noise', (None, 0, 0.0), 'no router noise')
+      else:
+        m.moe_renormalize = bool(f.get('norm_topk_prob', False))
+        m.moe_d_ff = f.require('moe_intermediate_size')
+        m.moe_layer_interval = f.get('decoder_sparse_step', 1)
+        f.expect('mlp_only_layers', (None, []), 'dense layers only by decoder_sparse_step')
+  if act not in ACTIVATIONS:
+    raise HFError(f'{family} config.json: activation {act!r} has no ablax mapping')
+  m.mlp_activation = ACTIVATIONS[act]
+  f.finish()
+  configs.validate_model(m)
+  return family, m
+
+
+# -- tensor names ---------------------------------------------------------------
+
+
+def _tensor_map(family, m):
+  """[(ablax path, hf name, to_ablax, to_hf)] for every parameter."""
+  d, n, kv = m.d_model, m.num_heads, m.num_kv_heads
+  h = m.head_dim or d // n
+  t = lambda w: w.T
+  out = []
+  add = lambda path, name, fwd=None, back=None: out.append(
+      (path, name, fwd or (lambda w: w), back or (lambda w: w)))
+  proj_in = lambda heads: ((lambda w: w.T.reshape(d, heads, h)),
+                           (lambda w: w.reshape(d, heads * h).T))
+  gemma = family == 'gemma2'
+  norm_in = (lambda w: (w.astype(np.float64) + 1).astype(w.dtype)) if gemma else None
+  norm_out = (lambda w: (w.astype(np.float64) - 1).astype(w.dtype)) if gemma else None
+  if family == 'gpt2':
+    add('embed.embedding', 'transformer.wte.weight')
+    add('position_embed.table', 'transformer.wpe.weight')
+    add('final_norm.scale', 'transformer.ln_f.weight')
+    add('final_norm.bias', 'transformer.ln_f.bias')
+    for i in range(m.num_layers):
+      p, q = f'blocks.{i}.', f'transformer.h.{i}.'
+      for j, name in enumerate(('wq', 'wk', 'wv')):
+        sl = slice(j * d, (j + 1) * d)
+        add(p + 'attn.' + name, q + 'attn.c_attn.weight',
+            lambda w, sl=sl: w[:, sl].reshape(d, n, h), None)
+        add(p + 'attn.b' + name[1], q + 'attn.c_attn.bias',
+            lambda w, sl=sl: w[sl].reshape(n, h), None)
+      add(p + 'attn.wo', q + 'attn.c_proj.weight', lambda w: w.reshape(n, h, d),
+          lambda w: w.reshape(n * h, d))
+      add(p + 'attn.bo', q + 'attn.c_proj.bias')
+      add(p + 'attn_norm.scale', q + 'ln_1.weight')
+      add(p + 'attn_norm.bias', q + 'ln_1.bias')
+      add(p + 'mlp_norm.scale', q + 'ln_2.weight')
+      add(p + 'mlp_norm.bias', q + 'ln_2.bias')
+      add(p + 'mlp.wi', q + 'mlp.c_fc.weight')
+      add(p + 'mlp.bi', q + 'mlp.c_fc.bias')
+      add(p + 'mlp.wo', q + 'mlp.c_proj.weight')
+      add(p + 'mlp.bo', q + 'mlp.c_proj.bias')
+    return out
+  add('embed.embedding', 'model.embed_tokens.weight')
+  add('final_norm.scale', 'model.norm.weight', norm_in, norm_out)
+  if not m.tie_embeddings:
+    add('head', 'lm_head.weight', t, t)
+  for i in range(m.num_layers):
+    p, q = f'blocks.{i}.', f'model.layers.{i}.'
+    for name, heads in (('q', n), ('k', kv), ('v', kv)):
+      add(p + 'attn.w' + name, q + f'self_attn.{name}_proj.weight', *proj_in(heads))
+      if m.use_bias:
+        add(p + 'attn.b' + name, q + f'self_attn.{name}_proj.bias',
+            lambda w, heads=heads: w.reshape(heads, h), lambda w: w.reshape(-1))
+    add(p + 'attn.wo', q + 'self_attn.o_proj.weight', lambda w: w.T.reshape(n, h, d),
+        lambda w: w.reshape(n * h, d).T)
+    if m.use_bias and family != 'qwen2':
+      add(p + 'attn.bo', q + 'self_attn.o_proj.bias')
+    if m.qk_norm:
+      add(p + 'attn.q_norm.scale', q + 'self_attn.q_norm.weight')
+      add(p + 'attn.k_norm.scale', q + 'self_attn.k_norm.weight')
+    add(p + 'attn_norm.scale', q + 'input_layernorm.weight', norm_in, norm_out)
+    if gemma:
+      add(p + 'attn_out_norm.scale', q + 'post_attention_layernorm.weight', norm_in, norm_out)
+      add(p + 'mlp_norm.scale', q + 'pre_feedforward_layernorm.weight', norm_in, norm_out)
+      add(p + 'mlp_out_norm.scale', q + 'post_feedforward_layernorm.weight', norm_in, norm_out)
+    else:
+      add(p + 'mlp_norm.scale', q + 'post_attention_layernorm.weight')
+    if decoder_lib.is_moe_layer(m, i):
+      if family == 'mixtral':
+        router, names = q + 'block_sparse_moe.gate.weight', ('w1', 'w3', 'w2')
+        expert = lambda e, x: q + f'block_sparse_moe.experts.{e}.{x}.weight'
+      else:
+        router, names = q + 'mlp.gate.weight', ('gate_proj', 'up_proj', 'down_proj')
+        expert = lambda e, x: q + f'mlp.experts.{e}.{x}.weight'
+      add(p + 'mlp.router', router, t, t)
+      for name, hf_name in zip(('w_gate', 'w_up', 'w_down'), names):
+        out.append((p + 'mlp.' + name,
+                    [expert(e, hf_name) for e in range(m.num_experts)],
+                    lambda ws: np.stack([w.T for w in ws]),
+                    lambda w: [x.T for x in w]))
+    else:
+      for name, hf_name in (('wi_gate', 'gate_proj'), ('wi_up', 'up_proj'), ('wo', 'down_proj')):
+        add(p + 'mlp.' + name, q + f'mlp.{hf_name}.weight', t, t)
+        if m.use_bias and family != 'qwen2':
+          b = {'wi_gate': 'bi_gate', 'wi_up': 'bi_up', 'wo': 'bo'}[name]
+          add(p + 'mlp.' + b, q + f'mlp.{hf_name}.bias')
+  return out
+
+
+# -- files ----------------------------------------------------------------------
+
+
+def _read_tensors(hf_dir):
+  """name -> numpy array from model.safetensors or the sharded index."""
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  index = os.path.join(hf_dir, 'model.safetensors.index.json')
+  single = os.path.join(hf_dir, 'model.safetensors')
+  if os.path.exists(index):
+    with open(index) as fh:
+      weight_map = json.load(fh)['weight_map']
+    files = sorted(set(weight_map.values()))
+  elif os.path.exists(single):
+    files = ['model.safetensors']
+  else:
+    raise HFError(f'{hf_dir}: no model.safetensors or model.safetensors.index.json '
+                  '(only safetensors weights are read)')
+  tensors = {}
+  for name in files:
+    path = os.path.join(hf_dir, name)
+    if not os.path.exists(path):
+      raise HFError(f'{hf_dir}: shard {name} named by model.safetensors.index.json '
+                    'is missing')
+    tensors.update(load_file(path))
+  return tensors
+
+
+def _abstract_decoder(m):
+  return nnx.eval_shape(lambda: decoder_lib.Decoder(m, rngs=nnx.Rngs(0)))
+
+
+def _flat_params(decoder):
+  return {'.'.join(map(str, path)): var
+          for path, var in nnx.to_flat_state(nnx.state(decoder, nnx.Param))}
+
+
+def load(hf_dir: str):
+  """(cfg, decoder) from a local Hugging Face folder; raises HFError."""
+  path = os.path.join(hf_dir, 'config.json')
+  if not os.path.exists(path):
+    raise HFError(f'{hf_dir}: no config.json')
+  with open(path) as fh:
+    hf = json.load(fh)
+  family, m = hf_to_model_config(hf)
+  tensors = _read_tensors(hf_dir)
+  dtypes = {str(tensors[k].dtype) for k in tensors}
+  if len(dtypes) == 1 and dtypes != {'float32'}:
+    m.param_dtype = m.dtype = dtypes.pop()
+  decoder = _abstract_decoder(m)
+  params = _flat_params(decoder)
+  used = set()
+  for path, names, fwd, _ in _tensor_map(family, m):
+    for name in names if isinstance(names, list) else [names]:
+      if name not in tensors:
+        raise HFError(f'{hf_dir}: tensor {name!r} is missing (needed for {path})')
+      used.add(name)
+    value = fwd([tensors[x] for x in names] if isinstance(names, list) else tensors[names])
+    var = params.pop(path)
+    if tuple(value.shape) != tuple(var.get_value().shape):
+      raise HFError(f'{hf_dir}: tensor {names!r} has shape '
+                    f'{tensors[names].shape if not isinstance(names, list) else value.shape}, '
+                    f'which does not fit ablax {path} {tuple(var.get_value().shape)} of config.json')
+    var.set_value(jnp.asarray(value, dtype=var.get_value().dtype))
+  if family == 'qwen2':
+    # Qwen2 has biases on q/k/v only; ablax's use_bias also has output and MLP
+    # biases, which stay zero and so compute the same.
+    for path in [p for p in params if p.endswith(('attn.bo', 'mlp.bi_gate', 'mlp.bi_up', 'mlp.bo'))]:
+      var = params.pop(path)
+      var.set_value(jnp.zeros(var.get_value().shape, var.get_value().dtype))
+  if params:
+    raise HFError(f'internal: ablax parameters not filled from {hf_dir}: {sorted(params)}')
+  # Bias-free families under use_bias (qwen2): the other biases are zero.
+  left = set(tensors) - used - {'lm_head.weight'}
+  left = {k for k in left if not k.endswith(('attn.bias', 'attn.masked_bias', 'rotary_emb.inv_freq'))}
+  if left:
+    raise HFError(f'{hf_dir}: tensors with no ablax mapping: {sorted(left)[:8]}')
+  cfg = base_config.get_config()
+  cfg.model = m
+  tokenizer = os.path.join(os.path.abspath(hf_dir), 'tokenizer.json')
+  if os.path.exists(tokenizer):
+    cfg.data.tokenizer = 'hf:' + tokenizer
+  cfg.train.seq_len = min(cfg.train.seq_len, m.max_seq_len)
+  return cfg, decoder
+
+
+def _qwen2_like(decoder, m):
+  """Whether biases sit on q/k/v only (the rest are zero): a Qwen2 model."""
+  params = _flat_params(decoder)
+  for key, var in params.items():
+    if key.endswith(('attn.bo', 'mlp.bi_gate', 'mlp.bi_up', 'mlp.bo')):
+      if np.any(np.asarray(var.get_value()) != 0):
+        return False
+  return True
+
+
+def model_config_to_hf(m, decoder=None):
+  """(family, HF config dict) for an ablax `config.model`; raises HFError."""
+  def refuse(what):
+    raise HFError(f'model.{what} has no Hugging Face counterpart that ablax exports')
+  if m.num_memory_tokens:
+    refuse(f'num_memory_tokens={m.num_memory_tokens}')
+  if m.num_shared_experts:
+    refuse(f'num_shared_experts={m.num_shared_experts}')
+  if m.moe_capacity_factor is not None:
+    refuse(f'moe_capacity_factor={m.moe_capacity_factor} (HF experts are dropless)')
+  h = m.head_dim or m.d_model // m.num_heads
+  hf = {'vocab_size': m.vocab_size, 'tie_word_embeddings': bool(m.tie_embeddings),
+        'dtype': m.param_dtype}
+  act = {'silu': 'silu', 'gelu': 'gelu', 'gelu_tanh': 'gelu_pytorch_tanh', 'relu': 'relu'}
+  if m.position == 'learned':
+    if (m.norm_type, m.norm_position, m.mlp_gated, m.use_bias, m.num_heads) != (
+        'layernorm', 'pre', False, True, m.num_kv_heads) or h * m.num_heads != m.d_model:
+      refuse('position=learned outside the GPT-2 layout (layernorm, pre, plain MLP, '
+             'use_bias, MHA)')
+    family = 'gpt2'
+    hf.update(n_embd=m.d_model, n_layer=m.num_layers, n_head=m.num_heads,
+              n_inner=m.d_ff, n_positions=m.max_seq_len, layer_norm_epsilon=m.norm_eps,
+              activation_function='gelu_new' if m.mlp_activation == 'gelu_tanh'
+              else m.mlp_activation)
+  else:
+    if m.position != 'rope':
+      refuse(f'position={m.position!r}')
+    if m.norm_type != 'rmsnorm' or not m.mlp_gated:
+      refuse(f'norm_type={m.norm_type!r} / mlp_gated={m.mlp_gated} with RoPE')
+    hf.update(hidden_size=m.d_model, num_hidden_layers=m.num_layers,
+              num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
+              head_dim=h, intermediate_size=m.d_ff, max_position_embeddings=m.max_seq_len,
+              rms_norm_eps=m.norm_eps, hidden_act=act[m.mlp_activation])
+    rope = {'rope_type': 'default', 'rope_theta': m.rope_theta}
+    if m.rope_scaling is not None:
+      s = dict(m.rope_scaling)
+      if s['type'] == 'linear':
+        rope.update(rope_type='linear', factor=s['factor'])
+      elif s['type'] == 'llama3':
+        rope.update(rope_type='llama3', factor=s['factor'],
+                    low_freq_factor=s.get('low_freq_factor', 1.0),
+                    high_freq_factor=s.get('high_freq_factor', 4.0),
+                    original_max_position_embeddings=s['original_max_seq_len'])
+      else:
+        refuse(f'rope_scaling.type={s["type"]!r}')
+    hf['rope_parameters'] = rope
+    if m.norm_position == 'sandwich':
+      family = 'gemma2'
+      if not (m.embedding_scale and m.sliding_window and m.global_layer_interval == 2):
+        refuse('norm_position=sandwich without Gemma 2 embedding_scale, '
+               'sliding_window and global_layer_interval=2')
+      scalar = h if m.attn_scale is None else m.attn_scale ** -2
+      if abs(scalar - round(scalar)) > 1e-6 * scalar:
+        refuse(f'attn_scale={m.attn_scale} (Gemma 2 wants 1/sqrt(an integer '
+               'query_pre_attn_scalar))')
+      hf.update(hidden_activation=hf.pop('hidden_act'), sliding_window=m.sliding_window,
+                query_pre_attn_scalar=int(round(scalar)),
+                attn_logit_softcapping=m.attn_logit_softcap,
+                final_logit_softcapping=m.final_logit_softcap,
+                layer_types=['full_attention' if i % 2 else 'sliding_attention'
+                             for i in range(m.num_layers)])
+    else:
+      if m.norm_position != 'pre':
+        refuse(f'norm_position={m.norm_position!r}')
+      for field in ('embedding_scale', 'attn_logit_softcap', 'final_logit_softcap',
+                    'attn_scale', 'global_layer_interval'):
+        if m[field] not in (None, False):
+          refuse(f'{field}={m[field]!r} outside the Gemma 2 layout')
+      if m.num_experts:
+        family = 'qwen3_moe' if m.qk_norm else 'mixtral'
+        hf.update(num_local_experts=m.num_experts, num_experts_per_tok=m.experts_per_token)
+        if family == 'mixtral':
+          if not m.moe_renormalize or m.moe_layer_interval != 1 or m.moe_d_ff not in (None, m.d_ff):
+            refuse('MoE without qk_norm must be Mixtral-like (moe_renormalize, '
+                   'moe_layer_interval=1, moe_d_ff=d_ff)')
+          hf['sliding_window'] = m.sliding_window
+        else:
+          if m.sliding_window:
+            refuse('sliding_window with qk_norm')
+          hf.update(norm_topk_prob=bool(m.moe_renormalize),
+                    moe_intermediate_size=m.moe_d_ff or m.d_ff,
+                    decoder_sparse_step=m.moe_layer_interval, mlp_only_layers=[])
+      elif m.qk_norm:
+        family = 'qwen3'
+        if m.sliding_window:
+          refuse('sliding_window with qk_norm')
+      elif m.sliding_window:
+        family = 'mistral'
+      elif m.use_bias and decoder is not None and _qwen2_like(decoder, m):
+        family = 'qwen2'
+      else:
+        family = 'llama'
+        hf.update(attention_bias=bool(m.use_bias), mlp_bias=bool(m.use_bias))
+      if m.use_bias and family not in ('llama', 'qwen2'):
+        refuse(f'use_bias with {family}')
+      if m.qk_norm and family not in ('qwen3', 'qwen3_moe'):
+        refuse('qk_norm outside Qwen3')
+  hf['model_type'] = family
+  hf['architectures'] = [ARCHITECTURES[family]]
+  return family, hf
+
+
+def save(cfg, decoder, hf_dir: str) -> None:
+  """Writes `config.json` + `model.safetensors` that transformers loads."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  m = cfg.model
+  family, hf = model_config_to_hf(m, decoder)
+  params = _flat_params(decoder)
+  tensors = {}
+  for path, names, _, back in _tensor_map(family, m):
+    value = back(np.asarray(jax.device_get(params[path].get_value())))
+    if family == 'gpt2' and names.endswith(('c_attn.weight', 'c_attn.bias')):
+      # q, k, v concatenated along the output axis (Conv1D weights are [in, out]).
+      parts = tensors.setdefault(names, [None] * 3)
+      j = 'qkv'.index(path[-1])
+      parts[j] = value.reshape(value.shape[0], -1) if names.endswith('weight') else value.reshape(-1)
+      continue
+    if isinstance(names, list):
+      for name, x in zip(names, value):
+        tensors[name] = x
+    else:
+      tensors[names] = value
+  for name, value in list(tensors.items()):
+    if isinstance(value, list):
+      tensors[name] = np.concatenate(value, axis=-1)
+  tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+  os.makedirs(hf_dir, exist_ok=True)
+  with open(os.path.join(hf_dir, 'config.json'), 'w') as fh:
+    json.dump(hf, fh, indent=2, sort_keys=True)
+  save_file(tensors, os.path.join(hf_dir, 'model.safetensors'), metadata={'format': 'pt'})
+
+
+# -- workdirs -------------------------------------------------------------------
+
+
+def import_to_workdir(hf_dir: str, workdir: str):
+  """Writes `workdir/config.json` and an orbax checkpoint at step 0."""
+  from data import pipeline  # pylint: disable=g-import-not-at-top
+  from train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from train import optim  # pylint: disable=g-import-not-at-top
+  from train import step as step_lib  # pylint: disable=g-import-not-at-top
+  cfg, decoder = load(hf_dir)
+  configs.validate(cfg)
+  checkpoint_lib.check_config(workdir, cfg)
+  checkpoint_lib.write_config(workdir, cfg)
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  optimizer, _ = optim.make_optimizer(cfg.train)
+  _, init, _, shardings = step_lib.train_state_spec(
+      lambda: decoder_lib.Decoder(cfg.model, rngs=nnx.Rngs(cfg.train.seed)),
+      optimizer, mesh, cfg.train.seed)
+  state = jax.jit(init, out_shardings=shardings)()
+  params = nnx.state(decoder, nnx.Param)
+  state['params'] = jax.device_put(params, shardings['params'])
+  ckpt = checkpoint_lib.Checkpointer(workdir, every_steps=1, keep=cfg.train.keep_checkpoints)
+  ckpt.save(0, state, pipeline.make_iterator(cfg, 'train'), force=True)
+  ckpt.close()
+  return cfg
+
+
+def load_workdir(workdir: str, step: int | None = None):
+  """(cfg, decoder) from an ablax workdir's config.json and latest (or `step`) params."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from train import optim  # pylint: disable=g-import-not-at-top
+  from train import step as step_lib  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, 'config.json')) as fh:
+    cfg = ml_collections.ConfigDict(json.load(fh))
+  ckpt = checkpoint_lib.Checkpointer(workdir, every_steps=1, keep=cfg.train.keep_checkpoints)
+  steps = ckpt.steps
+  if not steps:
+    raise HFError(f'{workdir}: no checkpoints under {ckpt.directory}')
+  step = max(steps) if step is None else step
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  optimizer, _ = optim.make_optimizer(cfg.train)
+  graphdef, _, abstract_state, _ = step_lib.train_state_spec(
+      lambda: decoder_lib.Decoder(cfg.model, rngs=nnx.Rngs(0)), optimizer, mesh,
+      cfg.train.seed)
+  state = ckpt.restore(step, abstract_state)
+  ckpt.close()
+  decoder = nnx.merge(graphdef, state['params'], state['model_state'])
+  return cfg, decoder
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog='python -m model.hf', description=__doc__.split('\n')[0])
+  sub = parser.add_subparsers(dest='command', required=True)
+  p = sub.add_parser('import', help='a Hugging Face folder -> an ablax workdir')
+  p.add_argument('hf_dir')
+  p.add_argument('--workdir', required=True)
+  p = sub.add_parser('export', help='an ablax workdir -> a Hugging Face folder')
+  p.add_argument('workdir')
+  p.add_argument('--out', required=True)
+  p.add_argument('--step', type=int, default=None)
+  args = parser.parse_args(argv)
+  try:
+    if args.command == 'import':
+      import_to_workdir(args.hf_dir, args.workdir)
+      print(f'wrote {args.workdir}/config.json and checkpoints/0')
+    else:
+      cfg, decoder = load_workdir(args.workdir, args.step)
+      save(cfg, decoder, args.out)
+      print(f'wrote {args.out}/config.json and model.safetensors')
+  except (HFError, configs.ConfigError) as e:
+    sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,64 @@
+"""Tiny random transformers models of every family `model.hf` maps (tests only)."""
+
+import numpy as np
+import torch
+import transformers
+
+COMMON = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+FAMILIES = {
+    'llama': lambda: transformers.LlamaConfig(**COMMON, rope_parameters=dict(
+        rope_type='llama3', rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
+        high_freq_factor=4.0, original_max_position_embeddings=16)),
+    'llama_bias': lambda: transformers.LlamaConfig(**COMMON, attention_bias=True,
+                                                    mlp_bias=True, tie_word_embeddings=True),
+    'mistral': lambda: transformers.MistralConfig(**COMMON, sliding_window=8),
+    'qwen2': lambda: transformers.Qwen2Config(**COMMON),
+    'qwen3': lambda: transformers.Qwen3Config(**COMMON, head_dim=16),
+    'gemma2': lambda: transformers.Gemma2Config(**COMMON, head_dim=8, sliding_window=8,
+                                                query_pre_attn_scalar=12,
+                                                attn_logit_softcapping=5.0,
+                                                final_logit_softcapping=3.0),
+    'gpt2': lambda: transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4,
+                                            n_positions=64, bos_token_id=0, eos_token_id=0),
+    'mixtral': lambda: transformers.MixtralConfig(**COMMON, num_local_experts=4,
+                                                  num_experts_per_tok=2),
+    'qwen3_moe': lambda: transformers.Qwen3MoeConfig(**COMMON, num_experts=4,
+                                                     num_experts_per_tok=2,
+                                                     moe_intermediate_size=16,
+                                                     norm_topk_prob=False),
+}
+
+
+def make_hf_model(family: str, seed: int = 0, quantize_norms: bool = False):
+  """A random float32 transformers model; every weight drawn (norms included).
+
+  quantize_norms: norm weights on a 2^-8 grid, so Gemma's `1 + w` conversion is
+  exact and the HF -> ablax -> HF round trip can be compared bit for bit.
+  """
+  torch.manual_seed(seed)
+  cfg = FAMILIES[family]()
+  model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation='eager')
+  model = model.float().eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if 'norm' in name or '.ln_' in name:
+        w = torch.randn_like(p) * 0.3 + (0.0 if family == 'gemma2' else 1.0)
+        if quantize_norms:
+          w = torch.round(w * 256) / 256
+        p.copy_(w)
+      elif 'gate.weight' in name and p.shape[0] <= 8:
+        p.copy_(torch.randn_like(p))        # router: spread the expert choices
+      else:
+        p.copy_(torch.randn_like(p) * 0.15)
+  return model
+
+
+def random_tokens(seed: int, shape, vocab=128):
+  return np.random.RandomState(seed).randint(0, vocab, shape).astype(np.int32)
+
+
+def hf_logits(model, tokens):
+  with torch.no_grad():
+    return model(torch.tensor(tokens, dtype=torch.long)).logits.float().numpy()
