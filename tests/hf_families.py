@@ -31,14 +31,17 @@ FAMILIES = {
 }
 
 
-def make_hf_model(family: str, seed: int = 0, quantize_norms: bool = False):
+def make_hf_model(family: str, seed: int = 0, quantize_norms: bool = False, **overrides):
   """A random float32 transformers model; every weight drawn (norms included).
 
   quantize_norms: norm weights on a 2^-8 grid, so Gemma's `1 + w` conversion is
   exact and the HF -> ablax -> HF round trip can be compared bit for bit.
+  overrides: config fields to change (e.g. vocab_size).
   """
   torch.manual_seed(seed)
   cfg = FAMILIES[family]()
+  for key, value in overrides.items():
+    setattr(cfg, key, value)
   model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation='eager')
   model = model.float().eval()
   with torch.no_grad():
