@@ -215,6 +215,7 @@ def plot(rows: list[dict], path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
   for ax, tag, title in ((axes[0], 'train/loss', 'train loss'),
                          (axes[1], 'eval/loss', 'eval loss')):
@@ -226,6 +227,7 @@ def plot(rows: list[dict], path: str) -> None:
         ax.plot(steps, values, marker='o' if len(series) < 20 else None,
                 markersize=3, label=label)
     ax.set_title(title)
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.set_xlabel('step')
     ax.set_ylabel('loss')
     ax.grid(True, alpha=0.3)
@@ -240,8 +242,9 @@ def plot(rows: list[dict], path: str) -> None:
   plt.close(fig)
 
 
-def compare(root: str, out=sys.stdout) -> list[dict]:
+def compare(root: str, out=None) -> list[dict]:
   """Reads every run under `root`, prints the table, writes CSV, Markdown, PNG."""
+  out = out or sys.stdout
   run_dirs = find_runs(root)
   if not run_dirs:
     raise FileNotFoundError(f'no runs (sub-folders with config.json or event files) in {root}')

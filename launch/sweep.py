@@ -264,11 +264,12 @@ def write_sweep_json(workdir: str, config: str, base_overrides, runs: list[Run])
 
 
 def sweep(config: str, workdir: str, runs: list[dict], base_overrides=(), *,
-          dry_run=False, in_process=False, out=sys.stdout) -> dict:
+          dry_run=False, in_process=False, out=None) -> dict:
   """Validates, then trains each unfinished run in turn.
 
   Returns {run name: 'skipped' | 'done' | 'failed' | 'planned'}.
   """
+  out = out or sys.stdout
   planned = plan(config, workdir, runs, base_overrides)
   results = {}
   if dry_run:
