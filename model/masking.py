@@ -87,3 +87,50 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
     closest = 2 ** math.floor(math.log2(num_heads))
     slopes = power_of_two(closest) + power_of_two(2 * closest)[0::2][:num_heads - closest]
   return np.asarray(slopes, np.float32)
+
+
+# Block skipping. A flash-attention kernel visits a (query block, key block)
+# tile only if some pair in it may be visible. The spans below bound, from the
+# causal and window rules alone, which non-memory keys a run of queries can see
+# and which queries can see a run of keys; memory keys (index < num_memory) are
+# visible to every query and must be visited separately. The bounds work on
+# Python ints and on traced int32 scalars (a kernel's program ids), and they are
+# conservative: `visible` still masks every element inside a visited tile.
+
+
+def kv_span(q_start, q_end, *, causal=True, window=None, kv_len):
+  """[lo, hi): the keys that queries q_start..q_end-1 may see (memory aside)."""
+  lo, hi = 0, kv_len
+  if causal:
+    hi = jnp.minimum(hi, q_end)
+  elif window is not None:
+    hi = jnp.minimum(hi, q_end + window - 1)
+  if window is not None:
+    lo = jnp.maximum(lo, q_start - window + 1)
+  return lo, hi
+
+
+def q_span(kv_start, kv_end, *, causal=True, window=None, q_len):
+  """[lo, hi): the queries that may see keys kv_start..kv_end-1 (memory aside)."""
+  lo, hi = 0, q_len
+  if causal:
+    lo = jnp.maximum(lo, kv_start)
+  elif window is not None:
+    lo = jnp.maximum(lo, kv_start - window + 1)
+  if window is not None:
+    hi = jnp.minimum(hi, kv_end + window - 1)
+  return lo, hi
+
+
+def tile_visible(q_start, q_end, kv_start, kv_end, *, causal=True, window=None,
+                 num_memory=0):
+  """Whether the tile [q_start, q_end) x [kv_start, kv_end) may hold a visible pair.
+
+  False only when `visible` is False on every element of the tile, so a kernel
+  may skip the tile (no load, no matmul).
+  """
+  lo, hi = kv_span(q_start, q_end, causal=causal, window=window, kv_len=kv_end)
+  in_span = (jnp.maximum(lo, kv_start) < hi)
+  if num_memory:
+    in_span = in_span | (kv_start < num_memory)
+  return in_span

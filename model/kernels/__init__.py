@@ -1,0 +1,108 @@
+"""ablax's own attention kernels, behind `model.attention_core.dot_product_attention`.
+
+`flash_attention` is exact flash attention (Dao et al. 2022; Dao 2023) written
+in Pallas, forward and backward, with every mask the decoder has: causal,
+sliding window (tiles outside it skipped), GQA/MQA, packed segments, ALiBi,
+logit soft-capping and memory tokens; any head dim and any sequence length
+(padding handled inside). It picks the kernel by backend:
+
+- GPU: `gpu_triton` (Pallas on the Triton lowering);
+- TPU: `tpu_mosaic` (Pallas Mosaic);
+- CPU: the GPU kernel in Pallas interpret mode, slow, for tests; a warning says
+  so once.
+
+`cudnn.attention` is the cuDNN path through `jax.nn.dot_product_attention`.
+Files: `flash.py` (shared tile math, padding, custom VJP), `gpu_triton.py`,
+`tpu_mosaic.py`, `cudnn.py`; docs/attention.md says how they fit and what a
+Mosaic GPU kernel would take.
+"""
+
+import logging
+import warnings
+
+import jax
+
+from model.kernels import flash
+
+_log = logging.getLogger(__name__)
+_warned = set()
+
+# jax>=0.11 marks the Pallas Triton lowering deprecated (in favour of Mosaic
+# GPU) with a DeprecationWarning at every lowering; say it once instead.
+warnings.filterwarnings('ignore', message=r'The Pallas Triton backend is deprecated',
+                        category=DeprecationWarning)
+
+
+def _warn_once(key, message):
+  if key not in _warned:
+    _warned.add(key)
+    _log.warning(message)
+
+
+def _backend():
+  """(kernel module name, interpret, head_dim multiple) for the default backend."""
+  platform = jax.default_backend()
+  if platform == 'tpu':
+    return 'tpu_mosaic', False, 1
+  if platform == 'gpu':
+    if jax.__version_info__ >= (0, 11):
+      _warn_once('triton', 'attention_impl=pallas on GPU: using the Pallas Triton '
+                 'lowering, deprecated since jax 0.11 in favour of Mosaic GPU '
+                 '(see docs/attention.md).')
+    return 'gpu_triton', False, 0      # Triton tiles: head dim a power of two
+  _warn_once('interpret', f'attention_impl=pallas on {platform}: running the flash '
+             'attention kernel in Pallas interpret mode (slow; meant for tests).')
+  return 'gpu_triton', True, 1
+
+
+def _check_block(name, value, backend):
+  if backend == 'tpu_mosaic':
+    if value < 128 or value % 128:
+      raise ValueError(f'model.attention_{name}={value}: the TPU kernel needs a '
+                       'multiple of 128')
+  elif value < 16 or value & (value - 1):
+    raise ValueError(f'model.attention_{name}={value}: the GPU kernel needs a power '
+                     'of two >= 16')
+
+
+def block_sizes(backend, head_dim, q_len, kv_len, block_q=None, block_kv=None):
+  """((block_q, block_kv) forward, (block_q, block_kv) backward) for a call.
+
+  Explicit sizes (the config's `attention_block_q/kv`) are used for both passes
+  as given; defaults come from the backend's table for the head dim, shrunk to
+  the (padded) sequence so short sequences are not padded to a long block.
+  """
+  fwd, bwd = flash.backend_module(backend).default_blocks(head_dim)
+  if backend == 'tpu_mosaic':
+    fit = lambda block, n: min(block, -(-n // 128) * 128)
+  else:
+    fit = lambda block, n: min(block, max(16, 1 << (n - 1).bit_length()))
+  fwd = (fit(fwd[0], q_len), fit(fwd[1], kv_len))
+  bwd = (fit(bwd[0], q_len), fit(bwd[1], kv_len))
+  if block_q is not None:
+    _check_block('block_q', block_q, backend)
+    fwd, bwd = (block_q, fwd[1]), (block_q, bwd[1])
+  if block_kv is not None:
+    _check_block('block_kv', block_kv, backend)
+    fwd, bwd = (fwd[0], block_kv), (bwd[0], block_kv)
+  return fwd, bwd
+
+
+def flash_attention(q, k, v, *, segment_ids=None, causal=True, sliding_window=None,
+                    alibi_slopes=None, logit_softcap=None, scale=None,
+                    num_memory_tokens=0, block_q=None, block_kv=None):
+  """Flash attention on this backend; arguments and result as
+  `model.attention_core.reference_attention` (q [b, t, n, h], k/v [b, s, kv, h]).
+
+  block_q, block_kv: tile sizes (None: per backend and head dim); powers of two
+  >= 16 on GPU/CPU, multiples of 128 on TPU.
+  """
+  backend, interpret, head_dim_multiple = _backend()
+  fwd, bwd = block_sizes(backend, q.shape[-1], q.shape[1], k.shape[1], block_q, block_kv)
+  return flash.attention(
+      q, k, v, segment_ids=segment_ids, causal=causal, sliding_window=sliding_window,
+      alibi_slopes=alibi_slopes, logit_softcap=logit_softcap, scale=scale,
+      num_memory_tokens=num_memory_tokens, block_q=fwd[0], block_kv=fwd[1],
+      bwd_block_q=bwd[0], bwd_block_kv=bwd[1], backend=backend, interpret=interpret,
+      head_dim_multiple=head_dim_multiple)
+

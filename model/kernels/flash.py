@@ -1,0 +1,242 @@
+"""Flash attention: the part every backend shares.
+
+Implements exact attention in O(N) memory by tiling (Dao et al. 2022,
+"FlashAttention"; Dao 2023, "FlashAttention-2"): the forward pass streams key
+blocks past a query block with an online softmax (Milakov & Gimelshein 2018)
+and saves only the output and the per-row log-sum-exp; the backward pass
+recomputes each score tile from that log-sum-exp.
+
+This module holds what does not depend on the accelerator:
+
+- `Spec`, the static description of one call (flags, true lengths, blocks);
+- the tile math (`tile_logits`, `softmax_step`, `finish`, `tile_grads`),
+  which calls `model.masking` for the mask, the ALiBi bias and the soft-cap, the
+  same functions the XLA reference uses, so no kernel can drift from it;
+- `attention`, the wrapper: checks, head-dim and sequence padding (padded keys
+  are masked by index >= true length; padded queries are sliced off), and the
+  `jax.custom_vjp` that joins a backend's forward and backward kernels.
+
+A backend is a module with two functions over padded arrays in the layout
+q [b, t, n, h], k/v [b, s, kv, h], segment ids [b, t] / [b, s], slopes [n]:
+
+  forward(spec, q, k, v, q_seg, kv_seg, slopes) -> (out [b,t,n,h], lse [b,n,t] f32)
+  backward(spec, q, k, v, q_seg, kv_seg, slopes, out, lse, dout)
+      -> (dq, dk, dv)
+
+`gpu_triton` (Pallas on the Triton lowering) and `tpu_mosaic` (Pallas Mosaic)
+are the two today; a Mosaic GPU kernel would be a third module with the same
+two functions (see docs/attention.md).
+"""
+
+import dataclasses
+import functools
+import importlib
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from model import masking
+
+BACKENDS = ('gpu_triton', 'tpu_mosaic')
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """Static arguments of one flash-attention call (hashable: it keys the jit cache)."""
+  causal: bool
+  window: int | None
+  softcap: float | None
+  scale: float
+  num_memory: int
+  q_len: int          # true lengths; the arrays a backend sees are padded
+  kv_len: int
+  block_q: int         # forward tiles
+  block_kv: int
+  bwd_block_q: int     # backward tiles (dQ and dK/dV kernels)
+  bwd_block_kv: int
+  backend: str
+  interpret: Any = False   # False, True (generic interpreter) or pltpu.InterpretParams
+
+  def mask_kwargs(self):
+    return dict(causal=self.causal, window=self.window, num_memory=self.num_memory)
+
+
+# --------------------------------------------------------------------------- tiles
+
+
+def tile_logits(spec, s, q_idx, kv_idx, q_seg=None, kv_seg=None, slope=None):
+  """One score tile, as the reference computes it, plus its mask.
+
+  Args:
+    s: raw q.k products, float32 [bq, bk].
+    q_idx, kv_idx: int indices broadcastable to [bq, bk] (e.g. [bq, 1], [1, bk]).
+    q_seg, kv_seg: segment ids broadcastable likewise, or None.
+    slope: this head's ALiBi slope (scalar or broadcastable), or None.
+  Returns:
+    capped: the soft-capped scaled logits before the bias (the soft-cap
+      derivative is written in terms of it), float32 [bq, bk];
+    logits: capped + ALiBi bias;
+    mask: bool [bq, bk], False where the pair is not visible or the key is padding.
+  """
+  capped = masking.softcap(s * spec.scale, spec.softcap)
+  logits = capped
+  if slope is not None:
+    logits = logits + masking.alibi_bias(slope, q_idx, kv_idx, spec.num_memory)
+  mask = masking.visible(q_idx, kv_idx, q_seg, kv_seg, **spec.mask_kwargs())
+  mask = mask & (kv_idx < spec.kv_len)
+  return capped, jnp.broadcast_to(logits, mask.shape), mask
+
+
+def softmax_step(m, l, acc, logits, mask, v):
+  """One online-softmax update with a key block.
+
+  m, l: running row max and row sum, float32 [bq, 1]; acc: float32 [bq, h]
+  (unnormalised output); logits, mask: [bq, bk]; v: [bk, h].
+  A row that has seen no visible key keeps m = -inf, l = 0, acc = 0; the
+  arithmetic below never forms inf - inf, so no NaN appears even then.
+  """
+  m_tile = jnp.max(jnp.where(mask, logits, -jnp.inf), axis=1, keepdims=True)
+  m_new = jnp.maximum(m, m_tile)
+  m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+  p = jnp.where(mask, jnp.exp(logits - m_safe), 0.0)
+  alpha = jnp.exp(m - m_safe)                     # 0 while m was -inf
+  l = alpha * l + jnp.sum(p, axis=1, keepdims=True)
+  # p goes to the matmul in v's dtype (bf16 inputs: bf16 x bf16 -> f32 on the
+  # tensor core, as every flash kernel does); float32 stays exact.
+  pv = jax.lax.dot_general(p.astype(v.dtype), v, NN, preferred_element_type=jnp.float32)
+  acc = alpha * acc + pv
+  return m_new, l, acc
+
+
+def finish(m, l, acc):
+  """Normalised output and log-sum-exp of rows; rows that saw nothing get 0 and 0."""
+  seen = l > 0
+  l_safe = jnp.where(seen, l, 1.0)
+  out = acc / l_safe
+  lse = jnp.where(seen, m, 0.0) + jnp.log(l_safe)
+  return out, lse
+
+
+def tile_grads(spec, capped, logits, mask, lse, delta, dp):
+  """Probabilities and d(raw scores) of a tile in the backward pass.
+
+  P = exp(logits - lse) (zero where masked), dS = P * (dP - delta) with
+  delta = rowsum(dO * O) (Dao 2023, eq. in section 2.2), then through the
+  soft-cap: d raw = dS * (1 - (capped/cap)^2); the factor `scale` is applied by
+  the caller once per accumulated block.
+  lse, delta: float32 [bq, 1]; dp = dO . V^T, float32 [bq, bk].
+  """
+  p = jnp.where(mask, jnp.exp(logits - lse), 0.0)
+  ds = p * (dp - delta)
+  if spec.softcap is not None:
+    ds = ds * masking.softcap_grad(capped, spec.softcap)
+  return p, ds
+
+
+# dot_general dimension numbers: NN = a @ b, NT = a @ b.T, TN = a.T @ b.
+NN = (((1,), (0,)), ((), ()))
+NT = (((1,), (1,)), ((), ()))
+TN = (((0,), (0,)), ((), ()))
+
+
+# ------------------------------------------------------------------------- wrapper
+
+
+def backend_module(name):
+  """The kernel module of backend `name` (imported on first use)."""
+  if name not in BACKENDS:
+    raise ValueError(f'flash attention backend {name!r}: must be one of {BACKENDS}')
+  return importlib.import_module(f'model.kernels.{name}')
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(spec, q, k, v, q_seg, kv_seg, slopes):
+  out, _ = backend_module(spec.backend).forward(spec, q, k, v, q_seg, kv_seg, slopes)
+  return out
+
+
+def _flash_fwd(spec, q, k, v, q_seg, kv_seg, slopes):
+  out, lse = backend_module(spec.backend).forward(spec, q, k, v, q_seg, kv_seg, slopes)
+  return out, (q, k, v, q_seg, kv_seg, slopes, out, lse)
+
+
+def _flash_bwd(spec, res, dout):
+  q, k, v, q_seg, kv_seg, slopes, out, lse = res
+  dq, dk, dv = backend_module(spec.backend).backward(
+      spec, q, k, v, q_seg, kv_seg, slopes, out, lse, dout)
+  # Segment ids are integers and the ALiBi slopes are fixed constants (the
+  # wrapper stops their gradient): no cotangent for either.
+  return dq, dk, dv, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _round_up(x, m):
+  return -(-x // m) * m
+
+
+def attention(q, k, v, *, segment_ids=None, causal=True, sliding_window=None,
+              alibi_slopes=None, logit_softcap=None, scale=None, num_memory_tokens=0,
+              block_q, block_kv, backend, bwd_block_q=None, bwd_block_kv=None,
+              interpret=False, head_dim_multiple=1):
+  """Flash attention with `backend` ('gpu_triton' | 'tpu_mosaic'); semantics of
+  `model.attention_core.reference_attention`.
+
+  block_q, block_kv: the forward tile sizes (chosen and checked by the caller);
+  bwd_block_q, bwd_block_kv: the backward ones (default: the forward ones).
+  head_dim_multiple: pad the head dim with zeros up to a multiple of this (or the
+    next power of two when it is 0) for backends with layout limits; zeros in q
+    and k do not change q.k, zero columns of v give zero columns of the output.
+  """
+  backend_module(backend)
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f'q, k, v must be [batch, seq, heads, head_dim]; got {q.shape}, '
+                     f'{k.shape}, {v.shape}')
+  b, t, n, h = q.shape
+  s, kvh = k.shape[1], k.shape[2]
+  if k.shape != v.shape or k.shape[0] != b or k.shape[3] != h:
+    raise ValueError(f'k {k.shape} and v {v.shape} must be [batch={b}, kv_len, '
+                     f'kv_heads, head_dim={h}]')
+  if n % kvh:
+    raise ValueError(f'num_heads={n} must be a multiple of num_kv_heads={kvh}')
+  if not q.dtype == k.dtype == v.dtype:
+    raise ValueError(f'q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}')
+  if segment_ids is not None and (segment_ids.shape != (b, t) or t != s):
+    raise ValueError(f'segment_ids {segment_ids.shape} must be [batch={b}, seq={t}] '
+                     f'with q_len == kv_len (got kv_len {s})')
+  if sliding_window is not None and sliding_window < 1:
+    raise ValueError(f'sliding_window={sliding_window} must be >= 1')
+  if not 0 <= num_memory_tokens <= s:
+    raise ValueError(f'num_memory_tokens={num_memory_tokens} must be in [0, kv_len={s}]')
+
+  spec = Spec(
+      causal=bool(causal), window=None if sliding_window is None else int(sliding_window),
+      softcap=None if logit_softcap is None else float(logit_softcap),
+      scale=float(h ** -0.5 if scale is None else scale),
+      num_memory=int(num_memory_tokens), q_len=t, kv_len=s,
+      block_q=int(block_q), block_kv=int(block_kv),
+      bwd_block_q=int(bwd_block_q or block_q), bwd_block_kv=int(bwd_block_kv or block_kv),
+      backend=backend, interpret=interpret)
+
+  with jax.named_scope('flash_attention_pad'):
+    hp = (max(16, 1 << (h - 1).bit_length()) if head_dim_multiple == 0
+          else _round_up(h, head_dim_multiple))
+    tp = _round_up(t, math.lcm(spec.block_q, spec.bwd_block_q))
+    sp = _round_up(s, math.lcm(spec.block_kv, spec.bwd_block_kv))
+    q_p = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, hp - h)))
+    k_p = jnp.pad(k, ((0, 0), (0, sp - s), (0, 0), (0, hp - h)))
+    v_p = jnp.pad(v, ((0, 0), (0, sp - s), (0, 0), (0, hp - h)))
+    q_seg = kv_seg = None
+    if segment_ids is not None:
+      seg = segment_ids.astype(jnp.int32)
+      q_seg = jnp.pad(seg, ((0, 0), (0, tp - t)))
+      kv_seg = jnp.pad(seg, ((0, 0), (0, sp - s)))
+    slopes = None
+    if alibi_slopes is not None:
+      slopes = jax.lax.stop_gradient(jnp.asarray(alibi_slopes, jnp.float32).reshape(n))
+
+  out = _flash(spec, q_p, k_p, v_p, q_seg, kv_seg, slopes)
+  return out[:, :t, :, :h]
