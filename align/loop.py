@@ -176,8 +176,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
 
   Returns a summary: `step`, `status` (`done` or `preempted`), `losses`
   ({step: loss} of this invocation), `train` and `eval` (the last scalars,
-  under their TensorBoard tags), and `skipped` is not tracked here (bad JSONL
-  lines are logged when the data is read).
+  under their TensorBoard tags).
   """
   t = cfg.train
   data_lib.check_lengths(cfg.dpo)

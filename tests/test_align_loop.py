@@ -126,7 +126,7 @@ def _run_steps(cfg, devices, batches):
   return metrics, jax.tree.map(np.array, state['params']), before, reference
 
 
-def test_sharded_matches_one_device_and_reference_is_frozen(pretrained):
+def test_sharded_and_accumulated_match_one_device_and_reference_is_frozen(pretrained):
   init, _ = pretrained
   cfg = _dpo_cfg(init, 'train.steps=2', 'mesh.data=1')
   it = data_lib.make_iterator(cfg, 'train')
@@ -144,6 +144,13 @@ def test_sharded_matches_one_device_and_reference_is_frozen(pretrained):
       np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=2e-5, err_msg=k)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                params_one, params_eight)
+  # Gradient accumulation over 2 microbatches gives the same steps.
+  cfg.train.grad_accum_steps = 2
+  accum, params_accum, _, _ = _run_steps(cfg, jax.devices()[:1], batches)
+  for a, b in zip(one, accum):
+    np.testing.assert_allclose(a['loss'], b['loss'], rtol=2e-5, atol=2e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               params_one, params_accum)
   # And the policy moved away from the reference.
   assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(params_one),
                                             jax.tree.leaves(before)))
