@@ -1,0 +1,190 @@
+"""The training loop in process: TensorBoard event files and a real TensorBoard
+server, checkpoints that cannot be loaded, a refused config, NaN stops."""
+
+import glob
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import jax
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+
+import configs
+from data import pipeline
+from train import checkpoint as checkpoint_lib
+from train import loop
+from train import mesh as mesh_lib
+from train import optim
+from train import step as step_lib
+
+CONTRACT_TAGS = {
+    'train/loss', 'train/learning_rate', 'train/grad_norm', 'train/tokens_per_second',
+    'train/mfu', 'eval/loss', 'eval/perplexity', 'train/moe_aux_loss',
+    'train/moe_router_z_loss', 'train/moe_expert_load_max'}
+
+MOE_RUN = ['model.num_layers=1', 'train.seq_len=32', 'train.global_batch_size=8',
+           'train.steps=6', 'train.warmup_steps=2', 'train.log_every_steps=2',
+           'train.eval_every_steps=3', 'train.eval_steps=1',
+           'train.checkpoint_every_steps=3', 'train.keep_checkpoints=5']
+
+
+def scalars(workdir):
+  acc = event_accumulator.EventAccumulator(workdir, size_guidance={'scalars': 0})
+  acc.Reload()
+  return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()['scalars']}
+
+
+@pytest.fixture(scope='module')
+def moe_run(tmp_path_factory):
+  """A 6-step MoE run (checkpoints at 3 and 6, eval at 0, 3, 6)."""
+  workdir = str(tmp_path_factory.mktemp('moe_run'))
+  cfg = configs.load('configs/mixtral.py:tiny', MOE_RUN)
+  summary = loop.train_and_evaluate(cfg, workdir)
+  return cfg, workdir, summary
+
+
+def test_run_writes_config_checkpoints_and_falls(moe_run):
+  cfg, workdir, summary = moe_run
+  assert summary['status'] == 'done' and summary['step'] == 6
+  with open(os.path.join(workdir, 'config.json')) as f:
+    saved = json.load(f)
+  assert saved['model']['num_experts'] == 8 and saved['train']['steps'] == 6
+  assert sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints'))) == [3, 6]
+  assert summary['losses'][6] < summary['losses'][1]
+
+
+def test_event_files_hold_every_contract_tag(moe_run):
+  _, workdir, summary = moe_run
+  got = scalars(workdir)
+  assert CONTRACT_TAGS <= got.keys()
+  assert sorted(got['train/loss']) == [2, 4, 6]
+  for step, value in got['train/loss'].items():
+    assert value == np.float32(summary['losses'][step])
+  assert sorted(got['eval/loss']) == [0, 3, 6]
+  for step, loss in got['eval/loss'].items():
+    assert got['eval/perplexity'][step] == pytest.approx(np.exp(loss), rel=1e-5)
+  assert got['eval/loss'][6] < got['eval/loss'][0]
+  # 1.0 is a perfectly balanced router; 8 experts is the most it can be.
+  assert all(1.0 <= v <= 8.0 for v in got['train/moe_expert_load_max'].values())
+  assert all(0.0 < v < 10.0 for v in got['train/mfu'].values())
+  # The learning rate is the schedule's at that step.
+  schedule = optim.make_schedule(configs.load('configs/mixtral.py:tiny', MOE_RUN).train)
+  for step, lr in got['train/learning_rate'].items():
+    assert lr == pytest.approx(float(schedule(step - 1)), rel=1e-6)
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_tensorboard_server_serves_train_loss(moe_run):
+  _, workdir, summary = moe_run
+  port = free_port()
+  server = subprocess.Popen(
+      [sys.executable, '-m', 'tensorboard.main', '--logdir', workdir,
+       '--host', '127.0.0.1', '--port', str(port), '--load_fast', 'false'],
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  url = (f'http://127.0.0.1:{port}/data/plugin/scalars/scalars?' +
+         urllib.parse.urlencode({'run': '.', 'tag': 'train/loss'}))
+  points, deadline = None, time.monotonic() + 90
+  try:
+    while time.monotonic() < deadline:
+      assert server.poll() is None, server.stderr.read().decode()[-2000:]
+      try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+          points = json.loads(response.read())
+        if len(points) == 3:
+          break
+      except (urllib.error.URLError, ConnectionError, json.JSONDecodeError):
+        pass
+      time.sleep(0.5)
+  finally:
+    server.terminate()
+    server.wait(timeout=30)
+  assert points is not None, 'tensorboard did not answer in 90 s'
+  # [wall_time, step, value] per point.
+  assert [p[1] for p in points] == [2, 4, 6]
+  for _, step, value in points:
+    assert value == pytest.approx(summary['losses'][step], rel=1e-6)
+
+
+def test_truncated_checkpoint_is_skipped_with_a_warning(moe_run, tmp_path, caplog):
+  cfg, workdir, _ = moe_run
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(workdir, copy)
+  # Truncate the newest checkpoint by hand: its array data is gone.
+  for path in glob.glob(os.path.join(copy, 'checkpoints', '6', 'state', 'd', '*')):
+    os.remove(path)
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  optimizer, _ = optim.make_optimizer(cfg.train)
+  import model  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  _, _, abstract, _ = step_lib.train_state_spec(
+      lambda: model.Decoder(cfg.model, rngs=nnx.Rngs(0)), optimizer, mesh, 0)
+  it = pipeline.make_iterator(cfg, 'train')
+  ckpt = checkpoint_lib.Checkpointer(copy, every_steps=3, keep=5)
+  with caplog.at_level(logging.WARNING):
+    state, step = ckpt.restore_latest(abstract, it)
+  ckpt.close()
+  assert step == 3 and int(state['step']) == 3
+  assert 'checkpoints/6 cannot be loaded' in caplog.text
+  assert sorted(os.listdir(os.path.join(copy, 'checkpoints'))) == ['3']
+  assert os.listdir(os.path.join(copy, 'checkpoints.skipped'))[0].startswith('6.')
+  # The data iterator is back at step 3: its next batch is the 4th batch.
+  fresh = pipeline.make_iterator(cfg, 'train')
+  fourth = [next(fresh) for _ in range(4)][-1]
+  resumed = next(it)
+  it.close()
+  fresh.close()
+  for key in fourth:
+    np.testing.assert_array_equal(resumed[key], fourth[key])
+
+
+def test_config_with_a_different_model_is_refused(moe_run):
+  _, workdir, _ = moe_run
+  cfg = configs.load('configs/mixtral.py:tiny',
+                     MOE_RUN + ['model.d_model=32', 'model.num_experts=4',
+                                'model.attention_impl="xla"', 'train.steps=9'])
+  with pytest.raises(configs.ConfigError) as e:
+    loop.train_and_evaluate(cfg, workdir)
+  message = str(e.value)
+  assert 'model.d_model: saved 64, now 32' in message
+  assert 'model.num_experts: saved 8, now 4' in message
+  assert 'attention_impl' not in message and 'train.steps' not in message
+
+
+def test_nan_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch):
+  bad_step = 4
+  real = loop.global_batch
+  calls = []
+
+  def poisoned(batch, batch_sharding):
+    """The real batches, with a NaN in the loss mask of the 4th (train only)."""
+    calls.append(1)
+    if len(calls) == bad_step:
+      batch = dict(batch, loss_mask=batch['loss_mask'] * np.float32('nan'))
+    return real(batch, batch_sharding)
+
+  monkeypatch.setattr(loop, 'global_batch', poisoned)
+  cfg = configs.load('configs/llama.py:tiny', [
+      'model.num_layers=1', 'train.seq_len=32', 'train.steps=8',
+      'train.checkpoint_every_steps=1', 'train.keep_checkpoints=10',
+      'train.log_every_steps=1', 'train.eval_steps=0'])
+  workdir = str(tmp_path)
+  with pytest.raises(FloatingPointError, match=f'at step {bad_step}; stopping'):
+    loop.train_and_evaluate(cfg, workdir)
+  saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')))
+  assert saved == list(range(1, bad_step))
+  assert sorted(scalars(workdir)['train/loss']) == list(range(1, bad_step))
