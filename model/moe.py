@@ -33,17 +33,16 @@ Grouped matmul, `grouped_matmul=`:
 - 'ragged': `jax.lax.ragged_dot` over the N sorted rows. TPU lowers it to a
   native grouped matmul; XLA on CPU (and on GPU without a grouped-GEMM
   rewrite) expands it into a zero-padded dense product, E times the work.
-- 'blocked': each expert's rows are padded to a multiple of a block size b ~
-  N / (2E) and every block multiplies the weights of its one expert (a batched
-  matmul over gathered per-block weights): at most N + E*b <= 1.5N (+ rounding)
-  rows of work on any backend, plus a weight gather of ~3 copies of the expert
-  weights.
+- 'blocked': each expert's rows are padded to a multiple of a block of b ~
+  N / (2E) rows (a multiple of 8) and every block multiplies the weights of
+  its one expert (a batched matmul over gathered per-block weights): at most
+  N + E*b ~ 1.5N rows of work on any backend, for a gather of about 3 copies
+  of the expert weights per matmul.
 - 'auto' (default): 'ragged' on TPU, 'blocked' elsewhere.
 With a capacity factor every expert has exactly C slots, so the experts run as
 one batched matmul over [E, C] slots (GShard's layout), E*C ~ cf*N rows.
 """
 
-import functools
 import math
 
 import jax
@@ -51,12 +50,8 @@ from jax import lax
 import jax.numpy as jnp
 from flax import nnx
 
-ACTIVATIONS = {
-    'silu': jax.nn.silu,
-    'gelu': functools.partial(jax.nn.gelu, approximate=False),
-    'gelu_tanh': functools.partial(jax.nn.gelu, approximate=True),
-    'relu': jax.nn.relu,
-}
+from model import mlp as mlp_lib
+
 GROUPED_MATMULS = ('auto', 'ragged', 'blocked')
 
 
@@ -94,14 +89,6 @@ def sort_by_expert(expert_ids, num_experts: int):
   return order, counts, position
 
 
-def _fan_in_init(stacked: bool):
-  # Unit variance per output for unit-variance inputs; a stacked [E, in, out]
-  # weight treats the expert axis as a batch axis, not as fan-in.
-  return jax.nn.initializers.variance_scaling(
-      1.0, 'fan_in', 'truncated_normal', in_axis=-2, out_axis=-1,
-      batch_axis=(0,) if stacked else ())
-
-
 class MoE(nnx.Module):
   """Top-k routed experts plus optional shared experts over [batch, seq, d_model]."""
 
@@ -112,9 +99,7 @@ class MoE(nnx.Module):
       raise ValueError(f'model.num_experts={e}: an MoE layer needs at least one expert')
     if not 1 <= k <= e:
       raise ValueError(f'model.experts_per_token={k}: must be in [1, num_experts={e}]')
-    if m.mlp_activation not in ACTIVATIONS:
-      raise ValueError(f'model.mlp_activation={m.mlp_activation!r}: must be one of '
-                       f'{", ".join(ACTIVATIONS)}')
+    mlp_lib.activation(m.mlp_activation)        # refuses an unknown name
     if m.moe_capacity_factor is not None and m.moe_capacity_factor <= 0:
       raise ValueError(f'model.moe_capacity_factor={m.moe_capacity_factor}: must be '
                        'None or positive')
@@ -134,15 +119,18 @@ class MoE(nnx.Module):
     pdt = jnp.dtype(m.param_dtype)
     self.d_model, self.d_ff = d, f
 
-    self.router = nnx.Param(_fan_in_init(False)(rngs.params(), (d, e), pdt),
-                            logical_axes=('embed', None))
-    init = _fan_in_init(True)
+    # Initialised as the dense MLP (model/mlp.py): N(0, 0.02) into the hidden
+    # layer, the depth-scaled std out of it; the router likewise N(0, 0.02),
+    # so routing starts near uniform.
+    w_in = nnx.initializers.normal(0.02)
+    w_out = nnx.initializers.normal(mlp_lib.out_init_stddev(m))
+    self.router = nnx.Param(w_in(rngs.params(), (d, e), pdt), logical_axes=('embed', None))
     if self.gated:
-      self.w_gate = nnx.Param(init(rngs.params(), (e, d, f), pdt),
+      self.w_gate = nnx.Param(w_in(rngs.params(), (e, d, f), pdt),
                               logical_axes=('experts', 'embed', 'mlp'))
-    self.w_up = nnx.Param(init(rngs.params(), (e, d, f), pdt),
+    self.w_up = nnx.Param(w_in(rngs.params(), (e, d, f), pdt),
                           logical_axes=('experts', 'embed', 'mlp'))
-    self.w_down = nnx.Param(init(rngs.params(), (e, f, d), pdt),
+    self.w_down = nnx.Param(w_out(rngs.params(), (e, f, d), pdt),
                             logical_axes=('experts', 'mlp', 'embed'))
     if self.use_bias:
       if self.gated:
@@ -150,24 +138,12 @@ class MoE(nnx.Module):
       self.b_up = nnx.Param(jnp.zeros((e, f), pdt), logical_axes=('experts', 'mlp'))
       self.b_down = nnx.Param(jnp.zeros((e, d), pdt), logical_axes=('experts', 'embed'))
 
-    # The shared experts are one MLP of width num_shared_experts * f: with an
-    # elementwise activation that equals the sum of that many MLPs of width f.
+    # The shared experts are one dense MLP of width num_shared_experts * f: with
+    # an elementwise activation that equals the sum of that many MLPs of width f
+    # (DeepSeek's checkpoints store them the same way).
     self.num_shared_experts = m.num_shared_experts
     if self.num_shared_experts:
-      fs = self.num_shared_experts * f
-      init = _fan_in_init(False)
-      if self.gated:
-        self.shared_w_gate = nnx.Param(init(rngs.params(), (d, fs), pdt),
-                                       logical_axes=('embed', 'mlp'))
-      self.shared_w_up = nnx.Param(init(rngs.params(), (d, fs), pdt),
-                                   logical_axes=('embed', 'mlp'))
-      self.shared_w_down = nnx.Param(init(rngs.params(), (fs, d), pdt),
-                                     logical_axes=('mlp', 'embed'))
-      if self.use_bias:
-        if self.gated:
-          self.shared_b_gate = nnx.Param(jnp.zeros((fs,), pdt), logical_axes=('mlp',))
-        self.shared_b_up = nnx.Param(jnp.zeros((fs,), pdt), logical_axes=('mlp',))
-        self.shared_b_down = nnx.Param(jnp.zeros((d,), pdt), logical_axes=('embed',))
+      self.shared = mlp_lib.MLP(m, d_ff=self.num_shared_experts * f, rngs=rngs)
 
   # -- pieces ---------------------------------------------------------------
 
@@ -175,12 +151,12 @@ class MoE(nnx.Module):
     p = getattr(self, name, None)
     return None if p is None else p[...].astype(self.dtype)
 
-  def _mlp(self, x, matmul, add_bias, prefix=''):
+  def _mlp(self, x, matmul, add_bias):
     """act(x W_gate) * (x W_up) W_down (or act(x W_up) W_down), with biases if any."""
-    act = ACTIVATIONS[self.activation]
+    act = mlp_lib.activation(self.activation)
     def proj(h, name):
-      out = matmul(h, self._param(prefix + 'w_' + name))
-      b = self._param(prefix + 'b_' + name) if self.use_bias else None
+      out = matmul(h, self._param('w_' + name))
+      b = self._param('b_' + name) if self.use_bias else None
       return out if b is None else add_bias(out, b)
     if self.gated:
       h = act(proj(x, 'gate')) * proj(x, 'up')
@@ -281,9 +257,8 @@ class MoE(nnx.Module):
                      combine)
       y = y.astype(self.dtype)
 
+    y = y.reshape(b, t, d)
     if self.num_shared_experts:
       with jax.named_scope('moe_shared'):
-        matmul = lambda h, w: jnp.einsum('nd,df->nf', h, w)
-        y = y + self._mlp(xf.astype(self.dtype), matmul, lambda h, bias: h + bias,
-                          prefix='shared_')
-    return y.reshape(b, t, d).astype(x.dtype), aux
+        y = y + self.shared(x).astype(self.dtype)
+    return y.astype(x.dtype), aux
