@@ -9,15 +9,18 @@ Two steps, the second from the first one's workdir:
 Sizes `tiny` (default) and `small` take the model of `configs/llama.py` of the
 same size, which must match the init run's `config.json`. The pairs are the
 built-in ones (`dpo.train_files=builtin`; give JSONL globs for your own).
-At step 0 the loss is ln 2 = 0.693 and the rewards are 0; `dpo_eval/
-reward_accuracy` should then climb above 0.5.
+At step 0 the loss is ln 2 = 0.693 and the rewards are 0. Observed on CPU
+(`tiny`, after the 200-step `llama.py:tiny` pretraining): held-out
+`dpo_eval/reward_accuracy` 0.59 / 0.67 / 0.70 / 0.71 at steps 50 / 100 / 150 /
+200 (128 eval pairs), eval loss 0.532, chosen log-probs 5.3 nats (of about 64
+tokens) below the reference's.
 """
 
 from configs import llama
 
 DPO_TRAIN = {
-    'tiny': dict(steps=100, global_batch_size=8, learning_rate=1e-3, warmup_steps=10,
-                 eval_every_steps=25, eval_steps=4, checkpoint_every_steps=50,
+    'tiny': dict(steps=200, global_batch_size=16, learning_rate=3e-4, warmup_steps=10,
+                 eval_every_steps=50, eval_steps=8, checkpoint_every_steps=100,
                  log_every_steps=10),
     'small': dict(steps=500, global_batch_size=16, learning_rate=1e-4, warmup_steps=50,
                   eval_every_steps=100, eval_steps=8, checkpoint_every_steps=100,
