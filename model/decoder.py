@@ -169,9 +169,10 @@ class Decoder(nnx.Module):
     if self.norm_position != 'post':
       self.final_norm = norms.make_norm(cfg_model)
     if not self.tie_embeddings:
+      # Small, like the tied embedding: near-uniform predictions at step 0
+      # (loss ln(vocab)) whether or not the embeddings are tied.
       self.head = nnx.Param(
-          nnx.initializers.normal(1.0 / math.sqrt(d))(
-              rngs.params(), (d, cfg_model.vocab_size), pdt),
+          nnx.initializers.normal(0.02)(rngs.params(), (d, cfg_model.vocab_size), pdt),
           logical_axes=('embed', 'vocab'))
 
   def embed_tokens(self, tokens, positions):
