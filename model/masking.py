@@ -90,12 +90,14 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
 
 
 # Block skipping. A flash-attention kernel visits a (query block, key block)
-# tile only if some pair in it may be visible. The spans below bound, from the
-# causal and window rules alone, which non-memory keys a run of queries can see
-# and which queries can see a run of keys; memory keys (index < num_memory) are
-# visible to every query and must be visited separately. The bounds work on
-# Python ints and on traced int32 scalars (a kernel's program ids), and they are
-# conservative: `visible` still masks every element inside a visited tile.
+# tile only if some pair in it may be visible, and skips the mask arithmetic on
+# tiles where every pair is. The spans below bound, from the causal and window
+# rules alone, which non-memory keys a run of queries can see (`kv_span`) or
+# all see (`kv_full_span`), and likewise for queries (`q_span`,
+# `q_full_span`); memory keys (index < num_memory) are visible to every query
+# and are visited separately. The bounds work on Python ints and on traced
+# int32 scalars (a kernel's program ids). A kernel applies `visible` inside
+# every tile that is not provably full.
 
 
 def kv_span(q_start, q_end, *, causal=True, window=None, kv_len):
@@ -120,6 +122,46 @@ def q_span(kv_start, kv_end, *, causal=True, window=None, q_len):
   if window is not None:
     hi = jnp.minimum(hi, kv_end + window - 1)
   return lo, hi
+
+
+def kv_full_span(q_start, q_end, *, causal=True, window=None, kv_len):
+  """[lo, hi): the keys that every query q_start..q_end-1 sees (memory aside; may be empty)."""
+  lo, hi = 0, kv_len
+  if causal:
+    hi = jnp.minimum(hi, q_start + 1)
+  elif window is not None:
+    hi = jnp.minimum(hi, q_start + window)
+  if window is not None:
+    lo = jnp.maximum(lo, q_end - window)
+  return lo, hi
+
+
+def q_full_span(kv_start, kv_end, *, causal=True, window=None, q_len):
+  """[lo, hi): the queries that see every key kv_start..kv_end-1 (memory aside; may be empty)."""
+  lo, hi = 0, q_len
+  if causal:
+    lo = jnp.maximum(lo, kv_end - 1)
+  elif window is not None:
+    lo = jnp.maximum(lo, kv_end - window)
+  if window is not None:
+    hi = jnp.minimum(hi, kv_start + window)
+  return lo, hi
+
+
+def tile_full(q_start, q_end, kv_start, kv_end, *, causal=True, window=None,
+              num_memory=0, kv_len):
+  """Whether every pair of the tile is visible when segments are ignored.
+
+  True only when `visible` (without segment ids) is True on the whole tile and
+  every key is below kv_len, so a kernel may skip the mask there.
+  """
+  lo, hi = kv_full_span(q_start, q_end, causal=causal, window=window, kv_len=kv_len)
+  full = (lo <= kv_start) & (kv_end <= hi)
+  if num_memory:
+    # Memory keys are visible to all; memory queries see nothing else.
+    full = jnp.where(kv_end <= num_memory, kv_end <= kv_len,
+                     full & (q_start >= num_memory))
+  return full
 
 
 def tile_visible(q_start, q_end, kv_start, kv_end, *, causal=True, window=None,

@@ -211,6 +211,21 @@ def test_tpu_kernel_bfloat16():
 # ------------------------------------------------- skipping and empty rows
 
 
+@pytest.mark.parametrize('backend, length, window, blocks', [
+    ('gpu_triton', 200, 70, (32, 16, 16, 32)),
+    ('tpu_mosaic', 400, 260, (128, 128)),
+])
+@pytest.mark.parametrize('causal', [True, False])
+def test_interior_tiles_run_unmasked(backend, length, window, blocks, causal):
+  """A window wider than the tiles leaves whole tiles inside the band, where the
+  kernels skip the mask (`masking.tile_full`): with memory tokens, padding of
+  the last block, ALiBi, soft-cap and GQA, they must still agree with the
+  reference. (The pairwise grid's windows are narrower than its tiles.)"""
+  case = _case(causal, window, 'gqa', False, True, 20.0, 4, length, 64)
+  attn = gpu_kernel(blocks) if backend == 'gpu_triton' else tpu_kernel(*blocks)
+  check_against_reference(attn, case, seed=300 + causal)
+
+
 def _kernel(backend):
   return gpu_kernel((64, 64, 64, 64)) if backend == 'gpu_triton' else tpu_kernel(128, 128)
 

@@ -47,6 +47,22 @@ def test_tile_visible_is_exact_or_conservative(layout):
 
 
 @pytest.mark.parametrize('layout', LAYOUTS)
+@pytest.mark.parametrize('kv_len_cut', [0, 5])
+def test_tile_full_is_exact_or_conservative(layout, kv_len_cut):
+  causal, window, num_memory, length, bq, bk = layout
+  kv_len = length - kv_len_cut          # keys at and past kv_len are padding
+  mask = _mask(causal, window, num_memory, length) & (np.arange(length) < kv_len)
+  for q0, k0 in itertools.product(range(0, length, bq), range(0, length, bk)):
+    q1, k1 = min(q0 + bq, length), min(k0 + bk, length)
+    all_visible = bool(mask[q0:q1, k0:k1].all())
+    predicted = bool(masking.tile_full(q0, q1, k0, k1, causal=causal, window=window,
+                                       num_memory=num_memory, kv_len=kv_len))
+    assert all_visible or not predicted, ('unmasked a tile with hidden pairs', q0, k0)
+    if not num_memory:
+      assert predicted == all_visible, ('masked a full tile', q0, k0)
+
+
+@pytest.mark.parametrize('layout', LAYOUTS)
 def test_spans_bound_the_band_tightly(layout):
   causal, window, num_memory, length, bq, bk = layout
   band = _mask(causal, window, 0, length)    # the rule the spans summarise
@@ -62,3 +78,35 @@ def test_spans_bound_the_band_tightly(layout):
                                              q_len=length))
     rows = np.flatnonzero(band[:, k0:k1].any(axis=1))
     assert (lo, hi) == (rows.min(), rows.max() + 1)
+
+
+def _as_span(flags):
+  """[lo, hi) of the True entries (which must be contiguous); (0, 0) if none."""
+  idx = np.flatnonzero(flags)
+  if not idx.size:
+    return 0, 0
+  assert idx.size == idx[-1] - idx[0] + 1
+  return idx[0], idx[-1] + 1
+
+
+def _check_span(got, want):
+  if want == (0, 0):
+    assert got[1] <= got[0], got      # empty
+  else:
+    assert got == want
+
+
+@pytest.mark.parametrize('layout', LAYOUTS)
+def test_full_spans_are_the_pairs_seen_by_all(layout):
+  causal, window, _, length, bq, bk = layout
+  band = _mask(causal, window, 0, length)
+  for q0 in range(0, length, bq):
+    q1 = min(q0 + bq, length)
+    lo, hi = (int(x) for x in masking.kv_full_span(q0, q1, causal=causal, window=window,
+                                                   kv_len=length))
+    _check_span((lo, hi), _as_span(band[q0:q1].all(axis=0)))
+  for k0 in range(0, length, bk):
+    k1 = min(k0 + bk, length)
+    lo, hi = (int(x) for x in masking.q_full_span(k0, k1, causal=causal, window=window,
+                                                  q_len=length))
+    _check_span((lo, hi), _as_span(band[:, k0:k1].all(axis=1)))

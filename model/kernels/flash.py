@@ -66,7 +66,8 @@ class Spec:
 # --------------------------------------------------------------------------- tiles
 
 
-def tile_logits(spec, s, q_idx, kv_idx, q_seg=None, kv_seg=None, slope=None):
+def tile_logits(spec, s, q_idx, kv_idx, q_seg=None, kv_seg=None, slope=None, *,
+                masked=True):
   """One score tile, as the reference computes it, plus its mask.
 
   Args:
@@ -74,33 +75,43 @@ def tile_logits(spec, s, q_idx, kv_idx, q_seg=None, kv_seg=None, slope=None):
     q_idx, kv_idx: int indices broadcastable to [bq, bk] (e.g. [bq, 1], [1, bk]).
     q_seg, kv_seg: segment ids broadcastable likewise, or None.
     slope: this head's ALiBi slope (scalar or broadcastable), or None.
+    masked: False on a tile that `masking.tile_full` proved fully visible
+      (and without segments): the mask is then skipped.
   Returns:
     capped: the soft-capped scaled logits before the bias (the soft-cap
       derivative is written in terms of it), float32 [bq, bk];
     logits: capped + ALiBi bias;
-    mask: bool [bq, bk], False where the pair is not visible or the key is padding.
+    mask: bool [bq, bk], False where the pair is not visible or the key is
+      padding; None when not masked.
   """
   capped = masking.softcap(s * spec.scale, spec.softcap)
   logits = capped
   if slope is not None:
     logits = logits + masking.alibi_bias(slope, q_idx, kv_idx, spec.num_memory)
+  if not masked:
+    return capped, jnp.broadcast_to(logits, s.shape), None
   mask = masking.visible(q_idx, kv_idx, q_seg, kv_seg, **spec.mask_kwargs())
-  mask = mask & (kv_idx < spec.kv_len)
-  return capped, jnp.broadcast_to(logits, mask.shape), mask
+  mask = jnp.broadcast_to(mask & (kv_idx < spec.kv_len), s.shape)
+  return capped, jnp.broadcast_to(logits, s.shape), mask
 
 
 def softmax_step(m, l, acc, logits, mask, v):
   """One online-softmax update with a key block.
 
   m, l: running row max and row sum, float32 [bq, 1]; acc: float32 [bq, h]
-  (unnormalised output); logits, mask: [bq, bk]; v: [bk, h].
-  A row that has seen no visible key keeps m = -inf, l = 0, acc = 0; the
-  arithmetic below never forms inf - inf, so no NaN appears even then.
+  (unnormalised output); logits, mask: [bq, bk] (mask None: all visible);
+  v: [bk, h]. A row that has seen no visible key keeps m = -inf, l = 0,
+  acc = 0; the arithmetic below never forms inf - inf, so no NaN appears.
   """
-  m_tile = jnp.max(jnp.where(mask, logits, -jnp.inf), axis=1, keepdims=True)
-  m_new = jnp.maximum(m, m_tile)
-  m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-  p = jnp.where(mask, jnp.exp(logits - m_safe), 0.0)
+  if mask is None:
+    m_new = jnp.maximum(m, jnp.max(logits, axis=1, keepdims=True))   # finite
+    m_safe = m_new
+    p = jnp.exp(logits - m_safe)
+  else:
+    m_tile = jnp.max(jnp.where(mask, logits, -jnp.inf), axis=1, keepdims=True)
+    m_new = jnp.maximum(m, m_tile)
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.where(mask, jnp.exp(logits - m_safe), 0.0)
   alpha = jnp.exp(m - m_safe)                     # 0 while m was -inf
   l = alpha * l + jnp.sum(p, axis=1, keepdims=True)
   # p goes to the matmul in v's dtype (bf16 inputs: bf16 x bf16 -> f32 on the
@@ -126,9 +137,12 @@ def tile_grads(spec, capped, logits, mask, lse, delta, dp):
   delta = rowsum(dO * O) (Dao 2023, eq. in section 2.2), then through the
   soft-cap: d raw = dS * (1 - (capped/cap)^2); the factor `scale` is applied by
   the caller once per accumulated block.
-  lse, delta: float32 [bq, 1]; dp = dO . V^T, float32 [bq, bk].
+  lse, delta: float32 [bq, 1]; dp = dO . V^T, float32 [bq, bk]; mask None:
+  all visible.
   """
-  p = jnp.where(mask, jnp.exp(logits - lse), 0.0)
+  p = jnp.exp(logits - lse)
+  if mask is not None:
+    p = jnp.where(mask, p, 0.0)
   ds = p * (dp - delta)
   if spec.softcap is not None:
     ds = ds * masking.softcap_grad(capped, spec.softcap)

@@ -74,18 +74,37 @@ def _cdiv(a, b):
   return lax.div(a + b - 1, b)
 
 
-def _kv_block_bounds(spec, q_start, bq, bk, num_kv_blocks):
-  """Block loops of a q tile: the memory blocks [0, mem), then [lo, hi)."""
+def _kv_loops(spec, q_start, bq, bk, num_kv_blocks, segments):
+  """The kv-block loops of a q tile, as [(first, end, masked)].
+
+  The memory blocks first, then the causal/window band of `masking.kv_span`
+  split into its masked edges and the middle that `masking.kv_full_span` proves
+  fully visible (no mask arithmetic there). With segment ids every tile is
+  masked.
+  """
   lo, hi = masking.kv_span(q_start, q_start + bq, causal=spec.causal,
                            window=spec.window, kv_len=spec.kv_len)
   mem = min(-(-spec.num_memory // bk), num_kv_blocks)
   lo_b = jnp.maximum(lax.div(jnp.asarray(lo, jnp.int32), bk), mem)
   hi_b = _cdiv(jnp.asarray(hi, jnp.int32), bk)
-  return mem, lo_b, hi_b
+  loops = [(0, mem, True)] if mem else []
+  if segments:
+    return loops + [(lo_b, hi_b, True)]
+  full_lo, full_hi = masking.kv_full_span(q_start, q_start + bq, causal=spec.causal,
+                                          window=spec.window, kv_len=spec.kv_len)
+  a = jnp.clip(_cdiv(jnp.maximum(full_lo, 0), bk), lo_b, hi_b)
+  b = jnp.clip(lax.div(jnp.maximum(jnp.asarray(full_hi, jnp.int32), 0), bk), a, hi_b)
+  if spec.num_memory:   # memory queries see only memory keys: no full tile
+    a = jnp.where(q_start < spec.num_memory, hi_b, a)
+    b = jnp.where(q_start < spec.num_memory, hi_b, b)
+  return loops + [(lo_b, a, True), (a, b, False), (b, hi_b, True)]
 
 
-def _q_block_bounds(spec, kv_start, bk, bq):
-  """q-block loop [lo, hi) of a kv tile (every q block if it holds memory keys)."""
+def _q_loops(spec, kv_start, bk, bq, segments):
+  """The q-block loops of a kv tile, as [(first, end, masked)] (see `_kv_loops`).
+
+  Every q block when the tile holds memory keys (all queries see those).
+  """
   lo, hi = masking.q_span(kv_start, kv_start + bk, causal=spec.causal,
                           window=spec.window, q_len=spec.q_len)
   lo, hi = jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32)
@@ -93,7 +112,27 @@ def _q_block_bounds(spec, kv_start, bk, bq):
     has_memory = kv_start < spec.num_memory
     lo = jnp.where(has_memory, 0, lo)
     hi = jnp.where(has_memory, spec.q_len, hi)
-  return lax.div(lo, bq), _cdiv(hi, bq)
+  lo_b, hi_b = lax.div(lo, bq), _cdiv(hi, bq)
+  if segments:
+    return [(lo_b, hi_b, True)]
+  full_lo, full_hi = masking.q_full_span(kv_start, kv_start + bk, causal=spec.causal,
+                                         window=spec.window, q_len=spec.q_len)
+  full_lo = jnp.maximum(jnp.asarray(full_lo, jnp.int32), spec.num_memory)
+  a = jnp.clip(_cdiv(full_lo, bq), lo_b, hi_b)
+  b = jnp.clip(lax.div(jnp.maximum(jnp.asarray(full_hi, jnp.int32), 0), bq), a, hi_b)
+  # Padding keys, or memory keys (invisible to nobody, but mixed tiles are
+  # not provably full), leave the whole tile masked.
+  no_full = kv_start + bk > spec.kv_len
+  if spec.num_memory:
+    no_full = no_full | (kv_start < spec.num_memory)
+  a, b = jnp.where(no_full, hi_b, a), jnp.where(no_full, hi_b, b)
+  return [(lo_b, a, True), (a, b, False), (b, hi_b, True)]
+
+
+def _run_loops(loops, body, carry):
+  for first, end, masked in loops:
+    carry = lax.fori_loop(first, end, functools.partial(body, masked=masked), carry)
+  return carry
 
 
 # -------------------------------------------------------------------------- forward
@@ -109,7 +148,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, slope_ref, o_ref, 
   q_seg = None if qseg_ref is None else qseg_ref[...][:, None]
   slope = None if slope_ref is None else jnp.max(slope_ref[...])
 
-  def body(j, carry):
+  def body(j, carry, masked):
     m, l, acc = carry
     kv_start = j * bk
     k = k_ref[pl.ds(kv_start, bk), :]
@@ -117,16 +156,14 @@ def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, slope_ref, o_ref, 
     kv_idx = (kv_start + jnp.arange(bk, dtype=jnp.int32))[None, :]
     kv_seg = None if kvseg_ref is None else kvseg_ref[pl.ds(kv_start, bk)][None, :]
     s = lax.dot_general(q, k, flash.NT, preferred_element_type=jnp.float32)
-    _, logits, mask = flash.tile_logits(spec, s, q_idx, kv_idx, q_seg, kv_seg, slope)
+    _, logits, mask = flash.tile_logits(spec, s, q_idx, kv_idx, q_seg, kv_seg, slope,
+                                        masked=masked)
     return flash.softmax_step(m, l, acc, logits, mask, v)
 
   carry = (jnp.full((bq, 1), -jnp.inf, jnp.float32), jnp.zeros((bq, 1), jnp.float32),
            jnp.zeros((bq, h), jnp.float32))
-  mem, lo_b, hi_b = _kv_block_bounds(spec, q_start, bq, bk, k_ref.shape[0] // bk)
-  if mem:
-    carry = lax.fori_loop(0, mem, body, carry)
-  carry = lax.fori_loop(lo_b, hi_b, body, carry)
-  out, lse = flash.finish(*carry)
+  loops = _kv_loops(spec, q_start, bq, bk, k_ref.shape[0] // bk, qseg_ref is not None)
+  out, lse = flash.finish(*_run_loops(loops, body, carry))
   o_ref[...] = out.astype(o_ref.dtype)
   lse_ref[...] = lse[:, 0]
 
@@ -177,24 +214,22 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, slope_ref, do_ref, lse_
   q_seg = None if qseg_ref is None else qseg_ref[...][:, None]
   slope = None if slope_ref is None else jnp.max(slope_ref[...])
 
-  def body(j, dq):
+  def body(j, dq, masked):
     kv_start = j * bk
     k = k_ref[pl.ds(kv_start, bk), :]
     v = v_ref[pl.ds(kv_start, bk), :]
     kv_idx = (kv_start + jnp.arange(bk, dtype=jnp.int32))[None, :]
     kv_seg = None if kvseg_ref is None else kvseg_ref[pl.ds(kv_start, bk)][None, :]
     s = lax.dot_general(q, k, flash.NT, preferred_element_type=jnp.float32)
-    capped, logits, mask = flash.tile_logits(spec, s, q_idx, kv_idx, q_seg, kv_seg, slope)
+    capped, logits, mask = flash.tile_logits(spec, s, q_idx, kv_idx, q_seg, kv_seg, slope,
+                                             masked=masked)
     dp = lax.dot_general(do, v, flash.NT, preferred_element_type=jnp.float32)
     _, ds = flash.tile_grads(spec, capped, logits, mask, lse, delta, dp)
     return dq + lax.dot_general(ds.astype(k.dtype), k, flash.NN,
                                 preferred_element_type=jnp.float32)
 
-  dq = jnp.zeros((bq, h), jnp.float32)
-  mem, lo_b, hi_b = _kv_block_bounds(spec, q_start, bq, bk, k_ref.shape[0] // bk)
-  if mem:
-    dq = lax.fori_loop(0, mem, body, dq)
-  dq = lax.fori_loop(lo_b, hi_b, body, dq)
+  loops = _kv_loops(spec, q_start, bq, bk, k_ref.shape[0] // bk, qseg_ref is not None)
+  dq = _run_loops(loops, body, jnp.zeros((bq, h), jnp.float32))
   dq_ref[...] = (dq * spec.scale).astype(dq_ref.dtype)
 
 
@@ -207,12 +242,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, slope_ref, do_ref, lse
   v = v_ref[...]
   kv_idx = (kv_start + jnp.arange(bk, dtype=jnp.int32))[None, :]
   kv_seg = None if kvseg_ref is None else kvseg_ref[...][None, :]
-  lo_b, hi_b = _q_block_bounds(spec, kv_start, bk, bq)
+  loops = _q_loops(spec, kv_start, bk, bq, qseg_ref is not None)
 
   def head_body(r, carry):
     slope = None if slope_ref is None else jnp.max(slope_ref[r, :])
 
-    def q_body(i, carry):
+    def q_body(i, carry, masked):
       dk, dv = carry
       q_start = i * bq
       rows = pl.ds(q_start, bq)
@@ -223,7 +258,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, slope_ref, do_ref, lse
       q_idx = (q_start + jnp.arange(bq, dtype=jnp.int32))[:, None]
       q_seg = None if qseg_ref is None else qseg_ref[rows][:, None]
       s = lax.dot_general(q, k, flash.NT, preferred_element_type=jnp.float32)
-      capped, logits, mask = flash.tile_logits(spec, s, q_idx, kv_idx, q_seg, kv_seg, slope)
+      capped, logits, mask = flash.tile_logits(spec, s, q_idx, kv_idx, q_seg, kv_seg,
+                                               slope, masked=masked)
       dp = lax.dot_general(do, v, flash.NT, preferred_element_type=jnp.float32)
       p, ds = flash.tile_grads(spec, capped, logits, mask, lse, delta, dp)
       dv = dv + lax.dot_general(p.astype(do.dtype), do, flash.TN,
@@ -232,7 +268,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, slope_ref, do_ref, lse
                                 preferred_element_type=jnp.float32)
       return dk, dv
 
-    return lax.fori_loop(lo_b, hi_b, q_body, carry)
+    return _run_loops(loops, q_body, carry)
 
   zeros = jnp.zeros((bk, h), jnp.float32)
   dk, dv = lax.fori_loop(0, group, head_body, (zeros, zeros))

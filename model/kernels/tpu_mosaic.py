@@ -98,6 +98,17 @@ def _tile_inputs(spec, q_start, kv_start, bq, bk, qseg_ref, kvseg_ref, slopes_re
   return q_idx, kv_idx, q_seg, kv_seg, slope
 
 
+def _when_visible(spec, runs, q_start, kv_start, bq, bk, segments, step):
+  """Run step(masked) on a visible tile: unmasked where `masking.tile_full` allows."""
+  if segments:
+    pl.when(runs)(functools.partial(step, True))
+    return
+  full = masking.tile_full(q_start, q_start + bq, kv_start, kv_start + bk,
+                           kv_len=spec.kv_len, **spec.mask_kwargs())
+  pl.when(runs & full)(functools.partial(step, False))
+  pl.when(runs & jnp.logical_not(full))(functools.partial(step, True))
+
+
 def _segment_args(q_seg, kv_seg):
   if q_seg is None:
     return None, None
@@ -122,19 +133,21 @@ def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, slopes_ref, o_ref,
     acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
   _, runs = _kv_block(spec, bq, bk, i, j, num_kv_blocks)
+  q_start, kv_start = i * bq, j * bk
 
-  @pl.when(runs)
-  def _step():
-    q_start, kv_start = i * bq, j * bk
+  def step(masked):
     q_idx, kv_idx, q_seg, kv_seg, slope = _tile_inputs(
         spec, q_start, kv_start, bq, bk, qseg_ref, kvseg_ref, slopes_ref, head)
     s = lax.dot_general(q_ref[...], k_ref[...], flash.NT, preferred_element_type=jnp.float32)
-    _, logits, mask = flash.tile_logits(spec, s, q_idx, kv_idx, q_seg, kv_seg, slope)
+    _, logits, mask = flash.tile_logits(spec, s, q_idx, kv_idx, q_seg, kv_seg, slope,
+                                        masked=masked)
     m, l, acc = flash.softmax_step(m_sc[...][:, :1], l_sc[...][:, :1], acc_sc[...],
                                    logits, mask, v_ref[...])
     m_sc[...] = jnp.broadcast_to(m, m_sc.shape)
     l_sc[...] = jnp.broadcast_to(l, l_sc.shape)
     acc_sc[...] = acc
+
+  _when_visible(spec, runs, q_start, kv_start, bq, bk, qseg_ref is not None, step)
 
   @pl.when(j == num_kv_blocks - 1)
   def _finish():
@@ -200,21 +213,23 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, slopes_ref, do_ref, lse
     dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
 
   _, runs = _kv_block(spec, bq, bk, i, j, num_kv_blocks)
+  q_start, kv_start = i * bq, j * bk
 
-  @pl.when(runs)
-  def _step():
-    q_start, kv_start = i * bq, j * bk
+  def step(masked):
     q_idx, kv_idx, q_seg, kv_seg, slope = _tile_inputs(
         spec, q_start, kv_start, bq, bk, qseg_ref, kvseg_ref, slopes_ref, head)
     k = k_ref[...]
     s = lax.dot_general(q_ref[...], k, flash.NT, preferred_element_type=jnp.float32)
-    capped, logits, mask = flash.tile_logits(spec, s, q_idx, kv_idx, q_seg, kv_seg, slope)
+    capped, logits, mask = flash.tile_logits(spec, s, q_idx, kv_idx, q_seg, kv_seg, slope,
+                                             masked=masked)
     dp = lax.dot_general(do_ref[...], v_ref[...], flash.NT, preferred_element_type=jnp.float32)
     lse = lse_ref[0][:, None]
     delta = delta_ref[0][:, None]
     _, ds = flash.tile_grads(spec, capped, logits, mask, lse, delta, dp)
     dq_sc[...] += lax.dot_general(ds.astype(k.dtype), k, flash.NN,
                                   preferred_element_type=jnp.float32)
+
+  _when_visible(spec, runs, q_start, kv_start, bq, bk, qseg_ref is not None, step)
 
   @pl.when(j == num_kv_blocks - 1)
   def _finish():
@@ -233,15 +248,15 @@ def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, slopes_ref, do_ref, ls
     dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
 
   _, runs = _q_block(spec, bq, bk, j, i, num_q_blocks)
+  q_start, kv_start = i * bq, j * bk
 
-  @pl.when(runs)
-  def _step():
-    q_start, kv_start = i * bq, j * bk
+  def step(masked):
     q_idx, kv_idx, q_seg, kv_seg, slope = _tile_inputs(
         spec, q_start, kv_start, bq, bk, qseg_ref, kvseg_ref, slopes_ref, head)
     q, do = q_ref[...], do_ref[...]
     s = lax.dot_general(q, k_ref[...], flash.NT, preferred_element_type=jnp.float32)
-    capped, logits, mask = flash.tile_logits(spec, s, q_idx, kv_idx, q_seg, kv_seg, slope)
+    capped, logits, mask = flash.tile_logits(spec, s, q_idx, kv_idx, q_seg, kv_seg, slope,
+                                             masked=masked)
     dp = lax.dot_general(do, v_ref[...], flash.NT, preferred_element_type=jnp.float32)
     lse = lse_ref[0][:, None]
     delta = delta_ref[0][:, None]
@@ -250,6 +265,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, slopes_ref, do_ref, ls
                                   preferred_element_type=jnp.float32)
     dk_sc[...] += lax.dot_general(ds.astype(q.dtype), q, flash.TN,
                                   preferred_element_type=jnp.float32)
+
+  _when_visible(spec, runs, q_start, kv_start, bq, bk, qseg_ref is not None, step)
 
   @pl.when(r == group * num_q_blocks - 1)
   def _finish():
