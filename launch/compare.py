@@ -249,6 +249,9 @@ def compare(root: str, out=None) -> list[dict]:
   if not run_dirs:
     raise FileNotFoundError(f'no runs (sub-folders with config.json or event files) in {root}')
   rows = [summarize(d) for d in run_dirs]
+  # The sweep's order (its last axis varies fastest), then any other runs.
+  order = [r['name'] for r in (_load_json(os.path.join(root, 'sweep.json')) or {}).get('runs', [])]
+  rows.sort(key=lambda r: (order.index(r['run']) if r['run'] in order else len(order), r['run']))
   _overrides(root, rows)
   write_csv(rows, os.path.join(root, 'compare.csv'))
   with open(os.path.join(root, 'compare.md'), 'w') as f:
