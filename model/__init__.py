@@ -7,11 +7,20 @@
 One file per concept: `norms`, `positions`, `mlp`, `moe`, `attention` (the
 layer), `attention_core` and `masking` (the attention math shared with the
 kernels in `kernels/`), `decoder` (blocks and the model), `flops` (parameter
-and FLOP counts).
+and FLOP counts), `hf` (Hugging Face import/export, loaded on first use).
 """
 
 from model.decoder import Decoder
 from model.flops import count_params
 from model.flops import flops_per_token
 
-__all__ = ['Decoder', 'count_params', 'flops_per_token']
+__all__ = ['Decoder', 'count_params', 'flops_per_token', 'hf']
+
+
+def __getattr__(name):
+  # `model.hf` (Hugging Face import/export) loads on first use, so `import model`
+  # stays light for the layers and kernels.
+  if name == 'hf':
+    import importlib  # pylint: disable=import-outside-toplevel
+    return importlib.import_module('model.hf')
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
