@@ -188,3 +188,35 @@ def test_nan_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch):
   saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')))
   assert saved == list(range(1, bad_step))
   assert sorted(scalars(workdir)['train/loss']) == list(range(1, bad_step))
+
+
+def test_restore_params_reads_only_the_parameters(moe_run):
+  cfg, workdir, _ = moe_run
+  import model  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  # A different optimizer (no clipping: another state structure) still loads.
+  train_cfg = cfg.train.copy_and_resolve_references()
+  train_cfg.grad_clip_norm = 0.0
+  optimizer, _ = optim.make_optimizer(train_cfg)
+  _, _, abstract, _ = step_lib.train_state_spec(
+      lambda: model.Decoder(cfg.model, rngs=nnx.Rngs(0)), optimizer, mesh, 0)
+  params, step = checkpoint_lib.restore_params(workdir, abstract['params'])
+  assert step == 6
+  earlier = checkpoint_lib.restore_params(
+      os.path.join(workdir, 'checkpoints', '3'), abstract['params'])[0]
+  saved = ocp_restore(os.path.join(workdir, 'checkpoints', '6', 'state'))['params']
+  for (path, got), want, target in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                       jax.tree.leaves(saved),
+                                       jax.tree.leaves(abstract['params'])):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want),
+                                  err_msg=jax.tree_util.keystr(path))
+    assert got.sharding == target.sharding
+  # A step folder names that step's parameters.
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(earlier),
+                                                      jax.tree.leaves(params)))
+
+
+def ocp_restore(path):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  return ocp.StandardCheckpointer().restore(path)

@@ -190,3 +190,40 @@ class Checkpointer:
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices('ablax_checkpoints_moved_aside')
     self.manager.reload()
+
+
+def checkpoint_dir(path: str) -> str:
+  """`DIR` (a workdir: its newest checkpoint) or `DIR/checkpoints/STEP` -> the
+  step folder."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, 'state')):
+    return path
+  directory = os.path.join(path, 'checkpoints')
+  steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if (
+      os.path.isdir(directory)) else []
+  if not steps:
+    raise FileNotFoundError(f'{path} holds no checkpoint (no {directory}/STEP/state)')
+  return os.path.join(directory, str(steps[-1]))
+
+
+def restore_params(path: str, abstract_params):
+  """Only the model parameters of a checkpoint, e.g. to start DPO, sample or
+  evaluate from a trained workdir; the optimizer state is not read.
+
+  Args:
+    path: a workdir (its newest checkpoint) or a `DIR/checkpoints/STEP` folder.
+    abstract_params: the `params` entry of `step.train_state_spec`'s abstract
+      state (shapes, dtypes, shardings to restore into).
+
+  Returns:
+    (params, step).
+  """
+  step_dir = checkpoint_dir(path)
+  target = {'params': abstract_params}
+  restored = ocp.PyTreeCheckpointer().restore(
+      os.path.join(step_dir, 'state'),
+      args=ocp.args.PyTreeRestore(
+          item=target,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True))
+  return restored['params'], int(os.path.basename(step_dir))

@@ -127,10 +127,13 @@ def lm_loss(train_cfg) -> LossFn:
       lse = jax.nn.logsumexp(logits, axis=-1)                 # [b, t]
       target = jnp.take_along_axis(logits, batch['targets'][..., None], axis=-1)[..., 0]
       ce_sum = jnp.sum((lse - target) * mask)
-      z_sum = jnp.sum(jnp.square(lse) * mask)
     weight = jnp.sum(mask)
-    objective = ce_sum + z_weight * z_sum
-    metrics = {'weight': weight, 'loss': ce_sum, 'z_loss': z_sum}
+    objective = ce_sum
+    metrics = {'weight': weight, 'loss': ce_sum}
+    if z_weight:
+      z_sum = jnp.sum(jnp.square(lse) * mask)
+      objective += z_weight * z_sum
+      metrics['z_loss'] = z_sum
     if 'moe_aux_loss' in aux:
       # Batch means: weighted by the tokens they were measured on.
       objective += weight * (aux_weight * aux['moe_aux_loss'] +
@@ -228,7 +231,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     new_params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype),
                               state['params'], updates)
     metrics = _means(sums)
-    metrics['grad_norm'] = optax.global_norm(grads)
+    metrics['grad_norm'] = optax.tree.norm(grads)
     if schedule is not None:
       metrics['learning_rate'] = jnp.asarray(schedule(state['step']), jnp.float32)
     new_state = dict(state, step=state['step'] + 1, params=new_params,
