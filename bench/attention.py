@@ -3,6 +3,7 @@
     python -m bench.attention                       # the full table (GPU or TPU)
     python -m bench.attention --seq 4096 --head_dims 128 --causal   # one cell
     python -m bench.attention --out docs/benchmarks.md               # also as Markdown
+    python -m bench.attention --seq 4096 --impls ablax --block_q 64 --block_kv 128  # tuning
 
 Run from the repository root. For each sequence length S and head dim D it
 times, forward and forward+backward, in bfloat16 with B = max(1, 16384 / S)
@@ -47,7 +48,7 @@ def _flops(b, h, s, d, causal):
   return fwd, 3.5 * fwd
 
 
-def _impls(causal):
+def _impls(causal, block_q=None, block_kv=None):
   """name -> fn(q, k, v) with q/k/v [b, s, h, d], or an error string."""
   platform = jax.default_backend()
   impls = {
@@ -59,11 +60,13 @@ def _impls(causal):
     warnings.simplefilter('ignore', DeprecationWarning)
     try:
       if platform == 'gpu':
-        from jax.experimental.pallas.ops.gpu import attention as gpu_mha  # pylint: disable=import-outside-toplevel
+        # pylint: disable-next=import-outside-toplevel
+        from jax.experimental.pallas.ops.gpu import attention as gpu_mha
         impls['jax-pallas'] = lambda q, k, v: gpu_mha.mha(
             q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=causal)
       elif platform == 'tpu':
-        from jax.experimental.pallas.ops.tpu import flash_attention as tpu_fa  # pylint: disable=import-outside-toplevel
+        # pylint: disable-next=import-outside-toplevel
+        from jax.experimental.pallas.ops.tpu import flash_attention as tpu_fa
         # [b, h, s, d] layout; the transposes are part of what a caller pays.
         impls['jax-pallas'] = lambda q, k, v: tpu_fa.flash_attention(
             *(x.transpose(0, 2, 1, 3) for x in (q, k, v)), causal=causal,
@@ -72,7 +75,8 @@ def _impls(causal):
         impls['jax-pallas'] = 'no bundled Pallas attention on CPU'
     except ImportError as e:
       impls['jax-pallas'] = f'import failed: {e}'
-  impls['ablax'] = functools.partial(kernels.flash_attention, causal=causal)
+  impls['ablax'] = functools.partial(kernels.flash_attention, causal=causal,
+                                     block_q=block_q, block_kv=block_kv)
   return impls
 
 
@@ -119,6 +123,8 @@ def main(argv=None):
   parser.add_argument('--width', type=int, default=2048, help='H * D')
   parser.add_argument('--impls', default='xla,jax.nn,jax-pallas,ablax')
   parser.add_argument('--iters', type=int, default=20)
+  parser.add_argument('--block_q', type=int, help='ablax tile (default: per backend)')
+  parser.add_argument('--block_kv', type=int, help='ablax tile (default: per backend)')
   parser.add_argument('--out', help='also write the table here (Markdown)')
   args = parser.parse_args(argv)
 
@@ -139,7 +145,7 @@ def main(argv=None):
   ]
   print('\n'.join(header), flush=True)
   lines = list(header)
-  impls = _impls(args.causal)
+  impls = _impls(args.causal, args.block_q, args.block_kv)
   wanted = args.impls.split(',')
   summary = {}
   for d in args.head_dims:

@@ -56,8 +56,8 @@ def default_blocks(head_dim):
 
 
 def _compiler_params(head_dim, backward=False):
-  # Imported here: jax>=0.11 warns on importing the Triton module (deprecated
-  # in favour of Mosaic GPU); `model.kernels` filters that warning around calls.
+  # Imported on first use, not at module import: the Triton lowering is
+  # deprecated from jax 0.11 (see `model.kernels` for how its warning is handled).
   from jax.experimental.pallas import triton as plgpu  # pylint: disable=import-outside-toplevel
   num_warps = 4 if head_dim <= 64 else 8
   num_stages = 1 if (backward or head_dim > 128) else 2
@@ -120,8 +120,8 @@ def _q_loops(spec, kv_start, bk, bq, segments):
   full_lo = jnp.maximum(jnp.asarray(full_lo, jnp.int32), spec.num_memory)
   a = jnp.clip(_cdiv(full_lo, bq), lo_b, hi_b)
   b = jnp.clip(lax.div(jnp.maximum(jnp.asarray(full_hi, jnp.int32), 0), bq), a, hi_b)
-  # Padding keys, or memory keys (invisible to nobody, but mixed tiles are
-  # not provably full), leave the whole tile masked.
+  # A kv tile with padding keys or memory keys stays masked throughout (memory
+  # queries see only memory keys; the wrapper's padding must stay hidden).
   no_full = kv_start + bk > spec.kv_len
   if spec.num_memory:
     no_full = no_full | (kv_start < spec.num_memory)
