@@ -39,7 +39,7 @@ from train import sharding
 from train import step as step_lib
 
 
-class _Preemption:
+class Preemption:
   """SIGTERM sets a flag the loop checks after each step (single process).
 
   A multi-process job uses JAX's preemption service instead (it catches the
@@ -92,6 +92,9 @@ def configure_logging() -> None:
     handler.addFilter(_OwnInfoOnly())
   for name in ('orbax', 'jax', 'grain'):
     std_logging.getLogger(name).addFilter(_OwnInfoOnly())
+
+
+_Preemption = Preemption       # the name align/loop.py first used
 
 
 def global_batch(batch: dict, batch_sharding) -> dict:
@@ -220,7 +223,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
       logging.info('saving checkpoint %d', at_step)
 
   try:
-    with _Preemption() as preemption:
+    with Preemption() as preemption:
       if do_eval and step == 0:
         evaluate(0)
       while step < t.steps:
