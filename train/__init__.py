@@ -1,0 +1,16 @@
+"""The jit-sharded training loop: `python -m train --config ... --workdir DIR`.
+
+- `loop.train_and_evaluate(cfg, workdir)`: the loop (resume, eval, checkpoints,
+  metrics, SIGTERM, NaN stop).
+- `step`: the train state, `lm_loss`, `make_train_step` / `make_eval_step`
+  (pluggable loss, gradient accumulation, explicit shardings, donated state).
+- `optim.make_optimizer(cfg.train)`: clipping + AdamW with masked decay, and the
+  learning-rate schedule.
+- `mesh.make_mesh(cfg.mesh)` and `sharding.RULES`: the device mesh and the
+  logical-to-mesh axis table.
+- `checkpoint`: orbax checkpoints, `restore_params`, `config.json`.
+- `metrics`: TensorBoard event files, console, MFU.
+- `distributed.maybe_initialize`: multi-process start-up.
+
+See docs/training.md.
+"""
