@@ -132,11 +132,11 @@ def test_train_step_is_adamw_with_clipping_and_masked_decay():
   assert int(state['step']) == 3
 
 
+# Leaf names of the decoder's parameters (model/*.py), by what they are.
 KERNELS = {'wq', 'wk', 'wv', 'wo', 'wi', 'wi_gate', 'wi_up', 'head', 'router',
-           'w_gate', 'w_up', 'w_down', 'shared_w_gate', 'shared_w_up', 'shared_w_down'}
-NOT_DECAYED = {'scale', 'bias', 'bq', 'bk', 'bv', 'bo', 'bi', 'bi_gate', 'bi_up', 'b_gate', 'b_up', 'b_down',
-               'shared_b_gate', 'shared_b_up', 'shared_b_down', 'embedding', 'table',
-               'memory'}
+           'w_gate', 'w_up', 'w_down'}
+NOT_DECAYED = {'scale', 'bias', 'bq', 'bk', 'bv', 'bo', 'bi', 'bi_gate', 'bi_up',
+               'b_gate', 'b_up', 'b_down', 'embedding', 'table', 'memory'}
 
 
 @pytest.mark.parametrize('spec,overrides,present', [
@@ -144,7 +144,7 @@ NOT_DECAYED = {'scale', 'bias', 'bq', 'bk', 'bv', 'bo', 'bi', 'bi_gate', 'bi_up'
     ('configs/gpt2.py:tiny', ['model.num_memory_tokens=2', 'model.qk_norm=True'],
      {'bias', 'bq', 'bo', 'table', 'memory', 'embedding'}),
     ('configs/deepseek.py:tiny', ['model.use_bias=True'],
-     {'router', 'w_gate', 'b_down', 'shared_w_up', 'shared_b_down'}),
+     {'router', 'w_gate', 'w_down', 'b_down', 'b_gate', 'wi_up', 'bi_up'}),
 ])
 def test_weight_decay_skips_norms_biases_and_embeddings(spec, overrides, present):
   cfg = configs.load(spec, overrides)
