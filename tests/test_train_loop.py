@@ -220,3 +220,17 @@ def test_restore_params_reads_only_the_parameters(moe_run):
 def ocp_restore(path):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   return ocp.StandardCheckpointer().restore(path)
+
+
+def test_evaluate_gives_the_runs_eval_loss(moe_run):
+  _, workdir, summary = moe_run
+  from train import evaluate  # pylint: disable=g-import-not-at-top
+  got = scalars(workdir)
+  newest = evaluate.evaluate(workdir)
+  assert newest['step'] == 6
+  assert newest['loss'] == pytest.approx(got['eval/loss'][6], rel=1e-6)
+  assert newest['perplexity'] == pytest.approx(got['eval/perplexity'][6], rel=1e-6)
+  earlier = evaluate.evaluate(workdir, checkpoint=3)
+  assert earlier['loss'] == pytest.approx(got['eval/loss'][3], rel=1e-6)
+  with pytest.raises(FileNotFoundError, match='no checkpoint 4 .* there are: 3, 6'):
+    evaluate.evaluate(workdir, checkpoint=4)

@@ -206,6 +206,20 @@ def checkpoint_dir(path: str) -> str:
   return os.path.join(directory, str(steps[-1]))
 
 
+def restore_items(path: str, abstract: dict):
+  """Some top-level entries of a checkpoint's train state, e.g. `{'params':
+  ..., 'model_state': ...}` (abstract arrays with shardings), without reading
+  the rest. Returns (dict of restored entries, step)."""
+  step_dir = checkpoint_dir(path)
+  restored = ocp.PyTreeCheckpointer().restore(
+      os.path.join(step_dir, 'state'),
+      args=ocp.args.PyTreeRestore(
+          item=abstract,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+          partial_restore=True))
+  return restored, int(os.path.basename(step_dir))
+
+
 def restore_params(path: str, abstract_params):
   """Only the model parameters of a checkpoint, e.g. to start DPO, sample or
   evaluate from a trained workdir; the optimizer state is not read.
@@ -218,12 +232,5 @@ def restore_params(path: str, abstract_params):
   Returns:
     (params, step).
   """
-  step_dir = checkpoint_dir(path)
-  target = {'params': abstract_params}
-  restored = ocp.PyTreeCheckpointer().restore(
-      os.path.join(step_dir, 'state'),
-      args=ocp.args.PyTreeRestore(
-          item=target,
-          restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-          partial_restore=True))
-  return restored['params'], int(os.path.basename(step_dir))
+  restored, step = restore_items(path, {'params': abstract_params})
+  return restored['params'], step
