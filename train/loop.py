@@ -79,9 +79,14 @@ class _OwnInfoOnly:
   """A log filter: INFO from ablax's own files, WARNING and up from libraries
   (orbax alone logs a dozen INFO lines per checkpoint)."""
 
+  PACKAGES = ('configs', 'model', 'train', 'data', 'align', 'launch', 'bench')
+
   def filter(self, record) -> bool:
-    return (record.levelno >= 30 or
-            os.path.abspath(record.pathname).startswith(_REPO + os.sep))
+    if record.levelno >= 30:
+      return True
+    path = os.path.abspath(record.pathname)
+    return path.startswith(_REPO + os.sep) and (
+        os.path.relpath(path, _REPO).split(os.sep)[0] in self.PACKAGES)
 
 
 def configure_logging() -> None:
@@ -247,6 +252,10 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
           summary['status'] = 'preempted'
           break
       check(step)
+    if summary['status'] == 'done':
+      ckpt.wait()
+      console.print(f'done: step {step} of {t.steps} in {workdir} '
+                    f'(tensorboard --logdir {workdir})')
   finally:
     summary['step'] = step
     ckpt.close()
