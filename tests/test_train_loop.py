@@ -152,6 +152,42 @@ def test_truncated_checkpoint_is_skipped_with_a_warning(moe_run, tmp_path, caplo
     np.testing.assert_array_equal(resumed[key], fourth[key])
 
 
+def test_no_loadable_checkpoint_is_an_error_that_moves_nothing(moe_run, tmp_path):
+  cfg, workdir, _ = moe_run
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(workdir, copy)
+  for step in ('3', '6'):
+    for path in glob.glob(os.path.join(copy, 'checkpoints', step, 'state', 'd', '*')):
+      os.remove(path)
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  optimizer, _ = optim.make_optimizer(cfg.train)
+  import model  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  _, _, abstract, _ = step_lib.train_state_spec(
+      lambda: model.Decoder(cfg.model, rngs=nnx.Rngs(0)), optimizer, mesh, 0)
+  ckpt = checkpoint_lib.Checkpointer(copy, every_steps=3, keep=5)
+  with pytest.raises(checkpoint_lib.CheckpointError, match=r'steps 6, 3\); the newest, 6'):
+    ckpt.restore_latest(abstract)
+  ckpt.close()
+  assert sorted(os.listdir(os.path.join(copy, 'checkpoints'))) == ['3', '6']
+
+
+def test_resume_with_clipping_switched_off_keeps_the_state_structure(moe_run):
+  cfg, _, _ = moe_run
+  on = configs.load('configs/mixtral.py:tiny', MOE_RUN)
+  off = configs.load('configs/mixtral.py:tiny', MOE_RUN + ['train.grad_clip_norm=0.0'])
+  import model  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  structures = []
+  for c in (on, off):
+    optimizer, _ = optim.make_optimizer(c.train)
+    _, _, abstract, _ = step_lib.train_state_spec(
+        lambda c=c: model.Decoder(c.model, rngs=nnx.Rngs(0)), optimizer, mesh, 0)
+    structures.append(jax.tree.structure(abstract))
+  assert structures[0] == structures[1]
+
+
 def test_config_with_a_different_model_is_refused(moe_run):
   _, workdir, _ = moe_run
   cfg = configs.load('configs/mixtral.py:tiny',

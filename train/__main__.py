@@ -40,6 +40,7 @@ def main(argv):
                                _PROCESS_ID.value)
   import configs  # pylint: disable=g-import-not-at-top
   from data.sources import DataError  # pylint: disable=g-import-not-at-top
+  from train import checkpoint  # pylint: disable=g-import-not-at-top
   from train import loop  # pylint: disable=g-import-not-at-top
   loop.configure_logging()
   cfg = _CONFIG.value
@@ -49,7 +50,8 @@ def main(argv):
     sys.exit(f'ablax: bad config: {e}')
   try:
     loop.train_and_evaluate(cfg, _WORKDIR.value)
-  except (configs.ConfigError, DataError, FloatingPointError) as e:
+  except (configs.ConfigError, DataError, FloatingPointError,
+          checkpoint.CheckpointError) as e:
     sys.exit(f'ablax: {e}')
 
 

@@ -94,6 +94,10 @@ def check_config(workdir: str, cfg) -> None:
                     '; '.join(runtime))
 
 
+class CheckpointError(RuntimeError):
+  """No checkpoint of the workdir can be loaded into this run's state."""
+
+
 class Checkpointer:
   """Saves and restores (train state, data iterator) under `DIR/checkpoints`."""
 
@@ -157,26 +161,35 @@ class Checkpointer:
   def restore_latest(self, abstract_state, data_iterator=None):
     """(state, step) of the newest loadable checkpoint, or (None, None).
 
-    A checkpoint that fails to load is skipped with a warning and moved to
-    `DIR/checkpoints.skipped/`; the next older one is tried.
+    A checkpoint that fails to load while an older one loads (a folder
+    truncated by hand, a disk error) is skipped with a warning and moved to
+    `DIR/checkpoints.skipped/`. If none loads, the cause is more likely the
+    run than the disk (e.g. a changed optimizer), and nothing is moved: the
+    newest checkpoint's error is raised.
     """
-    skipped = []
-    result = (None, None)
+    failures = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        result = (self.restore(step, abstract_state, data_iterator), step)
-        break
+        state = self.restore(step, abstract_state, data_iterator)
       except configs.ConfigError:
         raise
       except Exception as e:  # pylint: disable=broad-except
-        message = str(e).strip().splitlines()[0][:300] if str(e).strip() else ''
-        logging.warning('checkpoint %s/%d cannot be loaded (%s: %s); skipping it '
-                        'and trying the previous one', self.directory, step,
-                        type(e).__name__, message)
-        skipped.append(step)
-    if skipped:
-      self._move_aside(skipped)
-    return result
+        text = str(e).strip()
+        message = text.splitlines()[0][:300] if text else ''
+        logging.warning('checkpoint %s/%d cannot be loaded (%s: %s); trying the '
+                        'previous one', self.directory, step, type(e).__name__, message)
+        failures.append((step, e))
+        continue
+      if failures:
+        self._move_aside([s for s, _ in failures])
+      return state, step
+    if failures:
+      step, error = failures[0]
+      raise CheckpointError(
+          f'none of the checkpoints in {self.directory} can be loaded into this '
+          f'run\'s state (steps {", ".join(str(s) for s, _ in failures)}); the '
+          f'newest, {step}, failed with {type(error).__name__}: {error}') from error
+    return None, None
 
   def _move_aside(self, steps: list[int]) -> None:
     """Moves unloadable step folders out of orbax's way (process 0)."""

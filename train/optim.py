@@ -110,13 +110,14 @@ def make_optimizer(train_cfg) -> tuple[optax.GradientTransformation, optax.Sched
   upcasts), so its moments are float32 whatever `model.param_dtype` is.
   """
   schedule = make_schedule(train_cfg)
-  parts = []
-  if train_cfg.grad_clip_norm and train_cfg.grad_clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(float(train_cfg.grad_clip_norm)))
-  parts.append(optax.adamw(
-      schedule, b1=float(train_cfg.adam_b1), b2=float(train_cfg.adam_b2),
-      eps=1e-8, weight_decay=float(train_cfg.weight_decay), mask=decay_mask))
-  return optax.chain(*parts), schedule
+  clip = float(train_cfg.grad_clip_norm or 0)
+  # Clipping at inf when it is off keeps the optimizer state's structure the
+  # same either way, so a run may resume with clipping switched on or off.
+  return optax.chain(
+      optax.clip_by_global_norm(clip if clip > 0 else float('inf')),
+      optax.adamw(schedule, b1=float(train_cfg.adam_b1), b2=float(train_cfg.adam_b2),
+                  eps=1e-8, weight_decay=float(train_cfg.weight_decay), mask=decay_mask),
+  ), schedule
 
 
 def trainable(model) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
