@@ -4,9 +4,10 @@ A preset lists its model shape per size; `apply` picks the one named by the
 config argument (`configs/llama.py:small`), sets it with the size's training
 settings, and refuses unknown sizes with the list of known ones.
 
-- `tiny` runs the whole training loop on a laptop CPU in seconds (and is what
-  tests and CI use): d_model 64, 2 layers, 128-token rows, batch 8.
-- `small` (about 10-30M parameters) still trains on a CPU, in minutes.
+- `tiny` runs the whole training loop on a laptop CPU in a minute or two (and
+  is what tests and CI use): d_model 64, 2 layers, 128-token rows, batch 8.
+- `small` (about 10-30M parameters) is for one accelerator: on a 2-core CPU a
+  step takes 5-7 s, so its 2000 steps take hours (`docs/benchmarks.md`).
 """
 
 from configs import ConfigError
