@@ -23,7 +23,6 @@ tokens at the end of the response (a cut response loses its EOS). Rows are
 `loss_mask` is 1 only where the target is a response token or its EOS.
 """
 
-import hashlib
 import json
 
 import grain
@@ -32,10 +31,12 @@ from absl import logging
 
 from data import builtin
 from data import sources
+from data import sft
 from data import tokenizers
 from align.losses import SIDE_KEYS
 
 DataError = sources.DataError
+BuiltinPairs = builtin.BuiltinPairs   # the built-in pairs live with the corpus
 FIELDS = ('prompt', 'chosen', 'rejected')
 
 
@@ -83,70 +84,24 @@ def read_jsonl_pairs(paths, *, skip_bad_lines: bool = False):
 
 
 # ----------------------------------------------------------------------------
-# Built-in pairs.
-
-
-def _hash(*parts) -> int:
-  text = '\0'.join(str(p) for p in parts)
-  return int.from_bytes(hashlib.sha256(text.encode('utf-8')).digest()[:8], 'big')
-
-
-def _line_start(text: str, lo: int, hi: int, key: int) -> int:
-  """A line start in [lo, hi) picked by `key` (lo if none)."""
-  pos = lo + key % max(hi - lo, 1)
-  nl = text.rfind('\n', lo, pos)
-  return nl + 1 if nl >= lo else lo
-
-
-class BuiltinPairs:
-  """Preference pairs from the standard library files of one split."""
-
-  def __init__(self, split: str, prompt_chars: int, response_chars: int,
-               pairs_per_file: int = 16):
-    self.prompt_chars, self.response_chars = prompt_chars, response_chars
-    need = prompt_chars + 2 * response_chars
-    self.texts = [t for t in (builtin.read_file(p)
-                              for p in builtin.split_files(split)) if len(t) > need]
-    if len(self.texts) < 2:
-      raise DataError(f'builtin pairs: the {split} split has fewer than 2 '
-                      'files long enough')
-    self.length = len(self.texts) * pairs_per_file
-
-  def __len__(self):
-    return self.length
-
-  def __getitem__(self, k: int):
-    n = len(self.texts)
-    text = self.texts[k % n]
-    cut = _line_start(text, self.prompt_chars, len(text) - self.response_chars,
-                      _hash('cut', k))
-    other_index = (k % n + 1 + _hash('other', k) % (n - 1)) % n
-    other = self.texts[other_index]
-    start = _line_start(other, 0, len(other) - self.response_chars,
-                        _hash('start', k))
-    return (text[cut - self.prompt_chars:cut],
-            text[cut:cut + self.response_chars],
-            other[start:start + self.response_chars])
-
-
-# ----------------------------------------------------------------------------
 # Tokenizing.
 
 
 def encode_side(prompt_ids, response_ids, *, bos_id: int, eos_id: int,
                 max_len: int) -> dict:
   """One sequence's row fields, each [max_len] (see the module docstring)."""
-  tokens = np.concatenate([[bos_id], prompt_ids, response_ids, [eos_id]]).astype(np.int32)
-  tokens = tokens[:max_len + 1]
+  # The SFT layout: weights mark the response and its EOS.
+  tokens, weights = sft.join_segments([(prompt_ids, False), (response_ids, True)],
+                                      bos_id=bos_id, eos_id=eos_id)
+  tokens, weights = tokens[:max_len + 1], weights[:max_len + 1]
   n = len(tokens) - 1                       # inputs/targets that exist
-  first_response = 1 + len(prompt_ids)      # index in `tokens` of the first response id
   out = {k: np.zeros(max_len, np.int32) for k in SIDE_KEYS if k != 'loss_mask'}
   out['inputs'][:n] = tokens[:-1]
   out['targets'][:n] = tokens[1:]
   out['positions'][:n] = np.arange(n)
   out['segment_ids'][:n] = 1
   mask = np.zeros(max_len, np.float32)
-  mask[first_response - 1:n] = 1.0          # target t+1 is a response token
+  mask[:n] = weights[1:]                    # the target of position t is token t+1
   out['loss_mask'] = mask
   return out
 

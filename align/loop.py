@@ -29,14 +29,12 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
+import optax
 from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-import configs
 import model as model_lib
 from align import data as data_lib
 from align import losses
@@ -58,56 +56,23 @@ METRICS = ('loss', 'rewards_chosen', 'rewards_rejected', 'reward_accuracy',
 
 def resolve_init_checkpoint(path: str) -> tuple[str, str]:
   """(pretraining workdir, checkpoint step folder) of `dpo.init_checkpoint`."""
-  if not path:
-    raise configs.ConfigError('dpo.init_checkpoint is empty: give the workdir of '
-                              'a pretraining run (or one of its checkpoints/STEP '
-                              'folders)')
-  path = os.path.abspath(os.path.expanduser(path))
-  directory = os.path.join(path, 'checkpoints')
-  if os.path.isdir(directory):
-    steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit())
-    if not steps:
-      raise configs.ConfigError(f'dpo.init_checkpoint={path!r}: no checkpoints '
-                                f'in {directory}')
-    return path, os.path.join(directory, str(steps[-1]))
-  if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, 'state')):
-    return os.path.dirname(os.path.dirname(path)), path
-  raise configs.ConfigError(f'dpo.init_checkpoint={path!r} is neither a workdir '
-                            'with checkpoints/ nor a checkpoints/STEP folder')
+  return checkpoint_lib.resolve_init_checkpoint(path, 'dpo.init_checkpoint')
 
 
 def load_reference(cfg, step_dir: str, init_workdir: str, mesh, param_shardings,
                    model_fn):
   """(params, model_state) of the init checkpoint, sharded like the policy.
 
-  The init run's `config.json` must describe the same model; its `train`
-  section rebuilds the optimizer-state structure the checkpoint was saved with.
+  The init run's `config.json` must describe the same model; only its
+  parameters (and model state) are read (`checkpoint.load_init_params`).
   """
-  config_path = os.path.join(init_workdir, 'config.json')
-  if not os.path.exists(config_path):
-    raise configs.ConfigError(f'{config_path} not found: dpo.init_checkpoint must '
-                              'belong to an ablax workdir')
-  with open(config_path) as f:
-    saved = json.load(f)
-  shape, runtime = checkpoint_lib.model_differences(saved, cfg)
-  if shape:
-    raise configs.ConfigError(
-        f'dpo.init_checkpoint {init_workdir} holds a different model; differing '
-        'fields:\n  ' + '\n  '.join(shape))
-  if runtime:
-    logging.info('reference: runtime model fields differ from the init run: %s',
-                 '; '.join(runtime))
-  if saved.get('data', {}).get('tokenizer', cfg.data.tokenizer) != cfg.data.tokenizer:
-    logging.warning('data.tokenizer=%r differs from the init run\'s %r',
-                    cfg.data.tokenizer, saved['data']['tokenizer'])
-  init_optimizer, _ = optim.make_optimizer(ml_collections.ConfigDict(saved['train']))
-  _, _, abstract, _ = step_lib.train_state_spec(model_fn, init_optimizer, mesh,
+  _, _, abstract, _ = step_lib.train_state_spec(model_fn, optax.identity(), mesh,
                                                 cfg.train.seed)
   abstract['params'] = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       abstract['params'], param_shardings)
-  restored = ocp.StandardCheckpointer().restore(os.path.join(step_dir, 'state'), abstract)
-  return restored['params'], restored['model_state']
+  return checkpoint_lib.load_init_params(cfg, step_dir, init_workdir, abstract,
+                                         field='dpo.init_checkpoint')
 
 
 # ----------------------------------------------------------------------------

@@ -193,6 +193,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
            f'mesh.{axis}={v!r}: must be a positive integer or -1')
   _check(sum(cfg.mesh[a] == -1 for a in ('data', 'fsdp', 'tensor', 'expert')) <= 1,
          'at most one mesh axis may be -1')
+  _check(isinstance(t.get('init_checkpoint', ''), str),
+         f'train.init_checkpoint={t.get("init_checkpoint")!r}: must be a path '
+         '(a workdir or a checkpoints/STEP folder) or empty')
   tok = cfg.data.tokenizer
   _check(tok == 'bytes' or tok.startswith(('sentencepiece:', 'hf:')),
          f'data.tokenizer={tok!r}: must be bytes, sentencepiece:PATH or hf:PATH')

@@ -94,6 +94,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.train.eval_steps = 4
   c.train.checkpoint_every_steps = 50
   c.train.keep_checkpoints = 3
+  # A workdir (its newest checkpoint) or DIR/checkpoints/STEP to start from:
+  # only the parameters are loaded (the optimizer and step start fresh, e.g.
+  # SFT from a pretraining run). '' = random init. Ignored on resume.
+  c.train.init_checkpoint = ''
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1
@@ -110,6 +114,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.data.packing = True
   c.data.shuffle_seed = 0
   c.data.worker_count = 0
+  c.data.skip_bad_lines = False   # jsonl, sft: skip malformed lines with a warning
 
   c.dpo = ml_collections.ConfigDict()
   c.dpo.init_checkpoint = ''

@@ -3,14 +3,17 @@
     it = data.make_iterator(cfg, 'train', jax.process_index(), jax.process_count())
 
 `data/pipeline.py` (batches, process sharding, checkpointing), `packing.py`
-(row layout), `sources.py` (builtin, text, jsonl, arrayrecord, synthetic),
-`tokenizers.py` (bytes, sentencepiece, hf), `builtin.py` (the stdlib corpus).
+(row layout), `sources.py` (builtin, text, jsonl, arrayrecord, synthetic,
+sft), `sft.py` (SFT examples: records, chat template, loss weights),
+`tokenizers.py` (bytes, sentencepiece, hf), `builtin.py` (the stdlib corpus
+and the built-in prompt/continuation pairs).
 See docs/data.md.
 """
 
 from data import builtin
 from data import packing
 from data import pipeline
+from data import sft
 from data import sources
 from data import tokenizers
 from data.pipeline import has_eval

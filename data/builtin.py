@@ -13,6 +13,10 @@ same on every machine with the same Python version): a file whose SHA-256
 falls in the first 1/20th goes to eval (~5%). Files are listed in hash order
 rather than alphabetically, so the first eval batches already sample many
 corners of the library.
+
+`BuiltinPairs` cuts (prompt, chosen, rejected) passages from the files of a
+split: the built-in preference pairs of the DPO stage, whose (prompt, chosen)
+halves are also the built-in SFT examples.
 """
 
 import functools
@@ -71,3 +75,55 @@ def read_file(path: str) -> str:
   # on a distribution that patched a file into another encoding.
   with open(path, encoding='utf-8', errors='replace') as f:
     return f.read()
+
+
+def _pair_hash(*parts) -> int:
+  text = '\0'.join(str(p) for p in parts)
+  return int.from_bytes(hashlib.sha256(text.encode('utf-8')).digest()[:8], 'big')
+
+
+def _line_start(text: str, lo: int, hi: int, key: int) -> int:
+  """A line start in [lo, hi) picked by `key` (lo if none)."""
+  pos = lo + key % max(hi - lo, 1)
+  nl = text.rfind('\n', lo, pos)
+  return nl + 1 if nl >= lo else lo
+
+
+class BuiltinPairs:
+  """(prompt, chosen, rejected) passages from the stdlib files of one split.
+
+  Pair k takes file k mod F (of the F files long enough), cuts it at a line
+  start chosen by a hash of k: the prompt is the `prompt_chars` before the
+  cut, `chosen` the `response_chars` after it (the true continuation),
+  `rejected` as many characters after a line start of another file of the
+  same split. Deterministic.
+  """
+
+  def __init__(self, split: str, prompt_chars: int, response_chars: int,
+               pairs_per_file: int = 16):
+    self.prompt_chars, self.response_chars = prompt_chars, response_chars
+    need = prompt_chars + 2 * response_chars
+    self.texts = [t for t in (read_file(p) for p in split_files(split))
+                  if len(t) > need]
+    if len(self.texts) < 2:
+      # Imported here: sources imports this module.
+      from data.sources import DataError  # pylint: disable=g-import-not-at-top
+      raise DataError(f'builtin pairs: the {split} split has fewer than 2 '
+                      'files long enough')
+    self.length = len(self.texts) * pairs_per_file
+
+  def __len__(self):
+    return self.length
+
+  def __getitem__(self, k: int):
+    n = len(self.texts)
+    text = self.texts[k % n]
+    cut = _line_start(text, self.prompt_chars, len(text) - self.response_chars,
+                      _pair_hash('cut', k))
+    other_index = (k % n + 1 + _pair_hash('other', k) % (n - 1)) % n
+    other = self.texts[other_index]
+    start = _line_start(other, 0, len(other) - self.response_chars,
+                        _pair_hash('start', k))
+    return (text[cut - self.prompt_chars:cut],
+            text[cut:cut + self.response_chars],
+            other[start:start + self.response_chars])

@@ -1,8 +1,11 @@
 """Packing token documents into fixed-length rows, and rows into batches.
 
-A document arrives as `{'tokens': int32 [BOS, ..., EOS]}`. Rows hold
-`row_len = seq_len + 1` tokens, so that one row gives `seq_len` inputs and
-their next-token targets.
+A document arrives as `{'tokens': int32 [BOS, ..., EOS]}`, optionally with
+`'loss_weights': float32` of the same length (SFT examples, `data/sft.py`: 1
+where the token counts as a target). Rows hold `row_len = seq_len + 1` tokens,
+so that one row gives `seq_len` inputs and their next-token targets. The
+weights travel with their tokens through both packers, so a document split
+across rows keeps its mask in every piece.
 
 * `packing=True`: concatenate-then-split (grain's `ConcatThenSplitIterDataset`,
   as in T5's packed pre-training, Raffel et al., 2020): documents are laid end
@@ -22,10 +25,12 @@ Either way every token of every document lands in exactly one row, in order.
     segment_ids = segment[:, :-1]   1, 2, ... per piece in the row, 0 = pad
     positions   = position[:, :-1]  0, 1, ... restarting at each piece
     loss_mask   = segment[:, 1:] == segment[:, :-1] != 0    float32
+                  (times loss_weights[:, 1:] when documents carry weights)
 
 so a target counts only when it is the next token of the same document piece:
 never on padding, never across a document boundary (the BOS that starts a
-document is never a target). The one next-token pair a row boundary cuts (the
+document is never a target), and for weighted documents only where the
+target token's weight says so. The one next-token pair a row boundary cuts (the
 last token of a row and the first of the next) is not trained, as in any
 concatenate-then-split pipeline.
 """
@@ -35,6 +40,7 @@ import numpy as np
 
 # Keys of a packed row; the segment/position names are grain's convention.
 TOKENS, SEGMENT_IDS, POSITIONS = 'tokens', 'tokens_segment_ids', 'tokens_positions'
+LOSS_WEIGHTS = 'loss_weights'  # optional: float32, one weight per token
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')
 
 
@@ -47,6 +53,7 @@ class ChunkDocument(grain.experimental.FlatMapTransform):
 
   def flat_map(self, element):
     tokens = element[TOKENS]
+    weights = element.get(LOSS_WEIGHTS)
     rows = []
     for start in range(0, len(tokens), self.row_len):
       piece = tokens[start:start + self.row_len]
@@ -58,6 +65,10 @@ class ChunkDocument(grain.experimental.FlatMapTransform):
       position = np.zeros(self.row_len, np.int32)
       position[:n] = np.arange(n, dtype=np.int32)
       rows.append({TOKENS: row, SEGMENT_IDS: segment, POSITIONS: position})
+      if weights is not None:
+        row_weights = np.zeros(self.row_len, np.float32)
+        row_weights[:n] = weights[start:start + self.row_len]
+        rows[-1][LOSS_WEIGHTS] = row_weights
     return rows
 
 
@@ -90,10 +101,18 @@ class _ConcatThenSplit(grain.experimental.ConcatThenSplitIterDataset):
     return _JsonRestorableIterator(super().__iter__())
 
 
-def pack(documents: grain.IterDataset, row_len: int, packing: bool) -> grain.IterDataset:
-  """Documents `{'tokens': int32 [n]}` -> rows of `row_len` tokens."""
+def pack(documents: grain.IterDataset, row_len: int, packing: bool,
+         weighted: bool = False) -> grain.IterDataset:
+  """Documents `{'tokens': int32 [n]}` -> rows of `row_len` tokens.
+
+  `weighted`: documents also hold `loss_weights` [n], packed alongside.
+  """
   if packing:
-    return _ConcatThenSplit(documents, length_struct={TOKENS: row_len})
+    # Both features have the same length per document, so grain splits them
+    # at the same points.
+    length_struct = {TOKENS: row_len, LOSS_WEIGHTS: row_len} if weighted else {
+        TOKENS: row_len}
+    return _ConcatThenSplit(documents, length_struct=length_struct)
   return grain.experimental.FlatMapIterDataset(documents, ChunkDocument(row_len))
 
 
@@ -103,11 +122,15 @@ def rows_to_batch(rows) -> dict[str, np.ndarray]:
   segment = np.stack([r[SEGMENT_IDS] for r in rows]).astype(np.int32)  # [b, t+1]
   position = np.stack([r[POSITIONS] for r in rows]).astype(np.int32)   # [b, t+1]
   same_piece = (segment[:, 1:] == segment[:, :-1]) & (segment[:, 1:] != 0)
+  loss_mask = same_piece.astype(np.float32)
+  if LOSS_WEIGHTS in rows[0]:
+    weights = np.stack([r[LOSS_WEIGHTS] for r in rows]).astype(np.float32)
+    loss_mask *= weights[:, 1:]        # the target of position i is token i + 1
   batch = {
       'inputs': tokens[:, :-1],
       'targets': tokens[:, 1:],
       'segment_ids': segment[:, :-1],
       'positions': position[:, :-1],
-      'loss_mask': same_piece.astype(np.float32),
+      'loss_mask': loss_mask,
   }
   return {k: np.ascontiguousarray(v) for k, v in batch.items()}

@@ -9,7 +9,9 @@ the row, 0 = padding), `positions` int32 (restart at 0 at each piece),
 `loss_mask` float32 (1 where the target is the next token of the same
 document). Documents are tokenized as `[BOS] + encode(text) + [EOS]` when the
 pipeline reaches them (nothing is tokenized up front); `synthetic` documents
-are random token ids without BOS/EOS.
+are random token ids without BOS/EOS. `sft` examples are tokenized segment by
+segment (`data/sft.py`) and `loss_mask` is also 0 where the target is not a
+response token.
 
 Row slots and process sharding. The global batch has `B = global_batch_size`
 row slots. Slot r reads documents r, r+B, r+2B, ... of the document stream
@@ -66,6 +68,7 @@ import grain
 import numpy as np
 
 from data import packing
+from data import sft
 from data import sources
 from data import tokenizers
 
@@ -140,7 +143,8 @@ def make_dataset(cfg, split: str = 'train', process_index: int = 0,
     _check(tokenizer.vocab_size <= vocab_size,
            f'data.tokenizer={cfg.data.tokenizer!r} has {tokenizer.vocab_size} '
            f'ids but model.vocab_size={vocab_size}')
-    to_tokens = TokenizeDocument(tokenizer)
+    to_tokens = (sft.TokenizeExample(tokenizer) if cfg.data.source == 'sft'
+                 else TokenizeDocument(tokenizer))
   _check(len(docs) > 0, f'data.source={cfg.data.source!r}: the {split} split '
          'has no documents')
 
@@ -162,7 +166,8 @@ def make_dataset(cfg, split: str = 'train', process_index: int = 0,
   for slot in range(first_slot, first_slot + local_batch):
     slot_docs = stream[slot::global_batch].map(to_tokens)
     slots.append(packing.pack(slot_docs.to_iter_dataset(read_options),
-                              seq_len + 1, cfg.data.packing))
+                              seq_len + 1, cfg.data.packing,
+                              weighted=cfg.data.source == 'sft'))
   ds = grain.experimental.ZipIterDataset(slots).map(packing.rows_to_batch)
 
   if split == 'eval':

@@ -19,8 +19,15 @@ read only when the pipeline reaches it:
 * `synthetic`: documents of uniformly random token ids with random lengths,
   generated from the seed and the document index (benchmarks and tests; no
   files, no tokenizer). Each element is already an int32 token array.
+* `sft`: supervised fine-tuning examples, one per JSONL line (`prompt` and
+  `response`, or `messages`), read like `jsonl`; each element is a list of
+  `(text, counts)` segments (`data/sft.py`). `builtin` as the files makes
+  them from the built-in corpus.
 
-Text documents are `str`; the pipeline tokenizes them.
+Text documents are `str`; the pipeline tokenizes them. With
+`data.skip_bad_lines=True` a malformed JSONL line (`jsonl`, `sft`) is skipped
+with a warning instead of stopping the pipeline (the element reads as None,
+which grain's iterators skip).
 """
 
 import functools
@@ -28,12 +35,14 @@ import glob
 import json
 import os
 
+from absl import logging
 import grain
 import numpy as np
 
 from data import builtin
+from data import sft
 
-SOURCES = ('builtin', 'text', 'jsonl', 'arrayrecord', 'synthetic')
+SOURCES = ('builtin', 'text', 'jsonl', 'arrayrecord', 'synthetic', 'sft')
 SYNTHETIC_NUM_DOCS = 1 << 40  # Never exhausted in practice.
 
 
@@ -114,12 +123,30 @@ def _index_lines(path: str, mtime_ns: int, size: int):
   return starts[keep], lengths[keep], line_numbers[keep]
 
 
-class JsonlDocuments:
-  """One document per JSON line: the string at `field`."""
+class _BadLine(Exception):
+  """A JSONL line that is not a record of the source; the message says why."""
 
-  def __init__(self, paths, field: str):
+
+def _sft_example(record):
+  parsed = sft.parse_record(record)
+  if isinstance(parsed, str):
+    raise _BadLine(parsed)
+  return parsed
+
+
+class JsonlDocuments:
+  """One element per JSON line: the string at `field`, or what `parse` makes.
+
+  `parse(record)` turns a line's JSON value into the element, or raises
+  `_BadLine` saying why the line is malformed.
+  """
+
+  def __init__(self, paths, field: str = 'text', *, parse=None,
+               skip_bad_lines: bool = False):
     self.paths = list(paths)
     self.field = field
+    self.parse = parse or self._text_field
+    self.skip_bad_lines = skip_bad_lines
     starts, lengths, lines, file_ids = [], [], [], []
     for i, path in enumerate(self.paths):
       st = os.stat(path)
@@ -134,27 +161,45 @@ class JsonlDocuments:
     self._file_ids = np.concatenate(file_ids)
     if not len(self._starts):
       raise DataError(f'JSONL files {self.paths} hold no records')
+    # Lines skipped so far, while no good one was read: when every line is
+    # bad, skipping would spin forever over the repeated stream.
+    self._bad, self._any_good = set(), False
+
+  def _text_field(self, record) -> str:
+    if not isinstance(record, dict) or self.field not in record:
+      raise _BadLine(f'no field {self.field!r} (data.text_field)')
+    text = record[self.field]
+    if not isinstance(text, str):
+      raise _BadLine(f'field {self.field!r} is {type(text).__name__}, not a string')
+    return text
 
   def __len__(self):
     return len(self._starts)
 
-  def __getitem__(self, index) -> str:
+  def __getitem__(self, index):
     path = self.paths[self._file_ids[index]]
     where = f'{path}:{self._lines[index]}'
     with open(path, 'rb') as f:
       f.seek(int(self._starts[index]))
       raw = f.read(int(self._lengths[index]))
     try:
-      record = json.loads(raw)
+      element = self.parse(json.loads(raw))
+      self._any_good = True
+      return element
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise DataError(f'{where}: malformed JSON line ({e})') from None
-    if not isinstance(record, dict) or self.field not in record:
-      raise DataError(f'{where}: no field {self.field!r} (data.text_field)')
-    text = record[self.field]
-    if not isinstance(text, str):
-      raise DataError(f'{where}: field {self.field!r} is '
-                      f'{type(text).__name__}, not a string')
-    return text
+      reason = f'malformed JSON line ({e})'
+    except _BadLine as e:
+      reason = str(e)
+    if self.skip_bad_lines:
+      logging.log_first_n(logging.WARNING, '%s: skipped: %s', 20, where, reason)
+      if not self._any_good:
+        self._bad.add(int(index))
+        if len(self._bad) == len(self):
+          raise DataError(f'every line of {", ".join(self.paths)} is malformed '
+                          f'(the last, {where}: {reason})')
+      return None
+    raise DataError(f'{where}: {reason} (or set --config.data.skip_bad_lines=True '
+                    'to skip such lines)')
 
 
 class ArrayRecordDocuments:
@@ -210,7 +255,9 @@ def documents(data_cfg, split: str, *, vocab_size: int, seq_len: int) -> grain.M
   """The documents of `split` (`train` or `eval`) as a grain MapDataset.
 
   Elements are `str`, except for `synthetic`, whose elements are int32 token
-  arrays (ids below `vocab_size`, up to `2 * seq_len` tokens long).
+  arrays (ids below `vocab_size`, up to `2 * seq_len` tokens long), and `sft`,
+  whose elements are lists of `(text, counts)` segments (built-in examples
+  have `seq_len` characters). A skipped bad line reads as None.
   """
   if split not in ('train', 'eval'):
     raise ValueError(f'split={split!r}: must be train or eval')
@@ -224,11 +271,18 @@ def documents(data_cfg, split: str, *, vocab_size: int, seq_len: int) -> grain.M
     raise DataError(f'data.source={source!r}: the data pipeline reads '
                     f'{", ".join(SOURCES)}')
   field = f'{split}_files'
+  if source == 'sft' and data_cfg[field].strip() == 'builtin':
+    return grain.MapDataset.source(sft.BuiltinExamples(split, seq_len))
   paths = expand_globs(data_cfg[field], field)
+  skip = bool(data_cfg.get('skip_bad_lines', False))
   if source == 'text':
     return grain.MapDataset.source(TextDocuments(paths))
   if source == 'jsonl':
-    return grain.MapDataset.source(JsonlDocuments(paths, data_cfg.text_field))
+    return grain.MapDataset.source(
+        JsonlDocuments(paths, data_cfg.text_field, skip_bad_lines=skip))
+  if source == 'sft':
+    return grain.MapDataset.source(
+        JsonlDocuments(paths, parse=_sft_example, skip_bad_lines=skip))
   return grain.MapDataset.source(ArrayRecordDocuments(paths))
 
 

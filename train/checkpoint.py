@@ -22,6 +22,12 @@ previous one is used.
 `check_config` refuses to resume a workdir whose `config.json` describes a
 different model, naming the differing fields; `write_config` writes the fully
 resolved config there at start.
+
+Starting from another run (`train.init_checkpoint`, `dpo.init_checkpoint`):
+`resolve_init_checkpoint` finds the step folder of a workdir or checkpoint
+path, and `load_init_params` checks that the run there had the same model
+(refusing, with the differing fields named, if not) and restores only its
+parameters.
 """
 
 import json
@@ -247,3 +253,62 @@ def restore_params(path: str, abstract_params):
   """
   restored, step = restore_items(path, {'params': abstract_params})
   return restored['params'], step
+
+
+def resolve_init_checkpoint(path: str, field: str) -> tuple[str, str]:
+  """(workdir, checkpoint step folder) of an init path given in config `field`.
+
+  `path` is a workdir (its newest checkpoint) or a `DIR/checkpoints/STEP`
+  folder; anything else is a ConfigError naming `field`.
+  """
+  if not path:
+    raise configs.ConfigError(f'{field} is empty: give the workdir of a run '
+                              '(or one of its checkpoints/STEP folders)')
+  path = os.path.abspath(os.path.expanduser(path))
+  directory = os.path.join(path, 'checkpoints')
+  if os.path.isdir(directory):
+    steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+    if not steps:
+      raise configs.ConfigError(f'{field}={path!r}: no checkpoints in {directory}')
+    return path, os.path.join(directory, str(steps[-1]))
+  if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, 'state')):
+    return os.path.dirname(os.path.dirname(path)), path
+  raise configs.ConfigError(f'{field}={path!r} is neither a workdir with '
+                            'checkpoints/ nor a checkpoints/STEP folder')
+
+
+def load_init_params(cfg, step_dir: str, init_workdir: str, abstract_state, *,
+                     field: str):
+  """(params, model_state) of another run's checkpoint, for this run's model.
+
+  The run in `init_workdir` must have written a `config.json` describing the
+  same model as `cfg` (runtime-only fields such as `attention_impl` may
+  differ); otherwise a ConfigError names `field` and the differing fields.
+  Only `params` and `model_state` are read (orbax partial restore), into the
+  shapes, dtypes and shardings of `abstract_state`, so the init run's
+  optimizer does not matter.
+  """
+  config_path = os.path.join(init_workdir, 'config.json')
+  if not os.path.exists(config_path):
+    raise configs.ConfigError(f'{config_path} not found: {field} must belong to '
+                              'an ablax workdir')
+  with open(config_path) as f:
+    saved = json.load(f)
+  shape, runtime = model_differences(saved, cfg)
+  if shape:
+    raise configs.ConfigError(
+        f'{field}: {init_workdir} holds a different model; differing fields:\n  '
+        + '\n  '.join(shape) +
+        '\nSet these fields to the init run\'s values.')
+  if runtime:
+    logging.info('%s: runtime model fields differ from the init run: %s', field,
+                 '; '.join(runtime))
+  saved_tokenizer = saved.get('data', {}).get('tokenizer', cfg.data.tokenizer)
+  if saved_tokenizer != cfg.data.tokenizer:
+    logging.warning('data.tokenizer=%r differs from the %r of %s (%s)',
+                    cfg.data.tokenizer, saved_tokenizer, init_workdir, field)
+  # An empty model_state (the decoder's) has nothing to read.
+  keys = ['params'] + (['model_state'] if jax.tree.leaves(abstract_state['model_state'])
+                       else [])
+  restored, _ = restore_items(step_dir, {k: abstract_state[k] for k in keys})
+  return restored['params'], restored.get('model_state', abstract_state['model_state'])

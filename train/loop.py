@@ -15,6 +15,11 @@ Safety:
 - re-running on the same workdir resumes from the newest loadable
   checkpoint, including the data iterator's position, so the run continues
   exactly (bitwise, on the same hardware) as if it had never stopped.
+
+`train.init_checkpoint` starts a fresh run from another run's parameters
+(fine-tuning, e.g. SFT after pretraining): the model must be the same, the
+optimizer, step and schedule start fresh; a workdir that already holds
+checkpoints resumes from them and ignores it.
 """
 
 import os
@@ -23,6 +28,7 @@ import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
@@ -165,11 +171,31 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   ckpt = checkpoint_lib.Checkpointer(workdir, every_steps=t.checkpoint_every_steps,
                                      keep=t.keep_checkpoints)
   state, step = ckpt.restore_latest(abstract_state, train_iter)
-  if state is None:
+  init_checkpoint = t.get('init_checkpoint') or ''
+  if state is None and init_checkpoint:
+    # Fine-tuning (e.g. SFT after pretraining): another run's parameters, a
+    # fresh optimizer, step and schedule.
+    init_workdir, step_dir = checkpoint_lib.resolve_init_checkpoint(
+        init_checkpoint, 'train.init_checkpoint')
+    params, model_state = checkpoint_lib.load_init_params(
+        cfg, step_dir, init_workdir, abstract_state, field='train.init_checkpoint')
+
+    def init_from(params, model_state):
+      # init()'s random parameters are unused here, so XLA never computes them.
+      return dict(init(), params=params, model_state=model_state,
+                  opt_state=optimizer.init(jax.tree.map(
+                      lambda x: x.astype(jnp.float32), params)))
+
+    state = jax.jit(init_from, out_shardings=state_shardings)(params, model_state)
+    step = 0
+    logging.info('initialised %s parameters from %s',
+                 f'{model_lib.count_params(cfg.model):,}', step_dir)
+  elif state is None:
     state, step = jax.jit(init, out_shardings=state_shardings)(), 0
     logging.info('initialised %s parameters', f'{model_lib.count_params(cfg.model):,}')
   else:
-    logging.info('resumed from %s/%d', ckpt.directory, step)
+    logging.info('resumed from %s/%d%s', ckpt.directory, step,
+                 ' (train.init_checkpoint is ignored on resume)' if init_checkpoint else '')
   if step >= t.steps:
     logging.info('workdir %s is already at step %d of %d', workdir, step, t.steps)
 
