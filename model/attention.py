@@ -73,7 +73,11 @@ class Attention(nnx.Module):
     return y
 
   def project(self, x, positions):
-    """q [b, t, n, h] and k, v [b, t, kv, h], normed and rotated at positions [b, t]."""
+    """q [b, t, n, h] and k, v [b, t, kv, h], normed and rotated at positions [b, t].
+
+    positions=None leaves q and k unrotated, for a cache that stores keys before
+    RoPE and rotates them later with `rotate` (StreamingLLM's cache positions).
+    """
     x = x.astype(self.dtype)
     bias = lambda name: getattr(self, name) if self.use_bias else None
     q = self._proj(x, self.wq, bias('bq'))
@@ -81,13 +85,17 @@ class Attention(nnx.Module):
     v = self._proj(x, self.wv, bias('bv'))
     if self.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
-    if self.position == 'rope':
-      scaling = None if self.rope_scaling is None else dict(self.rope_scaling)
-      cos, sin = positions_lib.rope_cos_sin(
-          positions, self.head_dim, self.rope_theta, scaling)
-      q = positions_lib.apply_rope(q, cos, sin)
-      k = positions_lib.apply_rope(k, cos, sin)
+    if positions is not None:
+      q, k = self.rotate(q, positions), self.rotate(k, positions)
     return q, k, v
+
+  def rotate(self, x, positions):
+    """RoPE on x [b, t, heads, h] at int positions [b, t]; x itself for other positions."""
+    if self.position != 'rope':
+      return x
+    scaling = None if self.rope_scaling is None else dict(self.rope_scaling)
+    cos, sin = positions_lib.rope_cos_sin(positions, self.head_dim, self.rope_theta, scaling)
+    return positions_lib.apply_rope(x, cos, sin)
 
   def attend(self, q, k, v, *, segment_ids=None, num_memory_tokens=0):
     """Causal attention of q over k, v; [b, t, n, h]."""
