@@ -36,6 +36,7 @@ from model import attention as attention_lib
 from model import mlp as mlp_lib
 from model import moe
 from model import norms
+from model import partitioning
 from model import positions as positions_lib
 
 REMAT_POLICIES = {
@@ -74,7 +75,11 @@ class Embed(nnx.Module):
 
   def __call__(self, tokens):
     """int [b, t] -> [b, t, d] in the compute dtype."""
-    return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+    # Gather the FSDP-split `embed` dimension of the table before the lookup,
+    # as for every other weight: a lookup into the split table would hand an
+    # embed-split result to the batch-split residual stream.
+    table = partitioning.constrain(self.embedding[...], ('vocab', None))
+    return jnp.take(table, tokens, axis=0).astype(self.dtype)
 
   def attend(self, x):
     """Logits against the embedding rows: [b, t, d] -> float32 [b, t, vocab]."""
@@ -223,6 +228,9 @@ class Decoder(nnx.Module):
       if segment_ids is not None:
         segment_ids = jnp.concatenate(
             [jnp.broadcast_to(segment_ids[:, :1], (b, m)), segment_ids], axis=1)
+    # The residual stream is split by batch only (see `model.partitioning`).
+    residual_axes = ('batch', None, 'embed')
+    x = partitioning.constrain(x, residual_axes)
 
     call = _call_block
     if self.remat != 'none':
@@ -231,12 +239,13 @@ class Decoder(nnx.Module):
     for i, block in enumerate(self.blocks):
       with jax.named_scope(f'layer_{i}'):
         x, aux = call(block, x, positions, segment_ids)
+      x = partitioning.constrain(x, residual_axes)
       if aux:
         moe_aux.append(aux)
 
     x = x[:, m:]
     with jax.named_scope('head'):
-      logits = self.logits(x)
+      logits = partitioning.constrain(self.logits(x), ('batch', None, 'vocab'))
     # Each MoE statistic is averaged over the MoE layers.
     aux = {key: sum(a[key] for a in moe_aux) / len(moe_aux) for key in moe_aux[0]} if moe_aux else {}
     return logits, aux

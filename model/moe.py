@@ -51,6 +51,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model import mlp as mlp_lib
+from model import partitioning
 
 GROUPED_MATMULS = ('auto', 'ragged', 'blocked')
 
@@ -149,7 +150,12 @@ class MoE(nnx.Module):
 
   def _param(self, name):
     p = getattr(self, name, None)
-    return None if p is None else p[...].astype(self.dtype)
+    if p is None:
+      return None
+    # Gather the FSDP-split `embed` dimension before the grouped matmuls, as
+    # for a dense weight (see `model.partitioning`); experts and mlp stay split.
+    axes = tuple(None if a == 'embed' else a for a in p.get_metadata()['logical_axes'])
+    return partitioning.constrain(p[...], axes).astype(self.dtype)
 
   def _mlp(self, x, matmul, add_bias):
     """act(x W_gate) * (x W_up) W_down (or act(x W_up) W_down), with biases if any."""

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from model import partitioning
+
 
 def _scaling_get(scaling, key, default=None):
   return scaling.get(key, default) if scaling is not None else default
@@ -146,7 +148,9 @@ class LearnedPositions(nnx.Module):
       raise ValueError(
           f'sequence length {positions.shape[-1]} exceeds model.max_seq_len='
           f'{self.max_seq_len}, the size of the learned position table')
-    return jnp.take(self.table[...], positions, axis=0)
+    # Gather the FSDP-split `embed` dimension first (see `model.partitioning`).
+    table = partitioning.constrain(self.table[...], (None, None))
+    return jnp.take(table, positions, axis=0)
 
 
 def segment_positions(segment_ids):

@@ -155,10 +155,15 @@ MESHES = [
 @pytest.mark.parametrize('name,spec,axes,expected,sharded_init', MESHES,
                          ids=[m[0] for m in MESHES])
 def test_same_losses_as_one_device_and_parameters_sharded_by_the_rules(
-    name, spec, axes, expected, sharded_init):
+    name, spec, axes, expected, sharded_init, capfd):
   del name
   want_losses, want_params, initial = one_device(spec)
+  capfd.readouterr()
   losses, state, mesh, start = train(spec, axes, None if sharded_init else initial)
+  # The activation constraints (model/partitioning.py) leave the partitioner
+  # no sharding it can only reach by replicating a whole tensor; XLA logs
+  # that case on stderr while compiling.
+  assert 'Involuntary full rematerialization' not in capfd.readouterr().err
   # The sharded init makes the very parameters of the one-device init.
   for got, want in zip(jax.tree.leaves(start), jax.tree.leaves(initial['params'])):
     np.testing.assert_array_equal(got, want)
@@ -192,3 +197,25 @@ def test_same_losses_as_one_device_and_parameters_sharded_by_the_rules(
                                jax.tree.leaves(want_params)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5,
                                err_msg=jax.tree_util.keystr(path))
+
+
+def test_activation_constraints_follow_the_rules_and_only_inside_the_context():
+  from model import partitioning
+  mesh = mesh_lib.make_mesh(mesh_cfg(data=2, fsdp=2, tensor=2), jax.devices())
+  x = np.zeros((8, 4, 64), np.float32)
+
+  def f(x):
+    return (partitioning.constrain(x, ('batch', None, 'embed')),
+            partitioning.constrain(x, ('batch', None, 'vocab')))
+
+  def in_context(x):
+    with sharding.activation_sharding(mesh):
+      return f(x)
+
+  residual, logits = jax.jit(in_context)(x)
+  # `embed` would reuse fsdp, which already splits the batch: it stays whole.
+  assert strip(residual.sharding.spec) == (('data', 'fsdp'),)
+  assert strip(logits.sharding.spec) == (('data', 'fsdp'), None, 'tensor')
+  # Without the context the hints are the identity: nothing is constrained.
+  plain = jax.jit(f)(jax.device_put(x, jax.devices()[0]))
+  assert all(len(a.sharding.device_set) == 1 for a in plain)

@@ -30,6 +30,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import configs
+from model import partitioning
 
 # Logical axis -> mesh axes that split it (None: never split).
 RULES: dict[str, tuple[str, ...] | None] = {
@@ -119,6 +120,14 @@ def state_shardings(mesh: Mesh, abstract_state):
       return leaf.replace(NamedSharding(mesh, spec))
     return NamedSharding(mesh, PartitionSpec())
   return jax.tree_util.tree_map_with_path(one, abstract_state, is_leaf=is_variable)
+
+
+def activation_sharding(mesh: Mesh):
+  """The context that maps `model.partitioning.constrain`'s logical names onto
+  `mesh` with `RULES` while a step is traced."""
+  def fn(logical_axes, shape):
+    return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh))
+  return partitioning.activation_sharding(fn)
 
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:

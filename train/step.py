@@ -221,8 +221,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
 
   def train_step(state, batch):
     rng = jax.random.fold_in(state['rng'], state['step'])
-    grads, sums = _summed_grads(loss_fn, graphdef, state['params'],
-                                state['model_state'], batch, rng, accum, mesh)
+    with sharding.activation_sharding(mesh):
+      grads, sums = _summed_grads(loss_fn, graphdef, state['params'],
+                                  state['model_state'], batch, rng, accum, mesh)
     # The gradient of the weighted mean: divide the summed gradient once.
     weight = jnp.maximum(sums['weight'], 1e-9)
     grads = jax.tree.map(lambda g: g / weight, grads)
@@ -251,7 +252,8 @@ def make_eval_step(loss_fn: LossFn, *, graphdef: nnx.GraphDef, state_shardings,
   by `weight`; `eval_metrics` does it)."""
   def eval_step(state, batch):
     model = nnx.merge(graphdef, state['params'], state['model_state'])
-    _, metrics = loss_fn(model, batch, jax.random.PRNGKey(0))
+    with sharding.activation_sharding(mesh):
+      _, metrics = loss_fn(model, batch, jax.random.PRNGKey(0))
     return jax.tree.map(lambda x: x.astype(jnp.float32), metrics)
 
   replicated = NamedSharding(mesh, PartitionSpec())
