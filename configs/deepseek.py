@@ -15,6 +15,7 @@ which `moe_layer_interval` cannot express).
 
 from configs import _sizes
 from configs import base
+from configs import llama
 
 SHAPES = {
     'tiny': dict(d_model=64, num_layers=2, num_heads=4, num_kv_heads=4, d_ff=192,
@@ -28,15 +29,8 @@ def get_config(arg=None):
   config = base.get_config()
   _sizes.apply(config, arg, SHAPES)
   m = config.model
-  m.norm_type = 'rmsnorm'
-  m.norm_position = 'pre'
+  llama.set_layout(m)
   m.norm_eps = 1e-6
-  m.position = 'rope'
-  m.rope_theta = 10000.0
-  m.mlp_activation = 'silu'
-  m.mlp_gated = True
-  m.use_bias = False
-  m.tie_embeddings = False
   m.moe_layer_interval = 1
   m.moe_capacity_factor = None
   m.moe_renormalize = False

@@ -18,10 +18,8 @@ SHAPES = {
 }
 
 
-def get_config(arg=None):
-  config = base.get_config()
-  _sizes.apply(config, arg, SHAPES)
-  m = config.model
+def set_layout(m):
+  """The LLaMA flags on `config.model`; the presets built on LLaMA start here."""
   m.norm_type = 'rmsnorm'
   m.norm_position = 'pre'
   m.norm_eps = 1e-5
@@ -31,4 +29,10 @@ def get_config(arg=None):
   m.mlp_gated = True
   m.use_bias = False
   m.tie_embeddings = False
+
+
+def get_config(arg=None):
+  config = base.get_config()
+  _sizes.apply(config, arg, SHAPES)
+  set_layout(config.model)
   return config

@@ -12,6 +12,7 @@ here, so the window matters during training).
 
 from configs import _sizes
 from configs import base
+from configs import llama
 
 SHAPES = {
     'tiny': dict(d_model=64, num_layers=2, num_heads=4, num_kv_heads=1, d_ff=192,
@@ -25,14 +26,6 @@ def get_config(arg=None):
   config = base.get_config()
   _sizes.apply(config, arg, SHAPES)
   m = config.model
-  m.norm_type = 'rmsnorm'
-  m.norm_position = 'pre'
-  m.norm_eps = 1e-5
-  m.position = 'rope'
-  m.rope_theta = 10000.0
-  m.mlp_activation = 'silu'
-  m.mlp_gated = True
-  m.use_bias = False
-  m.tie_embeddings = False
+  llama.set_layout(m)
   m.global_layer_interval = None
   return config

@@ -15,6 +15,7 @@ the released Mixtral configs, attention is global (no sliding window; add
 
 from configs import _sizes
 from configs import base
+from configs import llama
 
 SHAPES = {
     'tiny': dict(d_model=64, num_layers=2, num_heads=4, num_kv_heads=1, d_ff=128),
@@ -26,15 +27,8 @@ def get_config(arg=None):
   config = base.get_config()
   _sizes.apply(config, arg, SHAPES)
   m = config.model
-  m.norm_type = 'rmsnorm'
-  m.norm_position = 'pre'
-  m.norm_eps = 1e-5
-  m.position = 'rope'
+  llama.set_layout(m)
   m.rope_theta = 1e6
-  m.mlp_activation = 'silu'
-  m.mlp_gated = True
-  m.use_bias = False
-  m.tie_embeddings = False
   m.num_experts = 8
   m.experts_per_token = 2
   m.num_shared_experts = 0

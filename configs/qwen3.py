@@ -12,6 +12,7 @@ num_heads x head_dim is twice d_model (Qwen3-0.6B: 16 x 128 over 1024).
 
 from configs import _sizes
 from configs import base
+from configs import llama
 
 SHAPES = {
     'tiny': dict(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
@@ -25,14 +26,9 @@ def get_config(arg=None):
   config = base.get_config()
   _sizes.apply(config, arg, SHAPES)
   m = config.model
-  m.norm_type = 'rmsnorm'
-  m.norm_position = 'pre'
+  llama.set_layout(m)
   m.norm_eps = 1e-6
-  m.position = 'rope'
   m.rope_theta = 1e6
-  m.mlp_activation = 'silu'
-  m.mlp_gated = True
-  m.use_bias = False
   m.tie_embeddings = True
   m.qk_norm = True
   return config
