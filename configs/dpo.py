@@ -14,8 +14,21 @@ At step 0 the loss is ln 2 = 0.693 and the rewards are 0. Observed on CPU
 `dpo_eval/reward_accuracy` 0.59 / 0.67 / 0.70 / 0.71 at steps 50 / 100 / 150 /
 200 (128 eval pairs), eval loss 0.532, chosen log-probs 5.3 nats (of about 64
 tokens) below the reference's.
+
+A workdir instead of a size takes that run's model and tokenizer from its
+`config.json` and makes it the init checkpoint: the way to DPO-train a model
+`python -m model.hf import` brought in (any model shape, no overrides):
+
+    python -m model.hf import /path/to/hf_llama --workdir /tmp/imported
+    python -m align --config configs/dpo.py:/tmp/imported --workdir /tmp/imported_dpo
+
+(rows of at most 256 tokens, half of them prompt, with the `tiny` schedule).
 """
 
+import json
+import os
+
+from configs import ConfigError
 from configs import llama
 
 DPO_TRAIN = {
@@ -28,8 +41,28 @@ DPO_TRAIN = {
 }
 
 
+def _from_workdir(config, workdir: str) -> None:
+  """The model and tokenizer of the run in `workdir`, its init checkpoint."""
+  path = os.path.join(workdir, 'config.json')
+  with open(path) as f:
+    saved = json.load(f)
+  for field, value in saved['model'].items():
+    config.model[field] = value
+  config.data.tokenizer = saved['data']['tokenizer']
+  config.dpo.init_checkpoint = os.path.abspath(workdir)
+  # Imported models may allow 128k positions; preference rows stay short.
+  config.dpo.max_len = min(config.model.max_seq_len, 256)
+  config.dpo.max_prompt_len = config.dpo.max_len // 2
+
+
 def get_config(arg=None):
   size = arg or 'tiny'
+  workdir = None
+  if size not in DPO_TRAIN:
+    if not os.path.isfile(os.path.join(os.path.expanduser(size), 'config.json')):
+      raise ConfigError(f'configs/dpo.py:{size}: neither a size ({", ".join(DPO_TRAIN)}) '
+                        'nor an ablax workdir (a folder with config.json)')
+    workdir, size = os.path.expanduser(size), 'tiny'
   config = llama.get_config(size)
   for field, value in DPO_TRAIN.get(size, DPO_TRAIN['tiny']).items():
     config.train[field] = value
@@ -46,4 +79,6 @@ def get_config(arg=None):
   d.max_prompt_len = 64
   d.max_len = config.model.max_seq_len
   d.skip_bad_lines = False        # True: skip malformed JSONL lines and log the count
+  if workdir is not None:
+    _from_workdir(config, workdir)
   return config

@@ -566,7 +566,6 @@ def save(cfg, decoder, hf_dir: str) -> None:
 
 def import_to_workdir(hf_dir: str, workdir: str):
   """Writes `workdir/config.json` and an orbax checkpoint at step 0."""
-  from data import pipeline  # pylint: disable=g-import-not-at-top
   from train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   from train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from train import optim  # pylint: disable=g-import-not-at-top
@@ -584,7 +583,9 @@ def import_to_workdir(hf_dir: str, workdir: str):
   params = nnx.state(decoder, nnx.Param)
   state['params'] = jax.device_put(params, shardings['params'])
   ckpt = checkpoint_lib.Checkpointer(workdir, every_steps=1, keep=cfg.train.keep_checkpoints)
-  ckpt.save(0, state, pipeline.make_iterator(cfg, 'train'), force=True)
+  # No data-iterator state: training on from here reads its own data from the
+  # start, whatever data config (source, batch, workers) it uses.
+  ckpt.save(0, state, force=True)
   ckpt.close()
   return cfg
 

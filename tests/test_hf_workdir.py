@@ -1,14 +1,25 @@
 """python -m model.hf import / export: HF folder -> ablax workdir -> HF folder."""
 
 import json
+import math
 import os
 
-import numpy as np
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
 from safetensors.numpy import load_file
 
+import configs
+import model as model_lib
+from data import pipeline
 from model import hf
 from tests import hf_families
+from train import loop as train_loop
+from train import mesh as mesh_lib
+from train import optim
+from train import step as step_lib
 
 
 def test_import_workdir_then_export(tmp_path):
@@ -33,3 +44,90 @@ def test_import_workdir_then_export(tmp_path):
   assert sorted(before) == sorted(after)
   for name in before:
     np.testing.assert_array_equal(before[name], after[name], err_msg=name)
+
+
+# -- an imported workdir is an ordinary workdir --------------------------------
+
+
+@pytest.fixture(scope='module')
+def imported(tmp_path_factory):
+  """A tiny random transformers Llama (Llama 3 RoPE scaling, GQA), imported."""
+  root = tmp_path_factory.mktemp('imported')
+  model = hf_families.make_hf_model('llama', vocab_size=320)
+  model.save_pretrained(root / 'hf')
+  hf.main(['import', str(root / 'hf'), '--workdir', str(root / 'work')])
+  return root
+
+
+def _saved_config(workdir):
+  with open(os.path.join(workdir, 'config.json')) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def test_training_goes_on_from_an_imported_workdir(imported):
+  workdir = str(imported / 'work')
+  (imported / 'doc.txt').write_text('import os\nprint(os.getcwd())\n' * 20)
+  cfg = _saved_config(workdir)
+  # Another data config than the import's defaults, as a user would train on.
+  cfg.data.source, cfg.data.train_files = 'text', str(imported / 'doc.txt')
+  for field, value in dict(steps=2, seq_len=32, global_batch_size=8, eval_steps=0,
+                           warmup_steps=1, log_every_steps=1,
+                           checkpoint_every_steps=2).items():
+    cfg.train[field] = value
+  configs.validate(cfg)
+  # The first batch the run will read (the import saved no data position);
+  # 1 grain worker reads the same batches as none, in another iterator state.
+  it = pipeline.make_iterator(cfg, 'train')
+  batch = next(it)
+  it.close()
+  cfg.data.worker_count = 1
+  summary = train_loop.train_and_evaluate(cfg, workdir)
+  assert summary['status'] == 'done' and sorted(summary['losses']) == [1, 2]
+  assert sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints'))) == [0, 2]
+
+  # Step 1's loss is the imported model's cross-entropy on that batch.
+  _, decoder = hf.load(str(imported / 'hf'))
+  logits, _ = decoder(jnp.asarray(batch['inputs']), segment_ids=jnp.asarray(
+      batch['segment_ids']), positions=jnp.asarray(batch['positions']))
+  logits = np.asarray(logits, np.float64)
+  top = logits.max(-1, keepdims=True)
+  logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(logp, batch['targets'][..., None], -1)[..., 0]
+  want = (nll * batch['loss_mask']).sum() / batch['loss_mask'].sum()
+  np.testing.assert_allclose(summary['losses'][1], want, rtol=1e-5)
+  assert summary['losses'][2] != summary['losses'][1]
+
+
+def test_an_imported_workdir_is_a_dpo_init_checkpoint(imported, tmp_path):
+  from align import loop as align_loop  # pylint: disable=g-import-not-at-top
+  workdir = str(imported / 'work_for_dpo')
+  hf.main(['import', str(imported / 'hf'), '--workdir', workdir])
+  # `configs/dpo.py:DIR` takes the model and tokenizer from the workdir.
+  cfg = configs.load(f'configs/dpo.py:{workdir}', [
+      'dpo.max_prompt_len=16', 'dpo.max_len=32', 'train.global_batch_size=8',
+      'train.steps=1', 'train.eval_steps=0', 'train.warmup_steps=1',
+      'train.log_every_steps=1'])
+  assert cfg.dpo.init_checkpoint == workdir
+  assert cfg.model.to_dict() == _saved_config(workdir).model.to_dict()
+
+  # The reference is the imported parameters, bit for bit.
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  model_fn = lambda: model_lib.Decoder(cfg.model, rngs=nnx.Rngs(0))
+  optimizer, _ = optim.make_optimizer(cfg.train)
+  _, _, _, shardings = step_lib.train_state_spec(model_fn, optimizer, mesh, 0)
+  init_workdir, step_dir = align_loop.resolve_init_checkpoint(cfg.dpo.init_checkpoint)
+  assert step_dir == os.path.join(workdir, 'checkpoints', '0')
+  reference, _ = align_loop.load_reference(cfg, step_dir, init_workdir, mesh,
+                                           shardings['params'], model_fn)
+  _, decoder = hf.load(str(imported / 'hf'))
+  want = nnx.to_flat_state(nnx.state(decoder, nnx.Param))
+  got = nnx.to_flat_state(reference)
+  assert [p for p, _ in got] == [p for p, _ in want]
+  for (path, a), (_, b) in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()),
+                                  err_msg=str(path))
+
+  # And align runs from it: policy = reference at step 1, so the loss is ln 2.
+  summary = align_loop.train_and_evaluate(cfg, str(tmp_path / 'dpo'))
+  assert summary['status'] == 'done'
+  assert summary['losses'][1] == pytest.approx(math.log(2), abs=1e-6)
