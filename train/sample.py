@@ -423,6 +423,10 @@ def main(argv=None):
                            'model.sliding_window, else model.max_seq_len - N)')
   args = parser.parse_args(argv)
   cfg, decoder = hf.load_workdir(args.workdir)
+  try:
+    streaming_config(cfg.model, args.streaming_sinks, args.streaming_window)
+  except ValueError as e:
+    parser.error(str(e))
   tok = tokenizers.get_tokenizer(cfg.data.tokenizer)
   prompts = [tok.encode(p) for p in args.prompt]
   if tok.bos_id is not None:
