@@ -16,6 +16,13 @@ stage's built-in pairs); give JSONL globs of `{"prompt", "response"}` or
 `{"messages": [...]}` lines for your own (`docs/data.md`). Only the parameters
 of the init checkpoint are loaded: the optimizer, step and schedule start
 fresh, and `eval/loss` is the loss on response tokens only.
+
+Observed on a 2-core CPU (`tiny`, from the 200-step `llama.py:tiny`
+pretraining; about 40 s): `eval/loss` on held-out responses 2.74 at step 0
+(the pretrained model) and 2.69 / 2.66 / 2.63 / 2.61 at steps 25 / 50 / 75 /
+100. The DPO stage from this workdir (`configs/dpo.py:tiny`) then reached a
+held-out `dpo_eval/reward_accuracy` of 0.62 / 0.61 / 0.67 / 0.68 at steps 50 /
+100 / 150 / 200 (eval loss 0.562).
 """
 
 from configs import llama
