@@ -21,6 +21,11 @@ its last `max_prompt_len` tokens; the whole sequence is cut to `max_len`
 tokens at the end of the response (a cut response loses its EOS). Rows are
 `max_len` wide: `inputs = tokens[:-1]`, `targets = tokens[1:]`, and
 `loss_mask` is 1 only where the target is a response token or its EOS.
+
+Every example carries `pair_index`, its position in the split's pair list
+(stable across shuffling, epochs and processes), by which the DPO loop looks
+up precomputed reference log-probs (`dpo.precompute_reference`);
+`ordered_batches` reads a split's pairs once, in that order.
 """
 
 import json
@@ -127,6 +132,17 @@ class TokenizePair:
     return out
 
 
+class IndexedPair:
+  """(pair index, pair) -> the rows of `TokenizePair` and `pair_index`."""
+
+  def __init__(self, tokenize: TokenizePair, num_pairs: int):
+    self.tokenize, self.num_pairs = tokenize, num_pairs
+
+  def __call__(self, index: int, pair):
+    # grain passes later epochs' indices unwrapped (epoch * num_pairs + i).
+    return dict(self.tokenize(pair), pair_index=np.int32(index % self.num_pairs))
+
+
 def _stack(rows):
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
@@ -161,30 +177,58 @@ def pairs_for(cfg, split: str):
   return pairs
 
 
-def make_iterator(cfg, split: str = 'train', process_index: int = 0,
-                  process_count: int = 1) -> grain.DatasetIterator:
-  """A checkpointable iterator of this process's DPO batches.
-
-  Each batch is a dict of [global_batch_size // process_count, max_len] numpy
-  arrays: `chosen_*` and `rejected_*` for the fields of `SIDE_KEYS`. `train`
-  shuffles with `data.shuffle_seed` and repeats forever; `eval` reads the
-  first `train.eval_steps` batches in order, the same ones on every call.
-  """
+def _tokenizer(cfg, num_pairs: int) -> IndexedPair:
   check_lengths(cfg.dpo)
   tokenizer = tokenizers.get_tokenizer(cfg.data.tokenizer)
   if tokenizer.vocab_size > cfg.model.vocab_size:
     raise DataError(f'data.tokenizer={cfg.data.tokenizer!r} has '
                     f'{tokenizer.vocab_size} ids but model.vocab_size='
                     f'{cfg.model.vocab_size}')
+  return IndexedPair(TokenizePair(tokenizer, cfg.dpo.max_prompt_len, cfg.dpo.max_len),
+                     num_pairs)
+
+
+def ordered_batches(cfg, split: str, batch_size: int, count: int | None = None):
+  """Pairs 0 .. count - 1 of `split` (default: all), once and in order.
+
+  Yields batches of `batch_size` rows with the fields of `make_iterator`; the
+  last one is filled up with empty rows (all zero, `pair_index` -1).
+  """
+  pairs = pairs_for(cfg, split)
+  tokenize = _tokenizer(cfg, len(pairs))
+  count = len(pairs) if count is None else min(count, len(pairs))
+  for start in range(0, count, batch_size):
+    rows = [tokenize(i, pairs[i]) for i in range(start, min(start + batch_size, count))]
+    empty = {k: np.zeros_like(v) for k, v in rows[0].items()}
+    empty['pair_index'] = np.int32(-1)
+    yield _stack(rows + [empty] * (batch_size - len(rows)))
+
+
+def num_pairs(cfg, split: str) -> int:
+  return len(pairs_for(cfg, split))
+
+
+def make_iterator(cfg, split: str = 'train', process_index: int = 0,
+                  process_count: int = 1) -> grain.DatasetIterator:
+  """A checkpointable iterator of this process's DPO batches.
+
+  Each batch is a dict of [global_batch_size // process_count, max_len] numpy
+  arrays: `chosen_*` and `rejected_*` for the fields of `SIDE_KEYS`, and
+  `pair_index` int32 [global_batch_size // process_count]. `train` shuffles
+  with `data.shuffle_seed` and repeats forever; `eval` reads the first
+  `train.eval_steps` batches in order (pairs 0, 1, ..., wrapping around), the
+  same ones on every call.
+  """
   global_batch = cfg.train.global_batch_size
   if global_batch % process_count:
     raise DataError(f'train.global_batch_size={global_batch} does not divide '
                     f'over {process_count} processes')
-  ds = grain.MapDataset.source(pairs_for(cfg, split))
+  # Indexed before the shuffle: the index is the pair's place in the source.
+  pairs = pairs_for(cfg, split)
+  ds = grain.MapDataset.source(pairs).map_with_index(_tokenizer(cfg, len(pairs)))
   if split == 'train':
     ds = ds.shuffle(seed=cfg.data.shuffle_seed)
   ds = ds.repeat()[process_index::process_count]
-  ds = ds.map(TokenizePair(tokenizer, cfg.dpo.max_prompt_len, cfg.dpo.max_len))
   ds = ds.batch(global_batch // process_count, batch_fn=_stack)
   if split == 'eval':
     ds = ds[:cfg.train.eval_steps]

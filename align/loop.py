@@ -1,31 +1,41 @@
 """The DPO loop: `train_and_evaluate(cfg, workdir)`.
 
 Reads top to bottom in the sections of `train/loop.py` (mesh, workdir, data,
-reference and state, steps, checkpoint, metrics, loop) and reuses its parts:
-the mesh and sharding rules, the optimizer and schedule, the jitted step of
+state, reference, steps, metrics, loop) and reuses its parts: the mesh and
+sharding rules, the optimizer and schedule, the jitted step of
 `train/step.py` (with the DPO loss of `align/losses.py` instead of the LM
 loss), the orbax `Checkpointer`, the TensorBoard writer and the console.
 
 Reference model. `dpo.init_checkpoint` (a pretraining workdir, whose newest
 checkpoint is used, or one `DIR/checkpoints/STEP` folder) is loaded once; its
-parameters are the frozen reference, sharded like the policy, and a copy of
-them starts the policy. The reference is an argument of the jitted step, never
-part of the donated train state: its per-token log-probs are computed in the
-same jitted step as the policy's gradient, and nothing differentiates or
-updates them. Eval always scores against this frozen reference.
-`dpo.reference_free` skips it (log π_ref = 0).
+parameters start the policy (a copy) and are the frozen reference. The
+reference enters a step only as per-pair sequence log-probs, in one of two
+ways:
+
+- in the step (the default): the reference parameters, sharded like the
+  policy, are an argument of the jitted step, never part of the donated train
+  state; the step runs them without gradients, one gradient-accumulation
+  microbatch at a time, before the policy's forward and backward pass;
+- precomputed (`dpo.precompute_reference`): before training, the reference
+  scores every training pair, and the eval pairs, once in index order; the
+  per-pair sums are saved to `DIR/reference_logps.npz` (a resume reads them
+  instead of recomputing), the reference parameters are deleted from the
+  devices, and each batch brings its pairs' values, looked up by
+  `pair_index`. The steps then hold one model, not two.
+
+`dpo.reference_free` uses log π_ref = 0 and holds no reference either.
 
 Checkpoints go to the DPO workdir and hold exactly the state pretraining
 saves (params, optimizer state, step, RNG, data-iterator position), so the
 policy's parameter tree is the pretraining one and `train` code restores it
 unchanged. The reference is not saved again: `DIR/reference.json` records the
 checkpoint folder it came from, and a resumed run reloads that same folder.
+The loss of every step is checked before anything else happens at that step:
+a NaN or inf stops the run naming the step, with no checkpoint written for it.
 """
 
-import functools
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +58,7 @@ from train import step as step_lib
 
 METRICS = ('loss', 'rewards_chosen', 'rewards_rejected', 'reward_accuracy',
            'reward_margin', 'logps_chosen', 'logps_rejected', 'ref_gap_chosen')
+REFERENCE_FILE = 'reference_logps.npz'
 
 
 # ----------------------------------------------------------------------------
@@ -75,6 +86,124 @@ def load_reference(cfg, step_dir: str, init_workdir: str, mesh, param_shardings,
                                          field='dpo.init_checkpoint')
 
 
+def reference_mode(dpo_cfg) -> str:
+  """`free` (log π_ref = 0), `precomputed`, or `step` (a forward pass per step)."""
+  if dpo_cfg.reference_free:
+    return 'free'
+  return 'precomputed' if dpo_cfg.get('precompute_reference', False) else 'step'
+
+
+# ----------------------------------------------------------------------------
+# Reference log-probs.
+
+
+def reference_sums(graphdef, reference, model_state, batch, *, accum: int = 1,
+                   mesh=None):
+  """The reference's sequence log-probs of each pair, ([B, 1], [B, 1]).
+
+  With `accum` > 1 the forward runs one microbatch at a time, over the rows
+  `train.step` puts in each microbatch (i, i + accum, ...), so it needs the
+  activation memory of a microbatch, like the policy's pass.
+  """
+  sides = {k: v for k, v in batch.items() if k.startswith(('chosen_', 'rejected_'))}
+
+  def one(rows):
+    model = nnx.merge(graphdef, jax.lax.stop_gradient(reference), model_state)
+    chosen, rejected = losses.both_token_logps(model, rows)           # [b, t]
+    return jnp.sum(chosen, axis=-1), jnp.sum(rejected, axis=-1)       # [b]
+
+  if accum == 1:
+    chosen, rejected = one(sides)
+  else:
+    rows = sharding.batch_sharding(mesh).spec[0]
+
+    def split(x):                                   # [B, t] -> [accum, B / accum, t]
+      x = jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1)
+      return jax.lax.with_sharding_constraint(
+          x, NamedSharding(mesh, PartitionSpec(None, rows)))
+
+    chosen, rejected = jax.lax.map(one, jax.tree.map(split, sides))   # [accum, B / accum]
+    chosen, rejected = (jnp.swapaxes(x, 0, 1).reshape(-1) for x in (chosen, rejected))
+  return chosen[:, None], rejected[:, None]
+
+
+def _table_key(cfg, step_dir: str, counts: dict) -> str:
+  """What the precomputed values depend on; another key means recompute."""
+  d = cfg.dpo
+  return json.dumps({
+      'reference': step_dir, 'model': cfg.model.to_dict(),
+      'tokenizer': cfg.data.tokenizer, 'train_files': d.train_files,
+      'eval_files': d.eval_files, 'max_len': d.max_len,
+      'max_prompt_len': d.max_prompt_len,
+      'skip_bad_lines': d.get('skip_bad_lines', False), 'pairs': counts,
+  }, sort_keys=True, default=str)
+
+
+def load_reference_table(workdir: str, key: str) -> dict | None:
+  """The saved per-pair reference log-probs if they were made for `key`."""
+  path = os.path.join(workdir, REFERENCE_FILE)
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as saved:
+    if str(saved['key']) != key:
+      logging.info('%s was made for other data or another reference; recomputing',
+                   path)
+      return None
+    return {k: saved[k] for k in saved.files if k != 'key'}
+
+
+def precompute_reference(cfg, graphdef, reference, model_state, mesh,
+                         counts: dict[str, int]) -> dict[str, np.ndarray]:
+  """Scores pairs 0 .. counts[split] - 1 of each split with the reference.
+
+  Returns {'train_chosen', 'train_rejected', 'eval_chosen', ...}: float32
+  sequence log-probs indexed by `pair_index`. Batches are microbatch-sized
+  (`global_batch_size / grad_accum_steps` rows) when that splits over the
+  devices; every process gets the whole table.
+  """
+  t = cfg.train
+  batch_size = t.global_batch_size // t.grad_accum_steps
+  if batch_size % sharding.num_batch_shards(mesh):
+    batch_size = t.global_batch_size
+  batch_sharding = sharding.batch_sharding(mesh)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  score = jax.jit(
+      lambda ref, ms, batch: reference_sums(graphdef, ref, ms, batch),
+      in_shardings=(jax.tree.map(lambda x: x.sharding, reference), None, batch_sharding),
+      out_shardings=(replicated, replicated))
+  local = batch_size // jax.process_count()
+  lo = jax.process_index() * local
+  table = {}
+  for split, count in counts.items():
+    chosen = np.full(count, np.nan, np.float32)
+    rejected = np.full(count, np.nan, np.float32)
+    for batch in data_lib.ordered_batches(cfg, split, batch_size, count):
+      index = batch.pop('pair_index')
+      rows = train_loop.global_batch({k: v[lo:lo + local] for k, v in batch.items()},
+                                     batch_sharding)
+      c, r = score(reference, model_state, rows)
+      keep = index >= 0
+      chosen[index[keep]] = np.asarray(c.addressable_data(0))[keep, 0]
+      rejected[index[keep]] = np.asarray(r.addressable_data(0))[keep, 0]
+    table[f'{split}_chosen'], table[f'{split}_rejected'] = chosen, rejected
+  return table
+
+
+def device_batch(batch: dict, batch_sharding, table: dict | None = None,
+                 split: str = 'train') -> dict:
+  """A host batch of `align.data` -> global device arrays for the steps.
+
+  Drops `pair_index`; with a precomputed `table`, adds the pairs' reference
+  log-probs `ref_logps_chosen` / `ref_logps_rejected` [B, 1] looked up by it.
+  """
+  batch = dict(batch)
+  index = batch.pop('pair_index')
+  if table is not None:
+    batch['ref_logps_chosen'] = table[f'{split}_chosen'][index][:, None]
+    batch['ref_logps_rejected'] = table[f'{split}_rejected'][index][:, None]
+  return train_loop.global_batch(batch, batch_sharding)
+
+
 # ----------------------------------------------------------------------------
 # Steps.
 
@@ -83,35 +212,41 @@ def make_steps(cfg, mesh, graphdef, state_shardings, optimizer, schedule):
   """(train_step(state, reference, batch), eval_step(state, reference, batch)).
 
   Both are jitted with explicit shardings; the train step donates only the
-  state. They wrap the trainer's steps, adding the reference's per-token
-  log-probs to the batch first (without gradients).
+  state. They wrap the trainer's steps, adding the reference's sequence
+  log-probs to the batch first (without gradients). `reference` is the
+  reference parameters in the `step` mode and `{}` otherwise, when the batch
+  brings precomputed values (`device_batch`) or there is no reference.
   """
   loss_fn = losses.make_loss_fn(cfg.dpo)
+  accum = int(cfg.train.grad_accum_steps)
   inner_train = step_lib.make_train_step(
       loss_fn, optimizer, graphdef=graphdef, state_shardings=state_shardings,
-      mesh=mesh, grad_accum_steps=cfg.train.grad_accum_steps, schedule=schedule,
-      donate=False)
+      mesh=mesh, grad_accum_steps=accum, schedule=schedule, donate=False)
   inner_eval = step_lib.make_eval_step(
       loss_fn, graphdef=graphdef, state_shardings=state_shardings, mesh=mesh)
-  reference_free = bool(cfg.dpo.reference_free)
+  mode = reference_mode(cfg.dpo)
 
-  def with_reference(reference, model_state, batch):
-    if reference_free:
-      zeros = jnp.zeros(batch['chosen_targets'].shape, jnp.float32)
+  def with_reference(reference, model_state, batch, accum):
+    if mode == 'precomputed':
+      return batch
+    if mode == 'free':
+      zeros = jnp.zeros((batch['chosen_targets'].shape[0], 1), jnp.float32)
       return dict(batch, ref_logps_chosen=zeros, ref_logps_rejected=zeros)
     with jax.named_scope('reference'):
-      ref_model = nnx.merge(graphdef, jax.lax.stop_gradient(reference), model_state)
-      chosen, rejected = losses.both_token_logps(ref_model, batch)
+      chosen, rejected = reference_sums(graphdef, reference, model_state, batch,
+                                        accum=accum, mesh=mesh)
     return dict(batch, ref_logps_chosen=chosen, ref_logps_rejected=rejected)
 
   def train_step(state, reference, batch):
-    return inner_train(state, with_reference(reference, state['model_state'], batch))
+    return inner_train(state, with_reference(reference, state['model_state'], batch,
+                                             accum))
 
   def eval_step(state, reference, batch):
-    return inner_eval(state, with_reference(reference, state['model_state'], batch))
+    return inner_eval(state, with_reference(reference, state['model_state'], batch, 1))
 
   replicated = NamedSharding(mesh, PartitionSpec())
-  shardings = (state_shardings, state_shardings['params'], sharding.batch_sharding(mesh))
+  reference_shardings = state_shardings['params'] if mode == 'step' else {}
+  shardings = (state_shardings, reference_shardings, sharding.batch_sharding(mesh))
   return (jax.jit(train_step, in_shardings=shardings,
                   out_shardings=(state_shardings, replicated), donate_argnums=(0,)),
           jax.jit(eval_step, in_shardings=shardings, out_shardings=replicated))
@@ -145,6 +280,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   """
   t = cfg.train
   data_lib.check_lengths(cfg.dpo)
+  mode = reference_mode(cfg.dpo)
   # ---------------------------------------------------------------- Mesh.
   mesh = mesh_lib.make_mesh(cfg.mesh)
   sharding.check_batch(mesh, t.global_batch_size, t.grad_accum_steps)
@@ -171,44 +307,66 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   train_iter = data_lib.make_iterator(cfg, 'train', *process)
   do_eval = t.eval_steps > 0 and bool(cfg.dpo.eval_files)
 
-  def eval_batches():
-    for batch in data_lib.make_iterator(cfg, 'eval', *process):
-      yield train_loop.global_batch(batch, batch_sharding)
-
-  # ---------------------------------------------------- Reference, state.
+  # --------------------------------------------------------------- State.
   model_fn = lambda: model_lib.Decoder(cfg.model, rngs=nnx.Rngs(t.seed))
   optimizer, schedule = optim.make_optimizer(t)
   graphdef, _, abstract_state, state_shardings = step_lib.train_state_spec(
       model_fn, optimizer, mesh, t.seed)
-  reference, ref_model_state = load_reference(
-      cfg, step_dir, init_workdir, mesh, state_shardings['params'], model_fn)
-  logging.info('reference: %s', step_dir)
+  ckpt = checkpoint_lib.Checkpointer(workdir, every_steps=t.checkpoint_every_steps,
+                                     keep=t.keep_checkpoints)
+  state, step = ckpt.restore_latest(abstract_state, train_iter)
+  if state is not None:
+    logging.info('resumed from %s/%d', ckpt.directory, step)
 
-  def from_reference(params, model_state):
-    # A copy: the state is donated to the step and the reference must survive.
-    params = jax.tree.map(jnp.copy, params)
-    return {
-        'step': jnp.zeros((), jnp.int32),
-        'params': params,
-        'opt_state': optimizer.init(jax.tree.map(lambda x: x.astype(jnp.float32), params)),
-        'rng': jax.random.fold_in(jax.random.PRNGKey(t.seed), 1),
-        'model_state': model_state,
-    }
+  # ----------------------------------------------------------- Reference.
+  table = None
+  if mode == 'precomputed':
+    # The eval reads pairs 0, 1, ... (wrapping around) for eval_steps batches.
+    counts = {'train': data_lib.num_pairs(cfg, 'train')}
+    if do_eval:
+      counts['eval'] = min(data_lib.num_pairs(cfg, 'eval'),
+                           t.eval_steps * t.global_batch_size)
+    table_key = _table_key(cfg, step_dir, counts)
+    table = load_reference_table(workdir, table_key)
+  reference = {}
+  if state is None or mode == 'step' or (mode == 'precomputed' and table is None):
+    reference, ref_model_state = load_reference(
+        cfg, step_dir, init_workdir, mesh, state_shardings['params'], model_fn)
+    logging.info('reference: %s', step_dir)
+  if mode == 'precomputed' and table is None:
+    logging.info('precomputing the reference log-probs of %s pairs',
+                 ' + '.join(f'{n} {s}' for s, n in counts.items()))
+    table = precompute_reference(cfg, graphdef, reference, ref_model_state, mesh, counts)
+    if jax.process_index() == 0:
+      path = os.path.join(workdir, REFERENCE_FILE)
+      with open(path + '.tmp', 'wb') as f:
+        np.savez(f, key=np.array(table_key), **table)
+      os.replace(path + '.tmp', path)
+
+  if state is None:
+    def from_reference(params, model_state):
+      # A copy: the state is donated to the step and the reference must survive.
+      params = jax.tree.map(jnp.copy, params)
+      return {
+          'step': jnp.zeros((), jnp.int32),
+          'params': params,
+          'opt_state': optimizer.init(jax.tree.map(lambda x: x.astype(jnp.float32),
+                                                   params)),
+          'rng': jax.random.fold_in(jax.random.PRNGKey(t.seed), 1),
+          'model_state': model_state,
+      }
+    state = jax.jit(from_reference, out_shardings=state_shardings)(
+        reference, ref_model_state)
+    step = 0
+  if mode != 'step' and reference:
+    # Only the policy stays on the devices.
+    for x in jax.tree.leaves(reference):
+      x.delete()
+    reference = {}
 
   # --------------------------------------------------------------- Steps.
   train_step, eval_step = make_steps(cfg, mesh, graphdef, state_shardings,
                                      optimizer, schedule)
-
-  # ---------------------------------------------------------- Checkpoint.
-  ckpt = checkpoint_lib.Checkpointer(workdir, every_steps=t.checkpoint_every_steps,
-                                     keep=t.keep_checkpoints)
-  state, step = ckpt.restore_latest(abstract_state, train_iter)
-  if state is None:
-    state = jax.jit(from_reference, out_shardings=state_shardings)(
-        reference, ref_model_state)
-    step = 0
-  else:
-    logging.info('resumed from %s/%d', ckpt.directory, step)
 
   # ------------------------------------------------------------- Metrics.
   writer = metrics_lib.SummaryWriter(workdir)
@@ -218,22 +376,25 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   summary = {'step': step, 'status': 'done', 'losses': {}, 'train': {}, 'eval': {}}
 
   def evaluate(at_step):
-    means = step_lib.eval_metrics(functools.partial(_with_ref, eval_step, reference),
-                                  state, eval_batches())
+    batches = (device_batch(b, batch_sharding, table, 'eval')
+               for b in data_lib.make_iterator(cfg, 'eval', *process))
+    means = step_lib.eval_metrics(lambda s, b: eval_step(s, reference, b), state, batches)
     summary['eval'] = scalars('dpo_eval', means)
     writer.scalars(at_step, summary['eval'])
     console.print(f'eval @ {_line(at_step, t.steps, summary["eval"])}')
 
   # ---------------------------------------------------------------- Loop.
   try:
-    with train_loop._Preemption() as preemption:  # pylint: disable=protected-access
+    with train_loop.Preemption() as preemption:
       if do_eval and step == 0:
         evaluate(0)
       while step < t.steps:
-        batch = train_loop.global_batch(next(train_iter), batch_sharding)
+        batch = device_batch(next(train_iter), batch_sharding, table)
         state, device_metrics = train_step(state, reference, batch)
         step += 1
         console.step(step)
+        # Checked at once (the host waits for this step), so the error names
+        # the step that produced it and nothing is saved after it.
         host = jax.device_get(device_metrics)
         if not np.isfinite(host['loss']):
           raise FloatingPointError(
@@ -261,7 +422,3 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     writer.close()
     console.close()
   return summary
-
-
-def _with_ref(eval_step, reference, state, batch):
-  return eval_step(state, reference, batch)

@@ -103,9 +103,10 @@ def make_loss_fn(dpo_cfg):
   """The DPO `LossFn(model, batch, rng) -> (loss_sum, metric sums)`.
 
   `batch` holds `chosen_*` and `rejected_*` fields (`SIDE_KEYS`) and the
-  reference's per-token log-probs `ref_logps_chosen` / `ref_logps_rejected`
-  [B, T] (zeros when `reference_free`), computed by the loop without
-  gradients.
+  reference's log-probs `ref_logps_chosen` / `ref_logps_rejected`, summed
+  over their last axis: per token [B, T], or per sequence [B, 1] as the DPO
+  loop passes them (computed in the step without gradients, or precomputed;
+  zeros when `reference_free`).
   """
   kind, beta = dpo_cfg.loss, float(dpo_cfg.beta)
   smoothing = float(dpo_cfg.label_smoothing)

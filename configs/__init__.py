@@ -202,3 +202,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _check(cfg.dpo.beta > 0, f'dpo.beta={cfg.dpo.beta}: must be positive')
   _check(0 <= cfg.dpo.label_smoothing < 0.5,
          f'dpo.label_smoothing={cfg.dpo.label_smoothing}: must be in [0, 0.5)')
+  precompute = cfg.dpo.get('precompute_reference', False)
+  _check(isinstance(precompute, bool),
+         f'dpo.precompute_reference={precompute!r}: must be True or False')
+  _check(not (precompute and cfg.dpo.reference_free),
+         'dpo.precompute_reference and dpo.reference_free are both set: a '
+         'reference-free run has no reference log-probs to precompute')

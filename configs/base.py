@@ -122,6 +122,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.dpo.loss = 'sigmoid'          # sigmoid | ipo | hinge
   c.dpo.label_smoothing = 0.0
   c.dpo.reference_free = False
+  # Score the pairs with the reference once before training (saved in
+  # DIR/reference_logps.npz) instead of in every step: one model on the devices.
+  c.dpo.precompute_reference = False
   c.dpo.train_files = 'builtin'
   c.dpo.eval_files = 'builtin'
   c.dpo.max_prompt_len = 64

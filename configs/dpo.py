@@ -74,6 +74,7 @@ def get_config(arg=None):
   d.loss = 'sigmoid'              # sigmoid | ipo | hinge
   d.label_smoothing = 0.0
   d.reference_free = False
+  d.precompute_reference = False  # True: reference log-probs once, before training
   d.train_files = 'builtin'
   d.eval_files = 'builtin'
   d.max_prompt_len = 64

@@ -134,3 +134,40 @@ def test_builtin_pairs_are_real_passages_and_deterministic():
     assert prompt.endswith('\n')                # cut at a line start
   # Prompts across pairs differ (they are spread over files and positions).
   assert len({pairs[k][0] for k in range(20)}) == 20
+
+
+def test_pair_index_follows_each_pair_through_shuffling_and_processes(tmp_path):
+  lines = [json.dumps({'prompt': f'q{i}|', 'chosen': f'good {i}', 'rejected': f'bad {i}'})
+           for i in range(10)]
+  path = _write(tmp_path / 'pairs.jsonl', lines)
+  cfg = _cfg(train_files=path, eval_files=path)
+  tok = tokenizers.BytesTokenizer()
+
+  def prompt_number(batch, r):
+    text = tok.decode(batch['chosen_inputs'][r][batch['chosen_segment_ids'][r] > 0])
+    return int(text.split('|')[0][1:])
+
+  it = data.make_iterator(cfg, 'train')
+  seen = []
+  for _ in range(6):                    # 24 rows: more than two epochs of 10 pairs
+    batch = next(it)
+    assert batch['pair_index'].shape == (4,) and batch['pair_index'].dtype == np.int32
+    for r in range(4):
+      assert batch['pair_index'][r] == prompt_number(batch, r)
+      seen.append(int(batch['pair_index'][r]))
+  assert seen[:10] != list(range(10)) and sorted(seen[:10]) == list(range(10))
+  # Two processes read the first batch's pairs between them (process p the
+  # stream's items p, p + 2, ...), with the same indices.
+  for p in (0, 1):
+    half = next(data.make_iterator(cfg, 'train', p, 2))
+    np.testing.assert_array_equal(half['pair_index'], seen[p:4:2])
+    assert [prompt_number(half, r) for r in range(2)] == seen[p:4:2]
+  evals = [b['pair_index'] for b in data.make_iterator(cfg, 'eval')]
+  np.testing.assert_array_equal(np.concatenate(evals), np.arange(8))
+  # Once over the pairs, in order, the last batch filled with empty rows.
+  ordered = list(data.ordered_batches(cfg, 'train', 4))
+  np.testing.assert_array_equal(np.concatenate([b['pair_index'] for b in ordered]),
+                                list(range(10)) + [-1, -1])
+  assert prompt_number(ordered[2], 1) == 9
+  assert not ordered[2]['chosen_loss_mask'][2:].any()
+  assert not ordered[2]['chosen_segment_ids'][2:].any()

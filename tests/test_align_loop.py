@@ -121,7 +121,7 @@ def _run_steps(cfg, devices, batches):
   metrics = []
   for batch in batches:
     state, m = train_step(state, reference,
-                          train_loop.global_batch(batch, sharding.batch_sharding(mesh)))
+                          loop.device_batch(batch, sharding.batch_sharding(mesh)))
     metrics.append(jax.device_get(m))
   return metrics, jax.tree.map(np.array, state['params']), before, reference
 
@@ -163,3 +163,101 @@ def test_init_checkpoint_of_another_model_is_refused(pretrained, tmp_path):
     loop.train_and_evaluate(cfg, str(tmp_path / 'x'))
   with pytest.raises(configs.ConfigError, match='init_checkpoint'):
     loop.resolve_init_checkpoint(str(tmp_path))
+
+
+def _write_pairs(path, count, seed):
+  rng = np.random.RandomState(seed)
+  words = ['alpha', 'beta', 'gamma', 'delta', 'eps', 'zeta', 'eta', 'theta']
+  say = lambda n: ' '.join(rng.choice(words, n))
+  with open(path, 'w') as f:
+    for i in range(count):
+      f.write(json.dumps({'prompt': f'{i}: {say(3)}', 'chosen': say(4),
+                          'rejected': say(2)}) + '\n')
+  return str(path)
+
+
+def test_precomputed_reference_gives_the_same_steps_without_holding_it(
+    pretrained, tmp_path, monkeypatch):
+  init, _ = pretrained
+  data = [f'dpo.train_files={_write_pairs(tmp_path / "train.jsonl", 40, 0)}',
+          f'dpo.eval_files={_write_pairs(tmp_path / "eval.jsonl", 12, 1)}',
+          'train.steps=3', 'train.eval_every_steps=3', 'train.checkpoint_every_steps=3',
+          'train.grad_accum_steps=2']
+  passed, loaded = [], []
+  real_make_steps, real_load = loop.make_steps, loop.load_reference
+
+  def recording_make_steps(*args):
+    train_step, eval_step = real_make_steps(*args)
+    def train(state, reference, batch):
+      passed.append(len(jax.tree.leaves(reference)))
+      return train_step(state, reference, batch)
+    return train, eval_step
+
+  def recording_load(*args):
+    params, model_state = real_load(*args)
+    loaded.append(params)
+    return params, model_state
+
+  monkeypatch.setattr(loop, 'make_steps', recording_make_steps)
+  monkeypatch.setattr(loop, 'load_reference', recording_load)
+  # The reference in the step, one microbatch at a time.
+  off = loop.train_and_evaluate(_dpo_cfg(init, *data), str(tmp_path / 'off'))
+  assert passed == [len(jax.tree.leaves(loaded[0]))] * 3 and passed[0] > 0
+  passed.clear()
+  loaded.clear()
+  workdir = str(tmp_path / 'on')
+  on = loop.train_and_evaluate(_dpo_cfg(init, *data, 'dpo.precompute_reference=True'),
+                               workdir)
+  # Not passed to the steps, and gone from the devices once scored.
+  assert passed == [0, 0, 0] and len(loaded) == 1
+  assert all(x.is_deleted() for x in jax.tree.leaves(loaded[0]))
+  for step in (1, 2, 3):
+    np.testing.assert_allclose(on['losses'][step], off['losses'][step], rtol=1e-5)
+  for tag, value in off['eval'].items():
+    np.testing.assert_allclose(on['eval'][tag], value, rtol=1e-4, atol=1e-5, err_msg=tag)
+  scalars = _scalars(workdir)
+  assert abs(scalars['dpo_eval/loss'][0] - math.log(2)) < 1e-5
+
+  # The saved values are the init model's sequence log-probs, pair by pair.
+  cfg = _dpo_cfg(init, *data)
+  with np.load(os.path.join(workdir, loop.REFERENCE_FILE)) as saved:
+    table = {k: saved[k] for k in saved.files}
+  assert table['train_chosen'].shape == (40,) and table['eval_chosen'].shape == (8,)
+  decoder, _ = _init_decoder(cfg, init)
+  rows = next(data_lib.ordered_batches(cfg, 'train', 40))
+  np.testing.assert_array_equal(rows['pair_index'], np.arange(40))
+  for side in ('chosen', 'rejected'):
+    logits, _ = decoder(rows[f'{side}_inputs'], segment_ids=rows[f'{side}_segment_ids'],
+                        positions=rows[f'{side}_positions'])
+    logits = np.asarray(logits, np.float64)
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    target = np.take_along_axis(logp, rows[f'{side}_targets'][..., None], -1)[..., 0]
+    want = (target * rows[f'{side}_loss_mask']).sum(-1)
+    np.testing.assert_allclose(table[f'train_{side}'], want, rtol=1e-5, atol=1e-4)
+
+  # A resume reads the saved values: no reference is loaded or run again.
+  def refuse(*args):
+    raise AssertionError('the reference was loaded again')
+  monkeypatch.setattr(loop, 'load_reference', refuse)
+  monkeypatch.setattr(loop, 'precompute_reference', refuse)
+  more = loop.train_and_evaluate(
+      _dpo_cfg(init, *data[:2], 'train.steps=4', 'train.grad_accum_steps=2',
+               'train.eval_every_steps=4', 'train.checkpoint_every_steps=4',
+               'dpo.precompute_reference=True'), workdir)
+  assert sorted(more['losses']) == [4] and np.isfinite(more['losses'][4])
+
+
+def _init_decoder(cfg, init):
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  optimizer, _ = optim.make_optimizer(cfg.train)
+  graphdef, _, abstract, _ = step_lib.train_state_spec(
+      lambda: model_lib.Decoder(cfg.model, rngs=nnx.Rngs(0)), optimizer, mesh, 0)
+  params, step = checkpoint_lib.restore_params(init, abstract['params'])
+  return nnx.merge(graphdef, jax.device_get(params), abstract['model_state']), step
+
+
+def test_precompute_and_reference_free_are_exclusive(pretrained):
+  init, _ = pretrained
+  with pytest.raises(configs.ConfigError, match='precompute_reference'):
+    _dpo_cfg(init, 'dpo.precompute_reference=True', 'dpo.reference_free=True')
