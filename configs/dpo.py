@@ -25,11 +25,11 @@ A workdir instead of a size takes that run's model and tokenizer from its
 (rows of at most 256 tokens, half of them prompt, with the `tiny` schedule).
 """
 
-import json
 import os
 
 from configs import ConfigError
 from configs import llama
+from configs import workdir as workdir_config
 
 DPO_TRAIN = {
     'tiny': dict(steps=200, global_batch_size=16, learning_rate=3e-4, warmup_steps=10,
@@ -43,11 +43,8 @@ DPO_TRAIN = {
 
 def _from_workdir(config, workdir: str) -> None:
   """The model and tokenizer of the run in `workdir`, its init checkpoint."""
-  path = os.path.join(workdir, 'config.json')
-  with open(path) as f:
-    saved = json.load(f)
-  for field, value in saved['model'].items():
-    config.model[field] = value
+  saved = workdir_config.read_saved(workdir)
+  workdir_config.apply_saved(config, saved, sections=('model',))
   config.data.tokenizer = saved['data']['tokenizer']
   config.dpo.init_checkpoint = os.path.abspath(workdir)
   # Imported models may allow 128k positions; preference rows stay short.

@@ -67,14 +67,14 @@ def _saved_config(workdir):
 def test_training_goes_on_from_an_imported_workdir(imported):
   workdir = str(imported / 'work')
   (imported / 'doc.txt').write_text('import os\nprint(os.getcwd())\n' * 20)
-  cfg = _saved_config(workdir)
-  # Another data config than the import's defaults, as a user would train on.
-  cfg.data.source, cfg.data.train_files = 'text', str(imported / 'doc.txt')
-  for field, value in dict(steps=2, seq_len=32, global_batch_size=8, eval_steps=0,
-                           warmup_steps=1, log_every_steps=1,
-                           checkpoint_every_steps=2).items():
-    cfg.train[field] = value
-  configs.validate(cfg)
+  # The imported config as it is (`configs/workdir.py:DIR`), with other data
+  # than the import's defaults, as a user would train on.
+  cfg = configs.load(f'configs/workdir.py:{workdir}', [
+      'data.source=text', f'data.train_files={imported / "doc.txt"}',
+      'train.steps=2', 'train.seq_len=32', 'train.global_batch_size=8',
+      'train.eval_steps=0', 'train.warmup_steps=1', 'train.log_every_steps=1',
+      'train.checkpoint_every_steps=2'])
+  assert cfg.model.to_dict() == _saved_config(workdir).model.to_dict()
   # The first batch the run will read (the import saved no data position);
   # 1 grain worker reads the same batches as none, in another iterator state.
   it = pipeline.make_iterator(cfg, 'train')
