@@ -266,6 +266,9 @@ def strided_documents(cfg, split: str = 'eval', files: str | None = None):
           p.strip().endswith('.jsonl') for p in files.split(',') if p.strip()) else 'text'
     split = 'eval'
     data_cfg.eval_files = files
+  elif data_cfg.source not in ('builtin', 'text', 'jsonl', 'arrayrecord', 'synthetic'):
+    raise configs.ConfigError(f'data.source={data_cfg.source!r} holds no plain '
+                              'documents to score: give --files GLOB')
   elif not sources.has_split(data_cfg, split):
     raise configs.ConfigError(f'data.{split}_files is empty: give --files GLOB')
   docs = sources.documents(data_cfg, split, vocab_size=cfg.model.vocab_size,
