@@ -158,9 +158,10 @@ class Checkpointer:
     """The state saved at `step` (and `data_iterator` set to its position)."""
     self._check_process_count(step)
     items = {'state': ocp.args.StandardRestore(abstract_state)}
-    # A checkpoint saved without the data item (`python -m model.hf import`
-    # writes step 0 before any data exists) leaves the iterator at the start.
-    has_data = os.path.isdir(os.path.join(self.directory, str(step), 'data'))
+    # A step-0 checkpoint saved without the data item (`python -m model.hf
+    # import` writes one before any data exists) leaves the iterator at the
+    # start; at any later step a missing data item is an error.
+    has_data = step != 0 or os.path.isdir(os.path.join(self.directory, str(step), 'data'))
     if data_iterator is not None and has_data:
       import grain  # pylint: disable=g-import-not-at-top
       items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
