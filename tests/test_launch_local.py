@@ -1,31 +1,34 @@
-"""launch.local: 2 processes x 4 fake CPU devices train as 1 process x 8 devices.
+"""Multi-host through launch.local: 2 processes x 4 fake CPU devices train as
+1 process x 8 devices.
 
-The same tiny config runs once as one process with 8 devices and once as a
-2-process job (jax.distributed over 127.0.0.1, gloo collectives) with 4
-devices each; the global batches, and so the losses of every step, must match
-(float32; the cross-process reductions may add in another order, hence the
-small tolerance). Only process 0 writes event files; both processes write
-their part of the checkpoint.
+The same tiny config (on a data x fsdp mesh) runs once in this process with
+its 8 fake devices and once as a 2-process job started by `launch.local`
+(`jax.distributed` over 127.0.0.1, gloo collectives, 4 devices each); the
+global batches, and so the losses of every step, must match (float32; the
+cross-process reductions may add in another order, hence the small
+tolerance). Only process 0 writes event files; both processes write their part
+of the checkpoint, data-iterator position included. This is the trainer's
+multi-host test as well as the launcher's.
 """
 
 import glob
 import os
-import subprocess
-import sys
 
 import numpy as np
 from tensorboard.backend.event_processing import event_accumulator
 
+import configs
 from launch import local
+from train import loop
 
-ARGS = ['--config', 'configs/llama.py:tiny', '--config.train.steps=3',
-        '--config.train.eval_every_steps=3', '--config.train.checkpoint_every_steps=3',
-        '--config.train.log_every_steps=1', '--config.train.eval_steps=1',
-        '--config.train.seq_len=16', '--config.model.num_layers=1',
-        '--config.model.d_model=32', '--config.model.d_ff=64']
+OVERRIDES = ['train.steps=3', 'train.eval_every_steps=3', 'train.checkpoint_every_steps=3',
+             'train.log_every_steps=1', 'train.eval_steps=1', 'train.seq_len=16',
+             'model.num_layers=1', 'model.d_model=32', 'model.d_ff=64',
+             'mesh.fsdp=2', 'mesh.data=-1']
+ARGS = ['--config', 'configs/llama.py:tiny', *[f'--config.{o}' for o in OVERRIDES]]
 
 
-def losses(workdir):
+def scalars(workdir):
   files = glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
   assert len(files) == 1, files          # process 0 alone writes
   acc = event_accumulator.EventAccumulator(files[0], size_guidance={'scalars': 0})
@@ -34,23 +37,22 @@ def losses(workdir):
           for tag in ('train/loss', 'eval/loss')}
 
 
-def test_two_processes_match_one(tmp_path):
-  env = local.process_env(8)
-  env['ABLAX_NO_BAR'] = '1'
+def test_two_processes_match_one(tmp_path, capfd):
   one = str(tmp_path / 'one')
-  subprocess.run([sys.executable, '-m', 'train', *ARGS, '--workdir', one], env=env,
-                 check=True, timeout=400)
+  loop.train_and_evaluate(configs.load('configs/llama.py:tiny', OVERRIDES), one)
   two = str(tmp_path / 'two')
   os.environ['ABLAX_NO_BAR'] = '1'
+  capfd.readouterr()
   assert local.main(['--num_processes', '2', '--devices_per_process', '4', '--',
                      *ARGS, '--workdir', two]) == 0
-  expected, got = losses(one), losses(two)
+  assert '2 processes' in capfd.readouterr().out
+  expected, got = scalars(one), scalars(two)
   assert sorted(got['train/loss']) == [1, 2, 3] and sorted(got['eval/loss']) == [0, 3]
   for tag in expected:
     steps = sorted(expected[tag])
     np.testing.assert_allclose([got[tag][s] for s in steps],
                                [expected[tag][s] for s in steps], rtol=2e-5, atol=0)
-  # Both processes wrote their data-iterator state into the checkpoint.
+  # Both processes wrote their data-iterator state and their part of the state.
   data = os.listdir(os.path.join(two, 'checkpoints', '3', 'data'))
   assert sorted(n for n in data if '-of-' in n) == ['process_0-of-2.json',
                                                     'process_1-of-2.json']
