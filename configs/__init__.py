@@ -19,6 +19,7 @@ CHOICES = {
     'model.mlp_activation': ('silu', 'gelu', 'gelu_tanh', 'relu'),
     'model.attention_impl': ('auto', 'xla', 'pallas', 'cudnn'),
     'model.remat': ('none', 'full', 'dots'),
+    'model.moe_dispatch': ('auto', 'global', 'all_to_all'),
     'model.dtype': ('float32', 'bfloat16', 'float16'),
     'model.param_dtype': ('float32', 'bfloat16', 'float16'),
     'train.lr_schedule': ('cosine', 'linear', 'constant', 'wsd'),
@@ -187,6 +188,14 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _check(t.seq_len <= cfg.model.max_seq_len or cfg.model.position not in ('learned',),
          f'train.seq_len={t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len} '
          'with learned positions')
+  expert = cfg.mesh.get('expert', 1)
+  if cfg.model.get('moe_dispatch') == 'all_to_all':
+    _check(cfg.model.num_experts > 0 and expert != 1,
+           "model.moe_dispatch='all_to_all' needs an MoE model (model.num_experts > 0) "
+           f'on a mesh with an expert axis (mesh.expert={expert})')
+    _check(expert == -1 or cfg.model.num_experts % expert == 0,
+           f"model.moe_dispatch='all_to_all': model.num_experts={cfg.model.num_experts} "
+           f'must be a multiple of mesh.expert={expert}')
   for axis in ('data', 'fsdp', 'tensor', 'expert'):
     v = cfg.mesh[axis]
     _check(v == -1 or (isinstance(v, int) and v > 0),

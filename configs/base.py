@@ -59,6 +59,12 @@ def model_config() -> ml_collections.ConfigDict:
   m.moe_layer_interval = 1
   m.moe_capacity_factor = ml_collections.FieldReference(None, field_type=float)
   m.moe_renormalize = True
+  # How tokens reach experts on a mesh: auto | global | all_to_all. global: one
+  # sort over the whole batch, collectives left to XLA (gathers every token);
+  # all_to_all: expert parallelism, each device routes its own tokens and
+  # exchanges them over the `expert` mesh axis (model/moe.py); auto: all_to_all
+  # when mesh.expert > 1 divides num_experts, else global.
+  m.moe_dispatch = 'auto'
   # Numerics.
   m.dtype = 'float32'
   m.param_dtype = 'float32'

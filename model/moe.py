@@ -41,19 +41,53 @@ Grouped matmul, `grouped_matmul=`:
 - 'auto' (default): 'ragged' on TPU, 'blocked' elsewhere.
 With a capacity factor every expert has exactly C slots, so the experts run as
 one batched matmul over [E, C] slots (GShard's layout), E*C ~ cf*N rows.
+
+Dispatch, `model.moe_dispatch`:
+- 'global': the layer computes on global arrays and XLA's partitioner places
+  the work; the one sort over all N assignments gathers every token onto
+  every device of a mesh.
+- 'all_to_all': expert parallelism (GShard; Switch; Rajbhandari et al. 2022,
+  "DeepSpeed-MoE") under `jax.shard_map` over the trainer's mesh: each device
+  routes its own tokens, packs them per destination expert shard into a
+  fixed-size buffer, `all_to_all`s it over the `expert` mesh axis, runs its
+  E / expert local experts on the rows it received, and sends the results
+  back. Static buffers: dropless, room for all of a device's n_dev * k
+  assignments per destination shard (the worst case); with a capacity factor,
+  min(C, n_dev) rows per expert. The capacity rule is the global one above:
+  each device learns the per-(choice, expert) counts of the devices before it
+  (an all-gather of [k, E] integers), so the same assignments are dropped.
+  The loss statistics are psums over the batch axes: the same values as the
+  global path. A tensor-split `mlp` dimension is summed with a psum over
+  `tensor` after the down projection; the FSDP-split `embed` dimension of the
+  expert weights is gathered on entry, as in the global path.
+- 'auto' (default): 'all_to_all' inside the trainer's context when the mesh
+  has an `expert` axis > 1 that divides num_experts and the batch splits over
+  the batch axes, else 'global'. 'all_to_all' where that does not hold inside
+  the trainer's context is an error; outside it (tests, sampling, one device)
+  there is no mesh and the global path runs.
 """
 
+import functools
 import math
+from typing import NamedTuple
 
 import jax
 from jax import lax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from model import mlp as mlp_lib
 from model import partitioning
 
 GROUPED_MATMULS = ('auto', 'ragged', 'blocked')
+DISPATCHES = ('auto', 'global', 'all_to_all')
+# Expert weights: name -> logical axes with `embed` whole (gathered on entry).
+_EXPERT_WEIGHTS = {
+    'w_gate': ('experts', None, 'mlp'), 'w_up': ('experts', None, 'mlp'),
+    'w_down': ('experts', 'mlp', None), 'b_gate': ('experts', 'mlp'),
+    'b_up': ('experts', 'mlp'), 'b_down': ('experts', None),
+}
 
 
 def capacity(num_tokens: int, num_experts: int, experts_per_token: int,
@@ -90,6 +124,20 @@ def sort_by_expert(expert_ids, num_experts: int):
   return order, counts, position
 
 
+class ExpertParallelPlan(NamedTuple):
+  """Where the all-to-all dispatch runs: the mesh and its axes by role."""
+  mesh: jax.sharding.Mesh
+  batch_axes: tuple[str, ...]   # split the tokens (in the batch sharding's order)
+  mlp_axes: tuple[str, ...]     # split the experts' hidden dimension ('tensor' or ())
+
+
+def _axes(entry) -> tuple[str, ...]:
+  """A PartitionSpec entry as a tuple of mesh axis names."""
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
 class MoE(nnx.Module):
   """Top-k routed experts plus optional shared experts over [batch, seq, d_model]."""
 
@@ -115,6 +163,10 @@ class MoE(nnx.Module):
     self.activation = m.mlp_activation
     self.dtype = jnp.dtype(m.dtype)
     self.grouped_matmul = grouped_matmul
+    self.dispatch = m.get('moe_dispatch', 'auto')
+    if self.dispatch not in DISPATCHES:
+      raise ValueError(f'model.moe_dispatch={self.dispatch!r}: must be one of '
+                       f'{", ".join(DISPATCHES)}')
     d = m.d_model
     f = m.moe_d_ff if m.moe_d_ff is not None else m.d_ff
     pdt = jnp.dtype(m.param_dtype)
@@ -157,12 +209,22 @@ class MoE(nnx.Module):
     axes = tuple(None if a == 'embed' else a for a in p.get_metadata()['logical_axes'])
     return partitioning.constrain(p[...], axes).astype(self.dtype)
 
-  def _mlp(self, x, matmul, add_bias):
-    """act(x W_gate) * (x W_up) W_down (or act(x W_up) W_down), with biases if any."""
+  def _expert_weights(self):
+    """The expert weights and biases the layer has, by name, in the compute dtype."""
+    return {name: self._param(name) for name in _EXPERT_WEIGHTS if hasattr(self, name)}
+
+  def _mlp(self, w, x, matmul, add_bias, reduce=None):
+    """act(x W_gate) * (x W_up) W_down (or act(x W_up) W_down), with biases if any.
+
+    `reduce` sums the down projection's partial products when the hidden
+    dimension is split over devices (before its bias, which is added once).
+    """
     act = mlp_lib.activation(self.activation)
     def proj(h, name):
-      out = matmul(h, self._param('w_' + name))
-      b = self._param('b_' + name) if self.use_bias else None
+      out = matmul(h, w['w_' + name])
+      if name == 'down' and reduce is not None:
+        out = reduce(out)
+      b = w.get('b_' + name)
       return out if b is None else add_bias(out, b)
     if self.gated:
       h = act(proj(x, 'gate')) * proj(x, 'up')
@@ -170,58 +232,141 @@ class MoE(nnx.Module):
       h = act(proj(x, 'up'))
     return proj(h, 'down')
 
-  def _route(self, xf):
+  def _route(self, xf, router):
     """Float32 router: logits [n, E], probabilities [n, E], top-k weights/experts [n, k]."""
-    logits = jnp.einsum('nd,de->ne', xf.astype(jnp.float32),
-                        self.router[...].astype(jnp.float32))
+    logits = jnp.einsum('nd,de->ne', xf.astype(jnp.float32), router.astype(jnp.float32))
     probs = jax.nn.softmax(logits, axis=-1)
     weights, experts = lax.top_k(probs, self.experts_per_token)
     if self.renormalize:
       weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return logits, probs, weights, experts
 
-  def _padded_experts(self, x_rep, rows, num_groups, group_rows, group_expert):
+  def _batched_experts(self, w, xp, group_expert=None, reduce=None):
+    """Experts over [G, r, d] groups of rows, group g on expert `group_expert[g]`
+    (expert g when None)."""
+    if group_expert is None:
+      pick = lambda a: a
+    else:
+      pick = lambda a: jnp.take(a, group_expert, axis=0)
+    matmul = lambda h, a: jnp.einsum('grd,gdf->grf', h, pick(a))
+    add_bias = lambda h, b: h + pick(b)[:, None, :]
+    return self._mlp(w, xp, matmul, add_bias, reduce)
+
+  def _padded_experts(self, w, x_rep, rows, num_groups, group_rows, group_expert,
+                      reduce=None):
     """Experts over a padded layout: [num_groups, group_rows] slots, one expert each.
 
-    x_rep [N, d] goes to slot `rows` [N] (out of range = dropped); the result
-    for each assignment is read back from the same slot (zero when dropped).
+    x_rep [M, d] goes to slot `rows` [M] (out of range = dropped); the result
+    for each row is read back from the same slot (zero when dropped).
     group_expert: int [num_groups] or None when group g is expert g.
     """
     d = x_rep.shape[-1]
     xp = jnp.zeros((num_groups * group_rows, d), x_rep.dtype)
     xp = xp.at[rows].set(x_rep, mode='drop').reshape(num_groups, group_rows, d)
-    if group_expert is None:
-      pick = lambda w: w
-    else:
-      pick = lambda w: jnp.take(w, group_expert, axis=0)
-    matmul = lambda h, w: jnp.einsum('grd,gdf->grf', h, pick(w))
-    add_bias = lambda h, b: h + pick(b)[:, None, :]
-    yp = self._mlp(xp, matmul, add_bias).reshape(num_groups * group_rows, d)
+    yp = self._batched_experts(w, xp, group_expert, reduce)
+    yp = yp.reshape(num_groups * group_rows, d)
     return yp.at[rows].get(mode='fill', fill_value=0)
 
-  def _ragged_experts(self, x_rep, order, counts, expert_ids):
-    """Experts as `lax.ragged_dot` over the N rows sorted by expert."""
-    x_sorted = x_rep.at[order].get(unique_indices=True)
-    e_sorted = expert_ids[order]
-    matmul = lambda h, w: lax.ragged_dot(h, w, counts)
-    add_bias = lambda h, b: h + jnp.take(b, e_sorted, axis=0)
-    y_sorted = self._mlp(x_sorted, matmul, add_bias)
-    return jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True)
+  def _dropless_experts(self, w, x_rows, expert_ids, num_experts, impl, *,
+                        block_rows=None, reduce=None):
+    """Each row of x_rows [M, d] through its expert `expert_ids` [M], dropless.
+
+    An id equal to `num_experts` marks an empty row (a padding slot of the
+    all-to-all buffer): its output is zero. `block_rows`: the 'blocked'
+    block size (default `block_size(M, num_experts)`).
+    """
+    m, e = x_rows.shape[0], num_experts
+    # Empty rows sort last, as group e.
+    order, counts, position = sort_by_expert(expert_ids, e + 1)
+    counts = counts[:e]
+    if impl == 'ragged':
+      x_sorted = x_rows.at[order].get(unique_indices=True)
+      e_sorted = jnp.minimum(expert_ids[order], e - 1)
+      matmul = lambda h, a: lax.ragged_dot(h, a, counts)
+      add_bias = lambda h, b: h + jnp.take(b, e_sorted, axis=0)
+      y_sorted = self._mlp(w, x_sorted, matmul, add_bias, reduce)
+      # Rows past the groups (empty slots) are not part of any product.
+      valid = jnp.arange(m) < jnp.sum(counts)
+      y_sorted = jnp.where(valid[:, None], y_sorted, 0)
+      return jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True)
+    bs = block_rows or block_size(m, e)
+    # Blocks needed: sum_e ceil(count_e / bs) <= ceil(M / bs) + E - 1.
+    num_blocks = -(-m // bs) + e - 1
+    padded = -(-counts // bs) * bs
+    padded_end = jnp.cumsum(padded)
+    valid = expert_ids < e
+    safe_ids = jnp.minimum(expert_ids, e - 1)
+    rows = jnp.where(valid, padded_end[safe_ids] - padded[safe_ids] + position,
+                     num_blocks * bs)                          # out of range: empty
+    block_expert = jnp.searchsorted(padded_end, jnp.arange(num_blocks) * bs,
+                                    side='right')
+    block_expert = jnp.minimum(block_expert, e - 1)  # unused tail blocks
+    return self._padded_experts(w, x_rows, rows, num_blocks, bs, block_expert, reduce)
+
+  def _impl(self):
+    if self.grouped_matmul == 'auto':
+      return 'ragged' if jax.default_backend() == 'tpu' else 'blocked'
+    return self.grouped_matmul
+
+  # -- dispatch choice -------------------------------------------------------
+
+  def expert_parallel_plan(self, x_shape) -> ExpertParallelPlan | None:
+    """The all-to-all plan for an input of `x_shape`, or None for the global path.
+
+    Raises ValueError when `model.moe_dispatch='all_to_all'` inside the
+    trainer's mesh context cannot run as asked.
+    """
+    mesh = partitioning.current_mesh()
+    if self.dispatch == 'global' or mesh is None:
+      return None
+    e = self.num_experts
+    size = dict(mesh.shape).get('expert', 1)
+    batch = partitioning.partition_spec(('batch', None, None), x_shape)
+    batch_axes = _axes(batch[0]) if batch is not None else ()
+    w_spec = partitioning.partition_spec(_EXPERT_WEIGHTS['w_up'], (e, self.d_model, self.d_ff))
+    why = None
+    if size == 1:
+      why = 'the mesh has no expert axis (mesh.expert=1)'
+    elif e % size:
+      why = f'num_experts={e} does not divide over mesh.expert={size}'
+    elif 'expert' not in batch_axes:
+      why = (f'the batch of {x_shape[0]} rows does not split over the batch mesh '
+             'axes (data x fsdp x expert)')
+    elif w_spec is None or _axes(w_spec[0]) != ('expert',):
+      why = "the rule table does not split 'experts' over the expert mesh axis"
+    if why is not None:
+      if self.dispatch == 'all_to_all':
+        raise ValueError(f"model.moe_dispatch='all_to_all' cannot run: {why}. "
+                         "Use moe_dispatch='auto' or 'global'.")
+      return None
+    return ExpertParallelPlan(mesh, batch_axes, _axes(w_spec[2]))
 
   # -- forward ---------------------------------------------------------------
 
   def __call__(self, x):
+    plan = self.expert_parallel_plan(x.shape)
+    if plan is None:
+      y, aux = self._global(x)
+    else:
+      y, aux = self._expert_parallel(x, plan)
+    if self.num_shared_experts:
+      with jax.named_scope('moe_shared'):
+        y = y + self.shared(x).astype(self.dtype)
+    return y.astype(x.dtype), aux
+
+  def _global(self, x):
+    """Routing and experts over the global arrays (one sort over all assignments)."""
     b, t, d = x.shape
     n, e, k = b * t, self.num_experts, self.experts_per_token
     big_n = n * k
     xf = x.reshape(n, d)
 
     with jax.named_scope('moe_router'):
-      logits, probs, weights, experts = self._route(xf)
+      logits, probs, weights, experts = self._route(xf, self.router[...])
       # Assignment a = j * n + t (choice-major rank order, see the docstring).
       expert_ids = experts.T.reshape(big_n)                      # [N]
       combine = weights.T                                        # [k, n] f32
-      order, counts, position = sort_by_expert(expert_ids, e)
+      _, counts, position = sort_by_expert(expert_ids, e)
 
     with jax.named_scope('moe_losses'):
       load = counts.astype(jnp.float32) / big_n                  # f_e, sums to 1
@@ -233,38 +378,142 @@ class MoE(nnx.Module):
       }
 
     with jax.named_scope('moe_experts'):
+      w = self._expert_weights()
       # Each token repeated once per choice, in assignment order: [N, d].
       x_rep = jnp.broadcast_to(xf.astype(self.dtype)[None], (k, n, d)).reshape(big_n, d)
-      impl = self.grouped_matmul
-      if impl == 'auto':
-        impl = 'ragged' if jax.default_backend() == 'tpu' else 'blocked'
       if self.capacity_factor is not None:
         c = capacity(n, e, k, self.capacity_factor)
         keep = position < c
         rows = jnp.where(keep, expert_ids * c + position, e * c)    # e*c: dropped
-        y_assign = self._padded_experts(x_rep, rows, e, c, None)
+        y_assign = self._padded_experts(w, x_rep, rows, e, c, None)
         combine = combine * keep.reshape(k, n)
-      elif impl == 'ragged':
-        y_assign = self._ragged_experts(x_rep, order, counts, expert_ids)
       else:
-        bs = block_size(big_n, e)
-        # Blocks needed: sum_e ceil(count_e / bs) <= ceil(N / bs) + E - 1.
-        num_blocks = -(-big_n // bs) + e - 1
-        padded = -(-counts // bs) * bs
-        padded_end = jnp.cumsum(padded)
-        rows = padded_end[expert_ids] - padded[expert_ids] + position
-        block_expert = jnp.searchsorted(padded_end, jnp.arange(num_blocks) * bs,
-                                        side='right')
-        block_expert = jnp.minimum(block_expert, e - 1)  # unused tail blocks
-        y_assign = self._padded_experts(x_rep, rows, num_blocks, bs, block_expert)
+        y_assign = self._dropless_experts(w, x_rep, expert_ids, e, self._impl())
 
     with jax.named_scope('moe_combine'):
       y = jnp.einsum('knd,kn->nd', y_assign.reshape(k, n, d).astype(jnp.float32),
                      combine)
-      y = y.astype(self.dtype)
+    return y.astype(self.dtype).reshape(b, t, d), aux
 
-    y = y.reshape(b, t, d)
-    if self.num_shared_experts:
-      with jax.named_scope('moe_shared'):
-        y = y + self.shared(x).astype(self.dtype)
-    return y.astype(x.dtype), aux
+  def _expert_parallel(self, x, plan: ExpertParallelPlan):
+    """The all-to-all dispatch under `shard_map` over `plan.mesh`."""
+    batch = plan.batch_axes
+    mlp = plan.mlp_axes or None
+    w = {name: getattr(self, name)[...].astype(self.dtype)
+         for name in _EXPERT_WEIGHTS if hasattr(self, name)}
+    w_specs = {}
+    for name, axes in _EXPERT_WEIGHTS.items():
+      if name in w:
+        w_specs[name] = P(*[('expert' if a == 'experts' else mlp if a == 'mlp' else None)
+                            for a in axes])
+    x_spec = P(batch, None, None)
+    aux_specs = {'moe_aux_loss': P(), 'moe_router_z_loss': P(), 'moe_expert_load': P()}
+    local = jax.shard_map(
+        functools.partial(self._dispatch_local, plan),
+        mesh=plan.mesh, in_specs=(x_spec, P(), w_specs),
+        out_specs=(x_spec, aux_specs), check_vma=True)
+    return local(x, self.router[...], w)
+
+  def _dispatch_local(self, plan, x, router, w):
+    """One device's part of the all-to-all dispatch (inside `shard_map`).
+
+    x: [b_dev, t, d], this device's tokens; router: [d, E], whole; w: this
+    device's E / S experts (S = the expert axis size), hidden dimension split
+    over `plan.mlp_axes`.
+    """
+    batch = plan.batch_axes
+    s = plan.mesh.shape['expert']
+    b, t, d = x.shape
+    n, e, k = b * t, self.num_experts, self.experts_per_token
+    e_dev = e // s
+    big_n = n * k
+    n_global = n * math.prod(plan.mesh.shape[a] for a in batch)
+    xf = x.reshape(n, d)
+    reduce = None
+    if plan.mlp_axes:
+      reduce = lambda h: lax.psum(h, plan.mlp_axes)
+
+    with jax.named_scope('moe_router'):
+      logits, probs, weights, experts = self._route(xf, router)
+      expert_ids = experts.T.reshape(big_n)                      # [N] local, choice-major
+      combine = weights.T                                        # [k, n]
+      _, counts, position = sort_by_expert(expert_ids, e)
+      shard, local_expert = expert_ids // e_dev, expert_ids % e_dev
+
+    with jax.named_scope('moe_losses'):
+      # Global means: sums over this device's tokens, psum'd over the devices
+      # that split the batch, so the values equal the global path's.
+      load = lax.psum(counts.astype(jnp.float32), batch) / (n_global * k)
+      mean_prob = lax.psum(jnp.sum(probs, axis=0), batch) / n_global
+      lse = jax.nn.logsumexp(logits, axis=-1)
+      aux = {
+          'moe_aux_loss': e * jnp.sum(load * mean_prob),
+          'moe_router_z_loss': lax.psum(jnp.sum(jnp.square(lse)), batch) / n_global,
+          'moe_expert_load': load,
+      }
+
+    with jax.named_scope('moe_dispatch'):
+      x_rep = jnp.broadcast_to(xf.astype(self.dtype)[None], (k, n, d)).reshape(big_n, d)
+      if self.capacity_factor is None:
+        # Worst case: all N assignments go to one shard. Rows reach a shard
+        # in rank order; the receiver groups them by local expert.
+        slots = big_n
+        _, _, shard_position = sort_by_expert(shard, s)
+        send_rows = shard * slots + shard_position
+        keep = None
+      else:
+        c = capacity(n_global, e, k, self.capacity_factor)
+        c_dev = min(c, n)     # a device holds at most n assignments per expert
+        keep = self._global_position(experts, position, batch) < c
+        slots = e_dev * c_dev
+        # Kept assignments are a prefix of this device's rank order for each
+        # expert, so their local position is < c_dev.
+        send_rows = jnp.where(keep, shard * slots + local_expert * c_dev + position,
+                              s * slots)                          # out of range: dropped
+      send = jnp.zeros((s * slots, d), self.dtype).at[send_rows].set(x_rep, mode='drop')
+      # [S destination shards, slots, d] -> [S source devices, slots, d].
+      recv = lax.all_to_all(send.reshape(s, slots, d), 'expert', 0, 0, tiled=True)
+
+    with jax.named_scope('moe_experts'):
+      if self.capacity_factor is None:
+        send_ids = jnp.full((s * slots,), e_dev, jnp.int32).at[send_rows].set(
+            local_expert.astype(jnp.int32))
+        recv_ids = lax.all_to_all(send_ids.reshape(s, slots), 'expert', 0, 0, tiled=True)
+        y_recv = self._dropless_experts(
+            w, recv.reshape(s * slots, d), recv_ids.reshape(s * slots), e_dev,
+            self._impl(), block_rows=block_size(big_n, e_dev), reduce=reduce)
+      else:
+        # [S, E_dev, c_dev, d] -> one group of S * c_dev rows per local expert.
+        xp = recv.reshape(s, e_dev, c_dev, d).transpose(1, 0, 2, 3)
+        yp = self._batched_experts(w, xp.reshape(e_dev, s * c_dev, d), reduce=reduce)
+        y_recv = yp.reshape(e_dev, s, c_dev, d).transpose(1, 0, 2, 3)
+      y_back = lax.all_to_all(y_recv.reshape(s, slots, d), 'expert', 0, 0, tiled=True)
+      y_assign = y_back.reshape(s * slots, d).at[send_rows].get(mode='fill', fill_value=0)
+      if keep is not None:
+        combine = combine * keep.reshape(k, n)
+
+    with jax.named_scope('moe_combine'):
+      y = jnp.einsum('knd,kn->nd', y_assign.reshape(k, n, d).astype(jnp.float32),
+                     combine)
+    return y.astype(self.dtype).reshape(b, t, d), aux
+
+  def _global_position(self, experts, position, batch_axes):
+    """Each local assignment's rank among all assignments to its expert in the
+    global order (choice-major, then global token index), as the global path
+    ranks them.
+
+    experts: int [n, k] this device's choices; position: int [N], the rank
+    among this device's assignments to the same expert. Devices hold
+    consecutive token ranges in the order of `batch_axes`.
+    """
+    k, e = self.experts_per_token, self.num_experts
+    ids = experts.T                                              # [k, n]
+    per_choice = jnp.sum(jax.nn.one_hot(ids, e, dtype=jnp.int32), axis=1)   # [k, E]
+    every = lax.all_gather(per_choice, batch_axes)               # [R, k, E]
+    total = jnp.sum(every, axis=0)
+    earlier_choices = jnp.cumsum(total, axis=0) - total          # all devices, choices < j
+    earlier_devices = (jnp.cumsum(every, axis=0) - every)[lax.axis_index(batch_axes)]
+    local_earlier_choices = jnp.cumsum(per_choice, axis=0) - per_choice
+    offset = earlier_choices + earlier_devices - local_earlier_choices   # [k, E]
+    choice = jnp.arange(k)[:, None]
+    return (position.reshape(k, -1) + offset[choice, ids]).reshape(-1)

@@ -14,6 +14,11 @@ The model does not know the mesh: the trainer maps names to shardings
 inside the function it jits (`jax.jit` caches traces without looking at this
 context, so it must not be set around the call instead). Outside that context
 (tests, sampling, a single device) `constrain` is the identity.
+
+The few layers that must place work on devices themselves (the MoE layer's
+all-to-all expert dispatch, `model.moe`) read the mesh and the mesh axes a
+logical name maps to with `current_mesh()` and `partition_spec()`; everything
+else only names logical axes.
 """
 
 import contextlib
@@ -25,16 +30,39 @@ import jax
 # fn(logical_axes, shape) -> a jax.sharding.Sharding, or None (no constraint).
 _SHARDING_FN: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
     'ablax_activation_sharding', default=None)
+# The mesh `fn` maps onto, when the trainer gives it.
+_MESH: contextvars.ContextVar[jax.sharding.Mesh | None] = contextvars.ContextVar(
+    'ablax_activation_mesh', default=None)
 
 
 @contextlib.contextmanager
-def activation_sharding(fn: Callable[[Sequence[str | None], tuple[int, ...]], object]):
-  """Within this context `constrain` applies `fn(logical_axes, shape)`."""
+def activation_sharding(fn: Callable[[Sequence[str | None], tuple[int, ...]], object],
+                        mesh: jax.sharding.Mesh | None = None):
+  """Within this context `constrain` applies `fn(logical_axes, shape)`.
+
+  `mesh`: the mesh `fn`'s NamedShardings live on, for `current_mesh()`.
+  """
   token = _SHARDING_FN.set(fn)
+  mesh_token = _MESH.set(mesh)
   try:
     yield
   finally:
+    _MESH.reset(mesh_token)
     _SHARDING_FN.reset(token)
+
+
+def current_mesh() -> jax.sharding.Mesh | None:
+  """The installed mesh, or None outside the trainer's context."""
+  return _MESH.get() if _SHARDING_FN.get() is not None else None
+
+
+def partition_spec(logical_axes: Sequence[str | None],
+                   shape: Sequence[int]) -> jax.sharding.PartitionSpec | None:
+  """The PartitionSpec the installed mapping gives an array of `shape`, or None
+  (outside the context, or when the mapping does not constrain it)."""
+  fn = _SHARDING_FN.get()
+  target = None if fn is None else fn(tuple(logical_axes), tuple(shape))
+  return getattr(target, 'spec', None)
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
