@@ -82,14 +82,19 @@ def model_differences(saved: dict, cfg) -> tuple[list[str], list[str]]:
   return shape, runtime
 
 
+def _saved_differences(config_path: str, cfg):
+  """(saved config dict, shape differences, runtime differences) against `cfg`."""
+  with open(config_path) as f:
+    saved = json.load(f)
+  return (saved, *model_differences(saved, cfg))
+
+
 def check_config(workdir: str, cfg) -> None:
   """Refuses to resume a workdir that holds checkpoints of a different model."""
   path = os.path.join(workdir, 'config.json')
   if not (_has_checkpoints(workdir) and os.path.exists(path)):
     return
-  with open(path) as f:
-    saved = json.load(f)
-  shape, runtime = model_differences(saved, cfg)
+  _, shape, runtime = _saved_differences(path, cfg)
   if shape:
     raise configs.ConfigError(
         f'{workdir} holds checkpoints of a different model; differing fields:\n  '
@@ -299,9 +304,7 @@ def load_init_params(cfg, step_dir: str, init_workdir: str, abstract_state, *,
   if not os.path.exists(config_path):
     raise configs.ConfigError(f'{config_path} not found: {field} must belong to '
                               'an ablax workdir')
-  with open(config_path) as f:
-    saved = json.load(f)
-  shape, runtime = model_differences(saved, cfg)
+  saved, shape, runtime = _saved_differences(config_path, cfg)
   if shape:
     raise configs.ConfigError(
         f'{field}: {init_workdir} holds a different model; differing fields:\n  '
