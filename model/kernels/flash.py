@@ -66,6 +66,26 @@ class Spec:
 # --------------------------------------------------------------------------- tiles
 
 
+def cdiv(a, b):
+  """Ceiling division of traced int32 block indices."""
+  return jax.lax.div(a + b - 1, b)
+
+
+def q_block_span(spec, kv_start, bk, bq):
+  """[first, end) q blocks that see any key of the kv tile at `kv_start`.
+
+  Every q block when the tile holds memory keys (all queries see those).
+  """
+  lo, hi = masking.q_span(kv_start, kv_start + bk, causal=spec.causal,
+                          window=spec.window, q_len=spec.q_len)
+  lo, hi = jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32)
+  if spec.num_memory:
+    has_memory = kv_start < spec.num_memory
+    lo = jnp.where(has_memory, 0, lo)
+    hi = jnp.where(has_memory, spec.q_len, hi)
+  return jax.lax.div(lo, bq), cdiv(hi, bq)
+
+
 def tile_logits(spec, s, q_idx, kv_idx, q_seg=None, kv_seg=None, slope=None, *,
                 masked=True):
   """One score tile, as the reference computes it, plus its mask.

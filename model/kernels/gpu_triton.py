@@ -70,10 +70,6 @@ def _slopes_arg(slopes):
   return jnp.broadcast_to(slopes[:, None], (slopes.shape[0], _SLOPE_LANES))
 
 
-def _cdiv(a, b):
-  return lax.div(a + b - 1, b)
-
-
 def _kv_loops(spec, q_start, bq, bk, num_kv_blocks, segments):
   """The kv-block loops of a q tile, as [(first, end, masked)].
 
@@ -86,13 +82,13 @@ def _kv_loops(spec, q_start, bq, bk, num_kv_blocks, segments):
                            window=spec.window, kv_len=spec.kv_len)
   mem = min(-(-spec.num_memory // bk), num_kv_blocks)
   lo_b = jnp.maximum(lax.div(jnp.asarray(lo, jnp.int32), bk), mem)
-  hi_b = _cdiv(jnp.asarray(hi, jnp.int32), bk)
+  hi_b = flash.cdiv(jnp.asarray(hi, jnp.int32), bk)
   loops = [(0, mem, True)] if mem else []
   if segments:
     return loops + [(lo_b, hi_b, True)]
   full_lo, full_hi = masking.kv_full_span(q_start, q_start + bq, causal=spec.causal,
                                           window=spec.window, kv_len=spec.kv_len)
-  a = jnp.clip(_cdiv(jnp.maximum(full_lo, 0), bk), lo_b, hi_b)
+  a = jnp.clip(flash.cdiv(jnp.maximum(full_lo, 0), bk), lo_b, hi_b)
   b = jnp.clip(lax.div(jnp.maximum(jnp.asarray(full_hi, jnp.int32), 0), bk), a, hi_b)
   if spec.num_memory:   # memory queries see only memory keys: no full tile
     a = jnp.where(q_start < spec.num_memory, hi_b, a)
@@ -105,20 +101,13 @@ def _q_loops(spec, kv_start, bk, bq, segments):
 
   Every q block when the tile holds memory keys (all queries see those).
   """
-  lo, hi = masking.q_span(kv_start, kv_start + bk, causal=spec.causal,
-                          window=spec.window, q_len=spec.q_len)
-  lo, hi = jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32)
-  if spec.num_memory:
-    has_memory = kv_start < spec.num_memory
-    lo = jnp.where(has_memory, 0, lo)
-    hi = jnp.where(has_memory, spec.q_len, hi)
-  lo_b, hi_b = lax.div(lo, bq), _cdiv(hi, bq)
+  lo_b, hi_b = flash.q_block_span(spec, kv_start, bk, bq)
   if segments:
     return [(lo_b, hi_b, True)]
   full_lo, full_hi = masking.q_full_span(kv_start, kv_start + bk, causal=spec.causal,
                                          window=spec.window, q_len=spec.q_len)
   full_lo = jnp.maximum(jnp.asarray(full_lo, jnp.int32), spec.num_memory)
-  a = jnp.clip(_cdiv(full_lo, bq), lo_b, hi_b)
+  a = jnp.clip(flash.cdiv(full_lo, bq), lo_b, hi_b)
   b = jnp.clip(lax.div(jnp.maximum(jnp.asarray(full_hi, jnp.int32), 0), bq), a, hi_b)
   # A kv tile with padding keys or memory keys stays masked throughout (memory
   # queries see only memory keys; the wrapper's padding must stay hidden).

@@ -51,10 +51,6 @@ def _params(*semantics):
   return pltpu.CompilerParams(dimension_semantics=semantics)
 
 
-def _cdiv(a, b):
-  return lax.div(a + b - 1, b)
-
-
 def _kv_block(spec, bq, bk, i, j, num_kv_blocks):
   """Block index the pipeline loads at kv step j of q block i, and whether step j runs.
 
@@ -66,7 +62,7 @@ def _kv_block(spec, bq, bk, i, j, num_kv_blocks):
                            kv_len=spec.kv_len)
   mem = min(-(-spec.num_memory // bk), num_kv_blocks)
   lo_b = jnp.maximum(lax.div(jnp.asarray(lo, jnp.int32), bk), mem)
-  hi_b = _cdiv(jnp.asarray(hi, jnp.int32), bk)
+  hi_b = flash.cdiv(jnp.asarray(hi, jnp.int32), bk)
   runs = (j < mem) | ((j >= lo_b) & (j < hi_b))
   block = jnp.where(j < mem, j, jnp.minimum(jnp.maximum(j, lo_b), hi_b - 1))
   return jnp.clip(block, 0, num_kv_blocks - 1), runs
@@ -75,14 +71,7 @@ def _kv_block(spec, bq, bk, i, j, num_kv_blocks):
 def _q_block(spec, bq, bk, j, i, num_q_blocks):
   """As `_kv_block` for the dK/dV kernel: q block loaded at q step i of kv block j."""
   kv_start = j * bk
-  lo, hi = masking.q_span(kv_start, kv_start + bk, causal=spec.causal, window=spec.window,
-                          q_len=spec.q_len)
-  lo, hi = jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32)
-  if spec.num_memory:
-    has_memory = kv_start < spec.num_memory
-    lo = jnp.where(has_memory, 0, lo)
-    hi = jnp.where(has_memory, spec.q_len, hi)
-  lo_b, hi_b = lax.div(lo, bq), _cdiv(hi, bq)
+  lo_b, hi_b = flash.q_block_span(spec, kv_start, bk, bq)
   runs = (i >= lo_b) & (i < hi_b)
   block = jnp.minimum(jnp.maximum(i, lo_b), hi_b - 1)
   return jnp.clip(block, 0, num_q_blocks - 1), runs
