@@ -7,11 +7,11 @@ Re-running with the same workdir resumes. The library function is
 `align.loop.train_and_evaluate(cfg, workdir)`.
 """
 
-import sys
-
 from absl import app
 from absl import flags
 from ml_collections import config_flags
+
+from configs import errors
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file, e.g. configs/dpo.py:tiny.', lock_config=True)
@@ -24,21 +24,18 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   import configs  # pylint: disable=g-import-not-at-top
-  from data.sources import DataError  # pylint: disable=g-import-not-at-top
   from align import loop  # pylint: disable=g-import-not-at-top
   from train import loop as train_loop  # pylint: disable=g-import-not-at-top
   train_loop.configure_logging()
   cfg = _CONFIG.value
-  try:
-    configs.validate(cfg)
-    loop.train_and_evaluate(cfg, _WORKDIR.value)
-  except (configs.ConfigError, DataError, FloatingPointError) as e:
-    sys.exit(f'ablax: {e}')
+  configs.validate(cfg)
+  summary = loop.train_and_evaluate(cfg, _WORKDIR.value)
+  return train_loop.exit_status(summary)
 
 
 def run():
   """The `ablax-dpo` console script."""
-  app.run(main)
+  errors.run(main)
 
 
 if __name__ == '__main__':

@@ -7,10 +7,14 @@ in `validate`, which refuses bad values with a message naming the field.
 """
 
 import ast
+import difflib
 import importlib.util
 import os
+import traceback
 
 import ml_collections
+
+from configs.errors import UserError
 
 CHOICES = {
     'model.norm_type': ('rmsnorm', 'layernorm'),
@@ -23,13 +27,14 @@ CHOICES = {
     'model.dtype': ('float32', 'bfloat16', 'float16'),
     'model.param_dtype': ('float32', 'bfloat16', 'float16'),
     'train.lr_schedule': ('cosine', 'linear', 'constant', 'wsd'),
+    'train.on_divergence': ('stop', 'rollback'),
     'data.source': ('builtin', 'text', 'jsonl', 'arrayrecord', 'synthetic', 'sft'),
     'dpo.loss': ('sigmoid', 'ipo', 'hinge'),
 }
 ROPE_SCALING_TYPES = ('linear', 'ntk', 'yarn', 'llama3')
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
   """A config value that ablax refuses; the message names the field."""
 
 
@@ -47,20 +52,33 @@ def _parse_value(text):
     return text
 
 
+def check_field(cfg: ml_collections.ConfigDict, path: str) -> None:
+  """Raises ConfigError if `path` (`a.b.c`) is not a field of `cfg`, with the
+  closest field names as a suggestion."""
+  node, done = cfg, []
+  for part in path.strip().split('.'):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      close = difflib.get_close_matches(part, known, n=3)
+      where = '.'.join(done + [part])
+      hint = (f'; did you mean {" or ".join(".".join(done + [c]) for c in close)}?'
+              if close else f'; {".".join(done) or "the config"} has: '
+              f'{", ".join(known)}' if known else '')
+      raise ConfigError(f'{where} is not a config field{hint}')
+    node = node[part]
+    done.append(part)
+
+
 def apply_override(cfg: ml_collections.ConfigDict, override: str) -> None:
   """Applies one `a.b.c=VALUE` override in place; unknown fields are an error."""
   if '=' not in override:
     raise ConfigError(f'override {override!r} is not of the form PATH=VALUE')
   path, text = override.split('=', 1)
+  check_field(cfg, path)
   *parents, leaf = path.strip().split('.')
   node = cfg
-  for i, part in enumerate(parents):
-    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      raise ConfigError(f'unknown config field {".".join(parents[:i + 1])!r} '
-                        f'(in override {override!r})')
+  for part in parents:
     node = node[part]
-  if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-    raise ConfigError(f'unknown config field {path!r}')
   value = _parse_value(text.strip())
   current = node[leaf]
   if isinstance(current, str) and not isinstance(value, str):
@@ -73,20 +91,57 @@ def apply_override(cfg: ml_collections.ConfigDict, override: str) -> None:
     raise ConfigError(f'{path}={text!r}: {e}') from None
 
 
+def _where(path: str, error: BaseException) -> str:
+  """`path:LINE` of the deepest frame of `error` in the config file `path`."""
+  line = None
+  for frame in traceback.extract_tb(error.__traceback__):
+    if os.path.abspath(frame.filename) == os.path.abspath(path):
+      line = frame.lineno
+  return f'{path}:{line}' if line else path
+
+
 def load_module(path: str):
+  """Imports a config file; a missing file or an error in it is a ConfigError
+  naming the file (and line)."""
+  if not os.path.isfile(path):
+    hint = ' (it is a folder)' if os.path.isdir(path) else ''
+    raise ConfigError(f'config file {path!r} not found{hint}: give --config '
+                      'configs/NAME.py[:ARG]')
   spec = importlib.util.spec_from_file_location(
       'ablax_config_' + os.path.basename(path).removesuffix('.py'), path)
-  if spec is None or not os.path.exists(path):
-    raise ConfigError(f'config file {path!r} not found')
+  if spec is None:
+    raise ConfigError(f'config file {path!r} is not a Python file (.py)')
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f'config file {path}:{e.lineno}: syntax error: {e.msg}') from e
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(f'config file {_where(path, e)}: {type(e).__name__}: {e}') from e
+  if not callable(getattr(module, 'get_config', None)):
+    raise ConfigError(f'config file {path!r} defines no get_config(arg)')
   return module
+
+
+def load_file(spec: str) -> ml_collections.ConfigDict:
+  """`path.py[:arg]` -> the config its `get_config(arg)` returns (no overrides,
+  not validated); errors name the file and line."""
+  path, _, arg = spec.partition(':')
+  module = load_module(path)
+  try:
+    return module.get_config(arg or None)
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(f'config file {_where(path, e)}: get_config({arg!r}) failed: '
+                      f'{type(e).__name__}: {e}') from e
 
 
 def load(spec: str, overrides=()) -> ml_collections.ConfigDict:
   """Loads `path.py[:arg]`, applies overrides, validates; returns the config."""
-  path, _, arg = spec.partition(':')
-  cfg = load_module(path).get_config(arg or None)
+  cfg = load_file(spec)
   for override in overrides:
     apply_override(cfg, override)
   validate(cfg)
@@ -205,6 +260,15 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _check(isinstance(t.get('init_checkpoint', ''), str),
          f'train.init_checkpoint={t.get("init_checkpoint")!r}: must be a path '
          '(a workdir or a checkpoints/STEP folder) or empty')
+  if 'rollback_lr_scale' in t:
+    _check(0 < t.rollback_lr_scale <= 1,
+           f'train.rollback_lr_scale={t.rollback_lr_scale}: must be in (0, 1]')
+  if 'max_rollbacks' in t:
+    _check(isinstance(t.max_rollbacks, int) and t.max_rollbacks >= 0,
+           f'train.max_rollbacks={t.max_rollbacks!r}: must be an integer >= 0')
+  if t.get('spike_threshold') is not None:
+    _check(t.spike_threshold > 0,
+           f'train.spike_threshold={t.spike_threshold}: must be None or positive')
   tok = cfg.data.tokenizer
   _check(tok == 'bytes' or tok.startswith(('sentencepiece:', 'hf:')),
          f'data.tokenizer={tok!r}: must be bytes, sentencepiece:PATH or hf:PATH')

@@ -2,7 +2,7 @@
 
 Presets (`configs/llama.py`, `configs/gpt2.py`, ...) start from `get_config()`
 here and flip the flags that make their family. Field names are fixed by the
-design contract (`shared/DESIGN.md`); `configs.validate` refuses bad values.
+user reference (`docs/reference.md`); `configs.validate` refuses bad values.
 
     python -m train --config configs/base.py --workdir /tmp/ablax_base
 """
@@ -104,6 +104,18 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   # only the parameters are loaded (the optimizer and step start fresh, e.g.
   # SFT from a pretraining run). '' = random init. Ignored on resume.
   c.train.init_checkpoint = ''
+  # --- Divergence handling (issue 10; docs/training.md) ---
+  # A non-finite loss, gradient or parameter: 'stop' (exit 3, naming the
+  # newest finite checkpoint) or 'rollback' (reload the newest finite
+  # checkpoint, skip the batches since, go on; PaLM, Chowdhery et al. 2022).
+  c.train.on_divergence = 'stop'  # stop | rollback
+  c.train.rollback_lr_scale = 1.0  # each rollback multiplies the learning rate by this
+  c.train.max_rollbacks = 3        # then stop as with 'stop'
+  # k: a loss above the running mean of the last 100 losses by k running
+  # standard deviations is a spike (`train/spikes`); with on_divergence=
+  # 'rollback' it also rolls back. None = no spike detection.
+  c.train.spike_threshold = ml_collections.FieldReference(None, field_type=float)
+  # --- end divergence handling ---
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1

@@ -39,6 +39,7 @@ from absl import logging
 import grain
 import numpy as np
 
+from configs.errors import UserError
 from data import builtin
 from data import sft
 
@@ -46,7 +47,7 @@ SOURCES = ('builtin', 'text', 'jsonl', 'arrayrecord', 'synthetic', 'sft')
 SYNTHETIC_NUM_DOCS = 1 << 40  # Never exhausted in practice.
 
 
-class DataError(ValueError):
+class DataError(UserError):
   """Bad data or data config; the message names the file, line or field."""
 
 

@@ -27,8 +27,10 @@ import os
 
 import numpy as np
 
+from configs.errors import UserError
 
-class TokenizerError(ValueError):
+
+class TokenizerError(UserError):
   """A tokenizer spec or file that cannot be used; the message says why."""
 
 

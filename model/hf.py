@@ -28,7 +28,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -37,10 +36,11 @@ from flax import nnx
 
 import configs
 from configs import base as base_config
+from configs import errors
 from model import decoder as decoder_lib
 
 
-class HFError(ValueError):
+class HFError(configs.UserError):
   """A Hugging Face folder or config that ablax cannot map."""
 
 
@@ -564,16 +564,29 @@ def save(cfg, decoder, hf_dir: str) -> None:
 # -- workdirs -------------------------------------------------------------------
 
 
-def import_to_workdir(hf_dir: str, workdir: str):
-  """Writes `workdir/config.json` and an orbax checkpoint at step 0."""
+def import_to_workdir(hf_dir: str, workdir: str, overwrite: bool = False):
+  """Writes `workdir/config.json` and an orbax checkpoint at step 0.
+
+  A folder that already holds a run or an import is refused unless
+  `overwrite`, which first removes its config.json, checkpoints and
+  TensorBoard files.
+  """
   from train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   from train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from train import optim  # pylint: disable=g-import-not-at-top
   from train import step as step_lib  # pylint: disable=g-import-not-at-top
   cfg, decoder = load(hf_dir)
   configs.validate(cfg)
-  checkpoint_lib.check_config(workdir, cfg)
-  checkpoint_lib.write_config(workdir, cfg)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise HFError(f'--workdir {workdir} is a file, not a folder')
+  held = [name for name in ('config.json', 'checkpoints')
+          if os.path.exists(os.path.join(workdir, name))]
+  if held and not overwrite:
+    raise HFError(f'--workdir {workdir} already holds a run or an import '
+                  f'({", ".join(held)}): give a new folder, or pass --overwrite '
+                  'to replace it')
+  if held:
+    checkpoint_lib.clear_run(workdir)
   mesh = mesh_lib.make_mesh(cfg.mesh)
   optimizer, _ = optim.make_optimizer(cfg.train)
   _, init, _, shardings = step_lib.train_state_spec(
@@ -582,11 +595,13 @@ def import_to_workdir(hf_dir: str, workdir: str):
   state = jax.jit(init, out_shardings=shardings)()
   params = nnx.state(decoder, nnx.Param)
   state['params'] = jax.device_put(params, shardings['params'])
-  ckpt = checkpoint_lib.Checkpointer(workdir, every_steps=1, keep=cfg.train.keep_checkpoints)
-  # No data-iterator state: training on from here reads its own data from the
-  # start, whatever data config (source, batch, workers) it uses.
-  ckpt.save(0, state, force=True)
-  ckpt.close()
+  with checkpoint_lib.Checkpointer(workdir, every_steps=1,
+                                   keep=cfg.train.keep_checkpoints) as ckpt:
+    # No data-iterator state: training on from here reads its own data from
+    # the start, whatever data config (source, batch, workers) it uses.
+    if not ckpt.save(0, state, force=True):
+      raise HFError(f'{workdir}: checkpoint 0 was not written')
+  checkpoint_lib.write_config(workdir, cfg)
   return cfg
 
 
@@ -597,20 +612,24 @@ def load_workdir(workdir: str, step: int | None = None):
   from train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from train import optim  # pylint: disable=g-import-not-at-top
   from train import step as step_lib  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(workdir, 'config.json')) as fh:
-    cfg = ml_collections.ConfigDict(json.load(fh))
-  ckpt = checkpoint_lib.Checkpointer(workdir, every_steps=1, keep=cfg.train.keep_checkpoints)
-  steps = ckpt.steps
+  from configs import workdir as workdir_config  # pylint: disable=g-import-not-at-top
+  cfg = ml_collections.ConfigDict(workdir_config.read_saved(workdir))
+  steps = checkpoint_lib.saved_steps(workdir)
   if not steps:
-    raise HFError(f'{workdir}: no checkpoints under {ckpt.directory}')
+    raise HFError(f'{workdir} holds no checkpoint (nothing under '
+                  f'{os.path.join(workdir, "checkpoints")}): train it first')
+  if step is not None and step not in steps:
+    raise HFError(f'--step {step}: {workdir} has checkpoints '
+                  f'{", ".join(map(str, steps))}')
   step = max(steps) if step is None else step
   mesh = mesh_lib.make_mesh(cfg.mesh)
   optimizer, _ = optim.make_optimizer(cfg.train)
   graphdef, _, abstract_state, _ = step_lib.train_state_spec(
       lambda: decoder_lib.Decoder(cfg.model, rngs=nnx.Rngs(0)), optimizer, mesh,
       cfg.train.seed)
-  state = ckpt.restore(step, abstract_state)
-  ckpt.close()
+  with checkpoint_lib.Checkpointer(workdir, every_steps=1,
+                                   keep=cfg.train.keep_checkpoints) as ckpt:
+    state = ckpt.restore(step, abstract_state)
   decoder = nnx.merge(graphdef, state['params'], state['model_state'])
   return cfg, decoder
 
@@ -621,22 +640,21 @@ def main(argv=None):
   p = sub.add_parser('import', help='a Hugging Face folder -> an ablax workdir')
   p.add_argument('hf_dir')
   p.add_argument('--workdir', required=True)
+  p.add_argument('--overwrite', action='store_true',
+                 help='replace a run or import already in --workdir')
   p = sub.add_parser('export', help='an ablax workdir -> a Hugging Face folder')
   p.add_argument('workdir')
   p.add_argument('--out', required=True)
   p.add_argument('--step', type=int, default=None)
   args = parser.parse_args(argv)
-  try:
-    if args.command == 'import':
-      import_to_workdir(args.hf_dir, args.workdir)
-      print(f'wrote {args.workdir}/config.json and checkpoints/0')
-    else:
-      cfg, decoder = load_workdir(args.workdir, args.step)
-      save(cfg, decoder, args.out)
-      print(f'wrote {args.out}/config.json and model.safetensors')
-  except (HFError, configs.ConfigError) as e:
-    sys.exit(f'error: {e}')
+  if args.command == 'import':
+    import_to_workdir(args.hf_dir, args.workdir, overwrite=args.overwrite)
+    print(f'wrote {args.workdir}/config.json and checkpoints/0')
+  else:
+    cfg, decoder = load_workdir(args.workdir, args.step)
+    save(cfg, decoder, args.out)
+    print(f'wrote {args.out}/config.json and model.safetensors')
 
 
 if __name__ == '__main__':
-  main()
+  errors.run(main, absl_flags=False)

@@ -9,14 +9,17 @@ or run under Slurm / Open MPI / a Cloud TPU pod, which are detected):
 
     python -m train ... --coordinator_address=HOST:1234 --num_processes=2 --process_id=0
 
-The library function is `train.loop.train_and_evaluate(cfg, workdir)`.
+The library function is `train.loop.train_and_evaluate(cfg, workdir)`. A user
+error exits with status 2 and one `ablax: ...` line (`--debug` shows the
+traceback); the exit statuses are listed in `configs/errors.py` and
+docs/training.md.
 """
-
-import sys
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
+
+from configs import errors
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file, e.g. configs/llama.py:tiny.', lock_config=True)
@@ -39,25 +42,17 @@ def main(argv):
   distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                                _PROCESS_ID.value)
   import configs  # pylint: disable=g-import-not-at-top
-  from data.sources import DataError  # pylint: disable=g-import-not-at-top
-  from train import checkpoint  # pylint: disable=g-import-not-at-top
   from train import loop  # pylint: disable=g-import-not-at-top
   loop.configure_logging()
   cfg = _CONFIG.value
-  try:
-    configs.validate(cfg)
-  except configs.ConfigError as e:
-    sys.exit(f'ablax: bad config: {e}')
-  try:
-    loop.train_and_evaluate(cfg, _WORKDIR.value)
-  except (configs.ConfigError, DataError, FloatingPointError,
-          checkpoint.CheckpointError) as e:
-    sys.exit(f'ablax: {e}')
+  configs.validate(cfg)
+  summary = loop.train_and_evaluate(cfg, _WORKDIR.value)
+  return loop.exit_status(summary)
 
 
 def run():
   """The `ablax-train` console script."""
-  app.run(main)
+  errors.run(main)
 
 
 if __name__ == '__main__':

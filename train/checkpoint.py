@@ -30,12 +30,17 @@ path, and `load_init_params` checks that the run there had the same model
 parameters.
 """
 
+import datetime
 import json
+import math
 import os
 import shutil
+import socket
 import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
@@ -63,19 +68,68 @@ def write_config(workdir: str, cfg) -> None:
   os.replace(path + '.tmp', path)
 
 
-def _has_checkpoints(workdir: str) -> bool:
+def saved_steps(workdir: str) -> list[int]:
+  """The step numbers under `DIR/checkpoints/`, ascending ([] if none)."""
   directory = os.path.join(workdir, 'checkpoints')
-  return os.path.isdir(directory) and any(
-      name.isdigit() for name in os.listdir(directory))
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def _has_checkpoints(workdir: str) -> bool:
+  return bool(saved_steps(workdir))
+
+
+def clear_run(workdir: str) -> None:
+  """Removes a run from `workdir`: config.json, checkpoints and TensorBoard
+  files (`model.hf import --overwrite`)."""
+  for name in ('config.json', START_FAILED_FILE):
+    if os.path.exists(os.path.join(workdir, name)):
+      os.remove(os.path.join(workdir, name))
+  for name in ('checkpoints', 'checkpoints.skipped'):
+    shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
+  for name in os.listdir(workdir):
+    if name.startswith('events.out.tfevents.'):
+      os.remove(os.path.join(workdir, name))
+
+
+def _resolved_model(fields: dict) -> dict:
+  """`config.model` fields with the None defaults that stand for a value set to
+  it (head_dim, moe_d_ff, attn_scale), so equal models compare equal."""
+  out = dict(fields)
+  if out.get('head_dim') is None and out.get('d_model') and out.get('num_heads'):
+    out['head_dim'] = out['d_model'] // out['num_heads']
+  if out.get('moe_d_ff') is None and 'd_ff' in out:
+    out['moe_d_ff'] = out['d_ff']
+  if out.get('attn_scale') is None and out.get('head_dim'):
+    out['attn_scale'] = out['head_dim'] ** -0.5
+  return out
+
+
+def _same(a, b) -> bool:
+  if isinstance(a, float) and isinstance(b, float):
+    return math.isclose(a, b, rel_tol=1e-6)
+  return a == b
 
 
 def model_differences(saved: dict, cfg) -> tuple[list[str], list[str]]:
-  """(shape-changing, runtime-only) `model.*` fields that differ from `saved`."""
+  """(shape-changing, runtime-only) `model.*` fields that differ from `saved`.
+
+  None defaults are resolved first (`head_dim` None is d_model // num_heads),
+  and a field the saved config lacks (added to ablax later) counts as its
+  default in `configs/base.py`.
+  """
+  from configs import base  # pylint: disable=g-import-not-at-top
+  defaults = base.model_config().to_dict()
   now = json.loads(config_json(cfg))['model']
-  before = saved.get('model', {})
+  before = dict(saved.get('model', {}))
+  for field in set(now) - set(before):
+    if field in defaults:
+      before[field] = defaults[field]
+  now_resolved, before_resolved = _resolved_model(now), _resolved_model(before)
   shape, runtime = [], []
   for field in sorted(set(now) | set(before)):
-    if now.get(field) != before.get(field):
+    if not _same(now_resolved.get(field), before_resolved.get(field)):
       line = (f'model.{field}: saved {before.get(field, "<absent>")!r}, '
               f'now {now.get(field, "<absent>")!r}')
       (runtime if field in RUNTIME_MODEL_FIELDS else shape).append(line)
@@ -94,19 +148,175 @@ def check_config(workdir: str, cfg) -> None:
   path = os.path.join(workdir, 'config.json')
   if not (_has_checkpoints(workdir) and os.path.exists(path)):
     return
-  _, shape, runtime = _saved_differences(path, cfg)
+  saved, shape, runtime = _saved_differences(path, cfg)
   if shape:
     raise configs.ConfigError(
         f'{workdir} holds checkpoints of a different model; differing fields:\n  '
         + '\n  '.join(shape) +
         '\nUse a new --workdir, or set these fields back to the saved values.')
+  batch = saved.get('train', {}).get('global_batch_size', cfg.train.global_batch_size)
+  if batch != cfg.train.global_batch_size:
+    raise configs.ConfigError(
+        f'train.global_batch_size={cfg.train.global_batch_size}, but {workdir} '
+        f'was trained with {batch}: the data position of its checkpoints cannot '
+        f'be mapped to another batch size. Set train.global_batch_size={batch} '
+        'to resume, or use a new --workdir (with train.init_checkpoint to start '
+        'from its parameters).')
   if runtime:
     logging.warning('resuming %s with changed runtime fields: %s', workdir,
                     '; '.join(runtime))
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(configs.UserError):
   """No checkpoint of the workdir can be loaded into this run's state."""
+
+
+def all_finite(tree) -> bool:
+  """True if every float entry of `tree` (arrays, possibly sharded) is finite."""
+  leaves = [x for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(getattr(x, 'dtype', np.int32), jnp.floating)]
+  if not leaves:
+    return True
+  return bool(jax.jit(lambda xs: jnp.all(jnp.stack(
+      [jnp.all(jnp.isfinite(x)) for x in xs])))(leaves))
+
+
+def _reason(error: BaseException) -> str:
+  """A readable one-line reason of an orbax/tensorstore error (some carry a
+  bound method as their message)."""
+  for e in (error, error.__cause__, error.__context__):
+    if e is None:
+      continue
+    text = str(e).strip()
+    if text and not text.startswith('<bound method'):
+      return f'{type(e).__name__}: {text.splitlines()[0][:300]}'
+  return f'{type(error).__name__} (no message)'
+
+
+# ----------------------------------------------------------------------------
+# The workdir lock.
+
+LOCK_FILE = 'LOCK'
+START_FAILED_FILE = 'start_failed.json'
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+class WorkdirLock:
+  """`DIR/LOCK` while a run trains in DIR: one run per workdir.
+
+  The file holds {"host", "pid", "started", "command"}. A second run is
+  refused at once, naming the holder. A lock whose process is gone (same
+  host, no such PID: a kill -9, a crash) is stale and taken over with a
+  warning; a lock held from another host cannot be checked and is refused
+  with the file to delete if that run is over. Only process 0 of a
+  multi-process job takes it.
+  """
+
+  def __init__(self, workdir: str, command: str = 'train'):
+    self.path = os.path.join(workdir, LOCK_FILE)
+    self.workdir = workdir
+    self.command = command
+    self.held = False
+
+  def _read(self) -> dict:
+    try:
+      with open(self.path) as f:
+        return json.load(f)
+    except (OSError, ValueError):
+      return {}
+
+  def acquire(self) -> None:
+    if jax.process_index() != 0:
+      return
+    make_workdir(self.workdir)
+    record = {'host': socket.gethostname(), 'pid': os.getpid(),
+              'started': datetime.datetime.now(datetime.timezone.utc).isoformat(
+                  timespec='seconds'),
+              'command': self.command}
+    for _ in range(3):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        holder = self._read()
+        host, pid = holder.get('host'), holder.get('pid')
+        if not holder:           # being written right now, or garbage
+          time.sleep(0.2)
+          holder = self._read()
+          host, pid = holder.get('host'), holder.get('pid')
+        if host == socket.gethostname() and isinstance(pid, int) and _alive(pid):
+          raise configs.UserError(
+              f'{self.workdir} is in use by another run ({holder.get("command", "?")}, '
+              f'pid {pid} on {host}, started {holder.get("started", "?")}): wait '
+              'for it to finish or stop it, or use another --workdir')
+        if host and host != socket.gethostname():
+          raise configs.UserError(
+              f'{self.workdir} is locked by a run on host {host} (pid {pid}, '
+              f'started {holder.get("started", "?")}); if that run is over, '
+              f'delete {self.path}')
+        logging.warning('taking over the stale lock %s (pid %s on %s is gone)',
+                        self.path, pid, host)
+        try:
+          os.remove(self.path)
+        except FileNotFoundError:
+          pass
+        continue
+      with os.fdopen(fd, 'w') as f:
+        json.dump(record, f)
+      self.held = True
+      return
+    raise configs.UserError(f'{self.path}: could not take the workdir lock')
+
+  def release(self) -> None:
+    if self.held and self._read().get('pid') == os.getpid():
+      os.remove(self.path)
+    self.held = False
+
+  def __enter__(self):
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc):
+    self.release()
+
+
+def make_workdir(workdir: str) -> None:
+  """Creates `workdir`; one that is a file or cannot be made is a UserError."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise configs.UserError(f'--workdir {workdir} is a file, not a folder')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise configs.UserError(f'--workdir {workdir} cannot be created: '
+                            f'{e.strerror}') from None
+
+
+def mark_start_failed(workdir: str, stage: str, error: BaseException) -> None:
+  """Writes `DIR/start_failed.json` for a run that failed before its first step
+  ({"stage", "type", "message", "time"}); `launch.compare` shows it."""
+  if jax.process_index() != 0 or not os.path.isdir(workdir):
+    return
+  from configs import errors  # pylint: disable=g-import-not-at-top
+  record = {'stage': stage, 'type': type(error).__name__,
+            'message': errors.one_line(error),
+            'time': datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec='seconds')}
+  with open(os.path.join(workdir, START_FAILED_FILE), 'w') as f:
+    json.dump(record, f)
+
+
+def clear_start_failed(workdir: str) -> None:
+  path = os.path.join(workdir, START_FAILED_FILE)
+  if jax.process_index() == 0 and os.path.exists(path):
+    os.remove(path)
 
 
 class Checkpointer:
@@ -143,8 +353,44 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Finishes pending saves and stops orbax's threads (idempotent)."""
+    if self.manager is None:
+      return
+    try:
+      self.manager.wait_until_finished()
+    finally:
+      self.manager.close()
+      self.manager = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def delete_after(self, step: int) -> None:
+    """Deletes the checkpoints after `step` (a rollback to `step`)."""
+    self.wait()
+    for later in sorted(self.manager.all_steps()):
+      if later > step:
+        self.manager.delete(later)
+    self.manager.reload()
+
+  def newest_finite(self, abstract_state, before: int | None = None) -> int | None:
+    """The newest step (< `before`) whose saved parameters are all finite,
+    checked by reading them; None if there is none."""
+    self.wait()
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      if before is not None and step >= before:
+        continue
+      try:
+        restored, _ = restore_items(os.path.join(self.directory, str(step)),
+                                    {'params': abstract_state['params']})
+      except Exception:  # pylint: disable=broad-except
+        continue
+      if all_finite(restored['params']):
+        return step
+    return None
 
   def _check_process_count(self, step: int) -> None:
     data_dir = os.path.join(self.directory, str(step), 'data')
@@ -189,13 +435,14 @@ class Checkpointer:
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         state = self.restore(step, abstract_state, data_iterator)
+        if not all_finite(state['params']):
+          raise FloatingPointError('its parameters are not all finite (saved by '
+                                   'a diverged run)')
       except configs.ConfigError:
         raise
       except Exception as e:  # pylint: disable=broad-except
-        text = str(e).strip()
-        message = text.splitlines()[0][:300] if text else ''
-        logging.warning('checkpoint %s/%d cannot be loaded (%s: %s); trying the '
-                        'previous one', self.directory, step, type(e).__name__, message)
+        logging.warning('checkpoint %s/%d cannot be loaded (%s); trying the '
+                        'previous one', self.directory, step, _reason(e))
         failures.append((step, e))
         continue
       if failures:
@@ -206,7 +453,7 @@ class Checkpointer:
       raise CheckpointError(
           f'none of the checkpoints in {self.directory} can be loaded into this '
           f'run\'s state (steps {", ".join(str(s) for s, _ in failures)}); the '
-          f'newest, {step}, failed with {type(error).__name__}: {error}') from error
+          f'newest, {step}, failed with {_reason(error)}') from error
     return None, None
 
   def _move_aside(self, steps: list[int]) -> None:
@@ -230,10 +477,9 @@ def checkpoint_dir(path: str) -> str:
   if os.path.isdir(os.path.join(path, 'state')):
     return path
   directory = os.path.join(path, 'checkpoints')
-  steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if (
-      os.path.isdir(directory)) else []
+  steps = saved_steps(path)
   if not steps:
-    raise FileNotFoundError(f'{path} holds no checkpoint (no {directory}/STEP/state)')
+    raise CheckpointError(f'{path} holds no checkpoint (no {directory}/STEP/state)')
   return os.path.join(directory, str(steps[-1]))
 
 
@@ -279,7 +525,7 @@ def resolve_init_checkpoint(path: str, field: str) -> tuple[str, str]:
   path = os.path.abspath(os.path.expanduser(path))
   directory = os.path.join(path, 'checkpoints')
   if os.path.isdir(directory):
-    steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+    steps = saved_steps(path)
     if not steps:
       raise configs.ConfigError(f'{field}={path!r}: no checkpoints in {directory}')
     return path, os.path.join(directory, str(steps[-1]))

@@ -31,7 +31,6 @@ training data; e.g. each file of the built-in eval split), or `--files GLOB`
 
 import json
 import os
-import sys
 from collections.abc import Callable, Iterable, Sequence
 
 import jax
@@ -45,6 +44,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import configs
+from configs import errors
 import model as model_lib
 from data import pipeline
 from data import sources
@@ -381,8 +381,8 @@ def main(argv):
     else:
       result = evaluate(_WORKDIR.value, _CHECKPOINT.value, _EVAL_STEPS.value,
                         _SPLIT.value)
-  except (configs.ConfigError, sources.DataError, FileNotFoundError) as e:
-    sys.exit(f'ablax: {e}')
+  except FileNotFoundError as e:
+    raise configs.UserError(str(e)) from None
   if jax.process_index() != 0:
     return
   if strided:
@@ -398,4 +398,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run(main)

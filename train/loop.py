@@ -22,6 +22,8 @@ optimizer, step and schedule start fresh; a workdir that already holds
 checkpoints resumes from them and ignores it.
 """
 
+import collections
+import json
 import os
 import signal
 import threading
@@ -35,6 +37,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 import configs
+import configs.errors
 import model as model_lib
 from data import pipeline
 from train import checkpoint as checkpoint_lib
@@ -46,36 +49,115 @@ from train import step as step_lib
 
 
 class Preemption:
-  """SIGTERM sets a flag the loop checks after each step (single process).
+  """SIGTERM and SIGINT set a flag the loop checks after each step (single
+  process); a second SIGINT (Ctrl-C twice) exits at once, without saving.
 
-  A multi-process job uses JAX's preemption service instead (it catches the
-  signal and lets every process reach the same step before saving).
+  A multi-process job uses JAX's preemption service for SIGTERM instead (it
+  catches the signal and lets every process reach the same step before
+  saving).
   """
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self.signal = None          # 'SIGTERM' or 'SIGINT' once requested
+    self._previous = {}
 
   def __enter__(self):
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    if threading.current_thread() is threading.main_thread():
+      signals = (signal.SIGINT,) if jax.process_count() > 1 else (
+          signal.SIGTERM, signal.SIGINT)
+      for sig in signals:
+        self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
+    del frame
+    if signum == signal.SIGINT and self.signal == 'SIGINT':
+      os.write(2, b'\nablax: second Ctrl-C: exiting at once, without saving\n')
+      os._exit(configs.errors.EXIT_INTERRUPTED)  # pylint: disable=protected-access
+    self.signal = signal.Signals(signum).name
     self.requested = True
+    if signum == signal.SIGINT:
+      os.write(2, b'\nablax: Ctrl-C: saving a checkpoint after this step '
+               b'(Ctrl-C again to exit at once)\n')
 
   def reached(self, step: int) -> bool:
+    if self.requested:
+      return True
     if jax.process_count() > 1:
       try:
-        return multihost_utils.reached_preemption_sync_point(step)
+        if multihost_utils.reached_preemption_sync_point(step):
+          self.signal = 'SIGTERM'
+          return True
       except RuntimeError:      # the preemption service is switched off
-        return False
-    return self.requested
+        pass
+    return False
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
+    self._previous = {}
+
+
+def exit_status(summary: dict) -> int:
+  """The process exit status of a finished run's summary (see configs/errors.py)."""
+  return configs.errors.EXIT_INTERRUPTED if summary.get('status') == 'interrupted' else 0
+
+
+def run_locked(workdir: str, stage: str, body):
+  """`body(started)` holding the workdir lock (`checkpoint.WorkdirLock`).
+
+  `body` calls `started()` once its first step ran; an error before that
+  leaves `DIR/start_failed.json` (`checkpoint.mark_start_failed`) instead of
+  a config.json, so the workdir does not look like a stopped run.
+  """
+  with checkpoint_lib.WorkdirLock(workdir, stage):
+    state = {'started': False}
+
+    def started():
+      if not state['started']:
+        state['started'] = True
+        checkpoint_lib.clear_start_failed(workdir)
+
+    try:
+      return body(started)
+    except Exception as e:
+      if not state['started']:
+        checkpoint_lib.mark_start_failed(workdir, stage, e)
+      raise
+
+
+class Diverged(Exception):
+  """A step whose loss, gradient or parameters are not finite, or a spike."""
+
+  def __init__(self, step: int, reason: str, spike: bool = False):
+    super().__init__(reason)
+    self.step, self.reason, self.spike = step, reason, spike
+
+
+class SpikeDetector:
+  """`train.spike_threshold` k: a loss above the running mean of the last
+  `window` losses by more than k running standard deviations is a spike
+  (after `min_steps` losses; spikes do not enter the window)."""
+
+  def __init__(self, threshold, window: int = 100, min_steps: int = 20):
+    self.threshold = threshold
+    self.losses = collections.deque(maxlen=window)
+    self.min_steps = min_steps
+    self.count = 0
+
+  def __call__(self, loss: float) -> str | None:
+    """None, or why `loss` is a spike."""
+    if self.threshold is None:
+      return None
+    if len(self.losses) >= self.min_steps:
+      mean, std = float(np.mean(self.losses)), float(np.std(self.losses))
+      if loss > mean + self.threshold * max(std, 1e-6):
+        self.count += 1
+        return (f'loss spike: {loss:.4g} is more than {self.threshold:g} standard '
+                f'deviations ({std:.3g}) above the running mean {mean:.4g}')
+    self.losses.append(loss)
+    return None
 
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,14 +205,47 @@ def _is_finite(x) -> bool:
   return bool(np.all(np.isfinite(x)))
 
 
+ROLLBACKS_FILE = 'rollbacks.json'
+
+
+def _read_rollbacks(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, ROLLBACKS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return json.load(f)
+
+
+def _scaled(train_cfg, scale: float):
+  """`train_cfg` with the learning rate times `scale` (rollbacks)."""
+  if scale == 1.0:
+    return train_cfg
+  scaled = train_cfg.copy_and_resolve_references()
+  scaled.learning_rate = train_cfg.learning_rate * scale
+  return scaled
+
+
 def train_and_evaluate(cfg, workdir: str) -> dict:
   """Trains `cfg` in `workdir` (resuming if it holds checkpoints).
 
-  Returns a summary: `step` (the last step done), `status` (`done` or
-  `preempted`), `losses` ({step: train loss} of this invocation), `train`
-  (the scalars of the last step) and `eval` (the last eval's scalars).
+  Returns a summary: `step` (the last step done), `status` (`done`,
+  `preempted` by SIGTERM, `interrupted` by SIGINT, or `nothing_to_do`),
+  `losses` ({step: train loss} of this invocation), `train` (the scalars of
+  the last step), `eval` (the last eval's scalars) and `rollbacks` (the
+  rollbacks of this invocation, see `train.on_divergence`).
   """
+  return run_locked(workdir, 'train', lambda started: _train(cfg, workdir, started))
+
+
+def _train(cfg, workdir: str, started) -> dict:
   t = cfg.train
+  on_divergence = t.get('on_divergence', 'stop')
+  max_rollbacks = t.get('max_rollbacks', 0)
+  rollback_lr_scale = t.get('rollback_lr_scale', 1.0)
+  if t.warmup_steps > t.steps:
+    logging.warning('train.warmup_steps=%d is more than train.steps=%d: the '
+                    'learning rate never reaches train.learning_rate',
+                    t.warmup_steps, t.steps)
   # ---------------------------------------------------------------- Mesh.
   mesh = mesh_lib.make_mesh(cfg.mesh)
   sharding.check_batch(mesh, t.global_batch_size, t.grad_accum_steps)
@@ -139,8 +254,10 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
                mesh.size, jax.process_count())
 
   # ------------------------------------------------------------- Workdir.
+  # config.json is written once the first step ran (`started`).
   checkpoint_lib.check_config(workdir, cfg)
-  checkpoint_lib.write_config(workdir, cfg)
+  rollbacks = _read_rollbacks(workdir)
+  lr_scale = rollback_lr_scale ** len(rollbacks)
 
   # ---------------------------------------------------------------- Data.
   process = (jax.process_index(), jax.process_count())
@@ -152,7 +269,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
       yield global_batch(batch, batch_sharding)
 
   # --------------------------------------------------------------- State.
-  optimizer, schedule = optim.make_optimizer(t)
+  optimizer, schedule = optim.make_optimizer(_scaled(t, lr_scale))
   graphdef, init, abstract_state, state_shardings = step_lib.train_state_spec(
       lambda: model_lib.Decoder(cfg.model, rngs=nnx.Rngs(t.seed)),
       optimizer, mesh, t.seed)
@@ -161,131 +278,213 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
 
   # --------------------------------------------------------------- Steps.
   loss_fn = step_lib.lm_loss(t)
-  train_step = step_lib.make_train_step(
-      loss_fn, optimizer, graphdef=graphdef, state_shardings=state_shardings,
-      mesh=mesh, grad_accum_steps=t.grad_accum_steps, schedule=schedule)
+
+  def make_step(optimizer, schedule):
+    return step_lib.make_train_step(
+        loss_fn, optimizer, graphdef=graphdef, state_shardings=state_shardings,
+        mesh=mesh, grad_accum_steps=t.grad_accum_steps, schedule=schedule)
+
+  train_step = make_step(optimizer, schedule)
   eval_step = step_lib.make_eval_step(
       loss_fn, graphdef=graphdef, state_shardings=state_shardings, mesh=mesh)
 
   # ---------------------------------------------------------- Checkpoint.
   ckpt = checkpoint_lib.Checkpointer(workdir, every_steps=t.checkpoint_every_steps,
                                      keep=t.keep_checkpoints)
-  state, step = ckpt.restore_latest(abstract_state, train_iter)
-  init_checkpoint = t.get('init_checkpoint') or ''
-  if state is None and init_checkpoint:
-    # Fine-tuning (e.g. SFT after pretraining): another run's parameters, a
-    # fresh optimizer, step and schedule.
-    init_workdir, step_dir = checkpoint_lib.resolve_init_checkpoint(
-        init_checkpoint, 'train.init_checkpoint')
-    params, model_state = checkpoint_lib.load_init_params(
-        cfg, step_dir, init_workdir, abstract_state, field='train.init_checkpoint')
-
-    def init_from(params, model_state):
-      # init()'s random parameters are unused here, so XLA never computes them.
-      return dict(init(), params=params, model_state=model_state,
-                  opt_state=optimizer.init(jax.tree.map(
-                      lambda x: x.astype(jnp.float32), params)))
-
-    state = jax.jit(init_from, out_shardings=state_shardings)(params, model_state)
-    step = 0
-    logging.info('initialised %s parameters from %s',
-                 f'{model_lib.count_params(cfg.model):,}', step_dir)
-  elif state is None:
-    state, step = jax.jit(init, out_shardings=state_shardings)(), 0
-    logging.info('initialised %s parameters', f'{model_lib.count_params(cfg.model):,}')
-  else:
-    logging.info('resumed from %s/%d%s', ckpt.directory, step,
-                 ' (train.init_checkpoint is ignored on resume)' if init_checkpoint else '')
-  if step >= t.steps:
-    logging.info('workdir %s is already at step %d of %d', workdir, step, t.steps)
-
-  # ------------------------------------------------------------- Metrics.
-  writer = metrics_lib.SummaryWriter(workdir)
-  console = metrics_lib.Console(t.steps, step)
-  tokens_per_step = t.global_batch_size * t.seq_len
-  flops_per_step = model_lib.flops_per_token(cfg.model, t.seq_len) * tokens_per_step
-  peak = metrics_lib.peak_flops(mesh.devices.flat)
-  if step == 0:
-    writer.text(0, 'config', '```\n' + checkpoint_lib.config_json(cfg) + '\n```')
-
-  summary = {'step': step, 'status': 'done', 'losses': {}, 'train': {}, 'eval': {}}
-
-  def evaluate(at_step):
-    scalars = step_lib.eval_metrics(eval_step, state, eval_batches())
-    summary['eval'] = {'eval/loss': scalars['loss'],
-                       'eval/perplexity': scalars['perplexity']}
-    writer.scalars(at_step, summary['eval'])
-    console.eval_line(at_step, summary['eval'])
-
-  # ---------------------------------------------------------------- Loop.
-  pending = []                  # (step, device metrics) not yet checked
-  clock = {'time': None, 'step': step}
-
-  def check(upto):
-    """Fetches and checks the metrics of the pending steps <= upto."""
-    while pending and pending[0][0] <= upto:
-      s, device_metrics = pending.pop(0)
-      host = jax.device_get(device_metrics)
-      if not (_is_finite(host['objective']) and _is_finite(host['loss'])):
-        raise FloatingPointError(
-            f'the loss is {float(host["loss"])} (objective '
-            f'{float(host["objective"])}) at step {s}; stopping. The last good '
-            f'checkpoint is {ckpt.directory}/{max(ckpt.steps, default="(none)")}')
-      summary['losses'][s] = float(host['loss'])
-      if clock['time'] is None:
-        # The first step done in this process includes compilation: time
-        # throughput from its end.
-        clock['time'], clock['step'] = time.perf_counter(), s
-      if s % t.log_every_steps == 0 or s == t.steps:
-        scalars = metrics_lib.train_scalars(host, num_experts=cfg.model.num_experts)
-        now = time.perf_counter()
-        if s > clock['step']:
-          tokens_per_second = tokens_per_step * (s - clock['step']) / (now - clock['time'])
-          scalars['train/tokens_per_second'] = tokens_per_second
-          scalars['train/mfu'] = tokens_per_second / tokens_per_step * flops_per_step / peak
-          clock['time'], clock['step'] = now, s
-        summary['train'] = scalars
-        writer.scalars(s, scalars)
-        console.train_line(s, scalars)
-
-  def save(at_step, force=False):
-    check(at_step)              # never checkpoint a step whose loss is not finite
-    if ckpt.save(at_step, state, train_iter, force=force):
-      logging.info('saving checkpoint %d', at_step)
-
+  writer = console = None
   try:
+    state, step = ckpt.restore_latest(abstract_state, train_iter)
+    init_checkpoint = t.get('init_checkpoint') or ''
+    if state is None and init_checkpoint:
+      # Fine-tuning (e.g. SFT after pretraining): another run's parameters, a
+      # fresh optimizer, step and schedule.
+      init_workdir, step_dir = checkpoint_lib.resolve_init_checkpoint(
+          init_checkpoint, 'train.init_checkpoint')
+      params, model_state = checkpoint_lib.load_init_params(
+          cfg, step_dir, init_workdir, abstract_state, field='train.init_checkpoint')
+
+      def init_from(params, model_state):
+        # init()'s random parameters are unused here, so XLA never computes them.
+        return dict(init(), params=params, model_state=model_state,
+                    opt_state=optimizer.init(jax.tree.map(
+                        lambda x: x.astype(jnp.float32), params)))
+
+      state = jax.jit(init_from, out_shardings=state_shardings)(params, model_state)
+      step = 0
+      logging.info('initialised %s parameters from %s',
+                   f'{model_lib.count_params(cfg.model):,}', step_dir)
+    elif state is None:
+      state, step = jax.jit(init, out_shardings=state_shardings)(), 0
+      logging.info('initialised %s parameters', f'{model_lib.count_params(cfg.model):,}')
+    else:
+      logging.info('resumed from %s/%d%s', ckpt.directory, step,
+                   ' (train.init_checkpoint is ignored on resume)' if init_checkpoint else '')
+    summary = {'step': step, 'status': 'done', 'losses': {}, 'train': {}, 'eval': {},
+               'rollbacks': []}
+    if step >= t.steps:
+      started()
+      print(f'nothing to do: {workdir} is already at step {step} and '
+            f'train.steps={t.steps}; set --config.train.steps higher to train on')
+      summary['status'] = 'nothing_to_do'
+      return summary
+
+    # ----------------------------------------------------------- Metrics.
+    writer = metrics_lib.SummaryWriter(workdir)
+    console = metrics_lib.Console(t.steps, step)
+    tokens_per_step = t.global_batch_size * t.seq_len
+    flops_per_step = model_lib.flops_per_token(cfg.model, t.seq_len) * tokens_per_step
+    peak = metrics_lib.peak_flops(mesh.devices.flat)
+    if step == 0:
+      writer.text(0, 'config', '```\n' + checkpoint_lib.config_json(cfg) + '\n```')
+
+    def evaluate(at_step):
+      scalars = step_lib.eval_metrics(eval_step, state, eval_batches())
+      summary['eval'] = {'eval/loss': scalars['loss'],
+                         'eval/perplexity': scalars['perplexity']}
+      writer.scalars(at_step, summary['eval'])
+      console.eval_line(at_step, summary['eval'])
+
+    # -------------------------------------------------------------- Loop.
+    pending = []                # (step, device metrics) not yet checked
+    clock = {'time': None, 'step': step}
+    spikes = SpikeDetector(t.get('spike_threshold'))
+    config_written = False
+
+    def check(upto):
+      """Fetches and checks the metrics of the pending steps <= upto."""
+      while pending and pending[0][0] <= upto:
+        s, device_metrics = pending.pop(0)
+        host = jax.device_get(device_metrics)
+        bad = [name for name in ('loss', 'objective', 'grad_norm')
+               if name in host and not _is_finite(host[name])]
+        if float(host.get('params_finite', 1.0)) != 1.0:
+          bad.append('parameters')
+        if bad:
+          pending.clear()
+          raise Diverged(s, f'non-finite {", ".join(bad)} (loss '
+                         f'{float(host["loss"])}, grad_norm '
+                         f'{float(host.get("grad_norm", float("nan")))}) at step {s}')
+        spike = spikes(float(host['loss']))
+        if spike:
+          logging.warning('step %d: %s', s, spike)
+          if on_divergence == 'rollback':
+            pending.clear()
+            raise Diverged(s, f'{spike} at step {s}', spike=True)
+        summary['losses'][s] = float(host['loss'])
+        if clock['time'] is None:
+          # The first step done in this process includes compilation: time
+          # throughput from its end.
+          clock['time'], clock['step'] = time.perf_counter(), s
+        if s % t.log_every_steps == 0 or s == t.steps:
+          scalars = metrics_lib.train_scalars(host, num_experts=cfg.model.num_experts)
+          if spikes.threshold is not None:
+            scalars['train/spikes'] = float(spikes.count)
+          now = time.perf_counter()
+          if s > clock['step']:
+            tokens_per_second = tokens_per_step * (s - clock['step']) / (now - clock['time'])
+            scalars['train/tokens_per_second'] = tokens_per_second
+            scalars['train/mfu'] = tokens_per_second / tokens_per_step * flops_per_step / peak
+            clock['time'], clock['step'] = now, s
+          summary['train'] = scalars
+          writer.scalars(s, scalars)
+          console.train_line(s, scalars)
+
+    def save(at_step, force=False):
+      check(at_step)            # never checkpoint a step whose metrics are not finite
+      if ckpt.save(at_step, state, train_iter, force=force):
+        logging.info('saving checkpoint %d', at_step)
+
+    def roll_back(d: Diverged):
+      """Reloads the newest finite checkpoint before `d.step`; the data
+      iterator stays where it is, so the batches since then are skipped."""
+      nonlocal state, step, train_step, lr_scale
+      target = ckpt.newest_finite(abstract_state, before=d.step)
+      if target is None:
+        raise FloatingPointError(
+            f'{d.reason}; stopping: no finite checkpoint before step {d.step} in '
+            f'{ckpt.directory} to roll back to') from None
+      ckpt.delete_after(target)
+      skipped = (target + 1, step)
+      state = ckpt.restore(target, abstract_state)
+      lr_scale *= rollback_lr_scale
+      if rollback_lr_scale != 1.0:
+        train_step = make_step(*optim.make_optimizer(_scaled(t, lr_scale)))
+      record = {'at_step': d.step, 'reason': d.reason, 'restored': target,
+                'skipped_batches': list(skipped), 'lr_scale': lr_scale}
+      rollbacks.append(record)
+      summary['rollbacks'].append(record)
+      if jax.process_index() == 0:
+        with open(os.path.join(workdir, ROLLBACKS_FILE), 'w') as f:
+          json.dump(rollbacks, f, indent=1)
+      console.print(
+          f'rollback {len(rollbacks)}/{max_rollbacks}: {d.reason}; restored '
+          f'checkpoint {target}, skipped batches {skipped[0]}..{skipped[1]} (the '
+          f'data goes on past them), learning rate x{lr_scale:g}')
+      for s in range(target + 1, step + 1):
+        summary['losses'].pop(s, None)
+      step = target
+      clock['time'] = None
+
+    def stop_message(d: Diverged) -> str:
+      newest = ckpt.newest_finite(abstract_state, before=d.step + 1)
+      where = (f'the newest finite checkpoint (parameters checked) is '
+               f'{ckpt.directory}/{newest}' if newest is not None else
+               f'no finite checkpoint was saved in {ckpt.directory}')
+      hint = ('' if on_divergence == 'rollback' else
+              '; train.on_divergence=rollback would restore it and go on')
+      if on_divergence == 'rollback':
+        hint = f'; {len(rollbacks)} rollback(s) done, train.max_rollbacks={max_rollbacks}'
+      return f'{d.reason}; stopping: {where}{hint}'
+
     with Preemption() as preemption:
       if do_eval and step == 0:
         evaluate(0)
-      while step < t.steps:
-        with jax.profiler.StepTraceAnnotation('train', step_num=step + 1):
-          batch = global_batch(next(train_iter), batch_sharding)
-          state, device_metrics = train_step(state, batch)
-        step += 1
-        pending.append((step, device_metrics))
-        console.step(step)
-        # Check the previous step while this one runs.
-        check(step - 1)
-        if do_eval and (step % t.eval_every_steps == 0 or step == t.steps):
+      while True:
+        try:
+          while step < t.steps:
+            with jax.profiler.StepTraceAnnotation('train', step_num=step + 1):
+              batch = global_batch(next(train_iter), batch_sharding)
+              state, device_metrics = train_step(state, batch)
+            step += 1
+            if not config_written:
+              # The first step compiled and ran: the run has started.
+              started()
+              checkpoint_lib.write_config(workdir, cfg)
+              config_written = True
+            pending.append((step, device_metrics))
+            console.step(step)
+            # Check the previous step while this one runs.
+            check(step - 1)
+            if do_eval and (step % t.eval_every_steps == 0 or step == t.steps):
+              check(step)
+              evaluate(step)
+            if step % t.checkpoint_every_steps == 0 or step == t.steps:
+              save(step, force=True)
+            if preemption.reached(step):
+              save(step, force=True)
+              ckpt.wait()
+              console.print(f'{preemption.signal}: saved checkpoint {step} in '
+                            f'{ckpt.directory}; exiting')
+              summary['status'] = ('interrupted' if preemption.signal == 'SIGINT'
+                                   else 'preempted')
+              break
           check(step)
-          evaluate(step)
-        if step % t.checkpoint_every_steps == 0 or step == t.steps:
-          save(step, force=True)
-        if preemption.reached(step):
-          save(step, force=True)
-          ckpt.wait()
-          console.print(f'SIGTERM: saved checkpoint {step} in {ckpt.directory}; exiting')
-          summary['status'] = 'preempted'
           break
-      check(step)
+        except Diverged as d:
+          if on_divergence == 'rollback' and len(rollbacks) < max_rollbacks:
+            roll_back(d)
+            continue
+          raise FloatingPointError(stop_message(d)) from None
+    summary['step'] = step
     if summary['status'] == 'done':
       ckpt.wait()
       console.print(f'done: step {step} of {t.steps} in {workdir} '
                     f'(tensorboard --logdir {workdir})')
+    return summary
   finally:
-    summary['step'] = step
     ckpt.close()
-    writer.close()
-    console.close()
+    if writer is not None:
+      writer.close()
+    if console is not None:
+      console.close()
     train_iter.close()
-  return summary

@@ -58,6 +58,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from configs import errors
+from configs.errors import UserError
 from model import decoder as decoder_lib
 from model import masking
 
@@ -317,6 +319,18 @@ def sample_logits(logits, rng, temperature=0.0, top_k=0, top_p=1.0):
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def check_sampling(*, max_new_tokens, temperature, top_k, top_p) -> None:
+  """Refuses sampling settings that would be ignored or produce garbage."""
+  if max_new_tokens < 1:
+    raise UserError(f'--max_new_tokens={max_new_tokens}: must be >= 1')
+  if not temperature >= 0:
+    raise UserError(f'--temperature={temperature}: must be >= 0 (0 is greedy)')
+  if top_k < 0:
+    raise UserError(f'--top_k={top_k}: must be >= 0 (0 keeps every token)')
+  if not 0 < top_p <= 1:
+    raise UserError(f'--top_p={top_p}: must be in (0, 1] (1 keeps every token)')
+
+
 def generate(decoder, cfg_model, prompts, *, max_new_tokens=32, temperature=0.0,
              top_k=0, top_p=1.0, eos_id=None, seed=0, callback=None,
              streaming_sinks=None, streaming_window=None, full_output=False):
@@ -327,8 +341,8 @@ def generate(decoder, cfg_model, prompts, *, max_new_tokens=32, temperature=0.0,
   `streaming_window` tokens (see the module docstring). full_output=True
   returns a `Generation` (tokens, the logits of every step, the final cache).
   """
-  if max_new_tokens < 1:
-    raise ValueError(f'max_new_tokens={max_new_tokens}: must be >= 1')
+  check_sampling(max_new_tokens=max_new_tokens, temperature=temperature,
+                 top_k=top_k, top_p=top_p)
   streaming = streaming_config(cfg_model, streaming_sinks, streaming_window)
   b = len(prompts)
   t = max(len(p) for p in prompts)
@@ -422,11 +436,13 @@ def main(argv=None):
                       help='the rolling window of --streaming_sinks (default: '
                            'model.sliding_window, else model.max_seq_len - N)')
   args = parser.parse_args(argv)
+  check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 top_k=args.top_k, top_p=args.top_p)
   cfg, decoder = hf.load_workdir(args.workdir)
   try:
     streaming_config(cfg.model, args.streaming_sinks, args.streaming_window)
   except ValueError as e:
-    parser.error(str(e))
+    raise UserError(str(e)) from None
   tok = tokenizers.get_tokenizer(cfg.data.tokenizer)
   prompts = [tok.encode(p) for p in args.prompt]
   if tok.bos_id is not None:
@@ -453,4 +469,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main()
+  errors.run(main, absl_flags=False)

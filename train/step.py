@@ -215,7 +215,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
   `batch` is a dict of [global_batch, ...] arrays sharded over the batch mesh
   axes (`sharding.batch_sharding(mesh)`). Metrics are replicated scalars
   (vectors for `moe_expert_load`): the weighted means of the loss function's
-  metrics, plus `grad_norm` (before clipping), `learning_rate` and `weight`.
+  metrics, plus `grad_norm` (before clipping), `learning_rate`, `weight` and
+  `params_finite` (1.0 if every updated parameter is finite, else 0.0).
   """
   accum = int(grad_accum_steps)
 
@@ -233,6 +234,10 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                               state['params'], updates)
     metrics = _means(sums)
     metrics['grad_norm'] = optax.tree.norm(grads)
+    # 1.0 if every new parameter is finite: the loop never saves a state
+    # whose parameters hold a NaN or inf (the loss is that of the old ones).
+    metrics['params_finite'] = jnp.all(jnp.stack([
+        jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_params)])).astype(jnp.float32)
     if schedule is not None:
       metrics['learning_rate'] = jnp.asarray(schedule(state['step']), jnp.float32)
     new_state = dict(state, step=state['step'] + 1, params=new_params,
