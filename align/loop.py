@@ -34,6 +34,7 @@ The loss of every step is checked before anything else happens at that step:
 a NaN or inf stops the run naming the step, with no checkpoint written for it.
 """
 
+import contextlib
 import json
 import os
 
@@ -274,10 +275,19 @@ def _line(step: int, total: int, values: dict[str, float]) -> str:
 def train_and_evaluate(cfg, workdir: str) -> dict:
   """DPO-trains `cfg` in `workdir` (resuming if it holds checkpoints).
 
-  Returns a summary: `step`, `status` (`done` or `preempted`), `losses`
-  ({step: loss} of this invocation), `train` and `eval` (the last scalars,
-  under their TensorBoard tags).
+  Returns a summary: `step`, `status` (`done`, `preempted` by SIGTERM,
+  `interrupted` by SIGINT, or `nothing_to_do`), `losses` ({step: loss} of
+  this invocation), `train` and `eval` (the last scalars, under their
+  TensorBoard tags). Holds the workdir lock of `train.loop.run_locked`.
   """
+  def body(started):
+    with contextlib.ExitStack() as closing:   # the checkpointer, on every path
+      return _train(cfg, workdir, started, closing)
+
+  return train_loop.run_locked(workdir, 'align', body)
+
+
+def _train(cfg, workdir: str, started, closing) -> dict:
   t = cfg.train
   data_lib.check_lengths(cfg.dpo)
   mode = reference_mode(cfg.dpo)
@@ -297,10 +307,14 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
       logging.info('resuming against the recorded reference %s', recorded)
     step_dir = recorded
     init_workdir = os.path.dirname(os.path.dirname(step_dir))
-  checkpoint_lib.write_config(workdir, cfg)
-  if jax.process_index() == 0:
-    with open(reference_record, 'w') as f:
-      json.dump({'checkpoint': step_dir}, f)
+
+  def write_records():
+    # Once the first step ran, like train/loop.py.
+    started()
+    checkpoint_lib.write_config(workdir, cfg)
+    if jax.process_index() == 0:
+      with open(reference_record, 'w') as f:
+        json.dump({'checkpoint': step_dir}, f)
 
   # ---------------------------------------------------------------- Data.
   process = (jax.process_index(), jax.process_count())
@@ -312,11 +326,17 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   optimizer, schedule = optim.make_optimizer(t)
   graphdef, _, abstract_state, state_shardings = step_lib.train_state_spec(
       model_fn, optimizer, mesh, t.seed)
-  ckpt = checkpoint_lib.Checkpointer(workdir, every_steps=t.checkpoint_every_steps,
-                                     keep=t.keep_checkpoints)
+  ckpt = closing.enter_context(checkpoint_lib.Checkpointer(
+      workdir, every_steps=t.checkpoint_every_steps, keep=t.keep_checkpoints))
   state, step = ckpt.restore_latest(abstract_state, train_iter)
   if state is not None:
     logging.info('resumed from %s/%d', ckpt.directory, step)
+  if state is not None and step >= t.steps:
+    started()
+    print(f'nothing to do: {workdir} is already at step {step} and '
+          f'train.steps={t.steps}; set --config.train.steps higher to train on')
+    return {'step': step, 'status': 'nothing_to_do', 'losses': {}, 'train': {},
+            'eval': {}}
 
   # ----------------------------------------------------------- Reference.
   table = None
@@ -374,6 +394,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   if step == 0:
     writer.text(0, 'config', '```\n' + checkpoint_lib.config_json(cfg) + '\n```')
   summary = {'step': step, 'status': 'done', 'losses': {}, 'train': {}, 'eval': {}}
+  records_written = False
 
   def evaluate(at_step):
     batches = (device_batch(b, batch_sharding, table, 'eval')
@@ -392,15 +413,24 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
         batch = device_batch(next(train_iter), batch_sharding, table)
         state, device_metrics = train_step(state, reference, batch)
         step += 1
+        if not records_written:
+          write_records()
+          records_written = True
         console.step(step)
         # Checked at once (the host waits for this step), so the error names
         # the step that produced it and nothing is saved after it.
         host = jax.device_get(device_metrics)
-        if not np.isfinite(host['loss']):
+        bad = [k for k in ('loss', 'grad_norm') if not np.isfinite(host[k])]
+        if float(host.get('params_finite', 1.0)) != 1.0:
+          bad.append('parameters')
+        if bad:
+          newest = ckpt.newest_finite(abstract_state)
           raise FloatingPointError(
-              f'the DPO loss is {float(host["loss"])} at step {step}; stopping. '
-              f'The last good checkpoint is {ckpt.directory}/'
-              f'{max(ckpt.steps, default="(none)")}')
+              f'non-finite {", ".join(bad)} (DPO loss {float(host["loss"])}) at '
+              f'step {step}; stopping: ' + (
+                  f'the newest finite checkpoint (parameters checked) is '
+                  f'{ckpt.directory}/{newest}' if newest is not None else
+                  f'no finite checkpoint was saved in {ckpt.directory}'))
         summary['losses'][step] = float(host['loss'])
         if step % t.log_every_steps == 0 or step == t.steps:
           summary['train'] = scalars('dpo', host)
@@ -413,8 +443,10 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
         if preemption.reached(step):
           ckpt.save(step, state, train_iter, force=True)
           ckpt.wait()
-          console.print(f'SIGTERM: saved checkpoint {step} in {ckpt.directory}; exiting')
-          summary['status'] = 'preempted'
+          console.print(f'{preemption.signal}: saved checkpoint {step} in '
+                        f'{ckpt.directory}; exiting')
+          summary['status'] = ('interrupted' if preemption.signal == 'SIGINT'
+                               else 'preempted')
           break
   finally:
     summary['step'] = step

@@ -302,8 +302,9 @@ def make_workdir(workdir: str) -> None:
 def mark_start_failed(workdir: str, stage: str, error: BaseException) -> None:
   """Writes `DIR/start_failed.json` for a run that failed before its first step
   ({"stage", "type", "message", "time"}); `launch.compare` shows it."""
-  if jax.process_index() != 0 or not os.path.isdir(workdir):
-    return
+  if (jax.process_index() != 0 or not os.path.isdir(workdir) or
+      os.path.exists(os.path.join(workdir, 'config.json'))):
+    return                      # a run that started once is not a failed start
   from configs import errors  # pylint: disable=g-import-not-at-top
   record = {'stage': stage, 'type': type(error).__name__,
             'message': errors.one_line(error),
@@ -405,9 +406,22 @@ class Checkpointer:
           f'{jax.process_count()}; the data iterators cannot be mapped. Resume '
           'with the same number of processes.')
 
+  def _check_files(self, step: int) -> None:
+    """Refuses a step folder whose array data files are gone before orbax
+    reads it: a failed tensorstore read leaves callbacks for orbax's closed
+    event loop (an "Event loop is closed" traceback at exit)."""
+    state_dir = os.path.join(self.directory, str(step), 'state')
+    for root, _, files in os.walk(state_dir):
+      if 'manifest.ocdbt' in files:
+        data = os.path.join(root, 'd')
+        if not (os.path.isdir(data) and os.listdir(data)):
+          raise CheckpointError(f'its array data files are missing (nothing in '
+                                f'{os.path.relpath(data, self.directory)})')
+
   def restore(self, step: int, abstract_state, data_iterator=None):
     """The state saved at `step` (and `data_iterator` set to its position)."""
     self._check_process_count(step)
+    self._check_files(step)
     items = {'state': ocp.args.StandardRestore(abstract_state)}
     # A step-0 checkpoint saved without the data item (`python -m model.hf
     # import` writes one before any data exists) leaves the iterator at the
