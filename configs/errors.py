@@ -85,8 +85,16 @@ def _diagnose_flags(argv, error: Exception) -> str:
 def _parse_absl_flags(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    rest = flags.FLAGS(argv)
+    if 'config' in flags.FLAGS:
+      # A config file that failed to load is a placeholder that raises on
+      # first use: use it here, where the error can be explained.
+      config = flags.FLAGS['config'].value
+      if config is not None:
+        getattr(config, 'keys')
+    return rest
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError,
+          SyntaxError) as e:
     if debug_enabled():
       raise
     _exit(_diagnose_flags(argv, e), EXIT_USER_ERROR)
