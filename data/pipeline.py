@@ -147,6 +147,13 @@ def make_dataset(cfg, split: str = 'train', process_index: int = 0,
                  else TokenizeDocument(tokenizer))
   _check(len(docs) > 0, f'data.source={cfg.data.source!r}: the {split} split '
          'has no documents')
+  if cfg.data.source in ('text', 'jsonl', 'arrayrecord'):
+    # Stops at the first document with text (the first, in any real corpus);
+    # only empty documents would train on BOS and EOS alone.
+    _check(any(len(docs[i]) for i in range(len(docs))),
+           f'data.source={cfg.data.source!r}: every document of the {split} '
+           f'split ({len(docs)}) is empty; check data.{split}_files'
+           + (' and data.text_field' if cfg.data.source == 'jsonl' else ''))
 
   if split == 'train' and cfg.data.source != 'synthetic':
     # grain shuffles epoch e with seed + e, so seeds 1 and 2 would share
