@@ -131,3 +131,48 @@ def test_an_imported_workdir_is_a_dpo_init_checkpoint(imported, tmp_path):
   summary = align_loop.train_and_evaluate(cfg, str(tmp_path / 'dpo'))
   assert summary['status'] == 'done'
   assert summary['losses'][1] == pytest.approx(math.log(2), abs=1e-6)
+
+
+# -- importing into a folder that holds a run ----------------------------------
+
+
+def _tree_hash(folder):
+  import hashlib  # pylint: disable=g-import-not-at-top
+  digest = hashlib.sha256()
+  for root, _, files in sorted(os.walk(folder)):
+    for name in sorted(files):
+      with open(os.path.join(root, name), 'rb') as f:
+        digest.update(name.encode() + f.read())
+  return digest.hexdigest()
+
+
+def test_import_into_an_import_is_refused_unless_overwrite(tmp_path):
+  work = str(tmp_path / 'work')
+  first = hf_families.make_hf_model('qwen3', seed=0, vocab_size=320)
+  second = hf_families.make_hf_model('qwen3', seed=1, vocab_size=320)
+  first.save_pretrained(tmp_path / 'hf0')
+  second.save_pretrained(tmp_path / 'hf1')
+  hf.main(['import', str(tmp_path / 'hf0'), '--workdir', work])
+  before = _tree_hash(work)
+  with pytest.raises(configs.UserError, match=f'{work} already holds .*--overwrite'):
+    hf.main(['import', str(tmp_path / 'hf1'), '--workdir', work])
+  assert _tree_hash(work) == before            # nothing written, nothing claimed
+  hf.main(['import', str(tmp_path / 'hf1'), '--workdir', work, '--overwrite'])
+  _, decoder = hf.load_workdir(work)
+  tokens = hf_families.random_tokens(0, (1, 8))
+  got, _ = decoder(jnp.asarray(tokens))
+  want = hf_families.hf_logits(second, tokens)  # the new weights, not the old
+  np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+def test_none_defaults_are_resolved_before_comparing_models():
+  from train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  cfg = configs.load('configs/llama.py:tiny', ['model.head_dim=16'])
+  saved = json.loads(checkpoint_lib.config_json(cfg))
+  saved['model']['head_dim'] = None           # 64 // 4 = 16: the same model
+  del saved['model']['moe_dispatch']          # a field added after that run
+  assert checkpoint_lib.model_differences(saved, cfg) == ([], [])
+  saved['model']['d_model'] = 32              # now head_dim None means 8
+  shape, _ = checkpoint_lib.model_differences(saved, cfg)
+  assert 'model.d_model: saved 32, now 64' in shape
+  assert any(line.startswith('model.head_dim: saved None') for line in shape)
