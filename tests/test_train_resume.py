@@ -3,7 +3,8 @@
 - 20 steps straight vs. a run killed with SIGKILL after its step-10 checkpoint
   and resumed to 20: the per-step losses and the final parameters are bitwise
   equal.
-- SIGTERM at a random step: a checkpoint at exactly that step, exit code 0.
+- SIGTERM (SIGINT) at a random step: a checkpoint at exactly that step, exit
+  code 0 (130).
 
 The runs share a persistent compilation cache (same programs: the constant
 schedule does not depend on `train.steps`), so only the first one compiles.
@@ -106,7 +107,9 @@ def test_killed_and_resumed_run_is_bitwise_the_straight_run(tmp_path, env):
   assert read(straight) == read(killed)
 
 
-def test_sigterm_saves_a_checkpoint_at_that_step_and_exits_0(tmp_path, env):
+@pytest.mark.parametrize('sig,status', [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_signal_saves_a_checkpoint_at_that_step_and_exits(tmp_path, env, sig, status):
+  """SIGTERM (a preemption) exits 0; SIGINT (Ctrl-C) exits 130; both save."""
   target = random.Random().randint(3, 12)
   proc = subprocess.Popen(
       command(tmp_path, '--config.train.steps=100000',
@@ -120,10 +123,10 @@ def test_sigterm_saves_a_checkpoint_at_that_step_and_exits_0(tmp_path, env):
     assert proc.poll() is None, ''.join(lines)[-3000:]
     assert time.monotonic() < deadline
     time.sleep(0.02)
-  proc.send_signal(signal.SIGTERM)
-  assert proc.wait(timeout=TIMEOUT) == 0, ''.join(lines)[-3000:]
+  proc.send_signal(sig)
+  assert proc.wait(timeout=TIMEOUT) == status, ''.join(lines)[-3000:]
   reader.join(timeout=10)
-  said = re.search(r'SIGTERM: saved checkpoint (\d+)', ''.join(lines))
+  said = re.search(sig.name + r': saved checkpoint (\d+)', ''.join(lines))
   assert said, ''.join(lines)[-3000:]
   step = int(said.group(1))
   assert step >= target, (step, target)
@@ -131,3 +134,4 @@ def test_sigterm_saves_a_checkpoint_at_that_step_and_exits_0(tmp_path, env):
   assert finished_steps(tmp_path) == [step]
   assert int(final_state(tmp_path, step)['step']) == step
   assert max(train_losses(tmp_path)) == step
+  assert not os.path.exists(os.path.join(tmp_path, 'LOCK'))   # released
