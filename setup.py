@@ -24,6 +24,7 @@ setuptools.setup(
         'safetensors>=0.6',
         'matplotlib>=3.9',
         'tqdm>=4.66',
+        'scipy>=1.11',     # launch.compare statistics, launch.fit
     ],
     extras_require={
         # Tests; torch only for the Hugging Face parity tests (CPU build).
