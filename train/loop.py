@@ -430,7 +430,7 @@ def _train(cfg, workdir: str, started) -> dict:
       where = (f'the newest finite checkpoint (parameters checked) is '
                f'{ckpt.directory}/{newest}' if newest is not None else
                f'no finite checkpoint was saved in {ckpt.directory}')
-      hint = ('' if on_divergence == 'rollback' else
+      hint = ('' if on_divergence == 'rollback' or newest is None else
               '; train.on_divergence=rollback would restore it and go on')
       if on_divergence == 'rollback':
         hint = f'; {len(rollbacks)} rollback(s) done, train.max_rollbacks={max_rollbacks}'
