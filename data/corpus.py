@@ -1,0 +1,161 @@
+"""Raw corpus files read row by row: text, JSONL, Parquet.
+
+`data.prepare` and `data.train_tokenizer` read their inputs here. A corpus is
+cut into *parts* (a range of rows of one file) so that worker processes can
+read pieces of a large file independently:
+
+* `text`: one document per file (the whole file, UTF-8); a part is one file.
+* `jsonl`: one document per non-empty line, the string at `text_field`; a
+  part is a range of lines, cut at about `part_bytes` of input.
+* `parquet`: one document per row, the column `text_field` (string or binary
+  UTF-8); a part is a range of row groups, cut at about `part_bytes`.
+
+`read_part(part, format, text_field)` yields `(row, text)` for good rows and
+`(row, BadRow(reason))` for rows that are not text: a missing field, a value
+that is not a string, null, or bytes that are not UTF-8. `row` names the row
+for a message: the 1-based line of a JSONL file, the 0-based row of a Parquet
+file, 1 for a text file.
+"""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from data import sources
+
+FORMATS = ('text', 'jsonl', 'parquet')
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+  """Rows [start, stop) of `path`: lines (jsonl), row groups (parquet), or
+  the whole file (text: start=0, stop=1)."""
+  path: str
+  start: int
+  stop: int
+  size: int          # input bytes, for progress and ETA
+
+
+@dataclasses.dataclass(frozen=True)
+class BadRow:
+  reason: str
+
+
+def _parquet():
+  try:
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise sources.DataError('Parquet input needs the pyarrow package: '
+                            'pip install pyarrow') from None
+  return pq
+
+
+def parquet_file(path: str, text_field: str):
+  """An open `pyarrow.parquet.ParquetFile`, checked to hold a text column."""
+  pq = _parquet()
+  try:
+    f = pq.ParquetFile(path)
+  except Exception as e:  # pyarrow raises ArrowInvalid and OSError subclasses
+    raise sources.DataError(f'{path}: not a readable Parquet file ({e})') from None
+  names = f.schema_arrow.names
+  if text_field not in names:
+    raise sources.DataError(f'{path}: no column {text_field!r} (text_field); '
+                            f'columns: {", ".join(names)}')
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  kind = f.schema_arrow.field(text_field).type
+  if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+          or pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
+    raise sources.DataError(f'{path}: column {text_field!r} holds {kind}, not text')
+  return f
+
+
+def parts(paths, format: str, text_field: str, part_bytes: int) -> list[Part]:
+  """The parts of `paths`, in file order; a file's parts cover all its rows."""
+  if format not in FORMATS:
+    raise sources.DataError(f'--format={format!r}: must be one of {", ".join(FORMATS)}')
+  out = []
+  for path in paths:
+    size = os.path.getsize(path)
+    if format == 'text':
+      out.append(Part(path, 0, 1, size))
+    elif format == 'jsonl':
+      st = os.stat(path)
+      starts, lengths, _ = sources._index_lines(path, st.st_mtime_ns, st.st_size)  # pylint: disable=protected-access
+      ends = np.asarray(starts) + np.asarray(lengths)
+      first = 0
+      while first < len(starts):
+        # The last line whose end is within part_bytes of this part's start.
+        last = int(np.searchsorted(ends, starts[first] + part_bytes, side='right'))
+        last = max(last, first + 1)
+        out.append(Part(path, first, last, int(ends[last - 1] - starts[first])))
+        first = last
+    else:
+      meta = parquet_file(path, text_field).metadata
+      sizes = [meta.row_group(g).total_byte_size for g in range(meta.num_row_groups)]
+      first = 0
+      while first < len(sizes):
+        last, total = first, 0
+        while last < len(sizes) and (last == first or total + sizes[last] <= part_bytes):
+          total += sizes[last]
+          last += 1
+        out.append(Part(path, first, last, total))
+        first = last
+  return out
+
+
+def _jsonl_text(raw: bytes, text_field: str):
+  try:
+    record = json.loads(raw)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    return BadRow(f'malformed JSON line ({e})')
+  if not isinstance(record, dict) or text_field not in record:
+    return BadRow(f'no field {text_field!r}')
+  text = record[text_field]
+  if not isinstance(text, str):
+    return BadRow(f'field {text_field!r} is {type(text).__name__}, not a string')
+  return text
+
+
+def read_part(part: Part, format: str, text_field: str):
+  """Yields `(row, text or BadRow)` for every row of `part` (see the module doc)."""
+  if format == 'text':
+    with open(part.path, 'rb') as f:
+      raw = f.read()
+    try:
+      yield 1, raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+      yield 1, BadRow(f'not UTF-8 text ({e.reason} at byte {e.start})')
+  elif format == 'jsonl':
+    st = os.stat(part.path)
+    starts, lengths, lines = sources._index_lines(part.path, st.st_mtime_ns, st.st_size)  # pylint: disable=protected-access
+    with open(part.path, 'rb') as f:
+      f.seek(int(starts[part.start]))
+      end = int(starts[part.stop - 1] + lengths[part.stop - 1])
+      block = f.read(end - int(starts[part.start]))
+    base = int(starts[part.start])
+    for i in range(part.start, part.stop):
+      raw = block[int(starts[i]) - base:int(starts[i] + lengths[i]) - base]
+      yield int(lines[i]), _jsonl_text(raw, text_field)
+  else:
+    f = parquet_file(part.path, text_field)
+    meta = f.metadata
+    row = sum(meta.row_group(g).num_rows for g in range(part.start))
+    for g in range(part.start, part.stop):
+      column = f.read_row_group(g, columns=[text_field]).column(0)
+      for value in column.to_pylist():
+        yield row, parquet_text(value)
+        row += 1
+
+
+def parquet_text(value):
+  """A Parquet cell -> its text, or a BadRow."""
+  if value is None:
+    return BadRow('null')
+  if isinstance(value, bytes):
+    try:
+      return value.decode('utf-8')
+    except UnicodeDecodeError as e:
+      return BadRow(f'not UTF-8 text ({e.reason} at byte {e.start})')
+  return value
