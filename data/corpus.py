@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 
+from absl import logging
 import numpy as np
 
 from data import sources
@@ -159,3 +160,70 @@ def parquet_text(value):
     except UnicodeDecodeError as e:
       return BadRow(f'not UTF-8 text ({e.reason} at byte {e.start})')
   return value
+
+
+class ParquetDocuments:
+  """Rows of Parquet files with random access: `data.source='parquet'`.
+
+  Row counts come from the file footers at start-up; a row group is read (the
+  text column only) when a document in it is first needed, and the last
+  `CACHED_GROUPS` are kept, so reading in order costs one read per group. A
+  global shuffle over large files reads a group per document: prepare such a
+  corpus once (`data.prepare`) instead.
+  """
+
+  CACHED_GROUPS = 8
+
+  def __init__(self, paths, text_field: str = 'text', *, skip_bad_lines: bool = False):
+    self.paths = list(paths)
+    self.text_field = text_field
+    self.skip_bad_lines = skip_bad_lines
+    groups = []                        # (file index, row group, first row in file)
+    counts = []
+    for i, path in enumerate(self.paths):
+      meta = parquet_file(path, text_field).metadata
+      first = 0
+      for g in range(meta.num_row_groups):
+        rows = meta.row_group(g).num_rows
+        if rows:
+          groups.append((i, g, first))
+          counts.append(rows)
+        first += rows
+    if not counts:
+      raise sources.DataError(f'Parquet files {self.paths} hold no rows')
+    self._groups = groups
+    self._ends = np.cumsum(counts)
+    self._files = {}
+    self._cache = {}                   # group index -> list of cells (insertion = age)
+
+  def __len__(self):
+    return int(self._ends[-1])
+
+  def _group(self, k):
+    if k in self._cache:
+      return self._cache[k]
+    i, g, _ = self._groups[k]
+    if i not in self._files:
+      self._files[i] = parquet_file(self.paths[i], self.text_field)
+    cells = self._files[i].read_row_group(g, columns=[self.text_field]).column(0).to_pylist()
+    if len(self._cache) >= self.CACHED_GROUPS:
+      self._cache.pop(next(iter(self._cache)))
+    self._cache[k] = cells
+    return cells
+
+  def __getitem__(self, index):
+    k = int(np.searchsorted(self._ends, index, side='right'))
+    start = int(self._ends[k - 1]) if k else 0
+    text = parquet_text(self._group(k)[index - start])
+    if not isinstance(text, BadRow):
+      return text
+    i, _, first = self._groups[k]
+    where = f'{self.paths[i]}: row {first + index - start}'
+    if self.skip_bad_lines:
+      logging.log_first_n(logging.WARNING, '%s: skipped: %s', 20, where, text.reason)
+      return None
+    raise sources.DataError(f'{where}: {text.reason} (or set '
+                            '--config.data.skip_bad_lines=True to skip such rows)')
+
+  def __getstate__(self):
+    return dict(self.__dict__, _files={}, _cache={})

@@ -147,8 +147,8 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   train_iter = pipeline.make_iterator(cfg, 'train', *process)
   do_eval = t.eval_steps > 0 and pipeline.has_eval(cfg)
 
-  def eval_batches():
-    for batch in pipeline.make_iterator(cfg, 'eval', *process):
+  def eval_batches(source=None):
+    for batch in pipeline.make_iterator(cfg, 'eval', *process, source=source):
       yield global_batch(batch, batch_sharding)
 
   # --------------------------------------------------------------- State.
@@ -211,9 +211,9 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   summary = {'step': step, 'status': 'done', 'losses': {}, 'train': {}, 'eval': {}}
 
   def evaluate(at_step):
-    scalars = step_lib.eval_metrics(eval_step, state, eval_batches())
-    summary['eval'] = {'eval/loss': scalars['loss'],
-                       'eval/perplexity': scalars['perplexity']}
+    summary['eval'] = metrics_lib.eval_scalars(   # per source for a mixture
+        lambda source: step_lib.eval_metrics(eval_step, state, eval_batches(source)),
+        pipeline.eval_sources(cfg))
     writer.scalars(at_step, summary['eval'])
     console.eval_line(at_step, summary['eval'])
 
@@ -238,6 +238,8 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
         clock['time'], clock['step'] = time.perf_counter(), s
       if s % t.log_every_steps == 0 or s == t.steps:
         scalars = metrics_lib.train_scalars(host, num_experts=cfg.model.num_experts)
+        scalars.update(metrics_lib.source_token_scalars(   # data.mixture only
+            pipeline.tokens_seen(train_iter, s), jax.process_count()))
         now = time.perf_counter()
         if s > clock['step']:
           tokens_per_second = tokens_per_step * (s - clock['step']) / (now - clock['time'])
