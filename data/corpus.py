@@ -27,6 +27,17 @@ import numpy as np
 from data import sources
 
 FORMATS = ('text', 'jsonl', 'parquet')
+_EXTENSIONS = (('.parquet', 'parquet'), ('.jsonl', 'jsonl'), ('.json', 'jsonl'),
+               ('.arrayrecord', 'arrayrecord'))
+
+
+def format_of(path: str) -> str:
+  """A file's format by extension: parquet, jsonl (.jsonl, .json),
+  arrayrecord, else text."""
+  for extension, kind in _EXTENSIONS:
+    if path.endswith(extension):
+      return kind
+  return 'text'
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,11 +22,10 @@ import re
 
 import ml_collections
 
+from data import corpus
 from data import sources
 
 _NAME = re.compile(r'^[A-Za-z0-9_-]+$')
-_EXTENSIONS = (('.parquet', 'parquet'), ('.jsonl', 'jsonl'), ('.json', 'jsonl'),
-               ('.arrayrecord', 'arrayrecord'))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,10 +43,7 @@ def _kind(path: str) -> str:
     raise sources.DataError(f'data.mixture: {path!r} is a folder without '
                             f'{sources.PREPARED_METADATA}: not written by '
                             'python -m data.prepare, or that prepare did not finish')
-  for extension, kind in _EXTENSIONS:
-    if path.endswith(extension):
-      return kind
-  return 'text'
+  return corpus.format_of(path)
 
 
 def _entries(spec):
