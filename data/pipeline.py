@@ -222,12 +222,12 @@ def _documents(cfg, data_cfg, split: str, index: int, sourced: bool) -> grain.Ma
     to_tokens = wrap_tokens
   if data_cfg.source != 'synthetic':
     tokenizer = tokenizers.get_tokenizer(data_cfg.tokenizer)
+    if data_cfg.source == 'tokens':   # first: its message names the folder
+      _check_prepared(data_cfg, split, tokenizer, vocab_size)
     _check(tokenizer.vocab_size <= vocab_size,
            f'data.tokenizer={data_cfg.tokenizer!r} has {tokenizer.vocab_size} '
            f'ids but model.vocab_size={vocab_size}')
-    if data_cfg.source == 'tokens':
-      _check_prepared(data_cfg, split, tokenizer, vocab_size)
-    else:
+    if data_cfg.source != 'tokens':
       to_tokens = (sft.TokenizeExample(tokenizer) if data_cfg.source == 'sft'
                    else TokenizeDocument(tokenizer))
   _check(len(docs) > 0, f'data.source={data_cfg.source!r}'
