@@ -283,9 +283,10 @@ def prepare(inputs, out: str, *, format: str = 'jsonl', text_field: str = 'text'
              for shards in record['shards'].values() for name, _, _ in shards):
         done[unit] = record
   todo = [u for u in range(len(plan['units'])) if u not in done]
-  for name in os.listdir(out):          # leftovers of an interrupted unit
-    if name.endswith('.tmp'):
-      os.remove(os.path.join(out, name))
+  for folder in (out, os.path.join(out, 'units')):   # leftovers of a kill
+    for name in os.listdir(folder):
+      if name.endswith('.tmp'):
+        os.remove(os.path.join(folder, name))
 
   total = sum(p['size'] for u in todo for p in plan['units'][u])
   bar = Progress(total, progress_stream)

@@ -113,6 +113,7 @@ def test_interrupted_prepare_ends_identical_to_an_uninterrupted_one(tmp_path, mo
       os.remove(interrupted / shard)
   with open(interrupted / f'train-{len(units) - 1:05d}-000.arrayrecord.tmp', 'wb') as f:
     f.write(b'\0' * 100)
+  (interrupted / 'units' / f'{len(units) - 1:05d}.json.tmp').write_text('{"unit": ')
   kept = interrupted / 'train-00000-000.arrayrecord'
   mtime = os.stat(kept).st_mtime_ns
   run(str(tmp_path / 'd.jsonl'), interrupted, shard_tokens=1500)
