@@ -39,10 +39,13 @@ background thread prepares the next batches while the step runs.
 
 Mixtures (`data.mixture`, `data/mixture.py`). Each source is its own
 shuffled, repeating document list (seeded from `data.shuffle_seed` and the
-source's position); grain's `MapDataset.mix` interleaves them in proportion
-to the weights into the one document stream the row slots read, so documents
-(not tokens) come in those proportions, and the stream is a pure function of
-the index: the checkpointed iterator state restores every source's position.
+source's position). Row slot r takes documents r, r+B, ... of every source
+and grain's `MapDataset.mix` interleaves them in proportion to the weights,
+so documents (not tokens) come in those proportions in every slot, and each
+slot's stream is a pure function of the index: the checkpointed iterator
+state restores every source's position. (Mixing one stream before the slots
+stride over it would give a slot a single source whenever the interleaving's
+period divides the batch.)
 Each token carries its source through packing; batches gain `source_tokens`
 (int32 [b, num_sources], `data/packing.py`). Eval reads each source's own
 eval split (`make_iterator(cfg, 'eval', source=NAME)`, `eval_sources`).
@@ -284,10 +287,9 @@ def make_dataset(cfg, split: str = 'train', process_index: int = 0,
   if entries:
     streams = [_documents(cfg, mixture.data_config(cfg.data, e), split, i, sourced)
                for i, e in enumerate(entries)]
-    stream = (grain.MapDataset.mix(streams, [e.weight for e in entries])
-              if len(streams) > 1 else streams[0])
   else:
-    stream = _documents(cfg, cfg.data, split, 0, False)
+    streams = [_documents(cfg, cfg.data, split, 0, False)]
+  weights = [e.weight for e in entries]
   num_sources = len(entries) if sourced else 0
 
   local_batch = global_batch // process_count
@@ -297,7 +299,12 @@ def make_dataset(cfg, split: str = 'train', process_index: int = 0,
   read_options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
   slots = []
   for slot in range(first_slot, first_slot + local_batch):
-    slot_docs = stream[slot::global_batch]
+    # Each slot mixes its own share of every source: mixing one stream
+    # before the slots stride over it would give a slot only one source when
+    # the interleaving's period divides the batch.
+    slot_streams = [stream[slot::global_batch] for stream in streams]
+    slot_docs = (grain.MapDataset.mix(slot_streams, weights) if len(streams) > 1
+                 else slot_streams[0])
     slots.append(packing.pack(slot_docs.to_iter_dataset(read_options),
                               seq_len + 1, cfg.data.packing,
                               weighted=cfg.data.source == 'sft' and not entries,

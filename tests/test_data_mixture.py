@@ -91,6 +91,12 @@ def test_same_config_same_batches_and_the_seed_changes_them(folders):
     for key in x:
       np.testing.assert_array_equal(x[key], y[key])
   assert any(not np.array_equal(x['inputs'], y['inputs']) for x, y in zip(first, other))
+  # Every row slot mixes both sources (the 1:1 interleaving has period 2,
+  # which divides the batch of 8: mixing before striding would make slots pure).
+  for slot in range(8):
+    tokens = np.concatenate([b['inputs'][slot] for b in first])
+    assert np.isin(tokens, [ord(c) for c in ALPHABETS['a']]).any(), slot
+    assert np.isin(tokens, [ord(c) for c in ALPHABETS['b']]).any(), slot
 
 
 def test_tokens_source_reads_the_prepared_documents(folders):
