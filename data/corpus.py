@@ -18,6 +18,7 @@ file, 1 for a text file.
 """
 
 import dataclasses
+import glob
 import json
 import os
 
@@ -38,6 +39,22 @@ def format_of(path: str) -> str:
     if path.endswith(extension):
       return kind
   return 'text'
+
+
+def expand_inputs(patterns) -> list[str]:
+  """The files of `--input` globs (each may hold comma-separated globs), in
+  order, each once."""
+  paths = []
+  for pattern in [patterns] if isinstance(patterns, str) else patterns:
+    for one in [p.strip() for p in pattern.split(',') if p.strip()]:
+      matches = sorted(m for m in glob.glob(os.path.expanduser(one), recursive=True)
+                       if os.path.isfile(m))
+      if not matches:
+        raise sources.DataError(f'--input {one!r} matches no file')
+      paths.extend(m for m in matches if m not in paths)
+  if not paths:
+    raise sources.DataError('no --input given')
+  return paths
 
 
 @dataclasses.dataclass(frozen=True)

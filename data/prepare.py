@@ -222,9 +222,7 @@ class Progress:
 
 # --------------------------------------------------------------------- Main.
 def _plan(inputs, settings, tokenizer) -> dict:
-  paths = []
-  for pattern in inputs:
-    paths.extend(p for p in sources.expand_globs(pattern, 'input') if p not in paths)
+  paths = corpus.expand_inputs(inputs)
   parts = corpus.parts(paths, settings.format, settings.text_field, PART_BYTES)
   units, current, size = [], [], 0
   for part in parts:

@@ -49,11 +49,7 @@ def train_tokenizer(inputs, out: str, vocab_size: int, *, format: str | None = N
   if vocab_size < 256 + 2:
     raise sources.DataError(f'--vocab_size={vocab_size}: byte-level BPE needs at '
                             'least 258 ids (256 bytes and BOS, EOS)')
-  if isinstance(inputs, str):
-    inputs = [inputs]
-  paths = []
-  for pattern in inputs:
-    paths.extend(p for p in sources.expand_globs(pattern, 'input') if p not in paths)
+  paths = corpus.expand_inputs(inputs)
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
