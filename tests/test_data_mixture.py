@@ -206,3 +206,21 @@ def test_killed_and_resumed_mixture_run_is_bitwise_the_straight_run(folders, tmp
   assert read(straight) == read(killed)
   seen = scalars(straight, 'data/tokens/a')
   assert seen[12] > seen[4] > 0
+
+
+def test_mixture_string_and_list_forms_agree(folders):
+  from data import mixture
+  jsonl = str(folders['root'] / 'b.jsonl')
+  text = mixture.parse(f'web:{folders["a"]}:0.8, raw:{jsonl}:0.2')
+  cfg = load()
+  del cfg.data['mixture']          # the config-file form: a list of dicts
+  cfg.data.mixture = [dict(name='web', path=folders['a'], weight=0.8),
+                      dict(name='raw', path=jsonl, weight=0.2)]
+  assert mixture.parse(cfg.data.mixture) == text
+  assert [(s.name, s.kind, s.weight) for s in text] == [('web', 'tokens', 0.8),
+                                                       ('raw', 'jsonl', 0.2)]
+  assert pipeline.eval_sources(cfg) == [('web', 0.8), ('raw', 0.2)]
+  assert not pipeline.has_eval(cfg)     # a glob source has no eval split
+  got, seen = batches(cfg, 2)
+  assert set(seen) == {'web', 'raw'} and sum(seen.values()) == sum(
+      int((b['segment_ids'] != 0).sum()) for b in got)
