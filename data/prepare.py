@@ -139,6 +139,7 @@ def _run_unit(args):
     counts = {'path': part.path, 'train_documents': 0, 'train_tokens': 0,
               'eval_documents': 0, 'eval_tokens': 0, 'bad_rows': 0, 'bad_examples': []}
     batch = []
+    reported = [0]      # input bytes reported for this part (text length as a proxy)
 
     def flush():
       if not batch:
@@ -152,7 +153,9 @@ def _run_unit(args):
         counts[f'{split}_tokens'] += len(record)
         tokens_done += len(record)
       if queue is not None:
-        queue.put((len(batch), tokens_done, 0))
+        nbytes = min(sum(len(t) for t in batch), part.size - reported[0])
+        reported[0] += nbytes
+        queue.put((len(batch), tokens_done, nbytes))
       batch.clear()
 
     for row, text in corpus.read_part(part, settings.format, settings.text_field):
@@ -166,7 +169,7 @@ def _run_unit(args):
         flush()
     flush()
     if queue is not None:
-      queue.put((0, 0, part.size))
+      queue.put((0, 0, part.size - reported[0]))
     files.append(counts)
   for w in writers.values():
     w.publish()
@@ -218,6 +221,16 @@ class Progress:
     end = '\n' if final or not self.tty else ''
     print(('\r' if self.tty else '') + self.line(), end=end, file=self.stream,
           flush=True)
+
+
+class _Direct:
+  """The progress queue of a prepare without worker processes."""
+
+  def __init__(self, bar):
+    self.bar = bar
+
+  def put(self, item):
+    self.bar.add(*item)
 
 
 # --------------------------------------------------------------------- Main.
@@ -293,14 +306,10 @@ def prepare(inputs, out: str, *, format: str = 'jsonl', text_field: str = 'text'
           f'{out}; resuming', file=progress_stream)
   jobs = [(u, plan['units'][u], out, settings) for u in todo]
   if workers == 1 or len(jobs) <= 1:
-    _init_worker(tokenizer, None)
+    _init_worker(tokenizer, _Direct(bar))
     for job in jobs:
       record = _run_unit(job)
       done[record['unit']] = record
-      f = record['files']
-      bar.add(sum(c['train_documents'] + c['eval_documents'] for c in f),
-              sum(c['train_tokens'] + c['eval_tokens'] for c in f),
-              sum(p['size'] for p in job[1]))
   elif jobs:
     ctx = multiprocessing.get_context('spawn')
     queue = ctx.Queue()
