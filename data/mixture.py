@@ -105,3 +105,24 @@ def data_config(data_cfg, source: Source) -> ml_collections.ConfigDict:
   sub.train_files = source.path
   sub.eval_files = ''
   return sub
+
+
+def describe(entries: list[Source]) -> str:
+  """One line: each source's document share and, for prepared folders, the
+  token share to expect from their mean document length."""
+  total = sum(e.weight for e in entries)
+  lengths = {}
+  for e in entries:
+    if e.kind == 'tokens':
+      train = sources.read_prepared(e.path)['splits']['train']
+      lengths[e.name] = train['tokens'] / max(train['documents'], 1)
+  expected = sum(e.weight * lengths[e.name] for e in entries) if len(lengths) == len(
+      entries) else None
+  parts = []
+  for e in entries:
+    text = f'{e.name} {100 * e.weight / total:.0f}% of documents'
+    if expected:
+      text += (f' ({lengths[e.name]:,.0f} tokens each: ~'
+               f'{100 * e.weight * lengths[e.name] / expected:.0f}% of tokens)')
+    parts.append(text)
+  return 'data.mixture: ' + ', '.join(parts)

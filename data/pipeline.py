@@ -80,6 +80,7 @@ import functools
 import weakref
 
 from absl import flags
+from absl import logging
 import grain
 import numpy as np
 
@@ -287,6 +288,8 @@ def make_dataset(cfg, split: str = 'train', process_index: int = 0,
   if entries:
     streams = [_documents(cfg, mixture.data_config(cfg.data, e), split, i, sourced)
                for i, e in enumerate(entries)]
+    if sourced and process_index == 0:
+      logging.info('%s', mixture.describe(entries))
   else:
     streams = [_documents(cfg, cfg.data, split, 0, False)]
   weights = [e.weight for e in entries]

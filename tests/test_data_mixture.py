@@ -224,3 +224,19 @@ def test_mixture_string_and_list_forms_agree(folders):
   got, seen = batches(cfg, 2)
   assert set(seen) == {'web', 'raw'} and sum(seen.values()) == sum(
       int((b['segment_ids'] != 0).sum()) for b in got)
+
+
+def test_mixture_batches_do_not_depend_on_the_process_count(folders):
+  cfg = load(f'data.mixture=a:{folders["a"]}:0.7,b:{folders["b"]}:0.3')
+  whole, seen = batches(cfg, 3)
+  its = [pipeline.make_iterator(cfg, 'train', p, 2) for p in range(2)]
+  try:
+    for want in whole:
+      parts = [next(it) for it in its]
+      for key in want:
+        np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), want[key])
+    halves = [pipeline.tokens_seen(it) for it in its]
+  finally:
+    for it in its:
+      it.close()
+  assert {k: halves[0][k] + halves[1][k] for k in seen} == seen
