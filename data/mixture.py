@@ -122,7 +122,7 @@ def describe(entries: list[Source]) -> str:
   for e in entries:
     text = f'{e.name} {100 * e.weight / total:.0f}% of documents'
     if expected:
-      text += (f' ({lengths[e.name]:,.0f} tokens each: ~'
+      text += (f' (mean {lengths[e.name]:,.0f} tokens: ~'
                f'{100 * e.weight * lengths[e.name] / expected:.0f}% of tokens)')
     parts.append(text)
   return 'data.mixture: ' + ', '.join(parts)
