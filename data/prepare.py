@@ -29,7 +29,7 @@ Work units are read, tokenized (`encode_batch`, in `--workers` processes) and
 written independently; each unit's shards are renamed into place before its
 `units/*.json`, so a re-run after an interruption (any signal, any moment)
 skips the finished units and ends with the same bytes as an uninterrupted
-run. A re-run with other inputs or settings into the same folder is refused.
+run (metadata.json's `command` records the last run's command line). A re-run with other inputs or settings into the same folder is refused.
 
 Bad rows (a missing field, a value that is not a string, null, not UTF-8) are
 never written. They are counted per file and, unless `--skip_bad_rows`, the
