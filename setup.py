@@ -25,6 +25,10 @@ setuptools.setup(
         'matplotlib>=3.9',
         'tqdm>=4.66',
         'scipy>=1.11',     # launch.compare statistics, launch.fit
+        # Corpora: Parquet input, byte-level BPE training, token shards.
+        'pyarrow>=14',
+        'tokenizers>=0.21',
+        'array-record>=0.8',
     ],
     extras_require={
         # Tests; torch only for the Hugging Face parity tests (CPU build).

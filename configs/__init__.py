@@ -28,7 +28,8 @@ CHOICES = {
     'model.param_dtype': ('float32', 'bfloat16', 'float16'),
     'train.lr_schedule': ('cosine', 'linear', 'constant', 'wsd'),
     'train.on_divergence': ('stop', 'rollback'),
-    'data.source': ('builtin', 'text', 'jsonl', 'arrayrecord', 'synthetic', 'sft'),
+    'data.source': ('builtin', 'text', 'jsonl', 'arrayrecord', 'synthetic', 'sft',
+                    'tokens', 'parquet'),
     'dpo.loss': ('sigmoid', 'ipo', 'hinge'),
 }
 ROPE_SCALING_TYPES = ('linear', 'ntk', 'yarn', 'llama3')
@@ -272,6 +273,18 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   tok = cfg.data.tokenizer
   _check(tok == 'bytes' or tok.startswith(('sentencepiece:', 'hf:')),
          f'data.tokenizer={tok!r}: must be bytes, sentencepiece:PATH or hf:PATH')
+  mix = cfg.data.get('mixture', '')
+  if mix:
+    _check(isinstance(mix, (str, list, tuple)),
+           f'data.mixture={mix!r}: must be a name:path:weight,... string or a '
+           'list of {name, path, weight} dicts')
+    _check(not cfg.data.train_files.strip() and not cfg.data.eval_files.strip(),
+           'data.mixture is set and so is data.train_files or data.eval_files: a '
+           'mixture names its own sources (and reads their eval splits); leave '
+           'the files empty')
+    _check(cfg.data.source not in ('synthetic', 'sft'),
+           f'data.mixture is set but data.source={cfg.data.source!r}: mixtures '
+           'are of documents (prepared folders or text, jsonl, parquet, arrayrecord files)')
   _check(cfg.dpo.beta > 0, f'dpo.beta={cfg.dpo.beta}: must be positive')
   _check(0 <= cfg.dpo.label_smoothing < 0.5,
          f'dpo.label_smoothing={cfg.dpo.label_smoothing}: must be in [0, 0.5)')

@@ -124,15 +124,23 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.mesh.expert = 1
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = 'builtin'       # builtin | text | jsonl | arrayrecord | synthetic | sft
+  # builtin | text | jsonl | arrayrecord | synthetic | sft | tokens | parquet
+  c.data.source = 'builtin'
   c.data.train_files = ''
   c.data.eval_files = ''
   c.data.text_field = 'text'
-  c.data.tokenizer = 'bytes'      # bytes | sentencepiece:PATH | hf:PATH/tokenizer.json
+  c.data.tokenizer = 'bytes'      # bytes | sentencepiece:PATH | hf:PATH (tokenizer.json or its folder)
   c.data.packing = True
   c.data.shuffle_seed = 0
   c.data.worker_count = 0
-  c.data.skip_bad_lines = False   # jsonl, sft: skip malformed lines with a warning
+  c.data.skip_bad_lines = False   # jsonl, sft, parquet: skip malformed rows with a warning
+  # --- Corpora and mixtures (docs/data.md). ---
+  # 'name:path:weight,...': documents drawn from several sources in proportion
+  # to the weights; a path is a data.prepare folder or a glob (read by its
+  # extension). A config file may give a list of dicts {name, path, weight}
+  # (replace the field: c.data.mixture = [...]). '' = the single data.source.
+  # With a mixture, data.train_files and data.eval_files stay empty.
+  c.data.mixture = ''
 
   c.dpo = ml_collections.ConfigDict()
   c.dpo.init_checkpoint = ''

@@ -2,11 +2,14 @@
 
     it = data.make_iterator(cfg, 'train', jax.process_index(), jax.process_count())
 
-`data/pipeline.py` (batches, process sharding, checkpointing), `packing.py`
-(row layout), `sources.py` (builtin, text, jsonl, arrayrecord, synthetic,
-sft), `sft.py` (SFT examples: records, chat template, loss weights),
-`tokenizers.py` (bytes, sentencepiece, hf), `builtin.py` (the stdlib corpus
-and the built-in prompt/continuation pairs).
+`data/pipeline.py` (batches, process sharding, mixtures, checkpointing),
+`packing.py` (row layout), `sources.py` (builtin, text, jsonl, arrayrecord,
+parquet, tokens, synthetic, sft), `mixture.py` (`data.mixture`), `corpus.py`
+(raw files row by row), `sft.py` (SFT examples: records, chat template, loss
+weights), `tokenizers.py` (bytes, sentencepiece, hf), `builtin.py` (the
+stdlib corpus and the built-in prompt/continuation pairs). Command lines:
+`python -m data.prepare` (`prepare.py`, token shards) and
+`python -m data.train_tokenizer` (`train_tokenizer.py`, byte-level BPE).
 See docs/data.md.
 """
 

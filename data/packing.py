@@ -41,7 +41,11 @@ import numpy as np
 # Keys of a packed row; the segment/position names are grain's convention.
 TOKENS, SEGMENT_IDS, POSITIONS = 'tokens', 'tokens_segment_ids', 'tokens_positions'
 LOSS_WEIGHTS = 'loss_weights'  # optional: float32, one weight per token
+SOURCE = 'source'              # optional: int32, the mixture source of each token
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')
+# Batch field of mixtures: int32 [b, num_sources], the input tokens of each row
+# that came from each source. The loop takes it out before the step.
+SOURCE_TOKENS = 'source_tokens'
 
 
 class ChunkDocument(grain.experimental.FlatMapTransform):
@@ -54,6 +58,7 @@ class ChunkDocument(grain.experimental.FlatMapTransform):
   def flat_map(self, element):
     tokens = element[TOKENS]
     weights = element.get(LOSS_WEIGHTS)
+    source = element.get(SOURCE)
     rows = []
     for start in range(0, len(tokens), self.row_len):
       piece = tokens[start:start + self.row_len]
@@ -69,6 +74,10 @@ class ChunkDocument(grain.experimental.FlatMapTransform):
         row_weights = np.zeros(self.row_len, np.float32)
         row_weights[:n] = weights[start:start + self.row_len]
         rows[-1][LOSS_WEIGHTS] = row_weights
+      if source is not None:
+        row_source = np.zeros(self.row_len, np.int32)
+        row_source[:n] = source[start:start + self.row_len]
+        rows[-1][SOURCE] = row_source
     return rows
 
 
@@ -102,22 +111,31 @@ class _ConcatThenSplit(grain.experimental.ConcatThenSplitIterDataset):
 
 
 def pack(documents: grain.IterDataset, row_len: int, packing: bool,
-         weighted: bool = False) -> grain.IterDataset:
+         weighted: bool = False, sourced: bool = False) -> grain.IterDataset:
   """Documents `{'tokens': int32 [n]}` -> rows of `row_len` tokens.
 
-  `weighted`: documents also hold `loss_weights` [n], packed alongside.
+  `weighted`: documents also hold `loss_weights` [n], packed alongside;
+  `sourced`: documents also hold `source` [n] (mixtures), likewise.
   """
   if packing:
-    # Both features have the same length per document, so grain splits them
+    # The features have the same length per document, so grain splits them
     # at the same points.
-    length_struct = {TOKENS: row_len, LOSS_WEIGHTS: row_len} if weighted else {
-        TOKENS: row_len}
+    length_struct = {TOKENS: row_len}
+    if weighted:
+      length_struct[LOSS_WEIGHTS] = row_len
+    if sourced:
+      length_struct[SOURCE] = row_len
     return _ConcatThenSplit(documents, length_struct=length_struct)
   return grain.experimental.FlatMapIterDataset(documents, ChunkDocument(row_len))
 
 
-def rows_to_batch(rows) -> dict[str, np.ndarray]:
-  """A sequence of packed rows -> the batch dict the training step reads."""
+def rows_to_batch(rows, num_sources: int = 0) -> dict[str, np.ndarray]:
+  """A sequence of packed rows -> the batch dict the training step reads.
+
+  `num_sources > 0` (mixtures): rows hold `source` and the batch gets
+  `source_tokens`, int32 [b, num_sources], the count of input tokens (not
+  padding) of each row from each source.
+  """
   tokens = np.stack([r[TOKENS] for r in rows]).astype(np.int32)       # [b, t+1]
   segment = np.stack([r[SEGMENT_IDS] for r in rows]).astype(np.int32)  # [b, t+1]
   position = np.stack([r[POSITIONS] for r in rows]).astype(np.int32)   # [b, t+1]
@@ -133,4 +151,10 @@ def rows_to_batch(rows) -> dict[str, np.ndarray]:
       'positions': position[:, :-1],
       'loss_mask': loss_mask,
   }
+  if num_sources:
+    source = np.stack([r[SOURCE] for r in rows])[:, :-1]                # [b, t]
+    real = segment[:, :-1] != 0
+    batch[SOURCE_TOKENS] = np.stack(
+        [np.sum(real & (source == s), axis=1) for s in range(num_sources)],
+        axis=1).astype(np.int32)                                          # [b, S]
   return {k: np.ascontiguousarray(v) for k, v in batch.items()}

@@ -37,6 +37,21 @@ the sequence of batches depends on `worker_count` (but is deterministic and
 restorable for a fixed value; 0 and 1 give the same batches). With 0 a
 background thread prepares the next batches while the step runs.
 
+Mixtures (`data.mixture`, `data/mixture.py`). Each source is its own
+shuffled, repeating document list (seeded from `data.shuffle_seed` and the
+source's position). Row slot r takes documents r, r+B, ... of every source
+and grain's `MapDataset.mix` interleaves them in proportion to the weights,
+so documents (not tokens) come in those proportions in every slot, and each
+slot's stream is a pure function of the index: the checkpointed iterator
+state restores every source's position. (Mixing one stream before the slots
+stride over it would give a slot a single source whenever the interleaving's
+period divides the batch.)
+Each token carries its source through packing; batches gain `source_tokens`
+(int32 [b, num_sources], `data/packing.py`). Eval reads each source's own
+eval split (`make_iterator(cfg, 'eval', source=NAME)`, `eval_sources`).
+Prepared token folders (`tokens`) are checked against `data.tokenizer` (the
+vocabulary fingerprint) and `model.vocab_size`.
+
 Checkpointing. The iterator is a `grain.DatasetIterator`: `get_state()` is a
 small JSON-able dict and `set_state(state)` resumes at the exact next batch.
 grain ships an orbax handler that writes one `process_{i}-of-{n}.json` per
@@ -61,12 +76,15 @@ drawing batches while the model state is written.
 """
 
 import atexit
+import functools
 import weakref
 
 from absl import flags
+from absl import logging
 import grain
 import numpy as np
 
+from data import mixture
 from data import packing
 from data import sft
 from data import sources
@@ -74,6 +92,7 @@ from data import tokenizers
 
 _TRAIN_PREFETCH = 2  # Batches a background thread prepares ahead of the step.
 _SEED_SPREAD = 0x9E3779B1  # An odd constant (2**32 / golden ratio): a bijection mod 2**32.
+_SOURCE_SPREAD = 0x6C8E9CF5  # Another odd constant: one seed per mixture source.
 
 
 class TokenizeDocument:
@@ -119,9 +138,138 @@ def _check(ok: bool, message: str) -> None:
     raise sources.DataError(message)
 
 
+class AddSource:
+  """Marks every token of a document with its mixture source index."""
+
+  def __init__(self, index: int):
+    self.index = index
+
+  def __call__(self, element):
+    element = dict(element)
+    element[packing.SOURCE] = np.full(len(element[packing.TOKENS]), self.index, np.int32)
+    return element
+
+
+class _CountSourcesIterator(grain.DatasetIterator):
+  """Takes `source_tokens` out of each batch and keeps the running totals.
+
+  The totals are part of the iterator state, so a resumed run continues them
+  exactly; `tokens_seen(n)` gives them after the n-th batch of the run (the
+  last few are remembered, since the loop logs a step after drawing the next).
+  """
+
+  def __init__(self, parent, names):
+    super().__init__(parent)
+    self.names = names
+    self._batches = 0
+    self._totals = [0] * len(names)
+    self._history = {}
+
+  def __next__(self):
+    batch = dict(next(self._parent))
+    counts = batch.pop(packing.SOURCE_TOKENS).sum(axis=0)
+    self._totals = [t + int(c) for t, c in zip(self._totals, counts)]
+    self._batches += 1
+    self._history[self._batches] = list(self._totals)
+    self._history.pop(self._batches - 8, None)
+    return batch
+
+  def tokens_seen(self, batches: int | None = None) -> dict[str, int]:
+    """{source name: input tokens from it in this process's rows so far}."""
+    totals = self._history.get(batches, self._totals)
+    return dict(zip(self.names, totals))
+
+  def get_state(self):
+    return {'parent': self._parent.get_state(), 'batches': self._batches,
+            'source_tokens': list(self._totals)}
+
+  def set_state(self, state):
+    self._parent.set_state(state['parent'])
+    self._batches = int(state['batches'])
+    self._totals = [int(t) for t in state['source_tokens']]
+    self._history = {self._batches: list(self._totals)}
+
+  def close(self):
+    self._parent.close()
+
+
+class _CountSources(grain.IterDataset):
+
+  def __init__(self, parent, names):
+    super().__init__(parent)
+    self.names = names
+
+  def __iter__(self):
+    return _CountSourcesIterator(self._parent.__iter__(), self.names)
+
+
+def _check_prepared(data_cfg, split, tokenizer, vocab_size) -> None:
+  """Prepared folders must match data.tokenizer and fit model.vocab_size."""
+  field = f'{split}_files' if data_cfg[f'{split}_files'].strip() else 'train_files'
+  for folder in sources.expand_folders(data_cfg[field], field):
+    meta = sources.read_prepared(folder)
+    _check(meta['tokenizer_fingerprint'] == tokenizer.fingerprint(),
+           f'{folder} was prepared with tokenizer {meta["tokenizer"]!r} (vocabulary '
+           f'{meta["tokenizer_fingerprint"][:19]}...) but data.tokenizer='
+           f'{data_cfg.tokenizer!r} has vocabulary {tokenizer.fingerprint()[:19]}...: '
+           'set data.tokenizer to the one the folder was prepared with')
+    _check(meta['vocab_size'] <= vocab_size,
+           f'{folder} holds ids of a {meta["vocab_size"]}-id vocabulary but '
+           f'model.vocab_size={vocab_size}')
+
+
+def _documents(cfg, data_cfg, split: str, index: int, sourced: bool) -> grain.MapDataset:
+  """One source's document stream: token dicts, shuffled and repeating (train)."""
+  seq_len, vocab_size = cfg.train.seq_len, cfg.model.vocab_size
+  docs = sources.documents(data_cfg, split, vocab_size=vocab_size, seq_len=seq_len)
+  if data_cfg.source in ('synthetic', 'tokens'):
+    to_tokens = wrap_tokens
+  if data_cfg.source != 'synthetic':
+    tokenizer = tokenizers.get_tokenizer(data_cfg.tokenizer)
+    if data_cfg.source == 'tokens':   # first: its message names the folder
+      _check_prepared(data_cfg, split, tokenizer, vocab_size)
+    _check(tokenizer.vocab_size <= vocab_size,
+           f'data.tokenizer={data_cfg.tokenizer!r} has {tokenizer.vocab_size} '
+           f'ids but model.vocab_size={vocab_size}')
+    if data_cfg.source != 'tokens':
+      to_tokens = (sft.TokenizeExample(tokenizer) if data_cfg.source == 'sft'
+                   else TokenizeDocument(tokenizer))
+  _check(len(docs) > 0, f'data.source={data_cfg.source!r}'
+         f'{" (" + data_cfg.train_files + ")" if sourced else ""}: the {split} '
+         'split has no documents')
+  if data_cfg.source in ('text', 'jsonl', 'arrayrecord', 'parquet'):
+    # Stops at the first document with text (the first, in any real corpus);
+    # only empty documents would train on BOS and EOS alone.
+    _check(any(len(docs[i]) for i in range(len(docs))),
+           f'data.source={data_cfg.source!r}: every document of the {split} '
+           f'split ({len(docs)}) is empty; check data.{split}_files'
+           + (' and data.text_field' if data_cfg.source in ('jsonl', 'parquet') else ''))
+
+  if split == 'train' and data_cfg.source != 'synthetic':
+    # grain shuffles epoch e with seed + e, so seeds 1 and 2 would share
+    # permutations one epoch apart; spreading the seeds keeps runs that differ
+    # only in data.shuffle_seed independent.
+    seed = (data_cfg.shuffle_seed * _SEED_SPREAD + 1 + index * _SOURCE_SPREAD) % 2**32
+    stream = docs.shuffle(seed=seed).repeat()
+  else:
+    stream = docs.repeat()
+  stream = stream.map(to_tokens)
+  return stream.map(AddSource(index)) if sourced else stream
+
+
+def eval_sources(cfg) -> list[tuple[str | None, float]]:
+  """`(name, weight)` of each eval stream: the mixture's sources, or
+  `[(None, 1.0)]` for a single source."""
+  entries = mixture.parse(cfg.data.get('mixture', ''))
+  return [(s.name, s.weight) for s in entries] or [(None, 1.0)]
+
+
 def make_dataset(cfg, split: str = 'train', process_index: int = 0,
-                 process_count: int = 1) -> grain.IterDataset:
-  """The batches of `split` for one process, as a grain IterDataset."""
+                 process_count: int = 1, source: str | None = None) -> grain.IterDataset:
+  """The batches of `split` for one process, as a grain IterDataset.
+
+  `source`: with `data.mixture`, the eval split of that source alone.
+  """
   _check(split in ('train', 'eval'), f'split={split!r}: must be train or eval')
   _check(process_count >= 1 and 0 <= process_index < process_count,
          f'process_index={process_index}, process_count={process_count}: '
@@ -133,36 +281,26 @@ def make_dataset(cfg, split: str = 'train', process_index: int = 0,
   _check(0 <= cfg.data.shuffle_seed < 2**32,
          f'data.shuffle_seed={cfg.data.shuffle_seed}: must be in [0, 2**32)')
   seq_len = cfg.train.seq_len
-  vocab_size = cfg.model.vocab_size
 
-  docs = sources.documents(cfg.data, split, vocab_size=vocab_size, seq_len=seq_len)
-  if cfg.data.source == 'synthetic':
-    to_tokens = wrap_tokens
+  entries = mixture.parse(cfg.data.get('mixture', ''))
+  names = [e.name for e in entries]
+  if entries and split == 'eval':
+    _check(source in names, f'source={source!r}: the eval split of a mixture is '
+           f'read per source, one of {", ".join(names)}')
+    entries = [entries[names.index(source)]]
   else:
-    tokenizer = tokenizers.get_tokenizer(cfg.data.tokenizer)
-    _check(tokenizer.vocab_size <= vocab_size,
-           f'data.tokenizer={cfg.data.tokenizer!r} has {tokenizer.vocab_size} '
-           f'ids but model.vocab_size={vocab_size}')
-    to_tokens = (sft.TokenizeExample(tokenizer) if cfg.data.source == 'sft'
-                 else TokenizeDocument(tokenizer))
-  _check(len(docs) > 0, f'data.source={cfg.data.source!r}: the {split} split '
-         'has no documents')
-  if cfg.data.source in ('text', 'jsonl', 'arrayrecord'):
-    # Stops at the first document with text (the first, in any real corpus);
-    # only empty documents would train on BOS and EOS alone.
-    _check(any(len(docs[i]) for i in range(len(docs))),
-           f'data.source={cfg.data.source!r}: every document of the {split} '
-           f'split ({len(docs)}) is empty; check data.{split}_files'
-           + (' and data.text_field' if cfg.data.source == 'jsonl' else ''))
-
-  if split == 'train' and cfg.data.source != 'synthetic':
-    # grain shuffles epoch e with seed + e, so seeds 1 and 2 would share
-    # permutations one epoch apart; spreading the seeds keeps runs that differ
-    # only in data.shuffle_seed independent.
-    seed = (cfg.data.shuffle_seed * _SEED_SPREAD + 1) % 2**32
-    stream = docs.shuffle(seed=seed).repeat()
+    _check(source is None or (entries and source in names),
+           f'source={source!r}: no such data.mixture source')
+  sourced = bool(entries) and split == 'train'
+  if entries:
+    streams = [_documents(cfg, mixture.data_config(cfg.data, e), split, i, sourced)
+               for i, e in enumerate(entries)]
+    if sourced and process_index == 0:
+      logging.info('%s', mixture.describe(entries))
   else:
-    stream = docs.repeat()
+    streams = [_documents(cfg, cfg.data, split, 0, False)]
+  weights = [e.weight for e in entries]
+  num_sources = len(entries) if sourced else 0
 
   local_batch = global_batch // process_count
   first_slot = process_index * local_batch
@@ -171,11 +309,18 @@ def make_dataset(cfg, split: str = 'train', process_index: int = 0,
   read_options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
   slots = []
   for slot in range(first_slot, first_slot + local_batch):
-    slot_docs = stream[slot::global_batch].map(to_tokens)
+    # Each slot mixes its own share of every source: mixing one stream
+    # before the slots stride over it would give a slot only one source when
+    # the interleaving's period divides the batch.
+    slot_streams = [stream[slot::global_batch] for stream in streams]
+    slot_docs = (grain.MapDataset.mix(slot_streams, weights) if len(streams) > 1
+                 else slot_streams[0])
     slots.append(packing.pack(slot_docs.to_iter_dataset(read_options),
                               seq_len + 1, cfg.data.packing,
-                              weighted=cfg.data.source == 'sft'))
-  ds = grain.experimental.ZipIterDataset(slots).map(packing.rows_to_batch)
+                              weighted=cfg.data.source == 'sft' and not entries,
+                              sourced=sourced))
+  ds = grain.experimental.ZipIterDataset(slots).map(
+      functools.partial(packing.rows_to_batch, num_sources=num_sources))
 
   if split == 'eval':
     _check(cfg.train.eval_steps > 0,
@@ -186,12 +331,22 @@ def make_dataset(cfg, split: str = 'train', process_index: int = 0,
     # notebooks) they are unparsed and reading them raises. Defaults are fine.
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
-    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data.worker_count))
-  return _ThreadPrefetch(ds, prefetch_buffer_size=_TRAIN_PREFETCH)
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data.worker_count))
+  else:
+    ds = _ThreadPrefetch(ds, prefetch_buffer_size=_TRAIN_PREFETCH)
+  return _CountSources(ds, names) if sourced else ds
+
+
+def tokens_seen(it, batches: int | None = None) -> dict[str, int]:
+  """Per mixture source, the input tokens (not padding) that `it`, a train
+  iterator, has given in this process's rows up to its `batches`-th batch
+  (default: so far), counted since step 0 across resumes; {} without a
+  mixture."""
+  return it.tokens_seen(batches) if isinstance(it, _CountSourcesIterator) else {}
 
 
 def make_iterator(cfg, split: str = 'train', process_index: int = 0,
-                  process_count: int = 1) -> grain.DatasetIterator:
+                  process_count: int = 1, source: str | None = None) -> grain.DatasetIterator:
   """A checkpointable iterator over this process's batches of `split`.
 
   Args:
@@ -201,6 +356,7 @@ def make_iterator(cfg, split: str = 'train', process_index: int = 0,
       batches, the same on every call).
     process_index: this process, `jax.process_index()`.
     process_count: all processes, `jax.process_count()`.
+    source: with `data.mixture`, the eval split of this source (`eval_sources`).
 
   Returns:
     A grain DatasetIterator of dicts of numpy arrays, each
@@ -208,7 +364,7 @@ def make_iterator(cfg, split: str = 'train', process_index: int = 0,
     `set_state()`. Call `close()` when done with a train iterator (it is also
     closed at interpreter exit).
   """
-  it = iter(make_dataset(cfg, split, process_index, process_count))
+  it = iter(make_dataset(cfg, split, process_index, process_count, source))
   if split == 'train':
     _close_at_exit(it)
   return it
@@ -230,5 +386,10 @@ def _close_at_exit(it: grain.DatasetIterator) -> None:
 
 def has_eval(cfg) -> bool:
   """Whether the config names eval data (`text`/`jsonl`/`arrayrecord` need
-  `data.eval_files`; `builtin` and `synthetic` always have it)."""
+  `data.eval_files`; `builtin` and `synthetic` always have it; `tokens` has
+  its folders' eval split; a mixture needs an eval split in every source)."""
+  entries = mixture.parse(cfg.data.get('mixture', ''))
+  if entries:
+    return all(sources.has_split(mixture.data_config(cfg.data, e), 'eval')
+               for e in entries)
   return sources.has_split(cfg.data, 'eval')

@@ -16,6 +16,14 @@ read only when the pipeline reaches it:
   the pipeline reaches it.
 * `arrayrecord`: ArrayRecord files of UTF-8 text records, read through grain's
   `ArrayRecordDataSource`; `write_arrayrecord` makes such files.
+* `tokens`: folders written by `python -m data.prepare` (`data/prepare.py`):
+  each element is one document's token ids, already `[BOS] ... [EOS]`, read
+  from the folder's ArrayRecord shards with random access. `data.eval_files`
+  names folders whose `eval` split is read; when it is empty, the eval split
+  of the `data.train_files` folders is.
+* `parquet`: Parquet files read on the fly, one document per row of the
+  column `data.text_field` (`data/corpus.py`); a row group is read when a
+  document in it is first needed and a few are kept in memory.
 * `synthetic`: documents of uniformly random token ids with random lengths,
   generated from the seed and the document index (benchmarks and tests; no
   files, no tokenizer). Each element is already an int32 token array.
@@ -43,7 +51,9 @@ from configs.errors import UserError
 from data import builtin
 from data import sft
 
-SOURCES = ('builtin', 'text', 'jsonl', 'arrayrecord', 'synthetic', 'sft')
+SOURCES = ('builtin', 'text', 'jsonl', 'arrayrecord', 'synthetic', 'sft',
+           'tokens', 'parquet')
+PREPARED_METADATA = 'metadata.json'  # what data.prepare writes last
 SYNTHETIC_NUM_DOCS = 1 << 40  # Never exhausted in practice.
 
 
@@ -66,6 +76,68 @@ def expand_globs(spec: str, field: str) -> list[str]:
     files.extend(m for m in matches if m not in seen)
     seen.update(matches)
   return files
+
+
+def expand_folders(spec: str, field: str) -> list[str]:
+  """Prepared folders matched by the comma-separated globs in `spec`."""
+  patterns = [p.strip() for p in spec.split(',') if p.strip()]
+  if not patterns:
+    raise DataError(f'data.{field} is empty: give one or more folders written '
+                    'by python -m data.prepare')
+  folders = []
+  for pattern in patterns:
+    matches = sorted(m for m in glob.glob(os.path.expanduser(pattern), recursive=True)
+                     if os.path.isdir(m))
+    if not matches:
+      raise DataError(f'data.{field}: {pattern!r} matches no folder')
+    folders.extend(m for m in matches if m not in folders)
+  return folders
+
+
+def is_prepared(path: str) -> bool:
+  return os.path.isfile(os.path.join(os.path.expanduser(path), PREPARED_METADATA))
+
+
+def read_prepared(folder: str) -> dict:
+  """The metadata.json of a folder written by `python -m data.prepare`."""
+  path = os.path.join(os.path.expanduser(folder), PREPARED_METADATA)
+  if not os.path.isfile(path):
+    raise DataError(f'{folder}: no {PREPARED_METADATA}; not a folder written by '
+                    'python -m data.prepare, or that prepare did not finish '
+                    '(re-run it to resume)')
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)
+
+
+class TokenDocuments:
+  """Documents of one split of prepared folders, as int32 token arrays."""
+
+  def __init__(self, folders, split: str):
+    self.folders = list(folders)
+    self.metadata = [read_prepared(f) for f in self.folders]
+    first = self.metadata[0]
+    for folder, meta in zip(self.folders[1:], self.metadata[1:]):
+      if meta['tokenizer_fingerprint'] != first['tokenizer_fingerprint']:
+        raise DataError(f'{folder} was prepared with tokenizer {meta["tokenizer"]!r} '
+                        f'but {self.folders[0]} with {first["tokenizer"]!r}; '
+                        'folders read together need one vocabulary')
+    self.dtype = np.dtype(first['dtype']).newbyteorder('<')
+    self.paths = [os.path.join(os.path.expanduser(folder), shard['file'])
+                  for folder, meta in zip(self.folders, self.metadata)
+                  for shard in meta['splits'][split]['shards']]
+    self.num_documents = sum(m['splits'][split]['documents'] for m in self.metadata)
+    self._source = None
+
+  def __len__(self):
+    return self.num_documents
+
+  def __getitem__(self, index) -> np.ndarray:
+    if self._source is None:    # opened lazily: once per worker process
+      self._source = grain.sources.ArrayRecordDataSource(self.paths)
+    return np.frombuffer(self._source[index], self.dtype).astype(np.int32)
+
+  def __getstate__(self):
+    return dict(self.__dict__, _source=None)
 
 
 class BuiltinDocuments:
@@ -274,8 +346,17 @@ def documents(data_cfg, split: str, *, vocab_size: int, seq_len: int) -> grain.M
   field = f'{split}_files'
   if source == 'sft' and data_cfg[field].strip() == 'builtin':
     return grain.MapDataset.source(sft.BuiltinExamples(split, seq_len))
+  if source == 'tokens':
+    spec = data_cfg[field] if data_cfg[field].strip() else data_cfg.train_files
+    return grain.MapDataset.source(
+        TokenDocuments(expand_folders(spec, field if data_cfg[field].strip()
+                                      else 'train_files'), split))
   paths = expand_globs(data_cfg[field], field)
   skip = bool(data_cfg.get('skip_bad_lines', False))
+  if source == 'parquet':
+    from data import corpus  # pylint: disable=g-import-not-at-top
+    return grain.MapDataset.source(
+        corpus.ParquetDocuments(paths, data_cfg.text_field, skip_bad_lines=skip))
   if source == 'text':
     return grain.MapDataset.source(TextDocuments(paths))
   if source == 'jsonl':
@@ -291,4 +372,7 @@ def has_split(data_cfg, split: str) -> bool:
   """Whether `documents(data_cfg, split)` has data to read (eval is optional)."""
   if data_cfg.source in ('builtin', 'synthetic'):
     return True
+  if data_cfg.source == 'tokens' and split == 'eval' and not data_cfg.eval_files.strip():
+    folders = expand_folders(data_cfg.train_files, 'train_files')
+    return all(read_prepared(f)['splits']['eval']['documents'] > 0 for f in folders)
   return bool(data_cfg[f'{split}_files'].strip())

@@ -9,19 +9,24 @@
   unknown character, which is why it is the default.
 * `sentencepiece:PATH`: a local SentencePiece `.model` file (Kudo & Richardson,
   2018), read with the `sentencepiece` package. BOS/EOS are the model's own.
-* `hf:PATH/tokenizer.json`: a Hugging Face `tokenizers` file. BOS/EOS come from
-  a `tokenizer_config.json` or `special_tokens_map.json` beside it, else from
-  the usual special-token names found in the vocabulary.
+* `hf:PATH`: a Hugging Face `tokenizers` file, or a folder holding
+  `tokenizer.json` (what `python -m data.train_tokenizer` writes). BOS/EOS
+  come from a `tokenizer_config.json` or `special_tokens_map.json` beside it,
+  else from the usual special-token names found in the vocabulary.
 
 A tokenizer without an EOS token is refused (documents end with EOS); one
 without a BOS token (GPT-2, Qwen) starts each document with its EOS token, the
 way those models separate documents in training.
 
 Every tokenizer also has `encode_array(text) -> np.ndarray[int32]`, the fast
-path the data pipeline uses, and pickles by path so grain worker processes
-reload it rather than copying native objects.
+path the data pipeline uses, `encode_batch(texts)` (many at once, in the
+tokenizer's native threads where it has them), `fingerprint()` (a SHA-256 of
+the vocabulary and special ids: prepared token folders record it, and
+training refuses a folder made with another vocabulary), and pickles by path
+so grain worker processes reload it rather than copying native objects.
 """
 
+import hashlib
 import json
 import os
 
@@ -47,6 +52,13 @@ class BytesTokenizer:
   def encode_array(self, text: str) -> np.ndarray:
     return np.frombuffer(text.encode('utf-8'), np.uint8).astype(np.int32)
 
+  def encode_batch(self, texts) -> list[np.ndarray]:
+    return [self.encode_array(t) for t in texts]
+
+  def fingerprint(self) -> str:
+    return _digest({'kind': 'bytes', 'vocab_size': self.vocab_size,
+                    'bos_id': self.bos_id, 'eos_id': self.eos_id})
+
   def decode(self, ids) -> str:
     # Specials and ids past the byte range (a model's vocab is padded to 320)
     # have no text; dropping them lets samples print cleanly.
@@ -64,6 +76,11 @@ def _import(name: str, spec: str):
     raise TokenizerError(
         f'data.tokenizer={spec!r} needs the {name!r} package, which is not '
         f'installed: pip install {name}') from None
+
+
+def _digest(vocabulary) -> str:
+  text = json.dumps(vocabulary, sort_keys=True, ensure_ascii=False)
+  return 'sha256:' + hashlib.sha256(text.encode('utf-8')).hexdigest()
 
 
 def _check_file(path: str, spec: str) -> str:
@@ -96,6 +113,15 @@ class SentencePieceTokenizer:
   def encode_array(self, text: str) -> np.ndarray:
     return np.asarray(self._sp.encode(text, out_type=int), np.int32)
 
+  def encode_batch(self, texts) -> list[np.ndarray]:
+    return [np.asarray(ids, np.int32)
+            for ids in self._sp.encode(list(texts), out_type=int)]
+
+  def fingerprint(self) -> str:
+    pieces = [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
+    return _digest({'kind': 'sentencepiece', 'pieces': pieces,
+                    'bos_id': self.bos_id, 'eos_id': self.eos_id})
+
   def decode(self, ids) -> str:
     return self._sp.decode([int(i) for i in ids])
 
@@ -124,10 +150,13 @@ def _token_content(value):
 
 
 class HFTokenizer:
-  """A Hugging Face `tokenizer.json` read with the `tokenizers` package."""
+  """A Hugging Face `tokenizer.json` (or a folder holding one) read with the
+  `tokenizers` package."""
 
   def __init__(self, path: str):
     self.spec = f'hf:{path}'
+    if os.path.isdir(os.path.expanduser(path)):
+      path = os.path.join(path, 'tokenizer.json')
     self.path = _check_file(path, self.spec)
     tokenizers = _import('tokenizers', self.spec)
     try:
@@ -177,6 +206,20 @@ class HFTokenizer:
     return np.asarray(self._tok.encode(text, add_special_tokens=False).ids,
                       np.int32)
 
+  def encode_batch(self, texts) -> list[np.ndarray]:
+    encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
+    return [np.asarray(e.ids, np.int32) for e in encodings]
+
+  def fingerprint(self) -> str:
+    # The vocabulary and the merges decide the ids; normalizer and
+    # pre-tokenizer settings travel in the same JSON.
+    model = json.loads(self._tok.to_str())
+    return _digest({'kind': 'hf', 'model': model.get('model'),
+                    'added_tokens': model.get('added_tokens'),
+                    'normalizer': model.get('normalizer'),
+                    'pre_tokenizer': model.get('pre_tokenizer'),
+                    'bos_id': self.bos_id, 'eos_id': self.eos_id})
+
   def decode(self, ids) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
@@ -191,7 +234,8 @@ class HFTokenizer:
 
 
 def get_tokenizer(spec: str):
-  """`bytes`, `sentencepiece:PATH` or `hf:PATH/tokenizer.json` -> tokenizer."""
+  """`bytes`, `sentencepiece:PATH` or `hf:PATH` (a tokenizer.json or its
+  folder) -> tokenizer."""
   if spec == 'bytes':
     return BytesTokenizer()
   kind, sep, path = spec.partition(':')
@@ -200,4 +244,4 @@ def get_tokenizer(spec: str):
   if sep and path and kind == 'hf':
     return HFTokenizer(path)
   raise TokenizerError(f'data.tokenizer={spec!r}: must be bytes, '
-                       'sentencepiece:PATH or hf:PATH/tokenizer.json')
+                       'sentencepiece:PATH or hf:PATH (a tokenizer.json or its folder)')

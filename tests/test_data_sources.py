@@ -128,5 +128,5 @@ def test_synthetic_is_deterministic_and_in_vocab():
 
 
 def test_unknown_source_is_refused():
-  with pytest.raises(sources.DataError, match="data.source='parquet'"):
-    _docs(_data_cfg(source='parquet'))
+  with pytest.raises(sources.DataError, match="data.source='csv'"):
+    _docs(_data_cfg(source='csv'))

@@ -264,8 +264,8 @@ def _train(cfg, workdir: str, started) -> dict:
   train_iter = pipeline.make_iterator(cfg, 'train', *process)
   do_eval = t.eval_steps > 0 and pipeline.has_eval(cfg)
 
-  def eval_batches():
-    for batch in pipeline.make_iterator(cfg, 'eval', *process):
+  def eval_batches(source=None):
+    for batch in pipeline.make_iterator(cfg, 'eval', *process, source=source):
       yield global_batch(batch, batch_sharding)
 
   # --------------------------------------------------------------- State.
@@ -338,9 +338,9 @@ def _train(cfg, workdir: str, started) -> dict:
       writer.text(0, 'config', '```\n' + checkpoint_lib.config_json(cfg) + '\n```')
 
     def evaluate(at_step):
-      scalars = step_lib.eval_metrics(eval_step, state, eval_batches())
-      summary['eval'] = {'eval/loss': scalars['loss'],
-                         'eval/perplexity': scalars['perplexity']}
+      summary['eval'] = metrics_lib.eval_scalars(   # per source for a mixture
+          lambda source: step_lib.eval_metrics(eval_step, state, eval_batches(source)),
+          pipeline.eval_sources(cfg))
       writer.scalars(at_step, summary['eval'])
       console.eval_line(at_step, summary['eval'])
 
@@ -377,6 +377,8 @@ def _train(cfg, workdir: str, started) -> dict:
           clock['time'], clock['step'] = time.perf_counter(), s
         if s % t.log_every_steps == 0 or s == t.steps:
           scalars = metrics_lib.train_scalars(host, num_experts=cfg.model.num_experts)
+          scalars.update(metrics_lib.source_token_scalars(   # data.mixture only
+              pipeline.tokens_seen(train_iter, s), jax.process_count()))
           if spikes.threshold is not None:
             scalars['train/spikes'] = float(spikes.count)
           now = time.perf_counter()

@@ -5,7 +5,9 @@
   TensorFlow). Only process 0 writes. Tags follow the contract: `train/loss`,
   `train/learning_rate`, `train/grad_norm`, `train/tokens_per_second`,
   `train/mfu`, `eval/loss`, `eval/perplexity`, and for MoE models
-  `train/moe_aux_loss`, `train/moe_router_z_loss`, `train/moe_expert_load_max`.
+  `train/moe_aux_loss`, `train/moe_router_z_loss`, `train/moe_expert_load_max`;
+  with `data.mixture`, `data/tokens/<name>` (tokens seen per source) and
+  `eval/<name>/loss` per source (`eval/loss` is then their weighted mean).
 - `Console` prints one readable line every `log_every_steps` (with an ETA)
   and, on a terminal, a tqdm progress bar.
 - MFU, model FLOPs utilisation (PaLM, Chowdhery et al. 2022, appendix B):
@@ -213,3 +215,34 @@ class Console:
   def close(self) -> None:
     if self._bar is not None:
       self._bar.close()
+
+
+def source_token_scalars(tokens_seen: dict, process_count: int = 1) -> dict:
+  """`data/tokens/<name>`: input tokens seen per mixture source since step 0.
+
+  `tokens_seen` counts this process's rows; with several processes the
+  figure is scaled by their number (each holds an equal share of the rows).
+  """
+  return {f'data/tokens/{name}': float(n * process_count)
+          for name, n in tokens_seen.items()}
+
+
+def eval_scalars(run_eval, sources) -> dict:
+  """Eval scalars from `run_eval(source) -> {'loss': ...}` over `sources`,
+  `[(name, weight), ...]` (`data.pipeline.eval_sources`).
+
+  One unnamed source: `eval/loss`, `eval/perplexity`. A mixture:
+  `eval/<name>/loss` per source, and `eval/loss` their mean weighted by the
+  mixture weights (`eval/perplexity` its exp).
+  """
+  if [name for name, _ in sources] == [None]:
+    scalars = run_eval(None)
+    return {'eval/loss': scalars['loss'], 'eval/perplexity': scalars['perplexity']}
+  out, total = {}, 0.0
+  for name, weight in sources:
+    loss = run_eval(name)['loss']
+    out[f'eval/{name}/loss'] = loss
+    total += weight * loss
+  out['eval/loss'] = total / sum(w for _, w in sources)
+  out['eval/perplexity'] = math.exp(out['eval/loss'])
+  return out
