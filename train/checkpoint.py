@@ -155,7 +155,9 @@ def check_config(workdir: str, cfg) -> None:
         + '\n  '.join(shape) +
         '\nUse a new --workdir, or set these fields back to the saved values.')
   batch = saved.get('train', {}).get('global_batch_size', cfg.train.global_batch_size)
-  if batch != cfg.train.global_batch_size:
+  latest = os.path.join(workdir, 'checkpoints', str(saved_steps(workdir)[-1]))
+  # A checkpoint without a data position (`model.hf import`) fits any batch.
+  if batch != cfg.train.global_batch_size and os.path.isdir(os.path.join(latest, 'data')):
     raise configs.ConfigError(
         f'train.global_batch_size={cfg.train.global_batch_size}, but {workdir} '
         f'was trained with {batch}: the data position of its checkpoints cannot '
