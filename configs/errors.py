@@ -129,5 +129,5 @@ def run(main, *, absl_flags: bool = True, argv=None) -> None:
   except KeyboardInterrupt:
     if debug_enabled():
       traceback.print_exc()
-    _exit('interrupted (Ctrl-C) before the run started; nothing was saved',
+    _exit('interrupted (Ctrl-C)',
           EXIT_INTERRUPTED)

@@ -136,6 +136,10 @@ def cases(root: str, trained: str):
        'none of the checkpoints', 'corrupt'),
       ('workdir_locked', TRAIN + ['--workdir', locked, '--config.train.steps=4'],
        f'in use by another run (train, pid {os.getpid()}', 'locked'),
+      ('align_workdir_locked', [sys.executable, '-m', 'align', '--config',
+                                'configs/dpo.py:tiny', '--workdir', locked,
+                                f'--config.dpo.init_checkpoint={trained}'],
+       f'in use by another run (train, pid {os.getpid()}', 'locked'),
   ]
 
 

@@ -270,3 +270,22 @@ def test_evaluate_gives_the_runs_eval_loss(moe_run):
   assert earlier['loss'] == pytest.approx(got['eval/loss'][3], rel=1e-6)
   with pytest.raises(FileNotFoundError, match='no checkpoint 4 .* there are: 3, 6'):
     evaluate.evaluate(workdir, checkpoint=4)
+
+
+def test_skipped_checkpoint_reason_is_readable():
+  """Orbax's read errors end in a pybind11 bound-method repr; the warning gives
+  the chained tensorstore error instead."""
+  try:
+    try:
+      raise ValueError('OUT_OF_RANGE: Error reading "params.embed/0.0" in OCDBT '
+                       'database: Requested byte range [0, 7634) is not valid')
+    except ValueError as cause:
+      raise Exception(  # pylint: disable=broad-exception-raised
+          'Encountered error while reading array index: (slice(0, 64, 1),). See '
+          'full TensorStore details: <bound method pybind11_detail.spec of '
+          'TensorStore({\n  "driver": "zarr"\n})>') from cause
+  except Exception as e:  # pylint: disable=broad-except
+    reason = checkpoint_lib._reason(e)  # pylint: disable=protected-access
+  assert '<bound method' not in reason
+  assert reason.startswith('Exception: Encountered error while reading array index')
+  assert 'Error reading "params.embed/0.0"' in reason

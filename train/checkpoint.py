@@ -155,7 +155,9 @@ def check_config(workdir: str, cfg) -> None:
         + '\n  '.join(shape) +
         '\nUse a new --workdir, or set these fields back to the saved values.')
   batch = saved.get('train', {}).get('global_batch_size', cfg.train.global_batch_size)
-  if batch != cfg.train.global_batch_size:
+  latest = os.path.join(workdir, 'checkpoints', str(saved_steps(workdir)[-1]))
+  # A checkpoint without a data position (`model.hf import`) fits any batch.
+  if batch != cfg.train.global_batch_size and os.path.isdir(os.path.join(latest, 'data')):
     raise configs.ConfigError(
         f'train.global_batch_size={cfg.train.global_batch_size}, but {workdir} '
         f'was trained with {batch}: the data position of its checkpoints cannot '
@@ -182,15 +184,21 @@ def all_finite(tree) -> bool:
 
 
 def _reason(error: BaseException) -> str:
-  """A readable one-line reason of an orbax/tensorstore error (some carry a
-  bound method as their message)."""
-  for e in (error, error.__cause__, error.__context__):
+  """A readable one-line reason of an orbax/tensorstore error.
+
+  Orbax's read errors end in the repr of a bound pybind11 method ("See full
+  TensorStore details: <bound method ...>"); the cause it chains (tensorstore's
+  own error: which array, which file, what is wrong) is what a user can act on.
+  """
+  parts = []
+  for e in (error, error.__cause__):
     if e is None:
       continue
-    text = str(e).strip()
-    if text and not text.startswith('<bound method'):
-      return f'{type(e).__name__}: {text.splitlines()[0][:300]}'
-  return f'{type(error).__name__} (no message)'
+    text = str(e).split(' See full TensorStore details')[0].strip()
+    text = text.splitlines()[0][:300] if text else ''
+    if text and '<bound method' not in text and text not in parts:
+      parts.append(text)
+  return f'{type(error).__name__}: ' + (': '.join(parts) or 'no message')
 
 
 # ----------------------------------------------------------------------------

@@ -397,10 +397,15 @@ def _train(cfg, workdir: str, started) -> dict:
         logging.info('saving checkpoint %d', at_step)
 
     def roll_back(d: Diverged):
-      """Reloads the newest finite checkpoint before `d.step`; the data
-      iterator stays where it is, so the batches since then are skipped."""
+      """Reloads the newest finite checkpoint from before the update that made
+      the parameters step `d.step` used (so at most d.step - 2; else the newest
+      finite one before d.step): the step's loss is that of the parameters
+      before it, which may be finite but already broken. The data iterator
+      stays where it is, so the batches since that checkpoint are skipped."""
       nonlocal state, step, train_step, lr_scale
-      target = ckpt.newest_finite(abstract_state, before=d.step)
+      target = ckpt.newest_finite(abstract_state, before=d.step - 1)
+      if target is None:
+        target = ckpt.newest_finite(abstract_state, before=d.step)
       if target is None:
         raise FloatingPointError(
             f'{d.reason}; stopping: no finite checkpoint before step {d.step} in '
