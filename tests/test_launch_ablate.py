@@ -391,3 +391,41 @@ def test_fit_recovers_a_known_law(tmp_path, capsys):
   predicted = float(fit.law(result, 1e10, 2e11))
   assert f'predicted loss at N=1e+10, D=2e+11: {predicted:.4f}' in printed
   assert os.path.getsize(tmp_path / 'fit.png') > 10_000
+
+
+# ----------------------------------------------------------------------------
+# Length extrapolation: train.evaluate --lengths.
+
+
+def test_evaluate_lengths_equals_strided_evaluation(tmp_path, capsys):
+  os.environ['ABLAX_NO_BAR'] = '1'
+  from train import evaluate
+  from train import loop
+  run_dir = str(tmp_path / 'runs' / 'tiny')
+  loop.train_and_evaluate(configs.load(CONFIG, TINY + [
+      'train.steps=2', 'train.eval_every_steps=2', 'train.checkpoint_every_steps=2']), run_dir)
+  # Documents of 39 bytes: [BOS] + 39 + [EOS] = 41 tokens, max(L) + 1 for L = 40;
+  # a shorter one is left out.
+  rng = np.random.default_rng(0)
+  docs = tmp_path / 'docs'
+  os.makedirs(docs)
+  for i in range(3):
+    (docs / f'{i}.txt').write_text(''.join(rng.choice(list('abcdef ghij'), 39)))
+  (docs / 'short.txt').write_text('too short')
+  result = evaluate.evaluate_lengths(run_dir, ['40', '16', '8'], files=str(docs / '*.txt'))
+  assert [r['length'] for r in result['lengths']] == [8, 16, 40]
+  assert result['documents'] == 3 and result['tokens'] == 120
+  # At each length: the strided evaluation with stride = context = L on the
+  # same documents (the training length, 16, is today's evaluation).
+  for r in result['lengths'][1:]:
+    reference = evaluate.evaluate_strided(run_dir, context=r['length'], stride=r['length'],
+                                          files=','.join(str(docs / f'{i}.txt')
+                                                         for i in range(3)))
+    np.testing.assert_allclose(r['loss'], reference['loss'], rtol=1e-5)
+    np.testing.assert_allclose(r['perplexity'], math.exp(r['loss']), rtol=1e-6)
+  assert json.load(open(os.path.join(run_dir, 'eval_lengths.json'))) == result
+  rows = compare.compare(str(tmp_path / 'runs'), lengths=True)
+  printed = capsys.readouterr().out
+  assert rows[0]['loss@40'] == result['lengths'][2]['loss'] and 'loss@8' in printed
+  with pytest.raises(configs.ConfigError, match='--lengths'):
+    evaluate.evaluate_lengths(run_dir, ['x'])
