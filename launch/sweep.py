@@ -75,6 +75,7 @@ class Run:
   workdir: str
   arm: str = ''
   seed: int | None = None
+  info: dict = dataclasses.field(default_factory=dict)   # more for sweep.json
 
   def override_args(self) -> list[str]:
     return [f'{path}={format_value(value)}' for path, value in self.overrides.items()]
@@ -532,7 +533,7 @@ def write_sweep_json(workdir: str, config: str, base_overrides, runs: list[Run],
       'base_overrides': list(base_overrides),
       'arms': [{'name': name, 'overrides': overrides} for name, overrides in arms.items()],
       'runs': [{'name': r.name, 'arm': r.arm or r.name, 'seed': r.seed,
-                'overrides': {p: format_value(v) for p, v in r.overrides.items()}}
+                'overrides': {p: format_value(v) for p, v in r.overrides.items()}, **r.info}
                for r in runs],
       **extra,
   }
@@ -541,7 +542,7 @@ def write_sweep_json(workdir: str, config: str, base_overrides, runs: list[Run],
   os.replace(os.path.join(workdir, 'sweep.json.tmp'), os.path.join(workdir, 'sweep.json'))
 
 
-def _train_all(config, planned, base_overrides, *, in_process, out, stop, label='') -> dict:
+def train_all(config, planned, base_overrides, *, in_process, out, stop, label='') -> dict:
   results = {}
   for i, run in enumerate(planned):
     tag = f'[{label}{i + 1}/{len(planned)}] {run.name}'
@@ -664,6 +665,13 @@ def sweep(config: str, workdir: str, runs: list[dict], base_overrides=(), *,
     if not match_field:
       raise SweepError('--match needs --match_field (e.g. model.d_ff)')
     adjusted = match_arms(config, arms, base_overrides, match, match_field, match_multiple)
+    measure = MATCH[match]
+    target = measure(_load(config, arms[0][1], base_overrides))
+    for arm, overrides in arms:
+      value = measure(_load(config, {**overrides, **adjusted.get(arm, {})}, base_overrides))
+      field_value = adjusted.get(arm, {}).get(match_field, '(as configured)')
+      print(f'match {match}: {arm}: {match_field}={field_value}, {value:,.0f} '
+            f'({100 * (value / target - 1):+.2f}%)', file=out, flush=True)
     extra['match'] = {'kind': match, 'field': match_field, 'multiple': match_multiple}
   if budget_flops is not None:
     extra['budget_flops'] = budget_flops
@@ -689,7 +697,7 @@ def sweep(config: str, workdir: str, runs: list[dict], base_overrides=(), *,
     if grid:
       tune_runs = [r for rs in grid.values() for r in rs]
       write_sweep_json(workdir, config, base_overrides, planned, **extra)
-      results.update(_train_all(config, tune_runs, base_overrides, in_process=in_process,
+      results.update(train_all(config, tune_runs, base_overrides, in_process=in_process,
                                 out=out, stop=stop, label='tune '))
       if stop.signum is None:
         chosen, record = pick_tuned(grid, metric, out)
@@ -700,7 +708,7 @@ def sweep(config: str, workdir: str, runs: list[dict], base_overrides=(), *,
                        adjusted=adjusted, budget_flops=budget_flops)
     if stop.signum is None:
       write_sweep_json(workdir, config, base_overrides, planned, **extra)
-      results.update(_train_all(config, planned, base_overrides, in_process=in_process,
+      results.update(train_all(config, planned, base_overrides, in_process=in_process,
                                 out=out, stop=stop))
   if stop.signum is not None:
     results['_signal'] = stop.signum

@@ -4,6 +4,7 @@
     python -m train.evaluate --workdir /tmp/ablax_tiny --checkpoint 100 --eval_steps 20
     python -m train.evaluate --workdir /tmp/ablax_tiny --stride 64 [--context 128]
     python -m train.evaluate --workdir /tmp/ablax_tiny --stride 64 --files 'books/*.txt'
+    python -m train.evaluate --workdir /tmp/ablax_tiny --lengths 128,256,512
 
 Reads `DIR/config.json` (the model and the data it was trained with) and
 restores only the parameters of the newest checkpoint (or `--checkpoint STEP`).
@@ -27,6 +28,11 @@ training data; e.g. each file of the built-in eval split), or `--files GLOB`
 (comma-separated globs) read with the run's `data.source` when it is `text`,
 `jsonl` or `arrayrecord`, otherwise as JSONL for `*.jsonl` and plain text
 (one document per file) for anything else. `--max_documents N` stops early.
+
+Lengths (`--lengths L1,L2,...`): the strided loss with stride = context = L
+at each length, on the same documents (those at least max(L) + 1 tokens
+long, cut to that), written to `DIR/eval_lengths.json`: a model trained
+short, read long (`launch.compare --lengths` tables it per run).
 """
 
 import json
@@ -73,6 +79,9 @@ _FILES = flags.DEFINE_string(
     'evaluation, instead of the run\'s data.eval_files.')
 _MAX_DOCUMENTS = flags.DEFINE_integer(
     'max_documents', None, 'Strided evaluation: at most this many documents.')
+_LENGTHS = flags.DEFINE_list(
+    'lengths', None, 'L1,L2,...: loss at each context length on the same documents '
+    '(the first max(L) + 1 tokens of those that long); writes DIR/eval_lengths.json.')
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -359,13 +368,68 @@ def evaluate_strided(workdir: str, *, stride: int | None = None,
           'context': context, 'stride': stride}
 
 
+def evaluate_lengths(workdir: str, lengths: Sequence[int], *, files: str | None = None,
+                     split: str = 'eval', checkpoint: int | None = None,
+                     max_documents: int | None = None) -> dict:
+  """Loss and perplexity at each context length L on the same documents.
+
+  The documents are those with at least max(L) + 1 tokens, cut to that many;
+  at length L each is read as non-overlapping windows of L tokens (strided
+  evaluation with stride = context = L), so every length scores the same
+  targets. Writes and returns `DIR/eval_lengths.json`: {'step', 'documents',
+  'tokens', 'lengths': [{'length', 'loss', 'perplexity'}, ...]}.
+  """
+  try:
+    lengths = sorted({int(n) for n in lengths})
+  except ValueError:
+    lengths = []
+  if not lengths or lengths[0] < 1:
+    raise configs.ConfigError(f'--lengths={lengths}: give positive lengths, e.g. 128,256')
+  cfg = load_config(workdir)
+  if lengths[-1] > cfg.model.max_seq_len and cfg.model.position == 'learned':
+    raise configs.ConfigError(f'--lengths: {lengths[-1]} exceeds model.max_seq_len='
+                              f'{cfg.model.max_seq_len}, the learned position table')
+  longest = lengths[-1] + 1
+  documents = strided_documents(cfg, split, files)
+  if cfg.data.source == 'synthetic' and files is None and max_documents is None:
+    raise configs.ConfigError('data.source=synthetic has endless documents: give '
+                              '--max_documents N')
+  chosen = []
+  for i in range(len(documents)):
+    if max_documents is not None and len(chosen) >= max_documents:
+      break
+    doc = np.asarray(documents[i])
+    if len(doc) >= longest:
+      chosen.append(doc[:longest])
+  if not chosen:
+    raise sources.DataError(f'--lengths: no document has {longest} tokens; use shorter '
+                            'lengths or --files with longer documents')
+  mesh = _mesh(cfg)
+  graphdef, state, state_shardings, step = restore(workdir, cfg, mesh, checkpoint)
+  score = make_score_fn(graphdef, state, state_shardings, mesh)
+  result = {'step': step, 'documents': len(chosen), 'tokens': len(chosen) * lengths[-1],
+            'lengths': []}
+  for length in lengths:
+    total = sum(float(np.sum(nll, dtype=np.float64)) for _, nll in strided_token_nll(
+        score, chosen, context=length, stride=length, batch_size=cfg.train.global_batch_size))
+    loss = total / result['tokens']
+    result['lengths'].append({'length': length, 'loss': loss,
+                              'perplexity': float(np.exp(loss))})
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'eval_lengths.json'), 'w') as f:
+      json.dump(result, f, indent=2)
+  return result
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')
   strided = _STRIDE.value is not None or _CONTEXT.value is not None
-  if not strided and (_FILES.value or _MAX_DOCUMENTS.value):
+  if _LENGTHS.value and (strided or _EVAL_STEPS.value is not None):
+    raise app.UsageError('--lengths sets its own windows: drop --stride, --context, --eval_steps')
+  if not strided and not _LENGTHS.value and (_FILES.value or _MAX_DOCUMENTS.value):
     raise app.UsageError('--files and --max_documents need --stride (or --context)')
   if strided and _EVAL_STEPS.value is not None:
     raise app.UsageError('--eval_steps is for the packed evaluation, not --stride')
@@ -373,6 +437,15 @@ def main(argv):
   distributed.maybe_initialize()
   loop.configure_logging()
   try:
+    if _LENGTHS.value:
+      result = evaluate_lengths(_WORKDIR.value, _LENGTHS.value,
+                                files=_FILES.value, split=_SPLIT.value,
+                                checkpoint=_CHECKPOINT.value,
+                                max_documents=_MAX_DOCUMENTS.value)
+      for r in result['lengths'] if jax.process_index() == 0 else []:
+        print(f'{_WORKDIR.value} step {result["step"]}: length {r["length"]}: loss '
+              f'{r["loss"]:.4f} | perplexity {r["perplexity"]:.2f}')
+      return
     if strided:
       result = evaluate_strided(
           _WORKDIR.value, stride=_STRIDE.value, context=_CONTEXT.value,

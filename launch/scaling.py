@@ -1,0 +1,172 @@
+"""`python -m launch.scaling`: an isoFLOP ladder of runs for a scaling law.
+
+    python -m launch.scaling --config configs/llama.py:tiny --workdir /tmp/ladder \\
+        --budgets 3e10,1e11,3e11 --sizes 3 [--sweep model.position=rope,alibi] [--dry-run]
+    python -m launch.compare /tmp/ladder --scaling     # -> /tmp/ladder/scaling.csv
+    python -m launch.fit /tmp/ladder/scaling.csv
+
+For every compute budget C it plans `--sizes` models around the budget's
+expected optimum and sets each one's `train.steps` so that steps x tokens per
+step x `model.flops_per_token` is C (to the nearest step). The size rule:
+
+- the expected optimum is Chinchilla's 20 tokens per parameter, C = 6 N D with
+  D = 20 N, so N* = sqrt(C / 120) non-embedding parameters;
+- the sizes are N* x `--spread`^u for u evenly spaced in [-1/2, 1/2] (default
+  spread 16: from N*/4 to 4 N*);
+- each size is the shape of the config's family scaled in `d_model` and
+  `num_layers`: `d_model` a multiple m of head_dim x (num_heads /
+  num_kv_heads), up to 32 m (head_dim, the GQA grouping and d_ff / d_model
+  kept), 1 to 32 layers; among the shapes within 15% of the wanted N, the
+  one whose d_model / num_layers is nearest the config's (its aspect
+  ratio), else the shape nearest in N.
+
+Runs are named `C=<budget>,d_model=<d>,num_layers=<l>` (prefixed by the arm
+with `--sweep`, one ladder per arm) and trained one after another by the
+sweep machinery (`launch.sweep`: resume, skip, markers, signals).
+"""
+
+import math
+import os
+import sys
+
+import numpy as np
+
+import configs
+from launch import sweep as sweep_lib
+
+TOKENS_PER_PARAM = 20
+
+
+class ScalingError(sweep_lib.SweepError):
+  """A ladder that cannot be planned."""
+
+
+def shapes(cfg) -> list[dict]:
+  """The candidate shapes of the config's family (see the module docstring)."""
+  m = cfg.model
+  head_dim = m.head_dim or m.d_model // m.num_heads
+  group = m.num_heads // m.num_kv_heads
+  step = head_dim * group
+  ratio = m.d_ff / m.d_model
+  out = []
+  for layers in range(1, 33):
+    for width in range(step, 32 * step + 1, step):
+      heads = width // head_dim
+      out.append({'model.d_model': width, 'model.num_layers': layers,
+                  'model.num_heads': heads, 'model.num_kv_heads': heads // group,
+                  'model.d_ff': max(8, int(round(ratio * width / 8)) * 8)})
+  return out
+
+
+def _measure(cfg, shape: dict) -> float:
+  c = cfg.copy_and_resolve_references()
+  for path, value in shape.items():
+    configs.apply_override(c, f'{path}={value}')
+  return sweep_lib.non_embedding_params(c.model)
+
+
+def pick_sizes(cfg, budget: float, sizes: int, spread: float) -> list[dict]:
+  """`sizes` distinct shapes around N* = sqrt(C / 120), smallest first."""
+  aspect = cfg.model.d_model / cfg.model.num_layers
+  candidates = [(shape, _measure(cfg, shape)) for shape in shapes(cfg)]
+  optimum = math.sqrt(budget / (6 * TOKENS_PER_PARAM))
+  wanted = [optimum * spread ** u for u in np.linspace(-0.5, 0.5, sizes)] if sizes > 1 else [
+      optimum]
+  chosen = []
+  for n in wanted:
+    near = [(s, p) for s, p in candidates if abs(math.log(p / n)) <= math.log(1.15)]
+    if near:
+      shape = min(near, key=lambda sp: abs(math.log(
+          sp[0]['model.d_model'] / sp[0]['model.num_layers'] / aspect)))[0]
+    else:
+      shape = min(candidates, key=lambda sp: abs(math.log(sp[1] / n)))[0]
+    if shape not in chosen:
+      chosen.append(shape)
+  return chosen
+
+
+def plan(config: str, workdir: str, budgets, sizes: int, arms=(), base_overrides=(), *,
+         spread: float = 16.0) -> list[sweep_lib.Run]:
+  runs = []
+  for arm, overrides in sweep_lib.name_arms(list(arms) or [{}]):
+    cfg = sweep_lib._load(config, overrides, base_overrides, f'arm {arm!r}')  # pylint: disable=protected-access
+    for budget in budgets:
+      for shape in pick_sizes(cfg, budget, sizes, spread):
+        run_overrides = {**overrides, **shape}
+        shaped = sweep_lib._load(config, run_overrides, base_overrides)  # pylint: disable=protected-access
+        name = (f'C={budget:.3g},d_model={shape["model.d_model"]},'
+                f'num_layers={shape["model.num_layers"]}')
+        if arms:
+          name = f'{arm},{name}'
+        run_overrides['train.steps'] = sweep_lib.budget_steps(shaped, budget, name)
+        sweep_lib._load(config, run_overrides, base_overrides, f'run {name!r}')  # pylint: disable=protected-access
+        runs.append(sweep_lib.Run(name, run_overrides, os.path.join(workdir, name), name,
+                                  info={'budget': budget, 'ladder': arm if arms else ''}))
+  return runs
+
+
+def main(argv=None) -> int:
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(prog='python -m launch.scaling',
+                                   description=__doc__.split('\n\n')[0],
+                                   epilog='Base overrides: --config.PATH=VALUE (any number).')
+  parser.add_argument('--config', required=True, help='configs/NAME.py[:ARG]')
+  parser.add_argument('--workdir', required=True, help='one sub-folder per run')
+  parser.add_argument('--budgets', required=True, help='C1,C2,...: FLOPs per run')
+  parser.add_argument('--sizes', type=int, default=5, help='model sizes per budget')
+  parser.add_argument('--spread', type=float, default=16.0,
+                      help='largest / smallest size of a budget (default 16)')
+  parser.add_argument('--sweep', action='append', default=[],
+                      help='PATH=V1,V2,...: one ladder per arm')
+  parser.add_argument('--dry-run', '--dry_run', dest='dry_run', action='store_true',
+                      help='print the plan; train nothing')
+  parser.add_argument('--in_process', action='store_true',
+                      help='train in this process instead of a subprocess per run')
+  args, rest = parser.parse_known_args(argv)
+  base = []
+  for arg in rest:
+    if not arg.startswith('--config.') or '=' not in arg:
+      print(f'ablax: unrecognised argument {arg!r} (base overrides are '
+            '--config.PATH=VALUE)', file=sys.stderr)
+      return 2
+    base.append(arg[len('--config.'):])
+  try:
+    try:
+      budgets = [float(b) for b in args.budgets.split(',')]
+    except ValueError:
+      raise ScalingError(f'--budgets {args.budgets!r}: give FLOPs, e.g. 1e11,3e11') from None
+    if args.sizes < 1 or args.spread < 1:
+      raise ScalingError('--sizes must be >= 1 and --spread >= 1')
+    arms = sweep_lib.expand(args.sweep) if args.sweep else []
+    runs = plan(args.config, args.workdir, budgets, args.sizes, arms, base,
+                spread=args.spread)
+  except (sweep_lib.SweepError, configs.ConfigError) as e:
+    print(f'ablax: {e}', file=sys.stderr)
+    return 2
+  for run in runs:
+    cfg = sweep_lib.run_config(args.config, run, base)
+    flops = cfg.train.steps * sweep_lib.tokens_per_step(cfg) * sweep_lib.flops_per_token(cfg)
+    print(f'{run.name}: {sweep_lib.non_embedding_params(cfg.model):,} non-embedding '
+          f'parameters, {cfg.train.steps} steps, '
+          f'{cfg.train.steps * sweep_lib.tokens_per_step(cfg):,} tokens, {flops:.3g} FLOPs')
+  if args.dry_run:
+    return 0
+  sweep_lib.write_sweep_json(args.workdir, args.config, base, runs,
+                             scaling={'budgets': budgets, 'sizes': args.sizes,
+                                      'spread': args.spread})
+  with sweep_lib.Stop() as stop:
+    results = sweep_lib.train_all(args.config, runs, base, in_process=args.in_process,
+                                  out=sys.stdout, stop=stop)
+  if stop.signum is not None:
+    return 128 + stop.signum
+  failed = [name for name, r in results.items() if r == 'failed']
+  if failed:
+    print(f'ablax: {len(failed)} run(s) failed: {", ".join(failed)}', file=sys.stderr)
+    return 1
+  print(f'ladder finished: python -m launch.compare {args.workdir} --scaling && '
+        f'python -m launch.fit {os.path.join(args.workdir, "scaling.csv")}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
