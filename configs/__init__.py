@@ -24,7 +24,7 @@ CHOICES = {
     'model.param_dtype': ('float32', 'bfloat16', 'float16'),
     'train.lr_schedule': ('cosine', 'linear', 'constant', 'wsd'),
     'data.source': ('builtin', 'text', 'jsonl', 'arrayrecord', 'synthetic', 'sft'),
-    'dpo.loss': ('sigmoid', 'ipo', 'hinge'),
+    'dpo.loss': ('sigmoid', 'ipo', 'hinge', 'robust', 'rpo', 'simpo', 'orpo'),
 }
 ROPE_SCALING_TYPES = ('linear', 'ntk', 'yarn', 'llama3')
 
@@ -211,9 +211,19 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _check(cfg.dpo.beta > 0, f'dpo.beta={cfg.dpo.beta}: must be positive')
   _check(0 <= cfg.dpo.label_smoothing < 0.5,
          f'dpo.label_smoothing={cfg.dpo.label_smoothing}: must be in [0, 0.5)')
+  _check(cfg.dpo.label_smoothing == 0 or cfg.dpo.loss in ('sigmoid', 'robust', 'rpo'),
+         f'dpo.label_smoothing={cfg.dpo.label_smoothing} is used by dpo.loss sigmoid, '
+         f'robust and rpo only (dpo.loss={cfg.dpo.loss!r}); set it to 0')
+  for field in ('nll_weight', 'simpo_gamma'):
+    value = cfg.dpo.get(field, 0.0)
+    _check(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
+           f'dpo.{field}={value!r}: must be a number >= 0')
   precompute = cfg.dpo.get('precompute_reference', False)
   _check(isinstance(precompute, bool),
          f'dpo.precompute_reference={precompute!r}: must be True or False')
   _check(not (precompute and cfg.dpo.reference_free),
          'dpo.precompute_reference and dpo.reference_free are both set: a '
          'reference-free run has no reference log-probs to precompute')
+  _check(not (precompute and cfg.dpo.loss in ('simpo', 'orpo')),
+         f'dpo.precompute_reference is set but dpo.loss={cfg.dpo.loss!r} is '
+         'reference-free: there are no reference log-probs to precompute')

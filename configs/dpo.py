@@ -65,18 +65,9 @@ def get_config(arg=None):
     config.train[field] = value
   config.train.lr_schedule = 'cosine'
   config.train.weight_decay = 0.0
-  d = config.dpo
-  d.init_checkpoint = ''          # required: the pretraining workdir
-  d.beta = 0.1
-  d.loss = 'sigmoid'              # sigmoid | ipo | hinge
-  d.label_smoothing = 0.0
-  d.reference_free = False
-  d.precompute_reference = False  # True: reference log-probs once, before training
-  d.train_files = 'builtin'
-  d.eval_files = 'builtin'
-  d.max_prompt_len = 64
-  d.max_len = config.model.max_seq_len
-  d.skip_bad_lines = False        # True: skip malformed JSONL lines and log the count
+  # Every other `dpo.*` default is configs/base.py's (docs/dpo.md);
+  # `dpo.init_checkpoint` (the pretraining workdir) is required.
+  config.dpo.max_len = config.model.max_seq_len
   if workdir is not None:
     _from_workdir(config, workdir)
   return config
