@@ -110,11 +110,11 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
     _check(isinstance(m[field], int) and m[field] > 0,
            f'model.{field}={m[field]!r}: must be a positive integer')
   _check(m.num_heads % m.num_kv_heads == 0,
-         f'num_heads={m.num_heads}, num_kv_heads={m.num_kv_heads}: '
+         f'model.num_heads={m.num_heads}, model.num_kv_heads={m.num_kv_heads}: '
          'num_heads must be a multiple of num_kv_heads')
   if m.head_dim is None:
     _check(m.d_model % m.num_heads == 0,
-           f'd_model={m.d_model}, num_heads={m.num_heads}: d_model must be a '
+           f'model.d_model={m.d_model}, model.num_heads={m.num_heads}: d_model must be a '
            'multiple of num_heads when model.head_dim is None')
   else:
     _check(m.head_dim > 0, f'model.head_dim={m.head_dim}: must be positive')
@@ -200,8 +200,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     v = cfg.mesh[axis]
     _check(v == -1 or (isinstance(v, int) and v > 0),
            f'mesh.{axis}={v!r}: must be a positive integer or -1')
-  _check(sum(cfg.mesh[a] == -1 for a in ('data', 'fsdp', 'tensor', 'expert')) <= 1,
-         'at most one mesh axis may be -1')
+  free = [f'mesh.{a}=-1' for a in ('data', 'fsdp', 'tensor', 'expert') if cfg.mesh[a] == -1]
+  _check(len(free) <= 1, f'{", ".join(free)}: at most one mesh axis may be -1')
   _check(isinstance(t.get('init_checkpoint', ''), str),
          f'train.init_checkpoint={t.get("init_checkpoint")!r}: must be a path '
          '(a workdir or a checkpoints/STEP folder) or empty')
