@@ -164,6 +164,8 @@ def make_loss_fn(dpo_cfg):
   token counts are the row sums of `chosen_loss_mask` / `rejected_loss_mask`.
   """
   kind, beta = dpo_cfg.loss, float(dpo_cfg.beta)
+  # Without a reference the gap to it is only -logps_chosen: not logged.
+  no_reference = bool(dpo_cfg.get('reference_free', False)) or kind in REFERENCE_FREE_LOSSES
   options = dict(loss=kind, beta=beta,
                  label_smoothing=float(dpo_cfg.label_smoothing),
                  nll_weight=float(dpo_cfg.get('nll_weight', 1.0)),
@@ -181,6 +183,8 @@ def make_loss_fn(dpo_cfg):
     with jax.named_scope('dpo_loss'):
       losses, rew_c, rew_r = preference_loss(*sums, *counts, **options)
     metrics = pair_metrics(losses, rew_c, rew_r, *sums)
+    if no_reference:
+      del metrics['ref_gap_chosen']
     metrics['objective'] = metrics['loss']
     return metrics['loss'], metrics
 
