@@ -419,6 +419,12 @@ def test_compute_dtype_and_output_dtype():
   assert y16.dtype == jnp.float32 and aux16['moe_aux_loss'].dtype == jnp.float32
   # Same weights (same seed), bfloat16 compute: within bfloat16's precision.
   np.testing.assert_allclose(np.asarray(y16), np.asarray(y32), rtol=0.05, atol=0.05)
+  # Close, not equal: model.dtype was used, and the layer's program computes in bf16.
+  assert float(np.abs(np.asarray(y16) - np.asarray(y32)).max()) > 1e-6
+  graphdef, state = nnx.split(layer16)
+  assert 'bf16' in str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(x)[0])(state))
+  graphdef, state = nnx.split(layer32)
+  assert 'bf16' not in str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(x)[0])(state))
   yb, _ = _apply(layer16, x.astype(jnp.bfloat16))
   assert yb.dtype == jnp.bfloat16
 
