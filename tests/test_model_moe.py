@@ -339,15 +339,18 @@ def test_sort_by_expert_positions_follow_rank_order():
 
 # -- gradients, jit, dtypes ------------------------------------------------------
 
-def _dense_reference(layer, cfg, x):
+def _dense_reference(layer, cfg, x, keep=None):
   """Every expert on every token, masked by the top-k weights: a second, dense
-  implementation whose gradients the sparse layer must reproduce."""
+  implementation whose gradients the sparse layer must reproduce. `keep`
+  [n, k] (None: all) zeroes the dropped assignments' weights."""
   xf = x.reshape(-1, cfg.d_model)
   logits = xf @ layer.router[...]
   probs = jax.nn.softmax(logits, axis=-1)
   w, idx = lax.top_k(probs, cfg.experts_per_token)
   if cfg.moe_renormalize:
     w = w / w.sum(-1, keepdims=True)
+  if keep is not None:
+    w = w * keep
   gate = jnp.zeros_like(probs).at[jnp.arange(xf.shape[0])[:, None], idx].set(w)   # [n, E]
   act = jax.nn.silu                            # the config below is SwiGLU
   h = act(jnp.einsum('nd,edf->enf', xf, layer.w_gate[...])) * jnp.einsum(
@@ -388,6 +391,41 @@ def test_gradients_flow_under_jit_and_match_dense_reference(impl):
     assert np.all(np.isfinite(g)) and np.abs(g).max() > 0, name
     np.testing.assert_allclose(g, np.asarray(want_grads[name][...]), rtol=1e-4, atol=1e-5,
                                err_msg=name)
+  np.testing.assert_allclose(np.asarray(gx), np.asarray(gx_want), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('capacity_factor', [0.7, 1.0])
+def test_gradients_with_capacity_equal_the_dense_reference_with_the_same_keep_set(
+    capacity_factor):
+  cfg = _cfg(num_experts=4, experts_per_token=2, moe_capacity_factor=capacity_factor)
+  layer = _layer(cfg)
+  graphdef, params = nnx.split(layer, nnx.Param)
+  x = _inputs((2, 8, cfg.d_model), seed=5)
+  xf = np.asarray(x, np.float64).reshape(-1, cfg.d_model)
+  _, probs, experts, _ = _np_route(cfg, layer, xf)
+  _assert_clear_topk(probs, cfg.experts_per_token)
+  # The keep set of the NumPy dropping rule, fixed: near these inputs the
+  # routing, and so the drops, do not change, so the layer's gradient is the
+  # gradient of the dense layer with these assignments' weights zeroed.
+  keep = _np_keep(experts, cfg.num_experts, capacity_factor)
+  assert not keep.all()
+
+  @jax.jit
+  def sparse_loss(params, x):
+    y, aux = nnx.merge(graphdef, params)(x)
+    return _objective(y, aux['moe_aux_loss'], aux['moe_router_z_loss'])
+
+  @jax.jit
+  def dense_loss(params, x):
+    return _objective(*_dense_reference(nnx.merge(graphdef, params), cfg, x,
+                                        jnp.asarray(keep, jnp.float32)))
+
+  loss, (grads, gx) = jax.value_and_grad(sparse_loss, argnums=(0, 1))(params, x)
+  want_loss, (want_grads, gx_want) = jax.value_and_grad(dense_loss, argnums=(0, 1))(params, x)
+  np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5)
+  for name in ('router', 'w_gate', 'w_up', 'w_down'):
+    np.testing.assert_allclose(np.asarray(grads[name][...]), np.asarray(want_grads[name][...]),
+                               rtol=1e-4, atol=1e-5, err_msg=name)
   np.testing.assert_allclose(np.asarray(gx), np.asarray(gx_want), rtol=1e-4, atol=1e-5)
 
 
