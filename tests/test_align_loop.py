@@ -58,8 +58,10 @@ def _scalars(workdir):
 def test_dpo_end_to_end_resume_and_train_loads_the_policy(pretrained, tmp_path):
   init, pre_cfg = pretrained
   workdir = str(tmp_path / 'dpo')
+  # A constant schedule: stopping at step 2 of 3 changes nothing else.
+  constant = 'train.lr_schedule=constant'
   cfg = _dpo_cfg(init, 'train.steps=2', 'train.eval_every_steps=2',
-                 'train.checkpoint_every_steps=2')
+                 'train.checkpoint_every_steps=2', constant)
   first = loop.train_and_evaluate(cfg, workdir)
   assert first['step'] == 2 and sorted(first['losses']) == [1, 2]
   with open(os.path.join(workdir, 'reference.json')) as f:
@@ -67,9 +69,18 @@ def test_dpo_end_to_end_resume_and_train_loads_the_policy(pretrained, tmp_path):
 
   # Resume to step 3 from the checkpoint at step 2.
   cfg = _dpo_cfg(init, 'train.steps=3', 'train.eval_every_steps=3',
-                 'train.checkpoint_every_steps=3')
+                 'train.checkpoint_every_steps=3', constant)
   second = loop.train_and_evaluate(cfg, workdir)
   assert sorted(second['losses']) == [3]
+  # Bitwise the run that went straight to step 3 (without evals, which touch
+  # neither the state nor the training data).
+  straight = loop.train_and_evaluate(
+      _dpo_cfg(init, 'train.steps=3', 'train.eval_steps=0',
+               'train.checkpoint_every_steps=3', constant), str(tmp_path / 'straight'))
+  assert second['losses'][3] == straight['losses'][3]
+  a, b = (checkpoint_lib.restore_params(d, _abstract_params(init))[0]
+          for d in (workdir, str(tmp_path / 'straight')))
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
 
   scalars = _scalars(workdir)
   for prefix in ('dpo', 'dpo_eval'):
@@ -103,6 +114,15 @@ def test_dpo_end_to_end_resume_and_train_loads_the_policy(pretrained, tmp_path):
   moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
                        state['params'], ref_state['params'])
   assert max(jax.tree.leaves(moved)) > 0     # the policy did train
+
+
+def _abstract_params(init):
+  cfg = _dpo_cfg(init)
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  optimizer, _ = optim.make_optimizer(cfg.train)
+  _, _, abstract, _ = step_lib.train_state_spec(
+      lambda: model_lib.Decoder(cfg.model, rngs=nnx.Rngs(0)), optimizer, mesh, 0)
+  return abstract['params']
 
 
 def _check_mfu(scalars, cfg, *, reference_forward):
