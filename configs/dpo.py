@@ -15,6 +15,10 @@ At step 0 the loss is ln 2 = 0.693 and the rewards are 0. Observed on CPU
 200 (128 eval pairs), eval loss 0.532, chosen log-probs 5.3 nats (of about 64
 tokens) below the reference's.
 
+The loss is DPO's (`dpo.loss=sigmoid`); `--config.dpo.loss=` also takes `ipo`,
+`hinge`, `robust`, `rpo`, and the reference-free `simpo` (give it
+`--config.dpo.beta=2.0`) and `orpo` (docs/dpo.md: formulas, papers, figures).
+
 A workdir instead of a size takes that run's model and tokenizer from its
 `config.json` and makes it the init checkpoint: the way to DPO-train a model
 `python -m model.hf import` brought in (any model shape, no overrides):
