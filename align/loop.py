@@ -37,6 +37,7 @@ a NaN or inf stops the run naming the step, with no checkpoint written for it.
 import contextlib
 import json
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -88,8 +89,12 @@ def load_reference(cfg, step_dir: str, init_workdir: str, mesh, param_shardings,
 
 
 def reference_mode(dpo_cfg) -> str:
-  """`free` (log π_ref = 0), `precomputed`, or `step` (a forward pass per step)."""
-  if dpo_cfg.reference_free:
+  """`free` (log π_ref = 0), `precomputed`, or `step` (a forward pass per step).
+
+  `free` also for the reference-free losses (`simpo`, `orpo`): no reference is
+  loaded beyond starting the policy.
+  """
+  if dpo_cfg.reference_free or dpo_cfg.loss in losses.REFERENCE_FREE_LOSSES:
     return 'free'
   return 'precomputed' if dpo_cfg.get('precompute_reference', False) else 'step'
 
@@ -265,6 +270,9 @@ def _line(step: int, total: int, values: dict[str, float]) -> str:
       f'{k} {short[k]:.4g}' for k in ('loss', 'reward_accuracy', 'reward_margin',
                                       'logps_chosen', 'ref_gap_chosen', 'grad_norm')
       if k in short]
+  if 'tokens_per_second' in short:
+    parts.append(f'{short["tokens_per_second"]:,.0f} tok/s | '
+                 f'mfu {100 * short["mfu"]:.1f}%')
   return ' | '.join(parts)
 
 
@@ -391,6 +399,15 @@ def _train(cfg, workdir: str, started, closing) -> dict:
   # ------------------------------------------------------------- Metrics.
   writer = metrics_lib.SummaryWriter(workdir)
   console = metrics_lib.Console(t.steps, step)
+  # Throughput counts every position of the chosen and rejected rows; a step
+  # runs the policy forward and backward and, in the `step` mode, the
+  # reference forward (a third of a training pass) on each.
+  tokens_per_step = 2 * t.global_batch_size * cfg.dpo.max_len
+  flops_per_token = model_lib.flops_per_token(cfg.model, cfg.dpo.max_len)
+  if mode == 'step':
+    flops_per_token *= 4 / 3
+  peak = metrics_lib.peak_flops(mesh.devices.flat)
+  clock = {'time': None, 'step': step}
   if step == 0:
     writer.text(0, 'config', '```\n' + checkpoint_lib.config_json(cfg) + '\n```')
   summary = {'step': step, 'status': 'done', 'losses': {}, 'train': {}, 'eval': {}}
@@ -432,8 +449,18 @@ def _train(cfg, workdir: str, started, closing) -> dict:
                   f'{ckpt.directory}/{newest}' if newest is not None else
                   f'no finite checkpoint was saved in {ckpt.directory}'))
         summary['losses'][step] = float(host['loss'])
+        if clock['time'] is None:
+          # This process's first step includes compilation: time from its end.
+          clock['time'], clock['step'] = time.perf_counter(), step
         if step % t.log_every_steps == 0 or step == t.steps:
           summary['train'] = scalars('dpo', host)
+          now = time.perf_counter()
+          if step > clock['step']:
+            tokens_per_second = tokens_per_step * (step - clock['step']) / (now - clock['time'])
+            summary['train']['dpo/tokens_per_second'] = tokens_per_second
+            summary['train']['dpo/mfu'] = metrics_lib.mfu(tokens_per_second,
+                                                          flops_per_token, peak)
+            clock['time'], clock['step'] = now, step
           writer.scalars(step, summary['train'])
           console.print(_line(step, t.steps, summary['train']))
         if do_eval and (step % t.eval_every_steps == 0 or step == t.steps):

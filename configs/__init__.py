@@ -30,7 +30,7 @@ CHOICES = {
     'train.on_divergence': ('stop', 'rollback'),
     'data.source': ('builtin', 'text', 'jsonl', 'arrayrecord', 'synthetic', 'sft',
                     'tokens', 'parquet'),
-    'dpo.loss': ('sigmoid', 'ipo', 'hinge'),
+    'dpo.loss': ('sigmoid', 'ipo', 'hinge', 'robust', 'rpo', 'simpo', 'orpo'),
 }
 ROPE_SCALING_TYPES = ('linear', 'ntk', 'yarn', 'llama3')
 
@@ -166,11 +166,11 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
     _check(isinstance(m[field], int) and m[field] > 0,
            f'model.{field}={m[field]!r}: must be a positive integer')
   _check(m.num_heads % m.num_kv_heads == 0,
-         f'num_heads={m.num_heads}, num_kv_heads={m.num_kv_heads}: '
+         f'model.num_heads={m.num_heads}, model.num_kv_heads={m.num_kv_heads}: '
          'num_heads must be a multiple of num_kv_heads')
   if m.head_dim is None:
     _check(m.d_model % m.num_heads == 0,
-           f'd_model={m.d_model}, num_heads={m.num_heads}: d_model must be a '
+           f'model.d_model={m.d_model}, model.num_heads={m.num_heads}: d_model must be a '
            'multiple of num_heads when model.head_dim is None')
   else:
     _check(m.head_dim > 0, f'model.head_dim={m.head_dim}: must be positive')
@@ -256,8 +256,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     v = cfg.mesh[axis]
     _check(v == -1 or (isinstance(v, int) and v > 0),
            f'mesh.{axis}={v!r}: must be a positive integer or -1')
-  _check(sum(cfg.mesh[a] == -1 for a in ('data', 'fsdp', 'tensor', 'expert')) <= 1,
-         'at most one mesh axis may be -1')
+  free = [f'mesh.{a}=-1' for a in ('data', 'fsdp', 'tensor', 'expert') if cfg.mesh[a] == -1]
+  _check(len(free) <= 1, f'{", ".join(free)}: at most one mesh axis may be -1')
   _check(isinstance(t.get('init_checkpoint', ''), str),
          f'train.init_checkpoint={t.get("init_checkpoint")!r}: must be a path '
          '(a workdir or a checkpoints/STEP folder) or empty')
@@ -288,9 +288,19 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _check(cfg.dpo.beta > 0, f'dpo.beta={cfg.dpo.beta}: must be positive')
   _check(0 <= cfg.dpo.label_smoothing < 0.5,
          f'dpo.label_smoothing={cfg.dpo.label_smoothing}: must be in [0, 0.5)')
+  _check(cfg.dpo.label_smoothing == 0 or cfg.dpo.loss in ('sigmoid', 'robust', 'rpo'),
+         f'dpo.label_smoothing={cfg.dpo.label_smoothing} is used by dpo.loss sigmoid, '
+         f'robust and rpo only (dpo.loss={cfg.dpo.loss!r}); set it to 0')
+  for field in ('nll_weight', 'simpo_gamma'):
+    value = cfg.dpo.get(field, 0.0)
+    _check(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
+           f'dpo.{field}={value!r}: must be a number >= 0')
   precompute = cfg.dpo.get('precompute_reference', False)
   _check(isinstance(precompute, bool),
          f'dpo.precompute_reference={precompute!r}: must be True or False')
   _check(not (precompute and cfg.dpo.reference_free),
          'dpo.precompute_reference and dpo.reference_free are both set: a '
          'reference-free run has no reference log-probs to precompute')
+  _check(not (precompute and cfg.dpo.loss in ('simpo', 'orpo')),
+         f'dpo.precompute_reference is set but dpo.loss={cfg.dpo.loss!r} is '
+         'reference-free: there are no reference log-probs to precompute')

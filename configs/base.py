@@ -143,10 +143,15 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.data.mixture = ''
 
   c.dpo = ml_collections.ConfigDict()
-  c.dpo.init_checkpoint = ''
+  c.dpo.init_checkpoint = ''      # align: the pretraining workdir (required)
   c.dpo.beta = 0.1
-  c.dpo.loss = 'sigmoid'          # sigmoid | ipo | hinge
+  # sigmoid (DPO) | ipo | hinge | robust | rpo | simpo | orpo (docs/dpo.md);
+  # simpo and orpo are reference-free.
+  c.dpo.loss = 'sigmoid'
+  # ε: conservative DPO for sigmoid and rpo, the label-flip rate for robust.
   c.dpo.label_smoothing = 0.0
+  c.dpo.nll_weight = 1.0          # α of the chosen token-mean NLL in rpo and orpo
+  c.dpo.simpo_gamma = 0.5         # γ, the target reward margin of simpo
   c.dpo.reference_free = False
   # Score the pairs with the reference once before training (saved in
   # DIR/reference_logps.npz) instead of in every step: one model on the devices.
@@ -155,4 +160,5 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.dpo.eval_files = 'builtin'
   c.dpo.max_prompt_len = 64
   c.dpo.max_len = 128
+  c.dpo.skip_bad_lines = False    # True: skip malformed JSONL lines and log the count
   return c

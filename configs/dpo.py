@@ -15,6 +15,10 @@ At step 0 the loss is ln 2 = 0.693 and the rewards are 0. Observed on CPU
 200 (128 eval pairs), eval loss 0.532, chosen log-probs 5.3 nats (of about 64
 tokens) below the reference's.
 
+The loss is DPO's (`dpo.loss=sigmoid`); `--config.dpo.loss=` also takes `ipo`,
+`hinge`, `robust`, `rpo`, and the reference-free `simpo` (give it
+`--config.dpo.beta=2.0`) and `orpo` (docs/dpo.md: formulas, papers, figures).
+
 A workdir instead of a size takes that run's model and tokenizer from its
 `config.json` and makes it the init checkpoint: the way to DPO-train a model
 `python -m model.hf import` brought in (any model shape, no overrides):
@@ -65,18 +69,9 @@ def get_config(arg=None):
     config.train[field] = value
   config.train.lr_schedule = 'cosine'
   config.train.weight_decay = 0.0
-  d = config.dpo
-  d.init_checkpoint = ''          # required: the pretraining workdir
-  d.beta = 0.1
-  d.loss = 'sigmoid'              # sigmoid | ipo | hinge
-  d.label_smoothing = 0.0
-  d.reference_free = False
-  d.precompute_reference = False  # True: reference log-probs once, before training
-  d.train_files = 'builtin'
-  d.eval_files = 'builtin'
-  d.max_prompt_len = 64
-  d.max_len = config.model.max_seq_len
-  d.skip_bad_lines = False        # True: skip malformed JSONL lines and log the count
+  # Every other `dpo.*` default is configs/base.py's (docs/dpo.md);
+  # `dpo.init_checkpoint` (the pretraining workdir) is required.
+  config.dpo.max_len = config.model.max_seq_len
   if workdir is not None:
     _from_workdir(config, workdir)
   return config

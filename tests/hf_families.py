@@ -1,8 +1,12 @@
 """Tiny random transformers models of every family `model.hf` maps (tests only)."""
 
 import numpy as np
-import torch
-import transformers
+import pytest
+
+torch = pytest.importorskip(
+    'torch', reason='needs torch and transformers (the Hugging Face reference)')
+transformers = pytest.importorskip(
+    'transformers', reason='needs torch and transformers (the Hugging Face reference)')
 
 COMMON = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)

@@ -22,6 +22,7 @@ from flax import nnx
 from train import checkpoint as checkpoint_lib
 from train import loop as train_loop
 from train import mesh as mesh_lib
+from train import metrics as metrics_lib
 from train import optim
 from train import sharding
 from train import step as step_lib
@@ -57,8 +58,10 @@ def _scalars(workdir):
 def test_dpo_end_to_end_resume_and_train_loads_the_policy(pretrained, tmp_path):
   init, pre_cfg = pretrained
   workdir = str(tmp_path / 'dpo')
+  # A constant schedule: stopping at step 2 of 3 changes nothing else.
+  constant = 'train.lr_schedule=constant'
   cfg = _dpo_cfg(init, 'train.steps=2', 'train.eval_every_steps=2',
-                 'train.checkpoint_every_steps=2')
+                 'train.checkpoint_every_steps=2', constant)
   first = loop.train_and_evaluate(cfg, workdir)
   assert first['step'] == 2 and sorted(first['losses']) == [1, 2]
   with open(os.path.join(workdir, 'reference.json')) as f:
@@ -66,9 +69,18 @@ def test_dpo_end_to_end_resume_and_train_loads_the_policy(pretrained, tmp_path):
 
   # Resume to step 3 from the checkpoint at step 2.
   cfg = _dpo_cfg(init, 'train.steps=3', 'train.eval_every_steps=3',
-                 'train.checkpoint_every_steps=3')
+                 'train.checkpoint_every_steps=3', constant)
   second = loop.train_and_evaluate(cfg, workdir)
   assert sorted(second['losses']) == [3]
+  # Bitwise the run that went straight to step 3 (without evals, which touch
+  # neither the state nor the training data).
+  straight = loop.train_and_evaluate(
+      _dpo_cfg(init, 'train.steps=3', 'train.eval_steps=0',
+               'train.checkpoint_every_steps=3', constant), str(tmp_path / 'straight'))
+  assert second['losses'][3] == straight['losses'][3]
+  a, b = (checkpoint_lib.restore_params(d, _abstract_params(init))[0]
+          for d in (workdir, str(tmp_path / 'straight')))
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
 
   scalars = _scalars(workdir)
   for prefix in ('dpo', 'dpo_eval'):
@@ -82,6 +94,10 @@ def test_dpo_end_to_end_resume_and_train_loads_the_policy(pretrained, tmp_path):
   assert scalars['dpo_eval/rewards_rejected'][0] == 0
   assert scalars['dpo_eval/reward_accuracy'][0] == 0.5
   assert sorted(scalars['dpo_eval/loss']) == [0, 2, 3]
+  # Throughput from the end of step 1 (the compiling one) to step 2; MFU counts
+  # the policy's training FLOPs and the in-step reference's forward (a third).
+  assert sorted(scalars['dpo/tokens_per_second']) == [2]
+  _check_mfu(scalars, cfg, reference_forward=True)
 
   # The pretraining code restores the DPO checkpoint with its own state spec.
   mesh = mesh_lib.make_mesh(pre_cfg.mesh)
@@ -98,6 +114,57 @@ def test_dpo_end_to_end_resume_and_train_loads_the_policy(pretrained, tmp_path):
   moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
                        state['params'], ref_state['params'])
   assert max(jax.tree.leaves(moved)) > 0     # the policy did train
+
+
+def _abstract_params(init):
+  cfg = _dpo_cfg(init)
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  optimizer, _ = optim.make_optimizer(cfg.train)
+  _, _, abstract, _ = step_lib.train_state_spec(
+      lambda: model_lib.Decoder(cfg.model, rngs=nnx.Rngs(0)), optimizer, mesh, 0)
+  return abstract['params']
+
+
+def _check_mfu(scalars, cfg, *, reference_forward):
+  flops = model_lib.flops_per_token(cfg.model, cfg.dpo.max_len)
+  flops *= 4 / 3 if reference_forward else 1
+  peak = metrics_lib.peak_flops()      # the same cached CPU rate the loop used
+  for step, tps in scalars['dpo/tokens_per_second'].items():
+    assert tps > 0
+    assert scalars['dpo/mfu'][step] == pytest.approx(tps * flops / peak, rel=1e-6)
+
+
+@pytest.mark.parametrize('kind', ['orpo'])
+def test_reference_free_losses_hold_no_reference(pretrained, tmp_path, monkeypatch, kind):
+  init, _ = pretrained
+  passed, loaded = [], []
+  real_make_steps, real_load = loop.make_steps, loop.load_reference
+
+  def recording_make_steps(*args):
+    train_step, eval_step = real_make_steps(*args)
+    def train(state, reference, batch):
+      passed.append(len(jax.tree.leaves(reference)))
+      return train_step(state, reference, batch)
+    return train, eval_step
+
+  def recording_load(*args):
+    params, model_state = real_load(*args)
+    loaded.append(params)
+    return params, model_state
+
+  monkeypatch.setattr(loop, 'make_steps', recording_make_steps)
+  monkeypatch.setattr(loop, 'load_reference', recording_load)
+  workdir = str(tmp_path / kind)
+  cfg = _dpo_cfg(init, f'dpo.loss={kind}', 'train.steps=2', 'train.eval_steps=0',
+                 'train.checkpoint_every_steps=2')
+  summary = loop.train_and_evaluate(cfg, workdir)
+  # The init checkpoint only starts the policy, then leaves the devices.
+  assert passed == [0, 0] and len(loaded) == 1
+  assert all(x.is_deleted() for x in jax.tree.leaves(loaded[0]))
+  assert all(np.isfinite(v) for v in summary['losses'].values())
+  scalars = _scalars(workdir)
+  assert sorted(scalars['dpo/mfu']) == [2]
+  _check_mfu(scalars, cfg, reference_forward=False)
 
 
 def _run_steps(cfg, devices, batches):

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import jax.numpy as jnp
-import transformers
 from flax import nnx
 from safetensors.numpy import load_file
 
@@ -11,6 +10,9 @@ import configs
 import model as model_lib
 from model import hf
 from tests import hf_families
+
+transformers = pytest.importorskip(
+    'transformers', reason='needs transformers (the Hugging Face reference)')
 
 
 @pytest.mark.parametrize('family', ['llama', 'qwen2', 'gemma2', 'gpt2', 'qwen3_moe'])

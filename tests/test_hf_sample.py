@@ -2,11 +2,13 @@
 
 import numpy as np
 import pytest
-import torch
 
 from model import hf
 from train import sample
 from tests import hf_families
+
+torch = pytest.importorskip(
+    'torch', reason='needs torch and transformers (the Hugging Face reference)')
 
 
 @pytest.mark.parametrize('family', ['mistral', 'gemma2'])

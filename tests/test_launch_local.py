@@ -37,11 +37,11 @@ def scalars(workdir):
           for tag in ('train/loss', 'eval/loss')}
 
 
-def test_two_processes_match_one(tmp_path, capfd):
+def test_two_processes_match_one(tmp_path, capfd, monkeypatch):
   one = str(tmp_path / 'one')
   loop.train_and_evaluate(configs.load('configs/llama.py:tiny', OVERRIDES), one)
   two = str(tmp_path / 'two')
-  os.environ['ABLAX_NO_BAR'] = '1'
+  monkeypatch.setenv('ABLAX_NO_BAR', '1')
   capfd.readouterr()
   assert local.main(['--num_processes', '2', '--devices_per_process', '4', '--',
                      *ARGS, '--workdir', two]) == 0

@@ -44,9 +44,10 @@ def events(run_dir):
 
 @pytest.fixture(scope='module')
 def swept(tmp_path_factory):
-  os.environ['ABLAX_NO_BAR'] = '1'
   root = str(tmp_path_factory.mktemp('sweep'))
-  results = sweep.sweep(CONFIG, root, sweep.expand(AXES), BASE, in_process=True)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv('ABLAX_NO_BAR', '1')
+    results = sweep.sweep(CONFIG, root, sweep.expand(AXES), BASE, in_process=True)
   return root, results
 
 

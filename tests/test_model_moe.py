@@ -339,15 +339,18 @@ def test_sort_by_expert_positions_follow_rank_order():
 
 # -- gradients, jit, dtypes ------------------------------------------------------
 
-def _dense_reference(layer, cfg, x):
+def _dense_reference(layer, cfg, x, keep=None):
   """Every expert on every token, masked by the top-k weights: a second, dense
-  implementation whose gradients the sparse layer must reproduce."""
+  implementation whose gradients the sparse layer must reproduce. `keep`
+  [n, k] (None: all) zeroes the dropped assignments' weights."""
   xf = x.reshape(-1, cfg.d_model)
   logits = xf @ layer.router[...]
   probs = jax.nn.softmax(logits, axis=-1)
   w, idx = lax.top_k(probs, cfg.experts_per_token)
   if cfg.moe_renormalize:
     w = w / w.sum(-1, keepdims=True)
+  if keep is not None:
+    w = w * keep
   gate = jnp.zeros_like(probs).at[jnp.arange(xf.shape[0])[:, None], idx].set(w)   # [n, E]
   act = jax.nn.silu                            # the config below is SwiGLU
   h = act(jnp.einsum('nd,edf->enf', xf, layer.w_gate[...])) * jnp.einsum(
@@ -391,6 +394,41 @@ def test_gradients_flow_under_jit_and_match_dense_reference(impl):
   np.testing.assert_allclose(np.asarray(gx), np.asarray(gx_want), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize('capacity_factor', [0.7, 1.0])
+def test_gradients_with_capacity_equal_the_dense_reference_with_the_same_keep_set(
+    capacity_factor):
+  cfg = _cfg(num_experts=4, experts_per_token=2, moe_capacity_factor=capacity_factor)
+  layer = _layer(cfg)
+  graphdef, params = nnx.split(layer, nnx.Param)
+  x = _inputs((2, 8, cfg.d_model), seed=5)
+  xf = np.asarray(x, np.float64).reshape(-1, cfg.d_model)
+  _, probs, experts, _ = _np_route(cfg, layer, xf)
+  _assert_clear_topk(probs, cfg.experts_per_token)
+  # The keep set of the NumPy dropping rule, fixed: near these inputs the
+  # routing, and so the drops, do not change, so the layer's gradient is the
+  # gradient of the dense layer with these assignments' weights zeroed.
+  keep = _np_keep(experts, cfg.num_experts, capacity_factor)
+  assert not keep.all()
+
+  @jax.jit
+  def sparse_loss(params, x):
+    y, aux = nnx.merge(graphdef, params)(x)
+    return _objective(y, aux['moe_aux_loss'], aux['moe_router_z_loss'])
+
+  @jax.jit
+  def dense_loss(params, x):
+    return _objective(*_dense_reference(nnx.merge(graphdef, params), cfg, x,
+                                        jnp.asarray(keep, jnp.float32)))
+
+  loss, (grads, gx) = jax.value_and_grad(sparse_loss, argnums=(0, 1))(params, x)
+  want_loss, (want_grads, gx_want) = jax.value_and_grad(dense_loss, argnums=(0, 1))(params, x)
+  np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5)
+  for name in ('router', 'w_gate', 'w_up', 'w_down'):
+    np.testing.assert_allclose(np.asarray(grads[name][...]), np.asarray(want_grads[name][...]),
+                               rtol=1e-4, atol=1e-5, err_msg=name)
+  np.testing.assert_allclose(np.asarray(gx), np.asarray(gx_want), rtol=1e-4, atol=1e-5)
+
+
 def test_gradients_with_capacity_and_shared_experts_are_finite_and_nonzero():
   cfg = _cfg(num_experts=4, experts_per_token=2, moe_capacity_factor=1.0,
              num_shared_experts=1, use_bias=True)
@@ -419,6 +457,12 @@ def test_compute_dtype_and_output_dtype():
   assert y16.dtype == jnp.float32 and aux16['moe_aux_loss'].dtype == jnp.float32
   # Same weights (same seed), bfloat16 compute: within bfloat16's precision.
   np.testing.assert_allclose(np.asarray(y16), np.asarray(y32), rtol=0.05, atol=0.05)
+  # Close, not equal: model.dtype was used, and the layer's program computes in bf16.
+  assert float(np.abs(np.asarray(y16) - np.asarray(y32)).max()) > 1e-6
+  graphdef, state = nnx.split(layer16)
+  assert 'bf16' in str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(x)[0])(state))
+  graphdef, state = nnx.split(layer32)
+  assert 'bf16' not in str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(x)[0])(state))
   yb, _ = _apply(layer16, x.astype(jnp.bfloat16))
   assert yb.dtype == jnp.bfloat16
 

@@ -4,6 +4,7 @@ server, checkpoints that cannot be loaded, a refused config, NaN stops."""
 import glob
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -20,10 +21,12 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 import configs
+import model as model_lib
 from data import pipeline
 from train import checkpoint as checkpoint_lib
 from train import loop
 from train import mesh as mesh_lib
+from train import metrics as metrics_lib
 from train import optim
 from train import step as step_lib
 
@@ -76,11 +79,27 @@ def test_event_files_hold_every_contract_tag(moe_run):
   assert got['eval/loss'][6] < got['eval/loss'][0]
   # 1.0 is a perfectly balanced router; 8 experts is the most it can be.
   assert all(1.0 <= v <= 8.0 for v in got['train/moe_expert_load_max'].values())
-  assert all(0.0 < v < 10.0 for v in got['train/mfu'].values())
+  # MFU is tokens/s x the model's training FLOPs per token over the peak (the
+  # CPU rate the loop measured, cached for this process).
+  cfg = configs.load('configs/mixtral.py:tiny', MOE_RUN)
+  flops = model_lib.flops_per_token(cfg.model, cfg.train.seq_len)
+  assert sorted(got['train/mfu']) == sorted(got['train/tokens_per_second']) == [2, 4, 6]
+  for step, tps in got['train/tokens_per_second'].items():
+    assert tps > 0
+    assert got['train/mfu'][step] == pytest.approx(
+        tps * flops / metrics_lib.peak_flops(), rel=1e-6)
   # The learning rate is the schedule's at that step.
   schedule = optim.make_schedule(configs.load('configs/mixtral.py:tiny', MOE_RUN).train)
   for step, lr in got['train/learning_rate'].items():
     assert lr == pytest.approx(float(schedule(step - 1)), rel=1e-6)
+
+
+def test_mfu_is_achieved_model_flops_over_the_peak():
+  # 2,000 tokens/s of a model spending 3e9 FLOPs per token is 6e12 FLOP/s:
+  # 60 % of a 1e13 FLOP/s peak, 0.6 % of a 1 PFLOP/s one.
+  assert metrics_lib.mfu(2000.0, 3e9, 1e13) == pytest.approx(0.6, rel=1e-12)
+  assert metrics_lib.mfu(2000.0, 3e9, 1e15) == pytest.approx(0.006, rel=1e-12)
+  assert metrics_lib.mfu(2000.0, 3e9, math.inf) == 0.0     # unknown device
 
 
 def free_port():

@@ -80,7 +80,8 @@ def numpy_adamw(params, grads_per_step, cfg, schedule):
   v = {k: np.zeros_like(x) for k, x in p.items()}
   for t, grads in enumerate(grads_per_step, start=1):
     norm = np.sqrt(sum(np.sum(np.square(g)) for g in grads.values()))
-    factor = min(1.0, cfg.grad_clip_norm / norm)
+    # grad_clip_norm = 0 switches clipping off.
+    factor = min(1.0, cfg.grad_clip_norm / norm) if cfg.grad_clip_norm else 1.0
     lr = schedule(t)
     for k in p:
       g = grads[k] * factor
@@ -93,9 +94,11 @@ def numpy_adamw(params, grads_per_step, cfg, schedule):
   return p
 
 
-def test_train_step_is_adamw_with_clipping_and_masked_decay():
+@pytest.mark.parametrize('clip', [1.0, 0.0])
+def test_train_step_is_adamw_with_clipping_and_masked_decay(clip):
   """Three steps of the real train step, with a loss whose gradient is given."""
-  cfg = train_cfg(steps=3, warmup_steps=1, lr_schedule='linear', weight_decay=0.5)
+  cfg = train_cfg(steps=3, warmup_steps=1, lr_schedule='linear', weight_decay=0.5,
+                  grad_clip_norm=clip)
   optimizer, schedule = optim.make_optimizer(cfg)
   mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=1)), jax.devices()[:1])
   graphdef, state, shardings = step_lib.create_train_state(

@@ -60,8 +60,11 @@ def test_lm_loss_is_token_mean_cross_entropy_plus_weighted_extras():
                              [0.5, 0.25, 0.25], rtol=1e-6)
 
 
-def one_step(cfg, mesh, batch, accum, state0):
-  """One train step with SGD(lr=1): the parameter change is minus the gradient."""
+def one_step(cfg, mesh, batch, accum, state0, programs=None):
+  """One train step with SGD(lr=1): the parameter change is minus the gradient.
+
+  Appends the step's lowered StableHLO text to `programs` if given.
+  """
   optimizer = optax.sgd(1.0)
   graphdef, init, _, shardings = step_lib.train_state_spec(
       lambda: model.Decoder(cfg.model, rngs=nnx.Rngs(0)), optimizer, mesh, seed=0)
@@ -73,6 +76,8 @@ def one_step(cfg, mesh, batch, accum, state0):
                                         graphdef=graphdef, state_shardings=shardings,
                                         mesh=mesh, grad_accum_steps=accum)
   batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}
+  if programs is not None:
+    programs.append(train_step.lower(state, batch).as_text())
   state, metrics = train_step(state, batch)
   grads = jax.tree.map(lambda a, b: a - b, before, jax.device_get(state['params']))
   return jax.device_get(metrics), grads, state0
@@ -111,9 +116,16 @@ def test_bfloat16_compute_stays_close_to_float32():
   batch = next(it)
   it.close()
   mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=1)), jax.devices()[:1])
-  m32, g32, state0 = one_step(cfg32, mesh, batch, 1, None)
-  m16, g16, _ = one_step(cfg16, mesh, batch, 1, state0)
+  programs = []
+  m32, g32, state0 = one_step(cfg32, mesh, batch, 1, None, programs)
+  m16, g16, _ = one_step(cfg16, mesh, batch, 1, state0, programs)
   assert m16['loss'] == pytest.approx(m32['loss'], rel=1e-2)
   assert m16['grad_norm'] == pytest.approx(m32['grad_norm'], rel=5e-2)
+  # Close but not equal (the same state and batch): model.dtype reached the
+  # step, whose program computes in bf16 where the float32 one has none.
+  assert m16['loss'] != m32['loss']
+  assert max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(g16),
+                                                        jax.tree.leaves(g32))) > 0
+  assert 'bf16' not in programs[0] and 'bf16' in programs[1]
   # Parameters (and so their gradients) stay float32 under bfloat16 compute.
   assert {x.dtype for x in jax.tree.leaves(g16)} == {np.dtype(np.float32)}

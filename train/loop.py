@@ -187,9 +187,6 @@ def configure_logging() -> None:
     std_logging.getLogger(name).addFilter(_OwnInfoOnly())
 
 
-_Preemption = Preemption       # the name align/loop.py first used
-
-
 def global_batch(batch: dict, batch_sharding) -> dict:
   """This process's rows -> global arrays split over the batch mesh axes."""
   if jax.process_count() == 1:
@@ -332,7 +329,7 @@ def _train(cfg, workdir: str, started) -> dict:
     writer = metrics_lib.SummaryWriter(workdir)
     console = metrics_lib.Console(t.steps, step)
     tokens_per_step = t.global_batch_size * t.seq_len
-    flops_per_step = model_lib.flops_per_token(cfg.model, t.seq_len) * tokens_per_step
+    flops_per_token = model_lib.flops_per_token(cfg.model, t.seq_len)
     peak = metrics_lib.peak_flops(mesh.devices.flat)
     if step == 0:
       writer.text(0, 'config', '```\n' + checkpoint_lib.config_json(cfg) + '\n```')
@@ -385,7 +382,7 @@ def _train(cfg, workdir: str, started) -> dict:
           if s > clock['step']:
             tokens_per_second = tokens_per_step * (s - clock['step']) / (now - clock['time'])
             scalars['train/tokens_per_second'] = tokens_per_second
-            scalars['train/mfu'] = tokens_per_second / tokens_per_step * flops_per_step / peak
+            scalars['train/mfu'] = metrics_lib.mfu(tokens_per_second, flops_per_token, peak)
             clock['time'], clock['step'] = now, s
           summary['train'] = scalars
           writer.scalars(s, scalars)

@@ -89,6 +89,17 @@ def peak_flops(devices=None) -> float:
   return per_device * len(devices)
 
 
+def mfu(tokens_per_second: float, flops_per_token: float, peak: float) -> float:
+  """Model FLOPs utilisation: achieved model FLOP/s over the devices' `peak`.
+
+  `flops_per_token` counts the model FLOPs a step spends per token it reads
+  (`model.flops_per_token` for training: forward + backward), so
+  tokens/s x FLOPs/token is the achieved rate, whatever the recomputation
+  (remat) or padding actually costs.
+  """
+  return tokens_per_second * flops_per_token / peak
+
+
 class SummaryWriter:
   """Scalars into TensorBoard event files; a no-op on processes other than 0."""
 
