@@ -43,6 +43,7 @@ from train import metrics as metrics_lib
 from train import optim
 from train import sharding
 from train import step as step_lib
+from train import tasks as tasks_lib
 
 
 class Preemption:
@@ -166,6 +167,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
       mesh=mesh, grad_accum_steps=t.grad_accum_steps, schedule=schedule)
   eval_step = step_lib.make_eval_step(
       loss_fn, graphdef=graphdef, state_shardings=state_shardings, mesh=mesh)
+  eval_extra = tasks_lib.loop_hook(cfg, graphdef, state_shardings, mesh)
 
   # ---------------------------------------------------------- Checkpoint.
   ckpt = checkpoint_lib.Checkpointer(workdir, every_steps=t.checkpoint_every_steps,
@@ -214,6 +216,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     scalars = step_lib.eval_metrics(eval_step, state, eval_batches())
     summary['eval'] = {'eval/loss': scalars['loss'],
                        'eval/perplexity': scalars['perplexity']}
+    summary['eval'].update(eval_extra(state, scalars))   # bits/byte, eval.tasks
     writer.scalars(at_step, summary['eval'])
     console.eval_line(at_step, summary['eval'])
 

@@ -1,0 +1,525 @@
+"""Evaluation tasks: multiple choice by log-likelihood, exact match by greedy decoding.
+
+    python -m train.evaluate --workdir DIR --tasks next_line,passkey@512,hs:/data/hs.jsonl
+    python -m train.tasks convert hellaswag hellaswag_val.jsonl hs.jsonl
+    python -m train --config configs/llama.py:tiny --workdir DIR --config.eval.tasks=next_line
+
+A task file is JSONL, one example per line:
+- `{"context": str, "choices": [str, ...], "label": int}` (optionally `"id"`):
+  each choice is scored as the sum of the log-probabilities of its tokens
+  after the context (the tokens of context + choice, the choice's scored; the
+  context is cut from the left to fit the row), the way lm-evaluation-harness
+  ranks choices. A trailing space of the context moves to the choice, and
+  the choice's tokens are those of the whole text past the context's own
+  tokens, so a BPE merge across the boundary is scored as the model saw it.
+- `{"contexts": [str, ...], "continuation": str, "label": int}`: partial
+  scoring (Winogrande): the context varies, the continuation is fixed and
+  scored after each.
+- one choice per example (every example): an exact-match task, e.g. LAMBADA's
+  last word: the fraction of examples whose greedy continuation is the
+  choice. The model's argmax at each choice token, fed the true previous
+  ones, is what greedy decoding would produce, so one teacher-forced forward
+  gives the greedy match exactly (`tests/test_tasks.py` checks it against
+  `train.sample.generate`).
+
+Multiple-choice metrics: `accuracy` (argmax of the summed log-probabilities),
+`accuracy_norm` (argmax of the sum divided by the choice's UTF-8 bytes, the
+tokenizer-independent length normalisation), and `centered_accuracy` =
+(accuracy - chance) / (1 - chance) with chance the mean of 1 / #choices (0 at
+chance, 1 when perfect; nanochat's CORE centring). Exact-match tasks report
+`exact_match`. `eval/core` is the mean over tasks of `centered_accuracy`
+(`exact_match` for exact-match tasks, whose chance is 0).
+
+Built-in tasks, made deterministically from the eval split of the built-in
+corpus (the stdlib files `data.builtin` holds out), so they need no download
+and never overlap the training files:
+- `next_line`: a passage of a file and four candidate next lines: the true
+  one and three non-blank lines of three other files;
+- `passkey@N`: a five-digit number hidden at a random depth of about N
+  tokens of corpus text ("The pass key is 48213. Remember it. 48213 is the
+  pass key."), then "What is the pass key? The pass key is": exact match of
+  the number (Mohtashami & Jaggi 2023, "Landmark Attention"); separates
+  position schemes and windows at long context;
+- `copy@N`: a random 12-character string shown once early in about N tokens
+  of text, asked for again by its first 4 characters: exact match of the
+  other 8 (induction: only copying can predict a random string).
+`passkey` and `copy` without `@N` use `train.seq_len`.
+
+Scoring (`Scorer`): every (example, choice) is a row of fixed length
+(the task's longest row, rounded up to 16, at most `train.seq_len` for
+multiple choice); rows go through one jitted forward at a time, a fixed number
+of rows per call split over the mesh's batch axes, so a task compiles once.
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import string
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+import configs
+from data import builtin
+from data import pipeline
+from data import sources
+from data import tokenizers
+from train import sharding
+
+
+@dataclasses.dataclass
+class Example:
+  contexts: list[str]       # one per choice (a shared context is repeated)
+  choices: list[str]
+  label: int
+
+
+@dataclasses.dataclass
+class Task:
+  name: str
+  examples: list[Example]
+  max_len: int              # row length cap (tokens of input)
+
+  @property
+  def exact_match(self) -> bool:
+    return all(len(e.choices) == 1 for e in self.examples)
+
+
+# ----------------------------------------------------------------------------
+# Task files.
+
+
+def parse_example(obj, where: str) -> Example:
+  """One JSON object of a task file -> Example; DataError naming `where`."""
+  def bad(why):
+    raise sources.DataError(f'{where}: {why}')
+  if not isinstance(obj, dict):
+    bad('not a JSON object')
+  label = obj.get('label', 0)
+  if 'contexts' in obj:
+    contexts, cont = obj['contexts'], obj.get('continuation')
+    if not (isinstance(contexts, list) and contexts and all(isinstance(c, str) for c in contexts)
+            and isinstance(cont, str)):
+      bad('"contexts" must be a list of strings and "continuation" a string')
+    choices = [cont] * len(contexts)
+  else:
+    context, choices = obj.get('context'), obj.get('choices')
+    if not (isinstance(context, str) and isinstance(choices, list) and choices
+            and all(isinstance(c, str) for c in choices)):
+      bad('needs "context" (a string) and "choices" (a list of strings), or '
+          '"contexts" and "continuation"')
+    contexts = [context] * len(choices)
+  if not (isinstance(label, int) and 0 <= label < len(choices)):
+    bad(f'"label"={label!r} must be an index into the {len(choices)} choices')
+  if not all(choices):
+    bad('a choice (or the continuation) is empty')
+  return Example(contexts, choices, label)
+
+
+def read_task_file(path: str, limit: int = 0) -> list[Example]:
+  """The first `limit` (0: all) examples of a JSONL task file."""
+  if not os.path.isfile(path):
+    raise sources.DataError(f'task file {path!r} not found')
+  examples = []
+  with open(path, encoding='utf-8') as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise sources.DataError(f'{path}:{n}: not JSON ({e.msg})') from None
+      examples.append(parse_example(obj, f'{path}:{n}'))
+      if limit and len(examples) == limit:
+        break
+  if not examples:
+    raise sources.DataError(f'task file {path!r} holds no examples')
+  if len({len(e.choices) == 1 for e in examples}) > 1:
+    raise sources.DataError(f'{path}: some examples have one choice and others '
+                            'several; an exact-match task has one choice in every line')
+  return examples
+
+
+# ----------------------------------------------------------------------------
+# Built-in tasks.
+
+
+def _hash(*parts) -> int:
+  text = '\0'.join(str(p) for p in parts)
+  return int.from_bytes(hashlib.sha256(text.encode('utf-8')).digest()[:8], 'big')
+
+
+def _eval_texts() -> list[str]:
+  return [builtin.read_file(p) for p in builtin.split_files('eval')]
+
+
+def _is_content_line(line: str) -> bool:
+  return len(line.strip()) >= 8
+
+
+def next_line_examples(limit: int, context_chars: int = 2048) -> list[Example]:
+  """Example k: a line of eval file k mod F after up to `context_chars` of
+  its file, against three lines of three other files (all hash-picked)."""
+  files = [t.split('\n') for t in _eval_texts()]
+  valid = [[i for i in range(1, len(lines)) if _is_content_line(lines[i])]
+           for lines in files]
+  usable = [f for f in range(len(files)) if len(valid[f]) >= 2]
+  examples = []
+  for k in range(limit):
+    f = usable[k % len(usable)]
+    lines = files[f]
+    i = valid[f][_hash('line', k) % len(valid[f])]
+    context = '\n'.join(lines[:i]) + '\n'
+    if len(context) > context_chars:
+      cut = context.find('\n', len(context) - context_chars)
+      context = context[cut + 1:]
+    true = lines[i].rstrip()
+    others = [u for u in usable if u != f]
+    wrong = []
+    for j in range(len(others)):
+      o = others[(_hash('other', k) + j * 7919) % len(others)]
+      line = files[o][valid[o][_hash('distractor', k, o) % len(valid[o])]].rstrip()
+      if line != true and line not in wrong:
+        wrong.append(line)
+      if len(wrong) == 3:
+        break
+    label = _hash('label', k) % 4
+    choices = wrong[:label] + [true] + wrong[label:]
+    examples.append(Example([context] * 4, choices, label))
+  return examples
+
+
+def _filler(tokenizer, text: str, start: int, budget: int) -> str:
+  """About `budget` tokens of `text` from the line start at or after `start`."""
+  start = text.find('\n', start) + 1
+  ids = tokenizer.encode(text[start:start + 8 * budget + 64])[:budget]
+  return tokenizer.decode(ids)
+
+
+def _hide(filler: str, needle: str, depth: float) -> str:
+  """`needle` (a line) put at the line start nearest `depth` of `filler`."""
+  at = filler.rfind('\n', 0, int(depth * len(filler))) + 1
+  return filler[:at] + needle + filler[at:]
+
+
+def _needle_examples(tokenizer, kind: str, length: int, limit: int) -> list[Example]:
+  corpus = '\n'.join(_eval_texts())
+  examples = []
+  for k in range(limit):
+    rng = random.Random(_hash(kind, length, k))
+    if kind == 'passkey':
+      key = str(rng.randint(10000, 99999))
+      needle = f'The pass key is {key}. Remember it. {key} is the pass key.\n'
+      question, answer = '\nWhat is the pass key? The pass key is', ' ' + key
+    else:
+      key = ''.join(rng.choice(string.ascii_lowercase + string.digits) for _ in range(12))
+      needle = f'copy this: {key}\n'
+      question, answer = f'\ncopy this: {key[:4]}', key[4:]
+    budget = length - 1 - len(tokenizer.encode(needle)) - len(tokenizer.encode(question))
+    if budget < 8:
+      raise configs.ConfigError(f'{kind}@{length}: too short for the question; use N >= 64')
+    filler = _filler(tokenizer, corpus, rng.randrange(len(corpus) - 16 * length), budget)
+    examples.append(Example([_hide(filler, needle, rng.random()) + question],
+                            [answer], 0))
+  return examples
+
+
+def build_tasks(spec, limit: int, tokenizer, seq_len: int) -> list[Task]:
+  """`eval.tasks` (a string or list) -> Tasks, reading files and the corpus."""
+  tasks = []
+  for name, length, path in configs.eval_task_specs(spec):
+    base = name.partition('@')[0]
+    n = limit or 1000
+    if path is not None:
+      tasks.append(Task(name, read_task_file(os.path.expanduser(path), limit), seq_len))
+    elif base == 'next_line':
+      tasks.append(Task(name, next_line_examples(n), seq_len))
+    else:
+      length = length or seq_len
+      tasks.append(Task(name, _needle_examples(tokenizer, base, length, limit or 100),
+                        length + 64))
+  return tasks
+
+
+# ----------------------------------------------------------------------------
+# Rows.
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+  """(BOS + context tokens, continuation tokens), see the module docstring."""
+  stripped = context.rstrip(' ')
+  continuation = context[len(stripped):] + continuation
+  ctx = tokenizer.encode(stripped)
+  whole = tokenizer.encode(stripped + continuation)
+  cont = whole[len(ctx):] if whole[:len(ctx)] == ctx else tokenizer.encode(continuation)
+  return [tokenizer.bos_id] + ctx, cont
+
+
+def make_rows(pairs, max_len: int, multiple: int = 16):
+  """Token pairs -> the row fields [R, L] (`inputs`, `targets`, `positions`,
+  `segment_ids`, `loss_mask`) and the number of rows whose context was cut.
+
+  L is the longest row (context + continuation - 1 tokens) rounded up to
+  `multiple`, at most `max_len`; a longer row keeps its last L + 1 tokens.
+  """
+  longest = max(len(c) + len(x) - 1 for c, x in pairs)
+  length = min(max_len, -(-longest // multiple) * multiple)
+  rows = {k: np.zeros((len(pairs), length), np.int32)
+          for k in ('inputs', 'targets', 'positions', 'segment_ids')}
+  rows['loss_mask'] = np.zeros((len(pairs), length), np.float32)
+  cut = 0
+  for r, (ctx, cont) in enumerate(pairs):
+    seq = (ctx + cont)[-(length + 1):]
+    cut += len(ctx) + len(cont) > length + 1
+    width = len(seq) - 1
+    rows['inputs'][r, :width] = seq[:-1]
+    rows['targets'][r, :width] = seq[1:]
+    rows['positions'][r, :width] = np.arange(width)
+    rows['segment_ids'][r, :width] = 1
+    rows['loss_mask'][r, max(0, width - len(cont)):width] = 1.0
+  return rows, cut
+
+
+# ----------------------------------------------------------------------------
+# Scoring.
+
+
+def row_scores(model, batch):
+  """(sum of log p(target) over `loss_mask` [b], all masked targets are the
+  argmax [b]) of a batch of rows."""
+  logits, _ = model(batch['inputs'], segment_ids=batch['segment_ids'],
+                    positions=batch['positions'])
+  logits = logits.astype(jnp.float32)                                 # [b, t, v]
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  target = jnp.take_along_axis(logits, batch['targets'][..., None], axis=-1)[..., 0]
+  mask = batch['loss_mask'] > 0
+  logprob = jnp.sum(jnp.where(mask, target - lse, 0.0), axis=-1)
+  greedy = jnp.all(jnp.where(mask, jnp.argmax(logits, -1) == batch['targets'], True), -1)
+  return logprob, greedy
+
+
+class Scorer:
+  """`row_scores` of a model state ({'params', 'model_state'}) over numpy
+  rows, in jitted calls of a fixed number of rows split over the mesh."""
+
+  def __init__(self, graphdef, state_shardings, mesh, rows_per_call: int):
+    self.mesh = mesh
+    shards = sharding.num_batch_shards(mesh)
+    self.rows_per_call = max(shards, rows_per_call // shards * shards)
+    self.batch_sharding = sharding.batch_sharding(mesh)
+    shardings = {k: state_shardings[k] for k in ('params', 'model_state')}
+
+    def score(state, batch):
+      model = nnx.merge(graphdef, state['params'], state['model_state'])
+      with sharding.activation_sharding(mesh):
+        return row_scores(model, batch)
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    self._jitted = jax.jit(score, in_shardings=(shardings, self.batch_sharding),
+                           out_shardings=replicated)
+
+  def __call__(self, state, rows, tokens_per_call: int | None = None):
+    """(logprob float64 [R], greedy bool [R]) of rows [R, L]."""
+    from train import loop  # pylint: disable=g-import-not-at-top  (loop imports us)
+    state = {'params': state['params'], 'model_state': state['model_state']}
+    total, length = rows['inputs'].shape
+    step = self.rows_per_call
+    if tokens_per_call:       # long rows: fewer per call, same tokens
+      shards = sharding.num_batch_shards(self.mesh)
+      step = max(shards, min(step, tokens_per_call // length) // shards * shards)
+    logprob, greedy = np.zeros(total), np.zeros(total, bool)
+    per_process = step // jax.process_count()
+    lo = jax.process_index() * per_process
+    for start in range(0, total, step):
+      batch = {k: np.zeros((step, length), v.dtype) for k, v in rows.items()}
+      n = min(step, total - start)
+      for k, v in rows.items():
+        batch[k][:n] = v[start:start + n]
+      local = {k: v[lo:lo + per_process] for k, v in batch.items()}
+      lp, g = self._jitted(state, loop.global_batch(local, self.batch_sharding))
+      logprob[start:start + n] = np.asarray(lp.addressable_data(0))[:n]
+      greedy[start:start + n] = np.asarray(g.addressable_data(0))[:n]
+    return logprob, greedy
+
+
+def task_rows(task: Task, tokenizer):
+  """The rows of every (example, choice) of a task, and the cut count."""
+  pairs = [encode_pair(tokenizer, c, x) for e in task.examples
+           for c, x in zip(e.contexts, e.choices)]
+  return make_rows(pairs, task.max_len)
+
+
+def task_metrics(task: Task, logprob: np.ndarray, greedy: np.ndarray) -> dict:
+  """The metrics of a task from its rows' scores (in `task_rows` order)."""
+  n = len(task.examples)
+  if task.exact_match:
+    em = float(np.mean(greedy))
+    return {'exact_match': em, 'exact_match_ci95': 1.96 * math.sqrt(em * (1 - em) / n),
+            'examples': n}
+  correct, correct_norm, chance, r = 0, 0, 0.0, 0
+  for e in task.examples:
+    scores = logprob[r:r + len(e.choices)]
+    r += len(e.choices)
+    nbytes = np.asarray([max(1, len(c.encode('utf-8'))) for c in e.choices])
+    correct += int(np.argmax(scores)) == e.label
+    correct_norm += int(np.argmax(scores / nbytes)) == e.label
+    chance += 1 / len(e.choices)
+  acc, chance = correct / n, chance / n
+  return {'accuracy': acc, 'accuracy_norm': correct_norm / n,
+          'centered_accuracy': (acc - chance) / (1 - chance),
+          'accuracy_ci95': 1.96 * math.sqrt(acc * (1 - acc) / n),
+          'chance': chance, 'examples': n}
+
+
+TAGGED = ('accuracy', 'accuracy_norm', 'centered_accuracy', 'exact_match')
+
+
+class TaskSet:
+  """Tasks with their rows made once; `__call__(state)` scores them all."""
+
+  def __init__(self, tasks: list[Task], tokenizer, scorer: Scorer, tokens_per_call: int):
+    self.tasks, self.scorer, self.tokens_per_call = tasks, scorer, tokens_per_call
+    self.rows = []
+    for task in tasks:
+      rows, cut = task_rows(task, tokenizer)
+      if cut:
+        logging.info('task %s: %d of %d rows cut from the left to %d tokens',
+                     task.name, cut, len(rows['inputs']), rows['inputs'].shape[1])
+      self.rows.append(rows)
+
+  def __call__(self, state) -> dict[str, dict]:
+    """{task name: metrics}."""
+    return {task.name: task_metrics(task, *self.scorer(state, rows, self.tokens_per_call))
+            for task, rows in zip(self.tasks, self.rows)}
+
+
+def scalars(results: dict[str, dict]) -> dict[str, float]:
+  """TensorBoard scalars `eval/<task>/<metric>` and `eval/core`."""
+  out = {f'eval/{name}/{k}': float(v) for name, m in results.items()
+         for k, v in m.items() if k in TAGGED}
+  if results:
+    out['eval/core'] = float(np.mean([m.get('centered_accuracy', m.get('exact_match'))
+                                      for m in results.values()]))
+  return out
+
+
+def make_taskset(cfg, spec, limit, graphdef, state_shardings, mesh) -> TaskSet:
+  tokenizer = tokenizers.get_tokenizer(cfg.data.tokenizer)
+  seq_len = cfg.train.seq_len
+  tasks = build_tasks(spec, limit, tokenizer, seq_len)
+  if cfg.model.position == 'learned':
+    for task in tasks:
+      if task.max_len > cfg.model.max_seq_len and task.exact_match:
+        raise configs.ConfigError(
+            f'task {task.name} needs {task.max_len} positions, past model.max_seq_len='
+            f'{cfg.model.max_seq_len} with learned positions')
+  batch = cfg.train.global_batch_size
+  scorer = Scorer(graphdef, state_shardings, mesh, batch)
+  return TaskSet(tasks, tokenizer, scorer, batch * seq_len)
+
+
+# ----------------------------------------------------------------------------
+# Bits per byte.
+
+
+def eval_bytes(cfg) -> tuple[float, float] | None:
+  """(target tokens, their UTF-8 bytes) over the eval batches (every
+  process's rows), None for token-id sources without text."""
+  if cfg.data.source == 'synthetic':
+    return None
+  table = tokenizers.token_bytes(tokenizers.get_tokenizer(cfg.data.tokenizer),
+                                 cfg.model.vocab_size)
+  tokens = nbytes = 0.0
+  for batch in pipeline.make_iterator(cfg, 'eval', jax.process_index(), jax.process_count()):
+    mask = batch['loss_mask'] > 0
+    tokens += float(mask.sum())
+    nbytes += float(table[batch['targets']][mask].sum())
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    tokens, nbytes = (float(x) for x in np.sum(multihost_utils.process_allgather(
+        np.asarray([tokens, nbytes])), axis=0))
+  return tokens, nbytes
+
+
+def bits_per_byte(loss: float, tokens: float, nbytes: float) -> float:
+  """Mean NLL in nats per token over `tokens` targets -> bits per byte."""
+  return loss * tokens / max(nbytes, 1.0) / math.log(2)
+
+
+# ----------------------------------------------------------------------------
+# The training loop's hook.
+
+
+def loop_hook(cfg, graphdef, state_shardings, mesh):
+  """`hook(state, eval_scalars) -> extra eval scalars` for the loop's eval:
+  `eval/bits_per_byte` and, with `eval.tasks`, the task metrics.
+
+  Task rows are made here, at the start of the run (a bad task file stops
+  it before the first step); the eval's byte count is read once, at the
+  first call (the eval batches are the same at every eval).
+  """
+  spec = cfg.eval.tasks if 'eval' in cfg else ''
+  taskset = make_taskset(cfg, spec, cfg.eval.task_limit, graphdef, state_shardings,
+                         mesh) if spec else None
+  counts = {}
+
+  def hook(state, eval_scalars) -> dict[str, float]:
+    out = {}
+    if 'loss' in eval_scalars:
+      if 'value' not in counts:
+        counts['value'] = eval_bytes(cfg)
+      if counts['value']:
+        out['eval/bits_per_byte'] = bits_per_byte(eval_scalars['loss'], *counts['value'])
+    if taskset is not None:
+      out.update(scalars(taskset(state)))
+      logging.info('eval tasks: %s', ' | '.join(
+          f'{k.removeprefix("eval/")} {v:.4f}' for k, v in out.items()))
+    return out
+
+  return hook
+
+
+# ----------------------------------------------------------------------------
+# `train.evaluate --tasks`.
+
+
+def evaluate_workdir(workdir: str, spec: str, checkpoint: int | None = None,
+                     limit: int | None = None) -> dict:
+  """Scores the tasks on a checkpoint of `workdir`; writes DIR/eval_tasks.json."""
+  from train import evaluate  # pylint: disable=g-import-not-at-top  (it imports us)
+  cfg = evaluate.load_config(workdir)
+  if limit is None:
+    limit = cfg.eval.task_limit if 'eval' in cfg else 1000
+  if not configs.eval_task_specs(spec, '--tasks'):
+    raise configs.ConfigError('--tasks is empty')
+  mesh = evaluate._mesh(cfg)  # pylint: disable=protected-access
+  graphdef, state, state_shardings, step = evaluate.restore(workdir, cfg, mesh, checkpoint)
+  results = make_taskset(cfg, spec, limit, graphdef, state_shardings, mesh)(state)
+  out = {'step': step, 'tasks': results,
+         'core': scalars(results).get('eval/core')}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'eval_tasks.json'), 'w') as f:
+      json.dump(out, f, indent=1)
+  return out
+
+
+def format_results(out: dict) -> str:
+  lines = [f'step {out["step"]}: core {out["core"]:.4f}']
+  for name, m in out['tasks'].items():
+    if 'exact_match' in m:
+      lines.append(f'  {name:24s} exact_match {m["exact_match"]:.4f} '
+                   f'± {m["exact_match_ci95"]:.4f}  ({m["examples"]} examples)')
+    else:
+      lines.append(f'  {name:24s} accuracy {m["accuracy"]:.4f} ± {m["accuracy_ci95"]:.4f} '
+                   f'| norm {m["accuracy_norm"]:.4f} | centered '
+                   f'{m["centered_accuracy"]:.4f} | chance {m["chance"]:.4f}  '
+                   f'({m["examples"]} examples)')
+  return '\n'.join(lines)
