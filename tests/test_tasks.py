@@ -97,3 +97,97 @@ def test_exact_match_equals_greedy_generation(tiny):
   scorer = tasks.Scorer(graphdef, shardings, mesh, rows_per_call=8)
   _, greedy = scorer(state, tasks.make_rows(list(zip(contexts, answers)), 256)[0])
   assert greedy.tolist() == [True, False] * 3
+
+
+def test_untrained_model_is_at_chance_on_next_line(tiny):
+  cfg, mesh, graphdef, state, shardings, _ = tiny
+  task = tasks.Task('next_line', tasks.next_line_examples(200), max_len=64)
+  scorer = tasks.Scorer(graphdef, shardings, mesh, rows_per_call=64)
+  m = tasks.task_metrics(task, *scorer(state, tasks.task_rows(task, tokenizers.get_tokenizer('bytes'))[0]))
+  lo, hi = m['accuracy_ci95']
+  assert m['chance'] == 0.25 and lo <= 0.25 <= hi, m
+
+
+@pytest.fixture(scope='module')
+def task_run(tmp_path_factory):
+  """Two steps of the tiny loop with tasks at each eval, then train.evaluate."""
+  from tensorboard.backend.event_processing import event_accumulator
+  from train import evaluate
+  from train import loop
+  workdir = str(tmp_path_factory.mktemp('tasks_run'))
+  task_file = os.path.join(workdir, 'mine.jsonl')
+  with open(task_file, 'w') as f:
+    for k in range(5):
+      f.write(json.dumps({'context': f'x = {k}\n', 'choices': ['y = 1', 'import os'],
+                          'label': k % 2}) + '\n')
+  docs = os.path.join(workdir, 'docs.jsonl')   # short documents: many EOS targets
+  with open(docs, 'w') as f:
+    for k in range(64):
+      f.write(json.dumps({'text': f'caf\u00e9 {k} ' * (k % 5 + 1)}) + '\n')
+  spec = f'copy@64,mine:{task_file}'
+  cfg = configs.load('configs/llama.py:tiny', [
+      'model.num_layers=1', 'train.steps=2', 'train.eval_every_steps=2',
+      'train.eval_steps=1', 'train.seq_len=64', 'train.log_every_steps=1',
+      'data.source=jsonl', f'data.train_files={docs}', f'data.eval_files={docs}',
+      f'eval.tasks={spec}', 'eval.task_limit=8'])
+  summary = loop.train_and_evaluate(cfg, workdir)
+  acc = event_accumulator.EventAccumulator(workdir, size_guidance={'scalars': 0})
+  acc.Reload()
+  tags = {t: [e.value for e in acc.Scalars(t)] for t in acc.Tags()['scalars']}
+  after = evaluate.evaluate_tasks(workdir, f'mine:{task_file}')
+  return cfg, summary, tags, after, workdir
+
+
+def test_loop_logs_task_tags_and_bits_per_byte(task_run):
+  cfg, summary, tags, after, workdir = task_run
+  want = {'eval/bits_per_byte', 'eval/core', 'eval/copy@64/exact_match'} | {
+      f'eval/mine/{m}' for m in ('accuracy', 'accuracy_norm', 'centered_accuracy')}
+  assert want <= set(tags), sorted(set(tags))
+  assert all(len(tags[t]) == 2 for t in want)          # evals at steps 0 and 2
+  # Bits per byte from the eval batches: byte tokens are one byte, EOS none.
+  from data import pipeline
+  tokens = nbytes = 0
+  for batch in pipeline.make_iterator(cfg, 'eval', 0, 1):
+    mask = batch['loss_mask'] > 0
+    tokens += mask.sum()
+    nbytes += (mask & (batch['targets'] < 256)).sum()
+  loss = summary['eval']['eval/loss']
+  assert tokens > nbytes
+  assert summary['eval']['eval/bits_per_byte'] == pytest.approx(
+      loss * tokens / nbytes / math.log(2), rel=1e-6)
+  ev = summary['eval']
+  assert ev['eval/core'] == pytest.approx(
+      (ev['eval/mine/centered_accuracy'] + ev['eval/copy@64/exact_match']) / 2)
+  # train.evaluate on the final checkpoint gives the loop's last scores.
+  mine = after['tasks']['mine']
+  for m in ('accuracy', 'accuracy_norm', 'centered_accuracy'):
+    assert mine[m] == pytest.approx(ev[f'eval/mine/{m}'])
+  assert mine['chance'] == 0.5 and after['core'] == mine['centered_accuracy']
+  with open(os.path.join(workdir, 'eval_tasks.json')) as f:
+    assert json.load(f)['tasks']['mine']['examples'] == 5
+
+
+def test_token_bytes_sum_to_the_text_bytes(tmp_path):
+  """Summed over a text's tokens, `token_bytes` is the text's UTF-8 length
+  (SentencePiece: plus the dummy space it puts before the first word)."""
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  from test_data_tokenizers import LINES, _train_hf  # pylint: disable=g-import-not-at-top
+  texts = ['Caf\u00e9: the quick dog jumps over arrays.', 'def add(a, b): \u20ac5',
+           'na\u00efve fa\u00e7ade']
+  hf_path = tmp_path / 'hf' / 'tokenizer.json'
+  _train_hf(hf_path, ['<s>', '</s>'])
+  corpus = tmp_path / 'corpus.txt'
+  corpus.write_text('\n'.join(LINES).replace('\n    ', ' ') + '\n', encoding='utf-8')
+  spm.SentencePieceTrainer.train(
+      input=str(corpus), model_prefix=str(tmp_path / 'sp'), vocab_size=340,
+      model_type='bpe', character_coverage=0.98, byte_fallback=True, unk_id=0,
+      bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, minloglevel=2)
+  for spec, extra in (('bytes', 0), (f'hf:{hf_path}', 0),
+                      (f'sentencepiece:{tmp_path / "sp.model"}', 1)):
+    tok = tokenizers.get_tokenizer(spec)
+    table = tokenizers.token_bytes(tok, 400)
+    assert table[tok.bos_id] == table[tok.eos_id] == 0 and table[399] == 0
+    if extra:                 # rare characters go through byte-fallback pieces
+      assert any(tok._sp.is_byte(i) for t in texts for i in tok.encode(t))  # pylint: disable=protected-access
+    for text in texts:
+      assert table[tok.encode(text)].sum() == len(text.encode('utf-8')) + extra, (spec, text)

@@ -4,6 +4,7 @@
     python -m train.evaluate --workdir /tmp/ablax_tiny --checkpoint 100 --eval_steps 20
     python -m train.evaluate --workdir /tmp/ablax_tiny --stride 64 [--context 128]
     python -m train.evaluate --workdir /tmp/ablax_tiny --stride 64 --files 'books/*.txt'
+    python -m train.evaluate --workdir /tmp/ablax_tiny --tasks next_line,passkey@512,hs:hs.jsonl
 
 Reads `DIR/config.json` (the model and the data it was trained with) and
 restores only the parameters of the newest checkpoint (or `--checkpoint STEP`).
@@ -27,6 +28,10 @@ training data; e.g. each file of the built-in eval split), or `--files GLOB`
 (comma-separated globs) read with the run's `data.source` when it is `text`,
 `jsonl` or `arrayrecord`, otherwise as JSONL for `*.jsonl` and plain text
 (one document per file) for anything else. `--max_documents N` stops early.
+
+Tasks (`--tasks`, the syntax of `eval.tasks`; `--task_limit N` examples per
+task, default `eval.task_limit`): multiple-choice and exact-match scores
+(`train/tasks.py`), printed and written to `DIR/eval_tasks.json`.
 """
 
 import json
@@ -55,6 +60,7 @@ from train import mesh as mesh_lib
 from train import optim
 from train import sharding
 from train import step as step_lib
+from train import tasks
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir.')
 _CHECKPOINT = flags.DEFINE_integer('checkpoint', None,
@@ -73,6 +79,10 @@ _FILES = flags.DEFINE_string(
     'evaluation, instead of the run\'s data.eval_files.')
 _MAX_DOCUMENTS = flags.DEFINE_integer(
     'max_documents', None, 'Strided evaluation: at most this many documents.')
+_TASKS = flags.DEFINE_string(
+    'tasks', None, 'Evaluation tasks (next_line,passkey@512,NAME:PATH.jsonl); '
+    'writes DIR/eval_tasks.json.')
+_TASK_LIMIT = flags.DEFINE_integer('task_limit', None, 'Examples per task (0: all).')
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -359,6 +369,24 @@ def evaluate_strided(workdir: str, *, stride: int | None = None,
           'context': context, 'stride': stride}
 
 
+def evaluate_tasks(workdir: str, spec: str, checkpoint: int | None = None,
+                   limit: int | None = None) -> dict:
+  """{'step', 'tasks': {name: metrics}, 'core'} of `spec` (`eval.tasks`
+  syntax) on a checkpoint of `workdir`; also written to DIR/eval_tasks.json."""
+  cfg = load_config(workdir)
+  if not configs.eval_task_specs(spec, '--tasks'):
+    raise configs.ConfigError('--tasks is empty')
+  limit = (cfg.eval.task_limit if 'eval' in cfg else 1000) if limit is None else limit
+  mesh = _mesh(cfg)
+  graphdef, state, state_shardings, step = restore(workdir, cfg, mesh, checkpoint)
+  results = tasks.make_taskset(cfg, spec, limit, graphdef, state_shardings, mesh)(state)
+  out = {'step': step, 'tasks': results, 'core': tasks.scalars(results)['eval/core']}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'eval_tasks.json'), 'w') as f:
+      f.write(json.dumps(out, indent=1) + '\n')
+  return out
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
@@ -372,6 +400,15 @@ def main(argv):
   from train import distributed  # pylint: disable=g-import-not-at-top
   distributed.maybe_initialize()
   loop.configure_logging()
+  if _TASKS.value is not None:
+    try:
+      out = evaluate_tasks(_WORKDIR.value, _TASKS.value, _CHECKPOINT.value,
+                                   _TASK_LIMIT.value)
+    except (configs.ConfigError, sources.DataError, FileNotFoundError) as e:
+      sys.exit(f'ablax: {e}')
+    if jax.process_index() == 0:
+      print(f'{_WORKDIR.value} {tasks.format_results(out)}')
+    return
   try:
     if strided:
       result = evaluate_strided(

@@ -357,13 +357,21 @@ def task_rows(task: Task, tokenizer):
   return make_rows(pairs, task.max_len)
 
 
+def wilson_ci95(p: float, n: int) -> list[float]:
+  """The Wilson score 95% interval [lo, hi] of a proportion p of n (it
+  stays inside [0, 1] and is not empty at p = 0 or 1)."""
+  z = 1.96
+  center = (p + z * z / (2 * n)) / (1 + z * z / n)
+  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+  return [max(0.0, center - half), min(1.0, center + half)]
+
+
 def task_metrics(task: Task, logprob: np.ndarray, greedy: np.ndarray) -> dict:
   """The metrics of a task from its rows' scores (in `task_rows` order)."""
   n = len(task.examples)
   if task.exact_match:
     em = float(np.mean(greedy))
-    return {'exact_match': em, 'exact_match_ci95': 1.96 * math.sqrt(em * (1 - em) / n),
-            'examples': n}
+    return {'exact_match': em, 'exact_match_ci95': wilson_ci95(em, n), 'examples': n}
   correct, correct_norm, chance, r = 0, 0, 0.0, 0
   for e in task.examples:
     scores = logprob[r:r + len(e.choices)]
@@ -375,7 +383,7 @@ def task_metrics(task: Task, logprob: np.ndarray, greedy: np.ndarray) -> dict:
   acc, chance = correct / n, chance / n
   return {'accuracy': acc, 'accuracy_norm': correct_norm / n,
           'centered_accuracy': (acc - chance) / (1 - chance),
-          'accuracy_ci95': 1.96 * math.sqrt(acc * (1 - acc) / n),
+          'accuracy_ci95': wilson_ci95(acc, n),
           'chance': chance, 'examples': n}
 
 
@@ -488,37 +496,19 @@ def loop_hook(cfg, graphdef, state_shardings, mesh):
 
 
 # ----------------------------------------------------------------------------
-# `train.evaluate --tasks`.
-
-
-def evaluate_workdir(workdir: str, spec: str, checkpoint: int | None = None,
-                     limit: int | None = None) -> dict:
-  """Scores the tasks on a checkpoint of `workdir`; writes DIR/eval_tasks.json."""
-  from train import evaluate  # pylint: disable=g-import-not-at-top  (it imports us)
-  cfg = evaluate.load_config(workdir)
-  if limit is None:
-    limit = cfg.eval.task_limit if 'eval' in cfg else 1000
-  if not configs.eval_task_specs(spec, '--tasks'):
-    raise configs.ConfigError('--tasks is empty')
-  mesh = evaluate._mesh(cfg)  # pylint: disable=protected-access
-  graphdef, state, state_shardings, step = evaluate.restore(workdir, cfg, mesh, checkpoint)
-  results = make_taskset(cfg, spec, limit, graphdef, state_shardings, mesh)(state)
-  out = {'step': step, 'tasks': results,
-         'core': scalars(results).get('eval/core')}
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'eval_tasks.json'), 'w') as f:
-      json.dump(out, f, indent=1)
-  return out
+# `train.evaluate --tasks` (`train.evaluate.evaluate_tasks`).
 
 
 def format_results(out: dict) -> str:
   lines = [f'step {out["step"]}: core {out["core"]:.4f}']
   for name, m in out['tasks'].items():
     if 'exact_match' in m:
-      lines.append(f'  {name:24s} exact_match {m["exact_match"]:.4f} '
-                   f'± {m["exact_match_ci95"]:.4f}  ({m["examples"]} examples)')
+      lo, hi = m['exact_match_ci95']
+      lines.append(f'  {name:24s} exact_match {m["exact_match"]:.4f} [{lo:.3f}, {hi:.3f}]'
+                   f'  ({m["examples"]} examples)')
     else:
-      lines.append(f'  {name:24s} accuracy {m["accuracy"]:.4f} ± {m["accuracy_ci95"]:.4f} '
+      lo, hi = m['accuracy_ci95']
+      lines.append(f'  {name:24s} accuracy {m["accuracy"]:.4f} [{lo:.3f}, {hi:.3f}] '
                    f'| norm {m["accuracy_norm"]:.4f} | centered '
                    f'{m["centered_accuracy"]:.4f} | chance {m["chance"]:.4f}  '
                    f'({m["examples"]} examples)')
