@@ -191,3 +191,60 @@ def test_token_bytes_sum_to_the_text_bytes(tmp_path):
       assert any(tok._sp.is_byte(i) for t in texts for i in tok.encode(t))  # pylint: disable=protected-access
     for text in texts:
       assert table[tok.encode(text)].sum() == len(text.encode('utf-8')) + extra, (spec, text)
+
+
+def _convert(tmp_path, fmt, name, **kw):
+  out = tmp_path / f'{name}.out.jsonl'
+  count = tasks.convert(fmt, os.path.join(FIXTURES, name), str(out), **kw)
+  lines = [json.loads(line) for line in out.read_text(encoding='utf-8').splitlines()]
+  assert count == len(lines)
+  tasks.read_task_file(str(out))      # a valid task file
+  return lines
+
+
+def test_converters_on_published_layouts(tmp_path):
+  hs = _convert(tmp_path, 'hellaswag', 'hellaswag.jsonl')
+  assert hs[0] == {'context': 'Making tea: A man fills a kettle with water. He',
+                   'choices': [' eats the kettle.', ' paints the wall blue.',
+                               ' puts it on the stove and waits.', ' runs away from the dog.'],
+                   'label': 2}
+  assert hs[1]['context'] == 'Home and Garden: How to water a plant. Check the soil.'
+  assert hs[1]['choices'][0] == ' Push a finger into the soil. If it is dry, water it.'
+  assert hs[1]['choices'][3] == ' Close the window. twice.' and hs[1]['label'] == 0
+
+  arc = _convert(tmp_path, 'arc', 'arc.jsonl')
+  assert arc[0] == {'context': 'Question: Which gas do plants take in?\nAnswer:',
+                    'choices': [' oxygen', ' carbon dioxide', ' helium', ' neon'],
+                    'label': 1, 'id': 'Test_001'}
+  assert arc[1]['label'] == 0 and len(arc[1]['choices']) == 3     # numeric keys
+  assert _convert(tmp_path, 'arc', 'arc_hf.jsonl')[0] == arc[0]
+
+  piqa = _convert(tmp_path, 'piqa', 'valid.jsonl')           # labels found beside it
+  assert piqa == [
+      {'context': 'Question: Keep bread fresh\nAnswer:',
+       'choices': [' Put it in a sealed bag.', ' Put it in the bath.'], 'label': 0},
+      {'context': 'Question: Open a jar with a tight lid\nAnswer:',
+       'choices': [' Freeze the jar.', ' Run the lid under hot water.'], 'label': 1}]
+
+  wino = _convert(tmp_path, 'winogrande', 'winogrande.jsonl')
+  assert wino[0] == {'contexts': ['The cup did not fit in the box because the cup',
+                                  'The cup did not fit in the box because the box'],
+                     'continuation': ' was too big.', 'label': 0, 'id': 'w1'}
+
+  lam = _convert(tmp_path, 'lambada', 'lambada.jsonl')
+  assert lam[0]['choices'] == [' cat'] and lam[0]['context'].endswith('went after the')
+
+  with pytest.raises(sources.DataError, match='not a arc line'):
+    tasks.convert('arc', os.path.join(FIXTURES, 'winogrande.jsonl'), str(tmp_path / 'x'))
+
+
+def test_partial_scoring_rows_score_the_continuation_after_each_context():
+  tok = tokenizers.get_tokenizer('bytes')
+  task = tasks.Task('w', [tasks.parse_example(
+      {'contexts': ['a cup', 'the box'], 'continuation': ' was big', 'label': 1}, 'x')], 64)
+  rows, _ = tasks.task_rows(task, tok)
+  for r, ctx in enumerate(['a cup', 'the box']):
+    width = len(ctx) + len(' was big')       # BOS + text - 1
+    mask = rows['loss_mask'][r]
+    assert mask.sum() == len(' was big') and mask[width - 8:width].all()
+    assert bytes(rows['targets'][r, mask > 0].tolist()) == b' was big'

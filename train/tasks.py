@@ -51,12 +51,14 @@ multiple choice); rows go through one jitted forward at a time, a fixed number
 of rows per call split over the mesh's batch axes, so a task compiles once.
 """
 
+import argparse
 import dataclasses
 import hashlib
 import json
 import math
 import os
 import random
+import re
 import string
 import sys
 
@@ -513,3 +515,129 @@ def format_results(out: dict) -> str:
                    f'{m["centered_accuracy"]:.4f} | chance {m["chance"]:.4f}  '
                    f'({m["examples"]} examples)')
   return '\n'.join(lines)
+
+
+# ----------------------------------------------------------------------------
+# Converters: `python -m train.tasks convert FORMAT IN.jsonl OUT.jsonl`.
+
+
+def _hellaswag_clean(text: str) -> str:
+  # WikiHow items carry bracketed markup ("[title]", "[step]"): a title
+  # becomes a sentence end, other tags go, double spaces collapse.
+  text = re.sub(r'\[[^\]]*\]', '', text.strip().replace(' [title]', '. '))
+  return text.replace('  ', ' ')
+
+
+def convert_hellaswag(obj):
+  """rowanz/hellaswag `hellaswag_{train,val}.jsonl`: `activity_label`,
+  `ctx_a`, `ctx_b`, `endings` (4), `label` (int, or a string in the Hugging
+  Face export)."""
+  ctx = obj['ctx_a'] + ' ' + obj['ctx_b'].capitalize()
+  return {'context': _hellaswag_clean(obj['activity_label'] + ': ' + ctx),
+          'choices': [' ' + _hellaswag_clean(e) for e in obj['endings']],
+          'label': int(obj['label'])}
+
+
+def convert_arc(obj):
+  """AI2 ARC `ARC-{Easy,Challenge}-{Train,Dev,Test}.jsonl`: `question` is
+  {`stem`, `choices`: [{`text`, `label`}]}, `answerKey` a label (A-E or
+  1-5); the Hugging Face export's `question` string with `choices` {`text`:
+  [...], `label`: [...]} reads too."""
+  q = obj['question']
+  if isinstance(q, dict):
+    stem, texts, labels = q['stem'], [c['text'] for c in q['choices']], [
+        c['label'] for c in q['choices']]
+  else:
+    stem, texts, labels = q, obj['choices']['text'], obj['choices']['label']
+  return {'context': f'Question: {stem}\nAnswer:', 'choices': [' ' + t for t in texts],
+          'label': labels.index(obj['answerKey']), 'id': obj.get('id')}
+
+
+def convert_piqa(obj):
+  """PIQA `{train,valid}.jsonl`: `goal`, `sol1`, `sol2`; the label (0 or 1)
+  is the same line of `{train,valid}-labels.lst` (`--labels`, found beside
+  the input by default), or a `label` field (the Hugging Face export)."""
+  return {'context': f'Question: {obj["goal"]}\nAnswer:',
+          'choices': [' ' + obj['sol1'], ' ' + obj['sol2']], 'label': int(obj['label'])}
+
+
+def convert_winogrande(obj):
+  """WinoGrande `{train_*,dev}.jsonl`: `sentence` with one `_`, `option1`,
+  `option2`, `answer` ("1" or "2"). Partial scoring (Trinh & Le 2018): each
+  option fills the blank in the context; the rest of the sentence is the
+  continuation scored after each."""
+  sentence = obj['sentence']
+  i = sentence.index('_')
+  return {'contexts': [sentence[:i] + obj['option1'], sentence[:i] + obj['option2']],
+          'continuation': ' ' + sentence[i + 1:].strip(),
+          'label': int(obj['answer']) - 1, 'id': obj.get('qID')}
+
+
+def convert_lambada(obj):
+  """LAMBADA as OpenAI published it (`lambada_test.jsonl`): `text`, a
+  passage whose last word the model must produce; one choice (the last
+  word with its space), so the task reports exact match."""
+  context, word = obj['text'].rstrip().rsplit(' ', 1)
+  return {'context': context, 'choices': [' ' + word], 'label': 0}
+
+
+CONVERTERS = {'hellaswag': convert_hellaswag, 'arc': convert_arc, 'piqa': convert_piqa,
+              'winogrande': convert_winogrande, 'lambada': convert_lambada}
+
+
+def convert(fmt: str, src: str, dst: str, labels: str | None = None) -> int:
+  """Converts a published JSONL file into a task file; returns the count."""
+  if fmt not in CONVERTERS:
+    raise sources.DataError(f'unknown format {fmt!r}: one of {", ".join(CONVERTERS)}')
+  if not os.path.isfile(src):
+    raise sources.DataError(f'{src!r} not found')
+  label_lines = None
+  if fmt == 'piqa':
+    labels = labels or re.sub(r'\.jsonl$', '-labels.lst', src)
+    if os.path.isfile(labels):
+      with open(labels, encoding='utf-8') as f:
+        label_lines = [line.strip() for line in f if line.strip()]
+  count = 0
+  with open(src, encoding='utf-8') as f, open(dst, 'w', encoding='utf-8') as out:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      where = f'{src}:{n}'
+      try:
+        obj = json.loads(line)
+        if label_lines is not None:
+          obj['label'] = label_lines[count]
+        example = CONVERTERS[fmt](obj)
+      except json.JSONDecodeError as e:
+        raise sources.DataError(f'{where}: not JSON ({e.msg})') from None
+      except (KeyError, ValueError, IndexError, TypeError) as e:
+        raise sources.DataError(f'{where}: not a {fmt} line ({type(e).__name__}: '
+                                f'{e}); see docs/evaluation.md for the layout') from None
+      example = {k: v for k, v in example.items() if v is not None}
+      parse_example(example, where)
+      out.write(json.dumps(example, ensure_ascii=False) + '\n')
+      count += 1
+  if label_lines is not None and len(label_lines) != count:
+    raise sources.DataError(f'{labels}: {len(label_lines)} labels for {count} lines')
+  return count
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog='python -m train.tasks')
+  commands = parser.add_subparsers(dest='command', required=True)
+  conv = commands.add_parser('convert', help='a published JSONL file -> a task file')
+  conv.add_argument('format', choices=sorted(CONVERTERS))
+  conv.add_argument('input')
+  conv.add_argument('output')
+  conv.add_argument('--labels', help='piqa: the labels file (default: '
+                    'IN-labels.lst beside IN.jsonl, if there)')
+  args = parser.parse_args(argv)
+  try:
+    count = convert(args.format, args.input, args.output, args.labels)
+  except (sources.DataError, OSError) as e:
+    sys.exit(f'ablax: {e}')
+  print(f'{args.output}: {count} {args.format} examples')
+
+
+if __name__ == '__main__':
+  main()
