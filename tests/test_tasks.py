@@ -234,7 +234,7 @@ def test_converters_on_published_layouts(tmp_path):
   lam = _convert(tmp_path, 'lambada', 'lambada.jsonl')
   assert lam[0]['choices'] == [' cat'] and lam[0]['context'].endswith('went after the')
 
-  with pytest.raises(sources.DataError, match='not a arc line'):
+  with pytest.raises(sources.DataError, match='not a line of the arc layout'):
     tasks.convert('arc', os.path.join(FIXTURES, 'winogrande.jsonl'), str(tmp_path / 'x'))
 
 

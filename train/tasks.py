@@ -611,7 +611,7 @@ def convert(fmt: str, src: str, dst: str, labels: str | None = None) -> int:
       except json.JSONDecodeError as e:
         raise sources.DataError(f'{where}: not JSON ({e.msg})') from None
       except (KeyError, ValueError, IndexError, TypeError) as e:
-        raise sources.DataError(f'{where}: not a {fmt} line ({type(e).__name__}: '
+        raise sources.DataError(f'{where}: not a line of the {fmt} layout ({type(e).__name__}: '
                                 f'{e}); see docs/evaluation.md for the layout') from None
       example = {k: v for k, v in example.items() if v is not None}
       parse_example(example, where)
