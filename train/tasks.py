@@ -200,10 +200,12 @@ def next_line_examples(limit: int, context_chars: int = 2048) -> list[Example]:
 
 
 def _filler(tokenizer, text: str, start: int, budget: int) -> str:
-  """About `budget` tokens of `text` from the line start at or after `start`."""
+  """About `budget` tokens of `text` (wrapping around) from the line start
+  at or after `start`."""
   start = text.find('\n', start) + 1
-  ids = tokenizer.encode(text[start:start + 8 * budget + 64])[:budget]
-  return tokenizer.decode(ids)
+  need = 8 * budget + 64
+  chunk = (text[start:] + '\n' + text * (1 + need // len(text)))[:need]
+  return tokenizer.decode(tokenizer.encode(chunk)[:budget])
 
 
 def _hide(filler: str, needle: str, depth: float) -> str:
@@ -228,7 +230,7 @@ def _needle_examples(tokenizer, kind: str, length: int, limit: int) -> list[Exam
     budget = length - 1 - len(tokenizer.encode(needle)) - len(tokenizer.encode(question))
     if budget < 8:
       raise configs.ConfigError(f'{kind}@{length}: too short for the question; use N >= 64')
-    filler = _filler(tokenizer, corpus, rng.randrange(len(corpus) - 16 * length), budget)
+    filler = _filler(tokenizer, corpus, rng.randrange(len(corpus)), budget)
     examples.append(Example([_hide(filler, needle, rng.random()) + question],
                             [answer], 0))
   return examples
@@ -239,14 +241,14 @@ def build_tasks(spec, limit: int, tokenizer, seq_len: int) -> list[Task]:
   tasks = []
   for name, length, path in configs.eval_task_specs(spec):
     base = name.partition('@')[0]
-    n = limit or 1000
+    n = limit or 1000           # built-ins: 0 means 1,000 examples
     if path is not None:
       tasks.append(Task(name, read_task_file(os.path.expanduser(path), limit), seq_len))
     elif base == 'next_line':
       tasks.append(Task(name, next_line_examples(n), seq_len))
     else:
       length = length or seq_len
-      tasks.append(Task(name, _needle_examples(tokenizer, base, length, limit or 100),
+      tasks.append(Task(name, _needle_examples(tokenizer, base, length, n),
                         length + 64))
   return tasks
 
@@ -425,15 +427,15 @@ def make_taskset(cfg, spec, limit, graphdef, state_shardings, mesh) -> TaskSet:
   tokenizer = tokenizers.get_tokenizer(cfg.data.tokenizer)
   seq_len = cfg.train.seq_len
   tasks = build_tasks(spec, limit, tokenizer, seq_len)
-  if cfg.model.position == 'learned':
-    for task in tasks:
-      if task.max_len > cfg.model.max_seq_len and task.exact_match:
-        raise configs.ConfigError(
-            f'task {task.name} needs {task.max_len} positions, past model.max_seq_len='
-            f'{cfg.model.max_seq_len} with learned positions')
   batch = cfg.train.global_batch_size
   scorer = Scorer(graphdef, state_shardings, mesh, batch)
-  return TaskSet(tasks, tokenizer, scorer, batch * seq_len)
+  taskset = TaskSet(tasks, tokenizer, scorer, batch * seq_len)
+  for task, rows in zip(tasks, taskset.rows):
+    if cfg.model.position == 'learned' and rows['inputs'].shape[1] > cfg.model.max_seq_len:
+      raise configs.ConfigError(
+          f'task {task.name} needs {rows["inputs"].shape[1]} positions, past '
+          f'model.max_seq_len={cfg.model.max_seq_len} with learned positions')
+  return taskset
 
 
 # ----------------------------------------------------------------------------
