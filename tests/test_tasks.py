@@ -248,3 +248,18 @@ def test_partial_scoring_rows_score_the_continuation_after_each_context():
     mask = rows['loss_mask'][r]
     assert mask.sum() == len(' was big') and mask[width - 8:width].all()
     assert bytes(rows['targets'][r, mask > 0].tolist()) == b' was big'
+
+
+def test_task_specs_and_config_errors():
+  assert configs.eval_task_specs('next_line, passkey@512,hs:/d/hs.jsonl,copy') == [
+      ('next_line', None, None), ('passkey@512', 512, None), ('hs', None, '/d/hs.jsonl'),
+      ('copy', None, None)]
+  for bad, match in (('nextline', 'unknown task'), ('next_line@64', 'no @N'),
+                     ('passkey@16', '>= 32'), ('copy,copy', 'twice'),
+                     ('next_line:/x.jsonl', 'built-in'), ('a b:/x', 'bad task name')):
+    with pytest.raises(configs.ConfigError, match=match):
+      configs.load('configs/llama.py:tiny', [f'eval.tasks={bad}'])
+  with pytest.raises(configs.ConfigError, match='train.eval_steps'):
+    configs.load('configs/llama.py:tiny', ['eval.tasks=copy', 'train.eval_steps=0'])
+  with pytest.raises(configs.ConfigError, match='eval.task_limit'):
+    configs.load('configs/llama.py:tiny', ['eval.task_limit=-1'])
