@@ -263,3 +263,16 @@ def test_task_specs_and_config_errors():
     configs.load('configs/llama.py:tiny', ['eval.tasks=copy', 'train.eval_steps=0'])
   with pytest.raises(configs.ConfigError, match='eval.task_limit'):
     configs.load('configs/llama.py:tiny', ['eval.task_limit=-1'])
+
+
+def test_next_line_is_exactly_at_chance_for_any_context_blind_scorer():
+  examples = tasks.next_line_examples(40)
+  texts = tasks._eval_texts()  # pylint: disable=protected-access
+  for e in examples[:8]:      # the true line follows its passage in a file
+    assert any(e.contexts[0] + e.choices[e.label] in t for t in texts)
+    assert len(set(e.choices)) == 4
+  task = tasks.Task('next_line', examples, 128)
+  for blind in (len, lambda c: -len(c), lambda c: tasks._hash(c) % 1000):  # pylint: disable=protected-access
+    scores = np.asarray([blind(c) for e in examples for c in e.choices], float)
+    m = tasks.task_metrics(task, scores, np.zeros(len(scores), bool))
+    assert m['accuracy'] == m['accuracy_norm'] == 0.25, m

@@ -168,35 +168,38 @@ def _is_content_line(line: str) -> bool:
 
 
 def next_line_examples(limit: int, context_chars: int = 2048) -> list[Example]:
-  """Example k: a line of eval file k mod F after up to `context_chars` of
-  its file, against three lines of three other files (all hash-picked)."""
+  """Examples in groups of four: four passages of four different eval files,
+  each followed by the same four candidates, the true next lines of the
+  four passages (in an order drawn per example). Every candidate is the
+  true line of one example of its group, so a model that ignores the
+  context (whatever it thinks of the lines themselves: length, rare words)
+  scores exactly 1/4; only reading the passage beats chance."""
   files = [t.split('\n') for t in _eval_texts()]
   valid = [[i for i in range(1, len(lines)) if _is_content_line(lines[i])]
            for lines in files]
-  usable = [f for f in range(len(files)) if len(valid[f]) >= 2]
+  usable = [f for f in range(len(files)) if valid[f]]
   examples = []
-  for k in range(limit):
-    f = usable[k % len(usable)]
-    lines = files[f]
-    i = valid[f][_hash('line', k) % len(valid[f])]
-    context = '\n'.join(lines[:i]) + '\n'
-    if len(context) > context_chars:
-      cut = context.find('\n', len(context) - context_chars)
-      context = context[cut + 1:]
-    true = lines[i].rstrip()
-    others = [u for u in usable if u != f]
-    wrong = []
-    for j in range(len(others)):
-      o = others[(_hash('other', k) + j * 7919) % len(others)]
-      line = files[o][valid[o][_hash('distractor', k, o) % len(valid[o])]].rstrip()
-      if line != true and line not in wrong:
-        wrong.append(line)
-      if len(wrong) == 3:
+  for g in range(-(-limit // 4)):
+    picked = []               # (context, true line) of four different files
+    for j in range(len(usable)):
+      f = usable[(4 * g + j * 7919) % len(usable)]
+      lines = files[f]
+      i = valid[f][_hash('line', g, f) % len(valid[f])]
+      true = lines[i].rstrip()
+      if any(f == other or true == line for other, _, line in picked):
+        continue
+      context = '\n'.join(lines[:i]) + '\n'
+      if len(context) > context_chars:
+        context = context[context.find('\n', len(context) - context_chars) + 1:]
+      picked.append((f, context, true))
+      if len(picked) == 4:
         break
-    label = _hash('label', k) % 4
-    choices = wrong[:label] + [true] + wrong[label:]
-    examples.append(Example([context] * 4, choices, label))
-  return examples
+    lines = [true for _, _, true in picked]
+    for k, (_, context, true) in enumerate(picked):
+      order = sorted(range(4), key=lambda c, k=k: _hash('order', g, k, c))
+      choices = [lines[c] for c in order]
+      examples.append(Example([context] * 4, choices, choices.index(true)))
+  return examples[:limit]
 
 
 def _filler(tokenizer, text: str, start: int, budget: int) -> str:
