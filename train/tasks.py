@@ -34,7 +34,9 @@ Built-in tasks, made deterministically from the eval split of the built-in
 corpus (the stdlib files `data.builtin` holds out), so they need no download
 and never overlap the training files:
 - `next_line`: a passage of a file and four candidate next lines: the true
-  one and three non-blank lines of three other files;
+  one and the true next lines of passages of three other files (groups of
+  four examples share their candidates, so a model blind to the passage
+  scores exactly 1/4);
 - `passkey@N`: a five-digit number hidden at a random depth of about N
   tokens of corpus text ("The pass key is 48213. Remember it. 48213 is the
   pass key."), then "What is the pass key? The pass key is": exact match of
