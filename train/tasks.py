@@ -484,6 +484,9 @@ def loop_hook(cfg, graphdef, state_shardings, mesh):
   first call (the eval batches are the same at every eval).
   """
   spec = cfg.eval.tasks if 'eval' in cfg else ''
+  if spec and not pipeline.has_eval(cfg):
+    logging.warning('eval.tasks=%r will not run: tasks run with the eval, and this '
+                    'run has no eval data (data.eval_files)', spec)
   taskset = make_taskset(cfg, spec, cfg.eval.task_limit, graphdef, state_shardings,
                          mesh) if spec else None
   counts = {}
