@@ -401,9 +401,11 @@ def main(argv):
   distributed.maybe_initialize()
   loop.configure_logging()
   if _TASKS.value is not None:
+    if strided or _EVAL_STEPS.value is not None:
+      raise app.UsageError('--tasks scores tasks alone: drop --stride, --context, --eval_steps')
     try:
       out = evaluate_tasks(_WORKDIR.value, _TASKS.value, _CHECKPOINT.value,
-                                   _TASK_LIMIT.value)
+                           _TASK_LIMIT.value)
     except (configs.ConfigError, sources.DataError, FileNotFoundError) as e:
       sys.exit(f'ablax: {e}')
     if jax.process_index() == 0:
