@@ -33,6 +33,8 @@ CHOICES = {
     'dpo.loss': ('sigmoid', 'ipo', 'hinge', 'robust', 'rpo', 'simpo', 'orpo'),
 }
 ROPE_SCALING_TYPES = ('linear', 'ntk', 'yarn', 'llama3')
+# Built-in evaluation tasks (train/tasks.py); `@N` sets a context length.
+EVAL_BUILTIN_TASKS = ('next_line', 'copy', 'passkey')
 
 
 class ConfigError(UserError):
@@ -219,6 +221,36 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
            f'model.num_shared_experts={m.num_shared_experts}: must be >= 0')
 
 
+def eval_task_specs(spec, field: str = 'eval.tasks') -> list[tuple[str, int | None, str | None]]:
+  """`next_line,passkey@512,hs:/data/hs.jsonl` -> [(name, length, path)].
+
+  A built-in is NAME or NAME@N (N: context tokens; copy and passkey only);
+  a task file is NAME:PATH (NAME is its tag, not a built-in's name).
+  """
+  items = [s.strip() for s in (spec.split(',') if isinstance(spec, str) else spec)]
+  out, names = [], set()
+  for item in (i for i in items if i):
+    name, sep, path = item.partition(':')
+    base, at, length = name.partition('@')
+    _check(base and all(c.isalnum() or c in '_-.' for c in base),
+           f'{field}: bad task name {name!r} in {item!r}')
+    if sep:
+      _check(path and not at, f'{field}: {item!r} must be NAME:PATH')
+      _check(base not in EVAL_BUILTIN_TASKS,
+             f'{field}: {base!r} is a built-in task; name the file {base}_file:{path}')
+      out.append((name, None, path))
+    else:
+      _check(base in EVAL_BUILTIN_TASKS, f'{field}: unknown task {name!r}: use one of '
+             f'{", ".join(EVAL_BUILTIN_TASKS)} (copy@N, passkey@N) or NAME:PATH')
+      _check(not at or (base != 'next_line' and length.isdigit() and int(length) >= 32),
+             f'{field}: {name!r}: N in {base}@N must be an integer >= 32' if base !=
+             'next_line' else f'{field}: next_line takes no @N (its context is train.seq_len)')
+      out.append((name, int(length) if at else None, None))
+    _check(name not in names, f'{field}: task {name!r} is listed twice')
+    names.add(name)
+  return out
+
+
 def validate(cfg: ml_collections.ConfigDict) -> None:
   """Checks the whole config; raises ConfigError naming the bad field."""
   validate_model(cfg.model)
@@ -270,6 +302,14 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if t.get('spike_threshold') is not None:
     _check(t.spike_threshold > 0,
            f'train.spike_threshold={t.spike_threshold}: must be None or positive')
+  if 'eval' in cfg:
+    _check(isinstance(cfg.eval.tasks, str), f'eval.tasks={cfg.eval.tasks!r}: must be a '
+           'comma-separated string of tasks')
+    tasks = eval_task_specs(cfg.eval.tasks)
+    _check(isinstance(cfg.eval.task_limit, int) and cfg.eval.task_limit >= 0,
+           f'eval.task_limit={cfg.eval.task_limit!r}: must be an integer >= 0 (0 = all)')
+    _check(not tasks or t.eval_steps > 0, 'eval.tasks is set but train.eval_steps=0: '
+           'tasks run with the eval; set train.eval_steps > 0')
   tok = cfg.data.tokenizer
   _check(tok == 'bytes' or tok.startswith(('sentencepiece:', 'hf:')),
          f'data.tokenizer={tok!r}: must be bytes, sentencepiece:PATH or hf:PATH')

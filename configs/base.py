@@ -142,6 +142,13 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   # With a mixture, data.train_files and data.eval_files stay empty.
   c.data.mixture = ''
 
+  c.eval = ml_collections.ConfigDict()
+  # Evaluation tasks run with every eval (train.eval_every_steps) and by
+  # `train.evaluate --tasks`: comma-separated built-ins (next_line, copy[@N],
+  # passkey@N) and NAME:PATH task files (JSONL); '' = none (docs/evaluation.md).
+  c.eval.tasks = ''
+  c.eval.task_limit = 1000        # examples per task (the first ones); 0 = all
+
   c.dpo = ml_collections.ConfigDict()
   c.dpo.init_checkpoint = ''      # align: the pretraining workdir (required)
   c.dpo.beta = 0.1

@@ -245,3 +245,55 @@ def get_tokenizer(spec: str):
     return HFTokenizer(path)
   raise TokenizerError(f'data.tokenizer={spec!r}: must be bytes, '
                        'sentencepiece:PATH or hf:PATH (a tokenizer.json or its folder)')
+
+
+def _json_types(node) -> set:
+  """Every `type` named in a tokenizer.json component (Sequence included)."""
+  if isinstance(node, dict):
+    return {node.get('type')} | set().union(*map(_json_types, node.values()))
+  if isinstance(node, list):
+    return set().union(*map(_json_types, node)) if node else set()
+  return set()
+
+
+def token_bytes(tokenizer, size: int | None = None) -> np.ndarray:
+  """int32 [size]: the UTF-8 bytes of text each token id stands for.
+
+  Summed over the target tokens of a text this is the text's byte count,
+  which turns a loss in nats per token into bits per byte, a figure that
+  compares models with different tokenizers. Special tokens (BOS, EOS,
+  control, unknown) and ids past the tokenizer's vocabulary count 0 bytes.
+  - bytes: 1 per byte id;
+  - sentencepiece: a byte-fallback piece `<0xNN>` is 1, any other piece its
+    UTF-8 length with the word-boundary mark `▁` read as one space (so the
+    dummy space SentencePiece puts before a text's first word counts too);
+  - hf: byte-level BPE (GPT-2, Llama 3, Qwen) maps each character of a token
+    to one byte, so the length of its string; other models read as
+    SentencePiece pieces, with WordPiece's `##` continuation mark dropped.
+  """
+  size = tokenizer.vocab_size if size is None else size
+  out = np.zeros(size, np.int32)
+  if isinstance(tokenizer, BytesTokenizer):
+    out[:min(256, size)] = 1
+    return out
+
+  def piece_bytes(piece: str) -> int:
+    if len(piece) == 6 and piece.startswith('<0x') and piece.endswith('>'):
+      return 1
+    return len(piece.removeprefix('##').replace('\u2581', ' ').encode('utf-8'))
+
+  if isinstance(tokenizer, SentencePieceTokenizer):
+    sp = tokenizer._sp  # pylint: disable=protected-access
+    for i in range(min(size, tokenizer.vocab_size)):
+      if not (sp.is_control(i) or sp.is_unknown(i)):
+        out[i] = 1 if sp.is_byte(i) else piece_bytes(sp.id_to_piece(i))
+    return out
+  tok = tokenizer._tok  # pylint: disable=protected-access
+  spec = json.loads(tok.to_str())
+  byte_level = 'ByteLevel' in _json_types(spec.get('decoder')) | _json_types(
+      spec.get('pre_tokenizer'))
+  special = {int(i) for i, t in tok.get_added_tokens_decoder().items() if t.special}
+  for token, i in tok.get_vocab(with_added_tokens=True).items():
+    if i < size and i not in special:
+      out[i] = len(token) if byte_level else piece_bytes(token)
+  return out

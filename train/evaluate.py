@@ -5,6 +5,7 @@
     python -m train.evaluate --workdir /tmp/ablax_tiny --stride 64 [--context 128]
     python -m train.evaluate --workdir /tmp/ablax_tiny --stride 64 --files 'books/*.txt'
     python -m train.evaluate --workdir /tmp/ablax_tiny --lengths 128,256,512
+    python -m train.evaluate --workdir /tmp/ablax_tiny --tasks next_line,passkey@512,hs:hs.jsonl
 
 Reads `DIR/config.json` (the model and the data it was trained with) and
 restores only the parameters of the newest checkpoint (or `--checkpoint STEP`).
@@ -33,6 +34,9 @@ Lengths (`--lengths L1,L2,...`): the strided loss with stride = context = L
 at each length, on the same documents (those at least max(L) + 1 tokens
 long, cut to that), written to `DIR/eval_lengths.json`: a model trained
 short, read long (`launch.compare --lengths` tables it per run).
+Tasks (`--tasks`, the syntax of `eval.tasks`; `--task_limit N` examples per
+task, default `eval.task_limit`): multiple-choice and exact-match scores
+(`train/tasks.py`), printed and written to `DIR/eval_tasks.json`.
 """
 
 import json
@@ -61,6 +65,7 @@ from train import mesh as mesh_lib
 from train import optim
 from train import sharding
 from train import step as step_lib
+from train import tasks
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir.')
 _CHECKPOINT = flags.DEFINE_integer('checkpoint', None,
@@ -82,6 +87,10 @@ _MAX_DOCUMENTS = flags.DEFINE_integer(
 _LENGTHS = flags.DEFINE_list(
     'lengths', None, 'L1,L2,...: loss at each context length on the same documents '
     '(the first max(L) + 1 tokens of those that long); writes DIR/eval_lengths.json.')
+_TASKS = flags.DEFINE_string(
+    'tasks', None, 'Evaluation tasks (next_line,passkey@512,NAME:PATH.jsonl); '
+    'writes DIR/eval_tasks.json.')
+_TASK_LIMIT = flags.DEFINE_integer('task_limit', None, 'Examples per task (0: all).')
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -421,6 +430,24 @@ def evaluate_lengths(workdir: str, lengths: Sequence[int], *, files: str | None 
   return result
 
 
+def evaluate_tasks(workdir: str, spec: str, checkpoint: int | None = None,
+                   limit: int | None = None) -> dict:
+  """{'step', 'tasks': {name: metrics}, 'core'} of `spec` (`eval.tasks`
+  syntax) on a checkpoint of `workdir`; also written to DIR/eval_tasks.json."""
+  cfg = load_config(workdir)
+  if not configs.eval_task_specs(spec, '--tasks'):
+    raise configs.ConfigError('--tasks is empty')
+  limit = (cfg.eval.task_limit if 'eval' in cfg else 1000) if limit is None else limit
+  mesh = _mesh(cfg)
+  graphdef, state, state_shardings, step = restore(workdir, cfg, mesh, checkpoint)
+  results = tasks.make_taskset(cfg, spec, limit, graphdef, state_shardings, mesh)(state)
+  out = {'step': step, 'tasks': results, 'core': tasks.scalars(results)['eval/core']}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'eval_tasks.json'), 'w') as f:
+      f.write(json.dumps(out, indent=1) + '\n')
+  return out
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
@@ -436,6 +463,17 @@ def main(argv):
   from train import distributed  # pylint: disable=g-import-not-at-top
   distributed.maybe_initialize()
   loop.configure_logging()
+  if _TASKS.value is not None:
+    if strided or _EVAL_STEPS.value is not None:
+      raise app.UsageError('--tasks scores tasks alone: drop --stride, --context, --eval_steps')
+    try:
+      out = evaluate_tasks(_WORKDIR.value, _TASKS.value, _CHECKPOINT.value,
+                           _TASK_LIMIT.value)
+    except (configs.ConfigError, sources.DataError, FileNotFoundError) as e:
+      sys.exit(f'ablax: {e}')
+    if jax.process_index() == 0:
+      print(f'{_WORKDIR.value} {tasks.format_results(out)}')
+    return
   try:
     if _LENGTHS.value:
       result = evaluate_lengths(_WORKDIR.value, _LENGTHS.value,

@@ -46,6 +46,7 @@ from train import metrics as metrics_lib
 from train import optim
 from train import sharding
 from train import step as step_lib
+from train import tasks as tasks_lib
 
 
 class Preemption:
@@ -284,6 +285,7 @@ def _train(cfg, workdir: str, started) -> dict:
   train_step = make_step(optimizer, schedule)
   eval_step = step_lib.make_eval_step(
       loss_fn, graphdef=graphdef, state_shardings=state_shardings, mesh=mesh)
+  eval_extra = tasks_lib.loop_hook(cfg, graphdef, state_shardings, mesh)
 
   # ---------------------------------------------------------- Checkpoint.
   ckpt = checkpoint_lib.Checkpointer(workdir, every_steps=t.checkpoint_every_steps,
@@ -338,6 +340,8 @@ def _train(cfg, workdir: str, started) -> dict:
       summary['eval'] = metrics_lib.eval_scalars(   # per source for a mixture
           lambda source: step_lib.eval_metrics(eval_step, state, eval_batches(source)),
           pipeline.eval_sources(cfg))
+      summary['eval'].update(eval_extra(   # bits/byte, eval.tasks
+          state, {'loss': summary['eval']['eval/loss']}))
       writer.scalars(at_step, summary['eval'])
       console.eval_line(at_step, summary['eval'])
 
