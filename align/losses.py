@@ -13,18 +13,18 @@ n_c and n_r. With x = (a_c − r_c) − (a_r − r_r), the log-ratio difference:
   log-prob is divided by its response's token count (x on token means), as
   TRL does after the authors advised it, so that β does not depend on length.
 - `hinge`: the SLiC hinge (Zhao et al. 2023), max(0, 1 − β·x).
-- `robust`: provably robust DPO (Chowdhury et al. 2024, eq. 8) for preference
+- `robust`: provably robust DPO (Chowdhury et al. 2024) for preference
   labels flipped with probability ε (`label_smoothing`):
   ((1−ε)·(−log σ(β·x)) − ε·(−log σ(−β·x))) / (1 − 2ε), an unbiased estimate
   of the clean-label DPO loss.
 - `rpo`: DPO plus `nll_weight` α times the chosen response's token-mean
   negative log-likelihood, −(1−ε)·log σ(β·x) − ε·log σ(−β·x) − α·a_c/n_c
-  (Pang et al. 2024, "Iterative Reasoning Preference Optimization", eq. 1; the
+  (Pang et al. 2024, "Iterative Reasoning Preference Optimization"; the
   Llama 3 and Nemotron-4 recipes).
-- `simpo`: Simple Preference Optimization (Meng et al. 2024, eq. 6),
+- `simpo`: Simple Preference Optimization (Meng et al. 2024),
   reference-free, on length-normalised log-probs with a target margin γ
   (`simpo_gamma`): −log σ(β·a_c/n_c − β·a_r/n_r − γ).
-- `orpo`: Odds Ratio Preference Optimization (Hong et al. 2024, eq. 6-7),
+- `orpo`: Odds Ratio Preference Optimization (Hong et al. 2024),
   reference-free: with P = exp(a/n) (the length-normalised likelihood) and
   odds(P) = P / (1 − P), α·(−a_c/n_c) + β·(−log σ(log odds(P_c) − log odds(P_r))):
   the paper's L_SFT + λ·L_OR with λ = β (and α = `nll_weight`, 1 in the paper).

@@ -105,7 +105,7 @@ def paper_gradient(kind, beta, eps=0.0, alpha=1.0, gamma=0.5):
     s = _sig(gamma + beta * A_R / N_R - beta * A_C / N_C)
     return -beta * s / N_C, beta * s / N_R
   if kind == 'orpo':
-    # Hong et al. eq. 10-12: ∇L_OR = δ(d) h(d), δ = (1 + odds_w / odds_l)^-1,
+    # Hong et al., the gradient of L_OR: ∇L_OR = δ(d) h(d), δ = (1 + odds_w / odds_l)^-1,
     # h = -∇log P_w / (1 - P_w) + ∇log P_l / (1 - P_l), with log P = a / n;
     # plus α ∇(-log P_w) from L_SFT.
     p_c, p_r = np.exp(A_C / N_C), np.exp(A_R / N_R)

@@ -394,7 +394,7 @@ def test_gradients_flow_under_jit_and_match_dense_reference(impl):
   np.testing.assert_allclose(np.asarray(gx), np.asarray(gx_want), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize('capacity_factor', [0.7, 1.0])
+@pytest.mark.parametrize('capacity_factor', [1.0])
 def test_gradients_with_capacity_equal_the_dense_reference_with_the_same_keep_set(
     capacity_factor):
   cfg = _cfg(num_experts=4, experts_per_token=2, moe_capacity_factor=capacity_factor)

@@ -1,8 +1,9 @@
 """Exact resume and preemption, with real `python -m train` processes.
 
 - 20 steps straight vs. a run killed with SIGKILL after its step-10 checkpoint
-  and resumed to 20: the per-step losses and the final parameters are bitwise
-  equal.
+  and resumed to 20, with 2-microbatch gradient accumulation and a grain
+  worker process reading the data: the per-step losses and the final
+  parameters are bitwise equal.
 - SIGTERM (SIGINT) at a random step: a checkpoint at exactly that step, exit
   code 0 (130).
 
@@ -71,7 +72,8 @@ def finished_steps(workdir):
 
 def test_killed_and_resumed_run_is_bitwise_the_straight_run(tmp_path, env):
   straight, killed = tmp_path / 'straight', tmp_path / 'killed'
-  every = ['--config.train.checkpoint_every_steps=5']
+  every = ['--config.train.checkpoint_every_steps=5', '--config.train.grad_accum_steps=2',
+           '--config.train.global_batch_size=16', '--config.data.worker_count=1']
   subprocess.run(command(straight, '--config.train.steps=20', *every), env=env,
                  cwd=REPO, check=True, timeout=TIMEOUT, capture_output=True)
 
