@@ -30,8 +30,11 @@ saves (params, optimizer state, step, RNG, data-iterator position), so the
 policy's parameter tree is the pretraining one and `train` code restores it
 unchanged. The reference is not saved again: `DIR/reference.json` records the
 checkpoint folder it came from, and a resumed run reloads that same folder.
-The loss of every step is checked before anything else happens at that step:
-a NaN or inf stops the run naming the step, with no checkpoint written for it.
+The loss, gradient norm and updated parameters of every step are checked
+before anything else happens at that step: a NaN or inf stops the run naming
+the step and the newest finite checkpoint, with no checkpoint written for it.
+Like `train`, a run holds the workdir lock, saves and exits 130 on Ctrl-C, and
+writes config.json once its first step ran (`train.loop.run_locked`).
 """
 
 import contextlib

@@ -123,8 +123,6 @@ def load_module(path: str):
     raise
   except Exception as e:  # pylint: disable=broad-except
     raise ConfigError(f'config file {_where(path, e)}: {type(e).__name__}: {e}') from e
-  if not callable(getattr(module, 'get_config', None)):
-    raise ConfigError(f'config file {path!r} defines no get_config(arg)')
   return module
 
 
@@ -133,6 +131,8 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
   not validated); errors name the file and line."""
   path, _, arg = spec.partition(':')
   module = load_module(path)
+  if not callable(getattr(module, 'get_config', None)):
+    raise ConfigError(f'config file {path!r} defines no get_config(arg)')
   try:
     return module.get_config(arg or None)
   except UserError:

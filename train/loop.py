@@ -5,16 +5,27 @@ data, state, steps, checkpoint (resume), metrics, loop. All the work of a
 step happens in one jitted `train_step` (`train/step.py`); the loop only
 feeds batches, keeps time, and decides when to log, evaluate and save.
 
-Safety:
-- the loss of every step is checked (one step late, so the host never waits
-  for the device): a NaN or inf stops the run with `FloatingPointError`
-  naming the step, and no checkpoint is written after it;
-- SIGTERM (a TPU/cluster preemption) saves a checkpoint at the current step
-  and returns normally, so the process exits 0; a multi-process job agrees on
-  the step through JAX's preemption sync point;
+Safety (docs/training.md, "Stopping, locking and diverging"):
+- one run per workdir: `DIR/LOCK` (host, PID) while it runs; a second run is
+  refused, a stale lock (its process gone) taken over with a warning;
+- the loss, gradient norm and finiteness of the updated parameters of every
+  step are checked (one step late, so the host never waits for the device,
+  and always before a save): a non-finite state is never checkpointed.
+  `train.on_divergence='stop'` then raises `FloatingPointError` naming the
+  step and the newest checkpoint whose parameters were read back finite;
+  `'rollback'` restores a finite checkpoint, skips the batches since, scales
+  the learning rate and goes on (PaLM, Chowdhery et al. 2022); loss spikes
+  (`train.spike_threshold`) are counted and can roll back too;
+- SIGTERM (a TPU/cluster preemption) and SIGINT (Ctrl-C) save a checkpoint at
+  the current step and return (status `preempted`, exit 0; `interrupted`,
+  exit 130); a second Ctrl-C exits at once; a multi-process job agrees on
+  the SIGTERM step through JAX's preemption sync point;
+- `DIR/config.json` is written once the first step ran; a run that fails
+  before leaves `DIR/start_failed.json` with the error;
 - re-running on the same workdir resumes from the newest loadable
   checkpoint, including the data iterator's position, so the run continues
-  exactly (bitwise, on the same hardware) as if it had never stopped.
+  exactly (bitwise, on the same hardware) as if it had never stopped; a
+  workdir already at `train.steps` has nothing to do.
 
 `train.init_checkpoint` starts a fresh run from another run's parameters
 (fine-tuning, e.g. SFT after pretraining): the model must be the same, the
