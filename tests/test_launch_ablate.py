@@ -363,19 +363,39 @@ def test_stopping_a_sweep_stops_its_trainer(tmp_path):
 LAW = dict(E=1.69, A=406.4, alpha=0.34, B=410.7, beta=0.28)   # Hoffmann et al.'s fit
 
 
-def test_fit_recovers_a_known_law(tmp_path, capsys):
-  rng = np.random.default_rng(0)
-  a = LAW['beta'] / (LAW['alpha'] + LAW['beta'])
+def law_table(law, seed=0):
+  """(C, N, D, loss) of 7 budgets x 9 sizes around the law's optimum, 0.5% noise."""
+  rng = np.random.default_rng(seed)
+  a = law['beta'] / (law['alpha'] + law['beta'])
   rows = []
   for c in np.geomspace(1e18, 1e21, 7):
-    n_opt = fit.optimal_allocation({**LAW, 'a': a}, c)[0]
+    n_opt = fit.optimal_allocation({**law, 'a': a}, c)[0]
     for n in n_opt * np.geomspace(1 / 8, 8, 9):
       d = c / (6 * n)
-      loss = LAW['E'] + LAW['A'] / n**LAW['alpha'] + LAW['B'] / d**LAW['beta']
+      loss = law['E'] + law['A'] / n**law['alpha'] + law['B'] / d**law['beta']
       rows.append((c, n, d, loss * (1 + 0.005 * rng.standard_normal())))
+  return rows
+
+
+def test_fit_per_arm_predicts_the_gap(tmp_path, capsys):
+  # Arm y is arm x's law plus 0.05 nats everywhere: the gap at 10x the compute.
   path = tmp_path / 'scaling.csv'
   with open(path, 'w', newline='') as f:
-    csv.writer(f).writerows([('budget', 'params', 'tokens', 'loss')] + rows)
+    csv.writer(f).writerows([('arm', 'budget', 'params', 'tokens', 'loss')] +
+                            [('x', *r) for r in law_table(LAW, 1)] +
+                            [('y', *r) for r in law_table({**LAW, 'E': LAW['E'] + 0.05}, 2)])
+  result = fit.fit(str(path), budget=1e22, write=False)
+  capsys.readouterr()
+  losses = result['predicted_at_budget']['loss']
+  assert abs(losses['y'] - losses['x'] - 0.05) < 0.02
+  assert set(result['arms']) == {'x', 'y'}
+
+
+def test_fit_recovers_a_known_law(tmp_path, capsys):
+  a = LAW['beta'] / (LAW['alpha'] + LAW['beta'])
+  path = tmp_path / 'scaling.csv'
+  with open(path, 'w', newline='') as f:
+    csv.writer(f).writerows([('budget', 'params', 'tokens', 'loss')] + law_table(LAW))
   assert fit.main([str(path), '--predict', '1e10,2e11']) == 0
   printed = capsys.readouterr().out
   result = json.load(open(tmp_path / 'fit.json'))
