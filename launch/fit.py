@@ -15,7 +15,8 @@ it C = 6 N D, grouped within 5%). Two fits, as Hoffmann et al. 2022
   N_opt ∝ C^a, D_opt ∝ C^b with a = beta / (alpha + beta), b = alpha / (alpha + beta).
 - approach 2, per budget a parabola of loss against log N; its minimum is
   N_opt(C) (D_opt(C) from the budget's log D against log N line); the slopes of
-  log N_opt and log D_opt against log C are the exponents (`approach2`).
+  log N_opt and log D_opt against log C, over the budgets whose minimum lies
+  inside the sizes run, are the exponents (`approach2`).
 
 Writes `fit.json` (E, A, alpha, B, beta, a, b, residuals, approach2) and
 `fit.png` (isoFLOP curves with the fitted law, and the compute-optimal
@@ -165,10 +166,12 @@ def fit_isoflops(table) -> dict:
                     'parabola': [float(k2), float(k1), float(k0)],
                     'bracketed': bool(log_n.min() <= best <= log_n.max())})
   out = {'budgets': budgets, 'a': None, 'b': None}
-  if len(budgets) >= 2:
-    log_c = np.log([b['budget'] for b in budgets])
-    out['a'] = float(np.polyfit(log_c, np.log([b['n_opt'] for b in budgets]), 1)[0])
-    out['b'] = float(np.polyfit(log_c, np.log([b['d_opt'] for b in budgets]), 1)[0])
+  # Only minima inside the sizes run: an extrapolated one says little.
+  inside = [b for b in budgets if b['bracketed']]
+  if len(inside) >= 2:
+    log_c = np.log([b['budget'] for b in inside])
+    out['a'] = float(np.polyfit(log_c, np.log([b['n_opt'] for b in inside]), 1)[0])
+    out['b'] = float(np.polyfit(log_c, np.log([b['d_opt'] for b in inside]), 1)[0])
   return out
 
 
@@ -236,9 +239,9 @@ def fit_table(table, out) -> dict:
                                              '  (outside the sizes run)') + '\n')
   if a2['a'] is not None:
     out.write(f'approach 2: N_opt ∝ C^{a2["a"]:.3f}, D_opt ∝ C^{a2["b"]:.3f}\n')
-  elif not a2['budgets']:
-    out.write('approach 2: no budget has a minimum inside its sizes (a parabola needs '
-              'three sizes per budget, curving upward)\n')
+  else:
+    out.write('approach 2: fewer than two budgets have their minimum inside the sizes '
+              'run (a parabola needs three sizes per budget, curving upward); no exponents\n')
   return result
 
 
