@@ -36,6 +36,8 @@ import sys
 
 import numpy as np
 
+from launch import sweep as sweep_lib
+
 HUBER_DELTA = 1e-3
 STARTS = 12
 
@@ -294,8 +296,7 @@ def fit(table_path: str, out=None, *, write=True, budget: float | None = None) -
 
 
 def main(argv=None) -> int:
-  import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(prog='python -m launch.fit',
+  parser = sweep_lib.argument_parser(prog='python -m launch.fit',
                                    description='Chinchilla fits of a params,tokens,loss table.')
   parser.add_argument('table', help='CSV with columns params, tokens, loss [, budget]')
   parser.add_argument('--predict', default=None, help='N,D: print the fitted loss there')

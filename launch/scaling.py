@@ -109,8 +109,7 @@ def plan(config: str, workdir: str, budgets, sizes: int, arms=(), base_overrides
 
 
 def main(argv=None) -> int:
-  import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(prog='python -m launch.scaling',
+  parser = sweep_lib.argument_parser(prog='python -m launch.scaling',
                                    description=__doc__.split('\n\n')[0],
                                    epilog='Base overrides: --config.PATH=VALUE (any number).')
   parser.add_argument('--config', required=True, help='configs/NAME.py[:ARG]')

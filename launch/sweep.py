@@ -68,6 +68,16 @@ class SweepError(ValueError):
   """A sweep that cannot run; the message says which run and field."""
 
 
+def argument_parser(**kwargs):
+  """argparse for the launch commands, whose usage errors are one `ablax:` line."""
+  import argparse  # pylint: disable=g-import-not-at-top
+
+  class Parser(argparse.ArgumentParser):
+    def error(self, message):
+      self.exit(2, f'ablax: {message} (see {self.prog} --help)\n')
+  return Parser(**kwargs)
+
+
 @dataclasses.dataclass
 class Run:
   name: str                 # the folder under the sweep: ARM or ARM/seed=S
@@ -728,8 +738,7 @@ def _print_planned(config, run, base_overrides, out):
 
 
 def main(argv=None) -> int:
-  import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(
+  parser = argument_parser(
       prog='python -m launch.sweep', description=__doc__.split('\n\n')[0],
       epilog='Base overrides: --config.PATH=VALUE (any number).')
   parser.add_argument('--config', required=True, help='configs/NAME.py[:ARG]')
