@@ -498,6 +498,9 @@ def execute(config: str, run: Run, base_overrides=(), *, in_process=False,
     try:
       summary = loop.train_and_evaluate(cfg, run.workdir)
       status, step = 0, summary['step']
+      if summary.get('status') == 'preempted' and stop is not None:
+        # The trainer's own SIGTERM handler saved; the sweep stops too.
+        stop.signum = stop.signum or signal.SIGTERM
     except Exception as e:  # pylint: disable=broad-except
       # The sweep goes on; the run's FAILED marker says why.
       print(f'ablax: run {run.name} failed: {type(e).__name__}: {e}',
