@@ -489,3 +489,26 @@ def test_scaling_ladder_plan_and_table(tmp_path, capsys):
         ['train.seq_len=64'] + run.override_args())
     assert int(row['tokens']) == cfg.train.steps * cfg.train.global_batch_size * 64
     assert float(row['loss']) == pytest.approx(3.0 + i / 10, rel=1e-6)
+
+
+def test_seeds_flag_and_running_markers(tmp_path, monkeypatch, capsys):
+  assert sweep.parse_seeds('3') == [0, 1, 2] and sweep.parse_seeds('0,5,7') == [0, 5, 7]
+  for bad in ('x', '0', '1,1', '-1,2'):
+    with pytest.raises(sweep.SweepError, match='--seeds'):
+      sweep.parse_seeds(bad)
+  with pytest.raises(sweep.SweepError, match='train.seed'):
+    sweep.plan(CONFIG, str(tmp_path), [{'train.seed': 3}], seeds=[0])
+  # A run whose RUNNING marker names a live process is left alone; one whose
+  # processes are gone is stale and trains (resumes).
+  runs = sweep.plan(CONFIG, str(tmp_path), sweep.expand(['model.qk_norm=False,True']))
+  for run, pid in zip(runs, (os.getpid(), 2**22 + 12345)):
+    os.makedirs(run.workdir)
+    json.dump({'pid': pid, 'host': __import__('socket').gethostname()},
+              open(os.path.join(run.workdir, sweep.RUNNING), 'w'))
+  trained = []
+  monkeypatch.setattr(sweep, 'execute', lambda config, run, *a, **k: trained.append(run.name) or 0)
+  results = sweep.train_all(CONFIG, runs, (), in_process=True, out=sys.stdout, stop=sweep.Stop())
+  out = capsys.readouterr().out
+  assert results == {'qk_norm=False': 'busy', 'qk_norm=True': 'done'}
+  assert trained == ['qk_norm=True']
+  assert f'running in process {os.getpid()}' in out and 'stale RUNNING marker' in out
