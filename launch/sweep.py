@@ -503,8 +503,8 @@ def execute(config: str, run: Run, base_overrides=(), *, in_process=False,
         stop.signum = stop.signum or signal.SIGTERM
     except Exception as e:  # pylint: disable=broad-except
       # The sweep goes on; the run's FAILED marker says why.
-      print(f'ablax: run {run.name} failed: {type(e).__name__}: {e}',
-            file=sys.stderr, flush=True)
+      message = f'{type(e).__name__}: {e}'
+      print(f'ablax: run {run.name} failed: {message}', file=sys.stderr, flush=True)
       status, step = 1, None
   else:
     # Its own process group: a Ctrl-C at the terminal reaches the sweep,
@@ -530,7 +530,10 @@ def execute(config: str, run: Run, base_overrides=(), *, in_process=False,
   if stop is not None and stop.signum is not None:
     return 128 + stop.signum       # stopped by the user: no FAILED marker
   # Exit 0 short of the last step is a preemption (SIGTERM saved and returned).
-  _write_marker(run, FAILED, {'status': status, 'step': step or None, 'time': time.time()})
+  failure = {'status': status, 'step': step or None, 'time': time.time()}
+  if in_process and step is None:
+    failure['message'] = message
+  _write_marker(run, FAILED, failure)
   return status or 1
 
 
