@@ -593,7 +593,8 @@ def _compare_seeded(root, rows, metric, baseline, recorded, extra, buffer):
       r[c] = sum(values) / len(values) if values else None
   columns = stat_columns(metric) + adjusted + extra
   write_csv(stats_rows, os.path.join(root, 'compare.csv'), columns)
-  write_csv(rows, os.path.join(root, 'compare_runs.csv'), ('arm', 'seed') + COLUMNS)
+  write_csv(rows, os.path.join(root, 'compare_runs.csv'),
+            ('arm', 'seed') + COLUMNS + tuple(extra))
   shown = stat_display(stats_rows, metric, adjusted + extra)
   shown_columns = _present_columns(shown, list(shown[0]), always=('arm', 'seeds'))
   notes = [f'baseline {baseline}; mean ± half-width of the 95% t interval over seeds; '
@@ -615,8 +616,7 @@ def _compare_seeded(root, rows, metric, baseline, recorded, extra, buffer):
 
 
 def main(argv=None) -> int:
-  import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(prog='python -m launch.compare',
+  parser = sweep_lib.argument_parser(prog='python -m launch.compare',
                                    description='Table and curves of the runs in DIR.')
   parser.add_argument('dir', help='a sweep folder (one run per sub-folder)')
   parser.add_argument('--metric', default='eval/loss',

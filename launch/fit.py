@@ -15,11 +15,16 @@ it C = 6 N D, grouped within 5%). Two fits, as Hoffmann et al. 2022
   N_opt ∝ C^a, D_opt ∝ C^b with a = beta / (alpha + beta), b = alpha / (alpha + beta).
 - approach 2, per budget a parabola of loss against log N; its minimum is
   N_opt(C) (D_opt(C) from the budget's log D against log N line); the slopes of
-  log N_opt and log D_opt against log C are the exponents (`approach2`).
+  log N_opt and log D_opt against log C, over the budgets whose minimum lies
+  inside the sizes run, are the exponents (`approach2`).
 
 Writes `fit.json` (E, A, alpha, B, beta, a, b, residuals, approach2) and
 `fit.png` (isoFLOP curves with the fitted law, and the compute-optimal
 frontier) next to TABLE.csv; `--predict N,D` prints the law's loss there.
+A table with an `arm` column of several arms (a ladder per arm, `launch.scaling
+--sweep`) is fitted per arm (`fit_<arm>.png`; fit.json {"arms": {arm: ...}});
+`--budget C` prints each arm's loss at its compute-optimal N, D for C FLOPs
+and the gap to the first arm: does the change still win at 10x the compute?
 """
 
 import csv
@@ -30,6 +35,8 @@ import os
 import sys
 
 import numpy as np
+
+from launch import sweep as sweep_lib
 
 HUBER_DELTA = 1e-3
 STARTS = 12
@@ -52,6 +59,8 @@ def read_table(path: str) -> dict[str, np.ndarray]:
   table = {c: np.asarray([float(r[c]) for r in rows]) for c in need}
   if 'budget' in rows[0] and all(r['budget'] for r in rows):
     table['budget'] = np.asarray([float(r['budget']) for r in rows])
+  if 'arm' in rows[0] and len({r['arm'] for r in rows}) > 1:
+    table['arm'] = np.asarray([r['arm'] for r in rows])
   if len(rows) < 5:
     raise FitError(f'{path}: {len(rows)} rows; the law has 5 parameters')
   return table
@@ -159,10 +168,12 @@ def fit_isoflops(table) -> dict:
                     'parabola': [float(k2), float(k1), float(k0)],
                     'bracketed': bool(log_n.min() <= best <= log_n.max())})
   out = {'budgets': budgets, 'a': None, 'b': None}
-  if len(budgets) >= 2:
-    log_c = np.log([b['budget'] for b in budgets])
-    out['a'] = float(np.polyfit(log_c, np.log([b['n_opt'] for b in budgets]), 1)[0])
-    out['b'] = float(np.polyfit(log_c, np.log([b['d_opt'] for b in budgets]), 1)[0])
+  # Only minima inside the sizes run: an extrapolated one says little.
+  inside = [b for b in budgets if b['bracketed']]
+  if len(inside) >= 2:
+    log_c = np.log([b['budget'] for b in inside])
+    out['a'] = float(np.polyfit(log_c, np.log([b['n_opt'] for b in inside]), 1)[0])
+    out['b'] = float(np.polyfit(log_c, np.log([b['d_opt'] for b in inside]), 1)[0])
   return out
 
 
@@ -214,11 +225,8 @@ def plot(table, result: dict, path: str) -> None:
   plt.close(fig)
 
 
-def fit(table_path: str, out=None, *, write=True) -> dict:
-  out = out or sys.stdout
-  table = read_table(table_path)
-  if np.any(table['params'] <= 0) or np.any(table['tokens'] <= 0) or np.any(table['loss'] <= 0):
-    raise FitError(f'{table_path}: params, tokens and loss must be positive')
+def fit_table(table, out) -> dict:
+  """Both fits of one table (one arm), printed to `out`."""
   result = fit_law(table['params'], table['tokens'], table['loss'])
   result['approach2'] = fit_isoflops(table)
   rms = math.sqrt(np.mean(np.square(result['residuals'])))
@@ -233,21 +241,68 @@ def fit(table_path: str, out=None, *, write=True) -> dict:
                                              '  (outside the sizes run)') + '\n')
   if a2['a'] is not None:
     out.write(f'approach 2: N_opt ∝ C^{a2["a"]:.3f}, D_opt ∝ C^{a2["b"]:.3f}\n')
+  else:
+    out.write('approach 2: fewer than two budgets have their minimum inside the sizes '
+              'run (a parabola needs three sizes per budget, curving upward); no exponents\n')
+  return result
+
+
+def fit(table_path: str, out=None, *, write=True, budget: float | None = None) -> dict:
+  """Fits TABLE.csv (per arm when it has several); writes fit.json and fit.png.
+
+  `budget`: with arms, prints each arm's loss at its compute-optimal (N, D)
+  for C = `budget` and the gap to the first arm.
+  """
+  out = out or sys.stdout
+  table = read_table(table_path)
+  if np.any(table['params'] <= 0) or np.any(table['tokens'] <= 0) or np.any(table['loss'] <= 0):
+    raise FitError(f'{table_path}: params, tokens and loss must be positive')
+  folder = os.path.dirname(os.path.abspath(table_path))
+  if 'arm' not in table:
+    result = fit_table(table, out)
+    if write:
+      with open(os.path.join(folder, 'fit.json'), 'w') as f:
+        json.dump(result, f, indent=2)
+      plot(table, result, os.path.join(folder, 'fit.png'))
+      out.write(f'wrote {os.path.join(folder, "fit.json")}, fit.png\n')
+    return result
+  arms = list(dict.fromkeys(table['arm']))
+  result = {'arms': {}}
+  for arm in arms:
+    out.write(f'{arm}:\n')
+    rows = table['arm'] == arm
+    part = {k: v[rows] for k, v in table.items() if k != 'arm'}
+    if len(part['loss']) < 5:
+      raise FitError(f'{table_path}: arm {arm!r} has {len(part["loss"])} rows; the law '
+                     'has 5 parameters')
+    result['arms'][arm] = fit_table(part, out)
+    if write:
+      plot(part, result['arms'][arm], os.path.join(folder, f'fit_{arm}.png'))
+  if budget is not None:
+    losses = {}
+    for arm, r in result['arms'].items():
+      n, d = optimal_allocation(r, budget)
+      losses[arm] = float(law(r, n, d))
+      out.write(f'at C = {budget:.3g}: {arm}: N_opt {n:.3g}, D_opt {d:.3g}, loss '
+                f'{losses[arm]:.4f}' + ('' if arm == arms[0] else
+                                        f' ({losses[arm] - losses[arms[0]]:+.4f} vs {arms[0]})')
+                + '\n')
+    result['predicted_at_budget'] = {'budget': budget, 'loss': losses}
   if write:
-    folder = os.path.dirname(os.path.abspath(table_path))
     with open(os.path.join(folder, 'fit.json'), 'w') as f:
       json.dump(result, f, indent=2)
-    plot(table, result, os.path.join(folder, 'fit.png'))
-    out.write(f'wrote {os.path.join(folder, "fit.json")}, fit.png\n')
+    out.write(f'wrote {os.path.join(folder, "fit.json")}, fit_<arm>.png\n')
   return result
 
 
 def main(argv=None) -> int:
-  import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(prog='python -m launch.fit',
+  parser = sweep_lib.argument_parser(prog='python -m launch.fit',
                                    description='Chinchilla fits of a params,tokens,loss table.')
   parser.add_argument('table', help='CSV with columns params, tokens, loss [, budget]')
   parser.add_argument('--predict', default=None, help='N,D: print the fitted loss there')
+  parser.add_argument('--budget', type=float, default=None,
+                      help='a table with arms: each arm\'s loss at its compute-optimal '
+                           'N, D for this many FLOPs, and the gap to the first arm')
   args = parser.parse_args(argv)
   try:
     point = None
@@ -257,10 +312,11 @@ def main(argv=None) -> int:
         assert len(point) == 2 and min(point) > 0
       except (ValueError, AssertionError):
         raise FitError(f'--predict {args.predict!r}: give N,D (e.g. 1e6,2e7)') from None
-    result = fit(args.table)
+    result = fit(args.table, budget=args.budget)
     if point:
-      print(f'predicted loss at N={point[0]:.3g}, D={point[1]:.3g}: '
-            f'{float(law(result, point[0], point[1])):.4f}')
+      for arm, r in (result['arms'].items() if 'arms' in result else [('', result)]):
+        print(f'predicted loss{" of " + arm if arm else ""} at N={point[0]:.3g}, '
+              f'D={point[1]:.3g}: {float(law(r, point[0], point[1])):.4f}')
   except FitError as e:
     print(f'ablax: {e}', file=sys.stderr)
     return 2

@@ -9,8 +9,9 @@ For every compute budget C it plans `--sizes` models around the budget's
 expected optimum and sets each one's `train.steps` so that steps x tokens per
 step x `model.flops_per_token` is C (to the nearest step). The size rule:
 
-- the expected optimum is Chinchilla's 20 tokens per parameter, C = 6 N D with
-  D = 20 N, so N* = sqrt(C / 120) non-embedding parameters;
+- the expected optimum is `--tokens_per_param` r tokens per parameter
+  (default 20, Chinchilla's), C = 6 N D with D = r N, so N* = sqrt(C / 6r)
+  non-embedding parameters (sqrt(C / 120) by default);
 - the sizes are N* x `--spread`^u for u evenly spaced in [-1/2, 1/2] (default
   spread 16: from N*/4 to 4 N*);
 - each size is the shape of the config's family scaled in `d_model` and
@@ -65,11 +66,12 @@ def _measure(cfg, shape: dict) -> float:
   return sweep_lib.non_embedding_params(c.model)
 
 
-def pick_sizes(cfg, budget: float, sizes: int, spread: float) -> list[dict]:
-  """`sizes` distinct shapes around N* = sqrt(C / 120), smallest first."""
+def pick_sizes(cfg, budget: float, sizes: int, spread: float,
+               tokens_per_param: float = TOKENS_PER_PARAM) -> list[dict]:
+  """`sizes` distinct shapes around N* = sqrt(C / 6r), smallest first."""
   aspect = cfg.model.d_model / cfg.model.num_layers
   candidates = [(shape, _measure(cfg, shape)) for shape in shapes(cfg)]
-  optimum = math.sqrt(budget / (6 * TOKENS_PER_PARAM))
+  optimum = math.sqrt(budget / (6 * tokens_per_param))
   wanted = [optimum * spread ** u for u in np.linspace(-0.5, 0.5, sizes)] if sizes > 1 else [
       optimum]
   chosen = []
@@ -86,12 +88,13 @@ def pick_sizes(cfg, budget: float, sizes: int, spread: float) -> list[dict]:
 
 
 def plan(config: str, workdir: str, budgets, sizes: int, arms=(), base_overrides=(), *,
-         spread: float = 16.0) -> list[sweep_lib.Run]:
+         spread: float = 16.0, tokens_per_param: float = TOKENS_PER_PARAM
+         ) -> list[sweep_lib.Run]:
   runs = []
   for arm, overrides in sweep_lib.name_arms(list(arms) or [{}]):
     cfg = sweep_lib._load(config, overrides, base_overrides, f'arm {arm!r}')  # pylint: disable=protected-access
     for budget in budgets:
-      for shape in pick_sizes(cfg, budget, sizes, spread):
+      for shape in pick_sizes(cfg, budget, sizes, spread, tokens_per_param):
         run_overrides = {**overrides, **shape}
         shaped = sweep_lib._load(config, run_overrides, base_overrides)  # pylint: disable=protected-access
         name = (f'C={budget:.3g},d_model={shape["model.d_model"]},'
@@ -106,8 +109,7 @@ def plan(config: str, workdir: str, budgets, sizes: int, arms=(), base_overrides
 
 
 def main(argv=None) -> int:
-  import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(prog='python -m launch.scaling',
+  parser = sweep_lib.argument_parser(prog='python -m launch.scaling',
                                    description=__doc__.split('\n\n')[0],
                                    epilog='Base overrides: --config.PATH=VALUE (any number).')
   parser.add_argument('--config', required=True, help='configs/NAME.py[:ARG]')
@@ -116,6 +118,8 @@ def main(argv=None) -> int:
   parser.add_argument('--sizes', type=int, default=5, help='model sizes per budget')
   parser.add_argument('--spread', type=float, default=16.0,
                       help='largest / smallest size of a budget (default 16)')
+  parser.add_argument('--tokens_per_param', type=float, default=TOKENS_PER_PARAM,
+                      help='centre of the sizes: N* = sqrt(C / (6 x this)) (default 20)')
   parser.add_argument('--sweep', action='append', default=[],
                       help='PATH=V1,V2,...: one ladder per arm')
   parser.add_argument('--dry-run', '--dry_run', dest='dry_run', action='store_true',
@@ -135,11 +139,11 @@ def main(argv=None) -> int:
       budgets = [float(b) for b in args.budgets.split(',')]
     except ValueError:
       raise ScalingError(f'--budgets {args.budgets!r}: give FLOPs, e.g. 1e11,3e11') from None
-    if args.sizes < 1 or args.spread < 1:
-      raise ScalingError('--sizes must be >= 1 and --spread >= 1')
+    if args.sizes < 1 or args.spread < 1 or args.tokens_per_param <= 0:
+      raise ScalingError('--sizes must be >= 1, --spread >= 1, --tokens_per_param > 0')
     arms = sweep_lib.expand(args.sweep) if args.sweep else []
     runs = plan(args.config, args.workdir, budgets, args.sizes, arms, base,
-                spread=args.spread)
+                spread=args.spread, tokens_per_param=args.tokens_per_param)
   except (sweep_lib.SweepError, configs.ConfigError) as e:
     print(f'ablax: {e}', file=sys.stderr)
     return 2
@@ -153,7 +157,8 @@ def main(argv=None) -> int:
     return 0
   sweep_lib.write_sweep_json(args.workdir, args.config, base, runs,
                              scaling={'budgets': budgets, 'sizes': args.sizes,
-                                      'spread': args.spread})
+                                      'spread': args.spread,
+                                      'tokens_per_param': args.tokens_per_param})
   with sweep_lib.Stop() as stop:
     results = sweep_lib.train_all(args.config, runs, base, in_process=args.in_process,
                                   out=sys.stdout, stop=stop)

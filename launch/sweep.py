@@ -68,6 +68,16 @@ class SweepError(ValueError):
   """A sweep that cannot run; the message says which run and field."""
 
 
+def argument_parser(**kwargs):
+  """argparse for the launch commands, whose usage errors are one `ablax:` line."""
+  import argparse  # pylint: disable=g-import-not-at-top
+
+  class Parser(argparse.ArgumentParser):
+    def error(self, message):
+      self.exit(2, f'ablax: {message} (see {self.prog} --help)\n')
+  return Parser(**kwargs)
+
+
 @dataclasses.dataclass
 class Run:
   name: str                 # the folder under the sweep: ARM or ARM/seed=S
@@ -488,10 +498,13 @@ def execute(config: str, run: Run, base_overrides=(), *, in_process=False,
     try:
       summary = loop.train_and_evaluate(cfg, run.workdir)
       status, step = 0, summary['step']
+      if summary.get('status') == 'preempted' and stop is not None:
+        # The trainer's own SIGTERM handler saved; the sweep stops too.
+        stop.signum = stop.signum or signal.SIGTERM
     except Exception as e:  # pylint: disable=broad-except
       # The sweep goes on; the run's FAILED marker says why.
-      print(f'ablax: run {run.name} failed: {type(e).__name__}: {e}',
-            file=sys.stderr, flush=True)
+      message = f'{type(e).__name__}: {e}'
+      print(f'ablax: run {run.name} failed: {message}', file=sys.stderr, flush=True)
       status, step = 1, None
   else:
     # Its own process group: a Ctrl-C at the terminal reaches the sweep,
@@ -517,7 +530,10 @@ def execute(config: str, run: Run, base_overrides=(), *, in_process=False,
   if stop is not None and stop.signum is not None:
     return 128 + stop.signum       # stopped by the user: no FAILED marker
   # Exit 0 short of the last step is a preemption (SIGTERM saved and returned).
-  _write_marker(run, FAILED, {'status': status, 'step': step or None, 'time': time.time()})
+  failure = {'status': status, 'step': step or None, 'time': time.time()}
+  if in_process and step is None:
+    failure['message'] = message
+  _write_marker(run, FAILED, failure)
   return status or 1
 
 
@@ -728,8 +744,7 @@ def _print_planned(config, run, base_overrides, out):
 
 
 def main(argv=None) -> int:
-  import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(
+  parser = argument_parser(
       prog='python -m launch.sweep', description=__doc__.split('\n\n')[0],
       epilog='Base overrides: --config.PATH=VALUE (any number).')
   parser.add_argument('--config', required=True, help='configs/NAME.py[:ARG]')

@@ -363,19 +363,39 @@ def test_stopping_a_sweep_stops_its_trainer(tmp_path):
 LAW = dict(E=1.69, A=406.4, alpha=0.34, B=410.7, beta=0.28)   # Hoffmann et al.'s fit
 
 
-def test_fit_recovers_a_known_law(tmp_path, capsys):
-  rng = np.random.default_rng(0)
-  a = LAW['beta'] / (LAW['alpha'] + LAW['beta'])
+def law_table(law, seed=0):
+  """(C, N, D, loss) of 7 budgets x 9 sizes around the law's optimum, 0.5% noise."""
+  rng = np.random.default_rng(seed)
+  a = law['beta'] / (law['alpha'] + law['beta'])
   rows = []
   for c in np.geomspace(1e18, 1e21, 7):
-    n_opt = fit.optimal_allocation({**LAW, 'a': a}, c)[0]
+    n_opt = fit.optimal_allocation({**law, 'a': a}, c)[0]
     for n in n_opt * np.geomspace(1 / 8, 8, 9):
       d = c / (6 * n)
-      loss = LAW['E'] + LAW['A'] / n**LAW['alpha'] + LAW['B'] / d**LAW['beta']
+      loss = law['E'] + law['A'] / n**law['alpha'] + law['B'] / d**law['beta']
       rows.append((c, n, d, loss * (1 + 0.005 * rng.standard_normal())))
+  return rows
+
+
+def test_fit_per_arm_predicts_the_gap(tmp_path, capsys):
+  # Arm y is arm x's law plus 0.05 nats everywhere: the gap at 10x the compute.
   path = tmp_path / 'scaling.csv'
   with open(path, 'w', newline='') as f:
-    csv.writer(f).writerows([('budget', 'params', 'tokens', 'loss')] + rows)
+    csv.writer(f).writerows([('arm', 'budget', 'params', 'tokens', 'loss')] +
+                            [('x', *r) for r in law_table(LAW, 1)] +
+                            [('y', *r) for r in law_table({**LAW, 'E': LAW['E'] + 0.05}, 2)])
+  result = fit.fit(str(path), budget=1e22, write=False)
+  capsys.readouterr()
+  losses = result['predicted_at_budget']['loss']
+  assert abs(losses['y'] - losses['x'] - 0.05) < 0.02
+  assert set(result['arms']) == {'x', 'y'}
+
+
+def test_fit_recovers_a_known_law(tmp_path, capsys):
+  a = LAW['beta'] / (LAW['alpha'] + LAW['beta'])
+  path = tmp_path / 'scaling.csv'
+  with open(path, 'w', newline='') as f:
+    csv.writer(f).writerows([('budget', 'params', 'tokens', 'loss')] + law_table(LAW))
   assert fit.main([str(path), '--predict', '1e10,2e11']) == 0
   printed = capsys.readouterr().out
   result = json.load(open(tmp_path / 'fit.json'))
@@ -469,3 +489,26 @@ def test_scaling_ladder_plan_and_table(tmp_path, capsys):
         ['train.seq_len=64'] + run.override_args())
     assert int(row['tokens']) == cfg.train.steps * cfg.train.global_batch_size * 64
     assert float(row['loss']) == pytest.approx(3.0 + i / 10, rel=1e-6)
+
+
+def test_seeds_flag_and_running_markers(tmp_path, monkeypatch, capsys):
+  assert sweep.parse_seeds('3') == [0, 1, 2] and sweep.parse_seeds('0,5,7') == [0, 5, 7]
+  for bad in ('x', '0', '1,1', '-1,2'):
+    with pytest.raises(sweep.SweepError, match='--seeds'):
+      sweep.parse_seeds(bad)
+  with pytest.raises(sweep.SweepError, match='train.seed'):
+    sweep.plan(CONFIG, str(tmp_path), [{'train.seed': 3}], seeds=[0])
+  # A run whose RUNNING marker names a live process is left alone; one whose
+  # processes are gone is stale and trains (resumes).
+  runs = sweep.plan(CONFIG, str(tmp_path), sweep.expand(['model.qk_norm=False,True']))
+  for run, pid in zip(runs, (os.getpid(), 2**22 + 12345)):
+    os.makedirs(run.workdir)
+    json.dump({'pid': pid, 'host': __import__('socket').gethostname()},
+              open(os.path.join(run.workdir, sweep.RUNNING), 'w'))
+  trained = []
+  monkeypatch.setattr(sweep, 'execute', lambda config, run, *a, **k: trained.append(run.name) or 0)
+  results = sweep.train_all(CONFIG, runs, (), in_process=True, out=sys.stdout, stop=sweep.Stop())
+  out = capsys.readouterr().out
+  assert results == {'qk_norm=False': 'busy', 'qk_norm=True': 'done'}
+  assert trained == ['qk_norm=True']
+  assert f'running in process {os.getpid()}' in out and 'stale RUNNING marker' in out
