@@ -43,6 +43,8 @@ import os
 import statistics
 import sys
 
+import configs
+from configs import errors
 from launch import sweep as sweep_lib
 
 COLUMNS = ('run', 'overrides', 'status', 'step', 'final_train_loss',
@@ -51,7 +53,10 @@ COLUMNS = ('run', 'overrides', 'status', 'step', 'final_train_loss',
 OVERRIDES_WIDTH = 60     # the printed table cuts longer override lists
 
 
-class CompareError(ValueError):
+START_FAILED = 'start_failed.json'    # written by train/align (docs/reference.md)
+
+
+class CompareError(configs.UserError):
   """Nothing to compare, or a flag that does not fit the runs."""
 
 
@@ -134,7 +139,8 @@ def _is_run(d: str) -> bool:
   return bool(os.path.exists(os.path.join(d, 'config.json')) or
               glob.glob(os.path.join(d, 'events.out.tfevents.*')) or
               any(os.path.exists(os.path.join(d, m))
-                  for m in (sweep_lib.DONE, sweep_lib.FAILED, sweep_lib.RUNNING)))
+                  for m in (sweep_lib.DONE, sweep_lib.FAILED, sweep_lib.RUNNING,
+                            START_FAILED)))
 
 
 def find_runs(root: str) -> list[str]:
@@ -194,7 +200,9 @@ def summarize(run_dir: str, root: str | None = None) -> dict:
                            'tokens_per_step')},
       **_model_numbers(config),
   }
-  failed = sweep_lib.read_marker(run_dir, sweep_lib.FAILED) or {}
+  # The sweep's FAILED marker, or the trainer's own record of a failed start.
+  failed = (sweep_lib.read_marker(run_dir, sweep_lib.FAILED)
+            or _load_json(os.path.join(run_dir, START_FAILED)) or {})
   if row['status'] == 'failed to start' and failed.get('message'):
     row['status'] += f': {failed["message"]}'
   for tag, column in (('train/moe_aux_loss', 'moe_aux_loss'),
@@ -632,6 +640,8 @@ def main(argv=None) -> int:
     compare(args.dir, metric=args.metric, baseline=args.baseline, scaling=args.scaling,
             lengths=args.lengths)
   except (CompareError, FileNotFoundError) as e:
+    if errors.debug_enabled():
+      raise
     print(f'ablax: {e}', file=sys.stderr)
     return 2
   return 0
@@ -639,7 +649,7 @@ def main(argv=None) -> int:
 
 def run():
   """The `ablax-compare` console script."""
-  sys.exit(main())
+  errors.run(main, absl_flags=False)
 
 
 if __name__ == '__main__':

@@ -36,13 +36,15 @@ import sys
 
 import numpy as np
 
+import configs
+from configs import errors
 from launch import sweep as sweep_lib
 
 HUBER_DELTA = 1e-3
 STARTS = 12
 
 
-class FitError(ValueError):
+class FitError(configs.UserError):
   """A table that cannot be fitted; the message says what is missing."""
 
 
@@ -318,10 +320,12 @@ def main(argv=None) -> int:
         print(f'predicted loss{" of " + arm if arm else ""} at N={point[0]:.3g}, '
               f'D={point[1]:.3g}: {float(law(r, point[0], point[1])):.4f}')
   except FitError as e:
+    if errors.debug_enabled():
+      raise
     print(f'ablax: {e}', file=sys.stderr)
     return 2
   return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  errors.run(main, absl_flags=False)

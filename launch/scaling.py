@@ -33,6 +33,7 @@ import sys
 import numpy as np
 
 import configs
+from configs import errors
 from launch import sweep as sweep_lib
 
 TOKENS_PER_PARAM = 20
@@ -145,6 +146,8 @@ def main(argv=None) -> int:
     runs = plan(args.config, args.workdir, budgets, args.sizes, arms, base,
                 spread=args.spread, tokens_per_param=args.tokens_per_param)
   except (sweep_lib.SweepError, configs.ConfigError) as e:
+    if errors.debug_enabled():
+      raise
     print(f'ablax: {e}', file=sys.stderr)
     return 2
   for run in runs:
@@ -174,4 +177,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  errors.run(main, absl_flags=False)

@@ -56,6 +56,7 @@ import threading
 import time
 
 import configs
+from configs import errors
 
 DONE = 'DONE'
 FAILED = 'FAILED'
@@ -64,7 +65,7 @@ TUNE_DIR = 'tune'
 SEED_FIELDS = ('train.seed', 'data.shuffle_seed')
 
 
-class SweepError(ValueError):
+class SweepError(configs.UserError):
   """A sweep that cannot run; the message says which run and field."""
 
 
@@ -793,6 +794,8 @@ def main(argv=None) -> int:
                     tune=args.tune, tune_seeds=tune_seeds, metric=args.metric,
                     dry_run=args.dry_run, in_process=args.in_process)
   except (SweepError, configs.ConfigError) as e:
+    if errors.debug_enabled():
+      raise
     print(f'ablax: {e}', file=sys.stderr)
     return 2
   signum = results.pop('_signal', None)
@@ -809,7 +812,7 @@ def main(argv=None) -> int:
 
 def run():
   """The `ablax-sweep` console script."""
-  sys.exit(main())
+  errors.run(main, absl_flags=False)
 
 
 if __name__ == '__main__':
