@@ -309,7 +309,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
 
   # --------------------------------------------------------------- State.
   model_fn = lambda: model_lib.Decoder(cfg.model, rngs=nnx.Rngs(t.seed))
-  optimizer, schedule = optim.make_optimizer(t)
+  optimizer, schedule = optim.make_optimizer(t, cfg.model)
   graphdef, _, abstract_state, state_shardings = step_lib.train_state_spec(
       model_fn, optimizer, mesh, t.seed)
   ckpt = checkpoint_lib.Checkpointer(workdir, every_steps=t.checkpoint_every_steps,

@@ -152,10 +152,13 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
       yield global_batch(batch, batch_sharding)
 
   # --------------------------------------------------------------- State.
-  optimizer, schedule = optim.make_optimizer(t)
+  optimizer, schedule = optim.make_optimizer(t, cfg.model)
   graphdef, init, abstract_state, state_shardings = step_lib.train_state_spec(
       lambda: model_lib.Decoder(cfg.model, rngs=nnx.Rngs(t.seed)),
       optimizer, mesh, t.seed)
+  groups = optim.describe_groups(abstract_state['params'], t, cfg.model)
+  logging.info('optimizer %s, parameter groups (train/optim.py GROUP_RULES):\n%s',
+               t.get('optimizer', 'adamw'), '\n'.join(groups))
   for line in sharding.describe(mesh, abstract_state['params']):
     logging.debug('param %s', line)
 
