@@ -80,6 +80,7 @@ from flax import nnx
 from optax import contrib
 
 import configs
+from model import mup
 from train import sharding
 
 OPTIMIZERS = ('adamw', 'lion', 'adafactor', 'sgd', 'muon', 'schedule_free_adamw')
@@ -203,17 +204,11 @@ class GroupSettings(NamedTuple):
   lr_mult: float       # the group's learning rate = lr_mult * schedule
 
 
-def width_mult(model_cfg) -> float:
-  """muP's m = d_model / mup_base_width (1 without muP)."""
-  base = None if model_cfg is None else model_cfg.get('mup_base_width')
-  return 1.0 if base is None else model_cfg.d_model / base
-
-
 def group_settings(train_cfg, model_cfg=None) -> dict[str, GroupSettings]:
   """Each group's update rule, weight decay and learning-rate multiplier."""
   kind = train_cfg.get('optimizer', 'adamw')
   wd = float(train_cfg.weight_decay)
-  m = width_mult(model_cfg)
+  m = 1.0 if model_cfg is None else mup.width_mult(model_cfg)
   lr = float(train_cfg.learning_rate)
   adam_lr = train_cfg.get('muon_adam_lr')
   out = {}
