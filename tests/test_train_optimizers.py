@@ -43,8 +43,9 @@ def flat(tree):
   return out
 
 
-def first_update(overrides):
-  """(params, grads, updates) of one optimizer update on the tiny decoder."""
+def first_update(overrides, steps=1):
+  """(params, grads, updates) of the tiny decoder's first optimizer update
+  (steps=2: also the second update, with grads2 and updates2)."""
   cfg = configs.load('configs/llama.py:tiny', TINY + overrides)
   optimizer, _ = optim.make_optimizer(cfg.train, cfg.model)
 
@@ -54,10 +55,14 @@ def first_update(overrides):
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
     grads = treedef.unflatten([jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
-    return params, grads, optimizer.update(grads, optimizer.init(params), params)[0]
+    updates, state = optimizer.update(grads, optimizer.init(params), params)
+    out = [params, grads, updates]
+    if steps == 2:
+      grads2 = jax.tree.map(lambda g: jnp.roll(g, 1) - 0.5 * g, grads)
+      out += [grads2, optimizer.update(grads2, state, params)[0]]
+    return out
 
-  params, grads, updates = run()
-  return cfg, flat(params), flat(grads), flat(updates)
+  return (cfg, *map(flat, run()))
 
 
 def newton_schulz(g, steps=5):
@@ -128,6 +133,18 @@ def test_first_update_is_the_papers_rule(kind, extra):
       s = np.linalg.svd(step.reshape(shape) / (-0.01 * 0.2 * np.sqrt(max(shape))),
                         compute_uv=False)
       assert 0.6 < s.min() and s.max() < 1.25, (name, s)
+
+
+def test_lion_second_update_is_the_sign_of_the_interpolation():
+  """Chen et al. 2023, Alg. 2: c = b1 m + (1 - b1) g, update sign(c),
+  m = b2 m + (1 - b2) g (b1 = 0.9, b2 = 0.99): the betas show from step 2."""
+  cfg, params, g1, _, g2, updates = first_update(['train.optimizer=lion'], steps=2)
+  for name, group in CHECKED.items():
+    m = (1 - 0.99) * g1[name]
+    direction = np.sign(0.9 * m + (1 - 0.9) * g2[name])
+    decay = cfg.train.weight_decay * params[name] if group in ('matrix', 'head') else 0.0
+    np.testing.assert_allclose(updates[name], -cfg.train.learning_rate * (direction + decay),
+                               rtol=1e-5, atol=1e-7, err_msg=name)
 
 
 def parse_table(lines):
