@@ -265,8 +265,24 @@ def test_mup_at_base_width_is_the_standard_model():
   assert optim.group_settings(wide.train, wide.model)['matrix'].lr_mult == 0.25
 
 
+def test_adafactor_factored_moments_are_replicated():
+  """Adafactor's row/column moments sit in copies of the parameters' Variables
+  with a reduced shape: they are replicated, the parameters stay sharded."""
+  cfg = configs.load('configs/llama.py:tiny', ['train.optimizer=adafactor'])
+  optimizer, _ = optim.make_optimizer(cfg.train, cfg.model)
+  mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({'data': 1, 'fsdp': 8}))
+  _, _, abstract, _ = step_lib.train_state_spec(
+      lambda: model.Decoder(cfg.model, rngs=nnx.Rngs(0)), optimizer, mesh, seed=0)
+  specs = {sharding._path_name(p): x.sharding.spec  # pylint: disable=protected-access
+           for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  rows = [k for k in specs if k.endswith('mlp/wi_gate/value') and 'v_row' in k]
+  assert rows and all(specs[k] == jax.sharding.PartitionSpec() for k in rows)
+  assert specs['params/blocks/0/mlp/wi_gate/value'] == jax.sharding.PartitionSpec('fsdp', None)
+
+
 def test_muon_on_a_mesh_equals_one_device():
-  """fsdp x tensor splits the matrices Newton-Schulz multiplies: same result."""
+  """fsdp x tensor splits the matrices Newton-Schulz multiplies: two steps
+  on a 2 x 2 mesh give the one-device result."""
   cfg = configs.load('configs/llama.py:tiny', TINY + [
       'train.optimizer=muon', 'train.global_batch_size=4', 'train.seq_len=16'])
   tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(3), (4, 17), 0, 320))
@@ -274,7 +290,7 @@ def test_muon_on_a_mesh_equals_one_device():
            'loss_mask': np.ones((4, 16), np.float32)}
   results = []
   for shape, devices in (({'data': 1}, jax.devices()[:1]),
-                         ({'data': 1, 'fsdp': 4, 'tensor': 2}, jax.devices()[:8])):
+                         ({'data': 1, 'fsdp': 2, 'tensor': 2}, jax.devices()[:4])):
     mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(shape), devices)
     optimizer, schedule = optim.make_optimizer(cfg.train, cfg.model)
     graphdef, state, shardings = step_lib.create_train_state(
@@ -296,12 +312,11 @@ RESUME = ['model.num_layers=1', 'model.d_model=32', 'model.d_ff=64',
           'train.checkpoint_every_steps=2', 'train.keep_checkpoints=5']
 
 
-# The optimizers whose state is not a copy of Adam's: adafactor's factored
-# moments (reduced shapes inside the parameters' Variables, replicated),
-# Muon's own transform beside AdamW groups, schedule-free's stored averaged
-# weights. adamw's resume is tests/test_train_resume.py's; lion and sgd keep
-# one moment shaped like the parameters, as adamw and muon do.
-@pytest.mark.parametrize('kind', ['adafactor', 'muon', 'schedule_free_adamw'])
+# The optimizers whose state is ablax's own construction: Muon's transform
+# beside AdamW groups, schedule-free's stored averaged weights. adamw's resume
+# is tests/test_train_resume.py's; lion, sgd and adafactor keep optax states
+# (adafactor's placement is test_adafactor_factored_moments_are_replicated's).
+@pytest.mark.parametrize('kind', ['muon', 'schedule_free_adamw'])
 def test_resume_is_bitwise_for_every_optimizer(kind, tmp_path):
   """4 steps straight vs. steps 3-4 resumed from the straight run's step-2
   checkpoint (in process, on the 8 fake devices)."""
