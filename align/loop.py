@@ -334,7 +334,7 @@ def _train(cfg, workdir: str, started, closing) -> dict:
 
   # --------------------------------------------------------------- State.
   model_fn = lambda: model_lib.Decoder(cfg.model, rngs=nnx.Rngs(t.seed))
-  optimizer, schedule = optim.make_optimizer(t)
+  optimizer, schedule = optim.make_optimizer(t, cfg.model)
   graphdef, _, abstract_state, state_shardings = step_lib.train_state_spec(
       model_fn, optimizer, mesh, t.seed)
   ckpt = closing.enter_context(checkpoint_lib.Checkpointer(

@@ -44,7 +44,7 @@ def main(argv):
   cfg = _CONFIG.value
   t = cfg.train
   mesh = mesh_lib.make_mesh(cfg.mesh)
-  optimizer, schedule = optim.make_optimizer(t)
+  optimizer, schedule = optim.make_optimizer(t, cfg.model)
   graphdef, state, shardings = step_lib.create_train_state(
       lambda: model.Decoder(cfg.model, rngs=nnx.Rngs(0)), optimizer, mesh, t.seed)
   peak = metrics.peak_flops(mesh.devices.flat)

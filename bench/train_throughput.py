@@ -3,6 +3,7 @@
     python bench/train_throughput.py --config configs/llama.py:tiny
     python bench/train_throughput.py --config configs/llama.py:small --steps 30
     python bench/train_throughput.py --config configs/mixtral.py:tiny --config.mesh.expert=-1
+    python bench/train_throughput.py --config configs/llama.py:small --config.train.optimizer=muon
 
 Runs the same model two ways and prints a table:
 
@@ -21,6 +22,13 @@ figure closest to the hardware's. The loop's overhead (data loading, host
 transfers, NaN checks, metrics) is the gap between the two; the target is
 under 5%. MFU uses `model.flops_per_token` and the peak of
 `train/metrics.py` (on CPU, a measured matmul rate).
+
+The optimizer rows: the size of `train.optimizer`'s state (float32, from
+`jax.eval_shape` of its init) and, for any optimizer but AdamW, the loop
+timed a second time with `train.optimizer=adamw`, so the table shows the
+optimizer's step-time overhead (Muon's Newton-Schulz iterations, for
+instance) over AdamW's on the same model and machine. The bare step is
+always AdamW.
 """
 
 import os
@@ -117,6 +125,21 @@ def bare_step(cfg):
   return run
 
 
+def optimizer_state_mib(cfg) -> float:
+  """MiB of `train.optimizer`'s state for the config's model (float32)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  import model  # pylint: disable=g-import-not-at-top
+  from train import optim  # pylint: disable=g-import-not-at-top
+  optimizer, _ = optim.make_optimizer(cfg.train, cfg.model)
+  abstract = nnx.eval_shape(lambda: model.Decoder(cfg.model, rngs=nnx.Rngs(0)))
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                        nnx.state(abstract, nnx.Param))
+  state = jax.eval_shape(optimizer.init, params)
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) / 2**20
+
+
 def loop_step_seconds(cfg, steps, warmup, window):
   """Seconds per step of each window of the real loop, from its tokens/s log."""
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
@@ -156,6 +179,11 @@ def main(argv):
   bare_run(warmup, warmup)                             # compile
   bare_times = bare_run(steps // 2, window)
   loop_times = loop_step_seconds(cfg, steps, warmup, window)
+  kind = t.get('optimizer', 'adamw')
+  if kind != 'adamw':
+    adamw_cfg = cfg.copy_and_resolve_references()
+    adamw_cfg.train.optimizer = 'adamw'
+    adamw_times = loop_step_seconds(adamw_cfg, steps, warmup, window)
   bare_times += bare_run(steps - steps // 2, window)
   bare, looped = min(bare_times), min(loop_times)
   tokens = t.global_batch_size * t.seq_len
@@ -180,12 +208,20 @@ def main(argv):
                         f'MFU {100 * flops / bare / peak:.1f}%'),
       ('train loop step', f'{1e3 * looped:.1f} ms  {tokens / looped:,.0f} tok/s  '
                           f'MFU {100 * flops / looped / peak:.1f}%'),
-      ('loop overhead', f'{100 * (looped / bare - 1):+.1f}% (target: under 5%)'),
+      ('loop overhead', f'{100 * (looped / bare - 1):+.1f}% (target: under 5%)' + (
+          '' if kind == 'adamw' else f'; the bare step is AdamW, the loop {kind}: '
+          'read the last row')),
       ('window spread', f'bare {1e3 * min(bare_times):.1f}-{1e3 * max(bare_times):.1f} ms, '
                         f'loop {1e3 * min(loop_times):.1f}-{1e3 * max(loop_times):.1f} ms '
                         f'({window}-step windows)'),
       ('peak memory', peak_memory()),
+      ('optimizer', f'{kind}: state {optimizer_state_mib(cfg):,.1f} MiB (float32)'),
   ]
+  if kind != 'adamw':
+    adamw = min(adamw_times)
+    rows.append((f'{kind} vs adamw', f'loop step {1e3 * looped:.1f} ms vs {1e3 * adamw:.1f} ms '
+                                     f'({100 * (looped / adamw - 1):+.1f}%); adamw state '
+                                     f'{optimizer_state_mib(adamw_cfg):,.1f} MiB'))
   width = max(len(k) for k, _ in rows)
   print()
   for key, value in rows:

@@ -27,6 +27,8 @@ CHOICES = {
     'model.dtype': ('float32', 'bfloat16', 'float16'),
     'model.param_dtype': ('float32', 'bfloat16', 'float16'),
     'train.lr_schedule': ('cosine', 'linear', 'constant', 'wsd'),
+    'train.optimizer': ('adamw', 'lion', 'adafactor', 'sgd', 'muon', 'schedule_free_adamw'),
+    'train.muon_scale': ('moonlight', 'spectral'),
     'train.on_divergence': ('stop', 'rollback'),
     'data.source': ('builtin', 'text', 'jsonl', 'arrayrecord', 'synthetic', 'sft',
                     'tokens', 'parquet'),
@@ -219,6 +221,16 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
            f'model.moe_capacity_factor={m.moe_capacity_factor}: must be None or positive')
     _check(m.num_shared_experts >= 0,
            f'model.num_shared_experts={m.num_shared_experts}: must be >= 0')
+  base = m.get('mup_base_width')
+  if base is not None:
+    _check(isinstance(base, int) and base > 0,
+           f'model.mup_base_width={base!r}: must be None or a positive integer')
+    _check(m.attn_scale is None, f'model.attn_scale={m.attn_scale} and '
+           'model.mup_base_width are both set: muP fixes the attention scale '
+           '(set model.attn_scale=None)')
+  for field in ('mup_input_mult', 'mup_output_mult'):
+    if field in m:
+      _check(m[field] > 0, f'model.{field}={m[field]}: must be positive')
 
 
 def eval_task_specs(spec, field: str = 'eval.tasks') -> list[tuple[str, int | None, str | None]]:
@@ -272,6 +284,22 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _check(0 <= t.min_lr_ratio <= 1, f'train.min_lr_ratio={t.min_lr_ratio}: must be in [0, 1]')
   _check(t.warmup_steps >= 0, f'train.warmup_steps={t.warmup_steps}: must be >= 0')
   _check(0 <= t.adam_b1 < 1 and 0 <= t.adam_b2 < 1, 'train.adam_b1 and train.adam_b2 must be in [0, 1)')
+  for field in ('b1', 'b2', 'momentum'):
+    v = t.get(field)
+    _check(v is None or 0 <= v < 1, f'train.{field}={v}: must be None or in [0, 1)')
+  _check(t.get('eps', 1e-8) > 0, f'train.eps={t.get("eps")}: must be positive')
+  _check(t.get('muon_adam_lr') is None or t.muon_adam_lr > 0,
+         f'train.muon_adam_lr={t.get("muon_adam_lr")}: must be None or positive')
+  optimizer = t.get('optimizer', 'adamw')
+  if optimizer == 'schedule_free_adamw':
+    _check(t.lr_schedule == 'constant',
+           f"train.optimizer='schedule_free_adamw' needs no decay schedule: set "
+           f"train.lr_schedule=constant (now {t.lr_schedule!r}; the warmup is kept)")
+  if cfg.model.get('mup_base_width') is not None:
+    _check(optimizer in ('adamw', 'lion', 'muon', 'schedule_free_adamw'),
+           f'train.optimizer={optimizer!r} with model.mup_base_width: the muP '
+           'learning-rate table is implemented for adamw, lion, muon and '
+           'schedule_free_adamw only')
   _check(t.eval_steps >= 0, f'train.eval_steps={t.eval_steps}: must be >= 0')
   _check(t.seq_len <= cfg.model.max_seq_len or cfg.model.position not in ('learned',),
          f'train.seq_len={t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len} '

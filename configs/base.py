@@ -69,6 +69,15 @@ def model_config() -> ml_collections.ConfigDict:
   m.dtype = 'float32'
   m.param_dtype = 'float32'
   m.remat = 'none'               # none | full | dots
+  # --- muP (Yang et al. 2022, Tensor Programs V; docs/optimizers.md) ---
+  # None: standard parametrisation. An int: the d_model the hyperparameters
+  # were tuned at; m = d_model / mup_base_width scales the hidden init std
+  # (1/sqrt(m)), the logits (mup_output_mult / m), the attention scale
+  # (1/head_dim form) and the hidden matrices' Adam LR (1/m). At m = 1 the
+  # model and its updates equal the standard ones.
+  m.mup_base_width = ml_collections.FieldReference(None, field_type=int)
+  m.mup_input_mult = 1.0         # multiplies the embedding output (muP only)
+  m.mup_output_mult = 1.0        # logits *= mup_output_mult / m (muP only)
   return m
 
 
@@ -116,6 +125,24 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   # 'rollback' it also rolls back. None = no spike detection.
   c.train.spike_threshold = ml_collections.FieldReference(None, field_type=float)
   # --- end divergence handling ---
+  # --- Optimizers (train/optim.py, docs/optimizers.md) ---
+  # adamw | lion | adafactor | sgd | muon | schedule_free_adamw
+  c.train.optimizer = 'adamw'
+  # Betas; None: Adam-family rules use adam_b1/adam_b2 above, lion its paper's
+  # 0.9/0.99, adafactor no momentum. When set, b1/b2 win over adam_b1/adam_b2.
+  c.train.b1 = ml_collections.FieldReference(None, field_type=float)
+  c.train.b2 = ml_collections.FieldReference(None, field_type=float)
+  c.train.eps = 1e-8              # Adam's epsilon (adamw, muon's AdamW, schedule-free)
+  # sgd and muon momentum; None: 0.9 for sgd, 0.95 for muon.
+  c.train.momentum = ml_collections.FieldReference(None, field_type=float)
+  # Nesterov momentum; None: off for sgd, on for muon.
+  c.train.nesterov = ml_collections.FieldReference(None, field_type=bool)
+  # muon: peak LR of the AdamW groups (embeddings, head, norms, biases,
+  # router); None = train.learning_rate.
+  c.train.muon_adam_lr = ml_collections.FieldReference(None, field_type=float)
+  # muon: update scaling; moonlight = 0.2 sqrt(max(fan_in, fan_out)) (AdamW's
+  # LR and decay carry over), spectral = sqrt(max(1, fan_out / fan_in)).
+  c.train.muon_scale = 'moonlight'
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1

@@ -19,6 +19,7 @@ from flax import nnx
 from model import attention_core
 from model import masking
 from model import mlp as mlp_lib
+from model import mup
 from model import norms
 from model import positions as positions_lib
 
@@ -37,7 +38,7 @@ class Attention(nnx.Module):
     scaling = cfg_model.rope_scaling
     # Static module data must be hashable: keep the scaling as sorted items.
     self.rope_scaling = None if scaling is None else tuple(sorted(scaling.items()))
-    self.scale = cfg_model.attn_scale
+    self.scale = mup.attention_scale(cfg_model, h)
     self.logit_softcap = cfg_model.attn_logit_softcap
     self.impl = cfg_model.attention_impl
     self.block_q = cfg_model.get('attention_block_q')
@@ -45,8 +46,8 @@ class Attention(nnx.Module):
     self.use_bias = cfg_model.use_bias
 
     pdt = jnp.dtype(cfg_model.param_dtype)
-    w_in = nnx.initializers.normal(0.02)
-    w_out = nnx.initializers.normal(mlp_lib.out_init_stddev(cfg_model))
+    w_in = nnx.initializers.normal(mup.hidden_std(cfg_model, 0.02))
+    w_out = nnx.initializers.normal(mup.hidden_std(cfg_model, mlp_lib.out_init_stddev(cfg_model)))
     self.wq = nnx.Param(w_in(rngs.params(), (d, n, h), pdt),
                         logical_axes=('embed', 'heads', 'head_dim'))
     self.wk = nnx.Param(w_in(rngs.params(), (d, kv, h), pdt),

@@ -35,6 +35,7 @@ from flax import nnx
 from model import attention as attention_lib
 from model import mlp as mlp_lib
 from model import moe
+from model import mup
 from model import norms
 from model import partitioning
 from model import positions as positions_lib
@@ -160,6 +161,8 @@ class Decoder(nnx.Module):
     self.remat = cfg_model.remat
     self.tie_embeddings = cfg_model.tie_embeddings
     self.norm_position = cfg_model.norm_position
+    self.input_mult = mup.input_mult(cfg_model)       # 1.0 without muP
+    self.output_mult = mup.output_mult(cfg_model)
     pdt = jnp.dtype(cfg_model.param_dtype)
 
     self.embed = Embed(cfg_model, rngs=rngs)
@@ -186,6 +189,8 @@ class Decoder(nnx.Module):
     if self.embedding_scale:
       # Gemma rounds the normaliser to the compute dtype before multiplying.
       x = x * jnp.asarray(math.sqrt(self.d_model), self.dtype)
+    if self.input_mult != 1.0:
+      x = x * jnp.asarray(self.input_mult, self.dtype)
     if self.position == 'learned':
       x = x + self.position_embed(positions).astype(self.dtype)
     elif self.position == 'sinusoidal':
@@ -202,6 +207,8 @@ class Decoder(nnx.Module):
       logits = jnp.einsum('btd,dv->btv', x.astype(self.dtype),
                           self.head[...].astype(self.dtype),
                           preferred_element_type=jnp.float32)
+    if self.output_mult != 1.0:
+      logits = logits * self.output_mult      # muP's readout multiplier
     if self.final_logit_softcap is not None:
       cap = self.final_logit_softcap
       logits = cap * jnp.tanh(logits / cap)

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from model import mup
+
 ACTIVATIONS = {
     'relu': jax.nn.relu,
     'gelu': lambda x: jax.nn.gelu(x, approximate=False),
@@ -48,8 +50,8 @@ class MLP(nnx.Module):
     self.activation = cfg_model.mlp_activation
     self.dtype = jnp.dtype(cfg_model.dtype)
     pdt = jnp.dtype(cfg_model.param_dtype)
-    w_in = nnx.initializers.normal(0.02)
-    w_out = nnx.initializers.normal(out_init_stddev(cfg_model))
+    w_in = nnx.initializers.normal(mup.hidden_std(cfg_model, 0.02))
+    w_out = nnx.initializers.normal(mup.hidden_std(cfg_model, out_init_stddev(cfg_model)))
     if self.gated:
       self.wi_gate = nnx.Param(w_in(rngs.params(), (d, f), pdt), logical_axes=('embed', 'mlp'))
       self.wi_up = nnx.Param(w_in(rngs.params(), (d, f), pdt), logical_axes=('embed', 'mlp'))

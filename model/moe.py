@@ -78,6 +78,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from model import mlp as mlp_lib
+from model import mup
 from model import partitioning
 
 GROUPED_MATMULS = ('auto', 'ragged', 'blocked')
@@ -174,10 +175,12 @@ class MoE(nnx.Module):
 
     # Initialised as the dense MLP (model/mlp.py): N(0, 0.02) into the hidden
     # layer, the depth-scaled std out of it; the router likewise N(0, 0.02),
-    # so routing starts near uniform.
-    w_in = nnx.initializers.normal(0.02)
-    w_out = nnx.initializers.normal(mlp_lib.out_init_stddev(m))
-    self.router = nnx.Param(w_in(rngs.params(), (d, e), pdt), logical_axes=('embed', None))
+    # so routing starts near uniform. muP scales the experts' init like the
+    # dense MLP's and leaves the router's.
+    w_in = nnx.initializers.normal(mup.hidden_std(m, 0.02))
+    w_out = nnx.initializers.normal(mup.hidden_std(m, mlp_lib.out_init_stddev(m)))
+    self.router = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (d, e), pdt),
+                            logical_axes=('embed', None))
     if self.gated:
       self.w_gate = nnx.Param(w_in(rngs.params(), (e, d, f), pdt),
                               logical_axes=('experts', 'embed', 'mlp'))

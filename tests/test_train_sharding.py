@@ -172,10 +172,12 @@ def test_same_losses_as_one_device_and_parameters_sharded_by_the_rules(
   assert losses[-1] < losses[0]
 
   flat_params = jax.tree_util.tree_flatten_with_path(state['params'])[0]
-  mu = next(s.mu for s in jax.tree.leaves(
-      state['opt_state'], is_leaf=lambda x: hasattr(x, 'mu')) if hasattr(s, 'mu'))
-  flat_mu = dict((jax.tree_util.keystr(p), x)
-                 for p, x in jax.tree_util.tree_flatten_with_path(mu)[0])
+  # Each parameter group keeps its own Adam state (the others masked out).
+  flat_mu = {}
+  for s in jax.tree.leaves(state['opt_state'], is_leaf=lambda x: hasattr(x, 'mu')):
+    if hasattr(s, 'mu'):
+      flat_mu.update((jax.tree_util.keystr(p), x)
+                     for p, x in jax.tree_util.tree_flatten_with_path(s.mu)[0])
   for path, array in flat_params:
     keys = [str(getattr(k, 'key', k)) for k in path if hasattr(k, 'key')]
     leaf = keys[-1]

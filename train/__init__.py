@@ -4,8 +4,10 @@
   metrics, SIGTERM, NaN stop).
 - `step`: the train state, `lm_loss`, `make_train_step` / `make_eval_step`
   (pluggable loss, gradient accumulation, explicit shardings, donated state).
-- `optim.make_optimizer(cfg.train)`: clipping + AdamW with masked decay, and the
-  learning-rate schedule.
+- `optim.make_optimizer(cfg.train, cfg.model)`: clipping, the parameter-group
+  table and the update rule of `train.optimizer` (adamw, lion, adafactor, sgd,
+  muon, schedule_free_adamw; muP's learning rates), and the schedule.
+- `coord_check`: the muP coordinate check (`python -m train.coord_check`).
 - `mesh.make_mesh(cfg.mesh)` and `sharding.RULES`: the device mesh and the
   logical-to-mesh axis table.
 - `checkpoint`: orbax checkpoints, `restore_params`, `config.json`.

@@ -117,7 +117,7 @@ def restore(workdir: str, cfg, mesh, checkpoint: int | None = None):
   """(graphdef, {'params', 'model_state'}, their shardings, step) of a
   checkpoint of `workdir`, restored onto `mesh` (the optimizer state is not
   read)."""
-  optimizer, _ = optim.make_optimizer(cfg.train)
+  optimizer, _ = optim.make_optimizer(cfg.train, cfg.model)
   graphdef, _, abstract, shardings = step_lib.train_state_spec(
       lambda: model_lib.Decoder(cfg.model, rngs=nnx.Rngs(0)), optimizer, mesh,
       cfg.train.seed)

@@ -231,6 +231,8 @@ def _scaled(train_cfg, scale: float):
     return train_cfg
   scaled = train_cfg.copy_and_resolve_references()
   scaled.learning_rate = train_cfg.learning_rate * scale
+  if scaled.get('muon_adam_lr') is not None:     # muon's AdamW groups too
+    scaled.muon_adam_lr = train_cfg.muon_adam_lr * scale
   return scaled
 
 
@@ -278,10 +280,13 @@ def _train(cfg, workdir: str, started) -> dict:
       yield global_batch(batch, batch_sharding)
 
   # --------------------------------------------------------------- State.
-  optimizer, schedule = optim.make_optimizer(_scaled(t, lr_scale))
+  optimizer, schedule = optim.make_optimizer(_scaled(t, lr_scale), cfg.model)
   graphdef, init, abstract_state, state_shardings = step_lib.train_state_spec(
       lambda: model_lib.Decoder(cfg.model, rngs=nnx.Rngs(t.seed)),
       optimizer, mesh, t.seed)
+  groups = optim.describe_groups(abstract_state['params'], t, cfg.model)
+  logging.info('optimizer %s, parameter groups (train/optim.py GROUP_RULES):\n%s',
+               t.get('optimizer', 'adamw'), '\n'.join(groups))
   for line in sharding.describe(mesh, abstract_state['params']):
     logging.debug('param %s', line)
 
@@ -427,7 +432,7 @@ def _train(cfg, workdir: str, started) -> dict:
       state = ckpt.restore(target, abstract_state)
       lr_scale *= rollback_lr_scale
       if rollback_lr_scale != 1.0:
-        train_step = make_step(*optim.make_optimizer(_scaled(t, lr_scale)))
+        train_step = make_step(*optim.make_optimizer(_scaled(t, lr_scale), cfg.model))
       record = {'at_step': d.step, 'reason': d.reason, 'restored': target,
                 'skipped_batches': list(skipped), 'lr_scale': lr_scale}
       rollbacks.append(record)

@@ -115,8 +115,13 @@ def state_shardings(mesh: Mesh, abstract_state):
   """
   def one(path, leaf):
     if is_variable(leaf):
-      spec = logical_to_spec(logical_axes_of(leaf), leaf.shape, mesh,
-                             name=_path_name(path))
+      axes = logical_axes_of(leaf)
+      if axes is not None and len(axes) != len(leaf.shape):
+        # Optimizer statistics of reduced shape inside a copy of the
+        # parameter's Variable (Adafactor's row and column moments): small,
+        # replicated.
+        axes = None
+      spec = logical_to_spec(axes, leaf.shape, mesh, name=_path_name(path))
       return leaf.replace(NamedSharding(mesh, spec))
     return NamedSharding(mesh, PartitionSpec())
   return jax.tree_util.tree_map_with_path(one, abstract_state, is_leaf=is_variable)

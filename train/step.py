@@ -45,6 +45,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from train import optim
 from train import sharding
 
 LossFn = Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, dict]]
@@ -222,16 +223,19 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
 
   def train_step(state, batch):
     rng = jax.random.fold_in(state['rng'], state['step'])
+    # Schedule-free optimizers store their averaged weights and take the
+    # gradient elsewhere (`optim.train_point`); for the others it is params.
+    params = optim.train_point(state['opt_state'], state['params'])
     with sharding.activation_sharding(mesh):
-      grads, sums = _summed_grads(loss_fn, graphdef, state['params'],
+      grads, sums = _summed_grads(loss_fn, graphdef, params,
                                   state['model_state'], batch, rng, accum, mesh)
     # The gradient of the weighted mean: divide the summed gradient once.
     weight = jnp.maximum(sums['weight'], 1e-9)
     grads = jax.tree.map(lambda g: g / weight, grads)
-    params32 = _to_f32(state['params'])
+    params32 = _to_f32(params)
     updates, opt_state = optimizer.update(grads, state['opt_state'], params32)
-    new_params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype),
-                              state['params'], updates)
+    new_params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
+    new_params = optim.stored_point(opt_state, new_params)
     metrics = _means(sums)
     metrics['grad_norm'] = optax.tree.norm(grads)
     # 1.0 if every new parameter is finite: the loop never saves a state
