@@ -291,6 +291,15 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _check(t.get('muon_adam_lr') is None or t.muon_adam_lr > 0,
          f'train.muon_adam_lr={t.get("muon_adam_lr")}: must be None or positive')
   optimizer = t.get('optimizer', 'adamw')
+  # Nothing silently ignored: a hyperparameter the chosen rule does not read.
+  unused = {'b1': ('sgd',), 'b2': ('adafactor', 'sgd'),
+            'momentum': ('adamw', 'lion', 'adafactor', 'schedule_free_adamw'),
+            'nesterov': ('adamw', 'lion', 'adafactor', 'schedule_free_adamw'),
+            'muon_adam_lr': ('adamw', 'lion', 'adafactor', 'sgd', 'schedule_free_adamw')}
+  for field, rules in unused.items():
+    _check(t.get(field) is None or optimizer not in rules,
+           f'train.{field}={t.get(field)} has no effect with train.optimizer='
+           f'{optimizer!r}: leave it None')
   if optimizer == 'schedule_free_adamw':
     _check(t.lr_schedule == 'constant',
            f"train.optimizer='schedule_free_adamw' needs no decay schedule: set "

@@ -338,3 +338,16 @@ def test_resume_is_bitwise_for_every_optimizer(kind, tmp_path):
 
 def checkpoint_state(workdir):
   return ocp.StandardCheckpointer().restore(os.path.join(workdir, 'checkpoints', '4', 'state'))
+
+
+@pytest.mark.parametrize('overrides,field', [
+    (['train.optimizer=adam'], 'train.optimizer'),
+    (['train.optimizer=schedule_free_adamw'], 'train.lr_schedule'),
+    (['train.optimizer=sgd', 'train.b2=0.9'], 'train.b2'),
+    (['train.optimizer=adamw', 'train.momentum=0.9'], 'train.momentum'),
+    (['model.mup_base_width=32', 'train.optimizer=adafactor'], 'model.mup_base_width'),
+    (['model.mup_base_width=32', 'model.attn_scale=0.1'], 'model.attn_scale'),
+])
+def test_settings_that_would_be_wrong_or_ignored_are_refused(overrides, field):
+  with pytest.raises(configs.ConfigError, match=field):
+    configs.load('configs/llama.py:tiny', overrides)

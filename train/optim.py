@@ -395,9 +395,9 @@ def make_optimizer(train_cfg, model_cfg=None
   settings = group_settings(train_cfg, model_cfg)
   transforms = {}
   for group, s in settings.items():
-    parts = [_rule(s.rule, train_cfg)]
-    if s.decay:
-      parts.append(optax.add_decayed_weights(s.decay))
+    # Decay 0 too: the state's structure must not depend on its value (a
+    # run resumes, or DPO restores, with another weight_decay).
+    parts = [_rule(s.rule, train_cfg), optax.add_decayed_weights(s.decay)]
     mult = s.lr_mult
     parts.append(optax.scale_by_learning_rate(
         schedule if mult == 1 else (lambda count, mult=mult: mult * schedule(count))))
