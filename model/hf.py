@@ -435,6 +435,10 @@ def model_config_to_hf(m, decoder=None):
     raise HFError(f'model.{what} has no Hugging Face counterpart that ablax exports')
   if m.num_memory_tokens:
     refuse(f'num_memory_tokens={m.num_memory_tokens}')
+  if m.get('mup_base_width') is not None:
+    # HF models have no logit or attention multipliers: the export would
+    # silently compute another function.
+    refuse(f'mup_base_width={m.mup_base_width} (muP multipliers)')
   if m.num_shared_experts:
     refuse(f'num_shared_experts={m.num_shared_experts}')
   if m.moe_capacity_factor is not None:
