@@ -95,3 +95,14 @@ def test_export_refuses_memory_tokens(tmp_path):
   decoder = model_lib.Decoder(cfg.model, rngs=nnx.Rngs(0))
   with pytest.raises(hf.HFError, match='num_memory_tokens=2'):
     hf.save(cfg, decoder, str(tmp_path))
+
+
+def test_export_refuses_mup(tmp_path):
+  import configs
+  import model as model_lib
+  from flax import nnx
+  cfg = configs.load('configs/llama.py:tiny', ['model.mup_base_width=32'])
+  decoder = model_lib.Decoder(cfg.model, rngs=nnx.Rngs(0))
+  with pytest.raises(hf.HFError, match='mup_base_width=32'):
+    hf.save(cfg, decoder, str(tmp_path))
+  assert not os.path.exists(os.path.join(tmp_path, 'config.json'))
