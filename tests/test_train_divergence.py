@@ -56,8 +56,8 @@ def test_nan_parameters_with_a_finite_loss_are_never_saved(tmp_path, monkeypatch
   bad = 3
   real = optim.make_optimizer
 
-  def nan_at_update(train_cfg):
-    optimizer, schedule = real(train_cfg)
+  def nan_at_update(train_cfg, model_cfg=None):
+    optimizer, schedule = real(train_cfg, model_cfg)
 
     def init(params):
       return optimizer.init(params), jnp.zeros((), jnp.int32)
