@@ -128,14 +128,8 @@ def main(argv=None) -> int:
   parser.add_argument('--in_process', action='store_true',
                       help='train in this process instead of a subprocess per run')
   args, rest = parser.parse_known_args(argv)
-  base = []
-  for arg in rest:
-    if not arg.startswith('--config.') or '=' not in arg:
-      print(f'ablax: unrecognised argument {arg!r} (base overrides are '
-            '--config.PATH=VALUE)', file=sys.stderr)
-      return 2
-    base.append(arg[len('--config.'):])
   try:
+    base = sweep_lib.base_overrides(rest)
     try:
       budgets = [float(b) for b in args.budgets.split(',')]
     except ValueError:

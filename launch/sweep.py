@@ -92,6 +92,15 @@ class Run:
     return [f'{path}={format_value(value)}' for path, value in self.overrides.items()]
 
 
+def base_overrides(rest: list[str]) -> list[str]:
+  """The `--config.PATH=VALUE` arguments argparse left over, as PATH=VALUE."""
+  for arg in rest:
+    if not arg.startswith('--config.') or '=' not in arg:
+      raise SweepError(f'unrecognised argument {arg!r} (base overrides are '
+                       '--config.PATH=VALUE)')
+  return [arg[len('--config.'):] for arg in rest]
+
+
 def format_value(value) -> str:
   """The text of a value as `configs.apply_override` and the flags parse it."""
   return value if isinstance(value, str) else repr(value)
@@ -777,14 +786,8 @@ def main(argv=None) -> int:
   parser.add_argument('--in_process', action='store_true',
                       help='train in this process instead of a subprocess per run')
   args, rest = parser.parse_known_args(argv)
-  base = []
-  for arg in rest:
-    if not arg.startswith('--config.') or '=' not in arg:
-      print(f'ablax: unrecognised argument {arg!r} (base overrides are '
-            '--config.PATH=VALUE)', file=sys.stderr)
-      return 2
-    base.append(arg[len('--config.'):])
   try:
+    base = base_overrides(rest)
     file_runs = load_sweep_file(args.sweep_file) if args.sweep_file else None
     runs = expand(args.sweep, args.zip, file_runs)
     tune_seeds = parse_seeds(args.tune_seeds)
