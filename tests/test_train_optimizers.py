@@ -312,11 +312,11 @@ RESUME = ['model.num_layers=1', 'model.d_model=32', 'model.d_ff=64',
           'train.checkpoint_every_steps=2', 'train.keep_checkpoints=5']
 
 
-# The optimizers whose state is ablax's own construction: Muon's transform
-# beside AdamW groups, schedule-free's stored averaged weights. adamw's resume
-# is tests/test_train_resume.py's; lion, sgd and adafactor keep optax states
-# (adafactor's placement is test_adafactor_factored_moments_are_replicated's).
-@pytest.mark.parametrize('kind', ['muon', 'schedule_free_adamw'])
+# Every optimizer but adamw (whose resume is tests/test_train_resume.py's, with
+# a kill -9): Muon's transform beside AdamW groups, schedule-free's stored
+# averaged weights, and the optax states of lion, sgd and adafactor (whose
+# factored moments are placed by the sharding rules' fallback).
+@pytest.mark.parametrize('kind', ['muon', 'schedule_free_adamw', 'lion', 'sgd', 'adafactor'])
 def test_resume_is_bitwise_for_every_optimizer(kind, tmp_path):
   """4 steps straight vs. steps 3-4 resumed from the straight run's step-2
   checkpoint (in process, on the 8 fake devices)."""
