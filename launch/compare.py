@@ -45,6 +45,7 @@ import sys
 
 import configs
 from configs import errors
+from launch import fit as fit_lib
 from launch import sweep as sweep_lib
 
 COLUMNS = ('run', 'overrides', 'status', 'step', 'final_train_loss',
@@ -579,6 +580,16 @@ def compare(root: str, out=None, *, metric: str = 'eval/loss', baseline: str | N
     write_csv(table, os.path.join(root, 'scaling.csv'),
               ('arm', 'run', 'budget', 'params', 'tokens', 'loss'))
     written.append('scaling.csv')
+    if len({r['arm'] for r in table}) > 1:
+      # A ladder per arm: each arm's fitted law and the gap it predicts at 10x
+      # the largest budget run ("does the change still win at 10x?").
+      budgets = [float(r['budget']) for r in table if r.get('budget')]
+      try:
+        fit_lib.fit(os.path.join(root, 'scaling.csv'), out=buffer,
+                    budget=10 * max(budgets) if budgets else None)
+        written += ['fit.json', 'fit_<arm>.png']
+      except fit_lib.FitError as e:
+        buffer.write(f'no per-arm fit: {e}\n')
   buffer.write(f'\nwrote {os.path.join(root, written[0])}, {", ".join(written[1:])}\n')
   out.write(buffer.getvalue())
   return result

@@ -512,3 +512,27 @@ def test_seeds_flag_and_running_markers(tmp_path, monkeypatch, capsys):
   assert results == {'qk_norm=False': 'busy', 'qk_norm=True': 'done'}
   assert trained == ['qk_norm=True']
   assert f'running in process {os.getpid()}' in out and 'stale RUNNING marker' in out
+
+
+def test_compare_scaling_fits_each_arms_ladder(tmp_path, capsys):
+  # Two ladders whose losses follow LAW, arm alibi 0.05 nats above rope:
+  # compare --scaling fits each and prints the gap at 10x the largest budget.
+  from launch import scaling
+  base = ['train.seq_len=64']
+  runs = scaling.plan(CONFIG, str(tmp_path), [1e11, 1e12], 3,
+                      sweep.expand(['model.position=rope,alibi']), base)
+  sweep.write_sweep_json(str(tmp_path), CONFIG, base, runs)
+  for run in runs:
+    cfg = sweep.run_config(CONFIG, run, base)
+    n = sweep.non_embedding_params(cfg.model)
+    d = cfg.train.steps * cfg.train.global_batch_size * 64
+    loss = float(fit.law(LAW, n, d)) + (0.05 if 'alibi' in run.name else 0.0)
+    fake_run(run.workdir, {'eval/loss': [(cfg.train.steps, loss)]}, base + run.override_args())
+  compare.compare(str(tmp_path), scaling=True)
+  printed = capsys.readouterr().out
+  with open(tmp_path / 'fit.json') as f:
+    predicted = json.load(f)['predicted_at_budget']
+  assert predicted['budget'] == 1e13
+  gap = predicted['loss']['position=alibi'] - predicted['loss']['position=rope']
+  assert abs(gap - 0.05) < 0.01, printed
+  assert 'vs position=rope' in printed
