@@ -1,7 +1,7 @@
 """Data speed: `data.prepare` throughput and the training iterator's batches/s.
 
-    python bench/data.py                 # 20 MB of generated text, 1 and 2 workers
-    python bench/data.py --mb 200 --workers 8
+    python bench/data_throughput.py                 # 20 MB of generated text, 1 and 2 workers
+    python bench/data_throughput.py --mb 200 --workers 8
 
 (a) Prepare. Generated JSONL text (Zipf-distributed words, documents of 50 to
     3,000 words; seed 0) is tokenized with a byte-level BPE fitted to a 2 MB
@@ -153,7 +153,7 @@ def main():
   for name, overrides in cases:
     rate = iterator_rate(overrides + ['model.vocab_size=8192'], args.batches)
     print(f'| {name} | {rate:.1f} | {rate * 16 * 256:,.0f} | {rate / model_batches:,.0f}x |')
-  print(f'\ncommand: python bench/data.py --mb {args.mb:g} --workers {args.workers} '
+  print(f'\ncommand: python bench/data_throughput.py --mb {args.mb:g} --workers {args.workers} '
         f'--batches {args.batches}; files in {root}')
 
 
