@@ -208,9 +208,9 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
   _check(m.num_memory_tokens >= 0,
          f'model.num_memory_tokens={m.num_memory_tokens}: must be >= 0')
   if m.get('attention_sinks', False):
-    _check(m.attention_impl in ('auto', 'xla'),
-           f'model.attention_impl={m.attention_impl!r} has no attention-sink term yet: '
-           'use model.attention_impl=xla (or auto) with model.attention_sinks=True')
+    _check(m.attention_impl != 'cudnn',
+           "model.attention_impl='cudnn' has no attention-sink term: use "
+           'model.attention_impl=auto, xla or pallas with model.attention_sinks=True')
   for field in ('attention_block_q', 'attention_block_kv'):
     if field in m and m[field] is not None:
       _check(m[field] > 0 and m[field] % 8 == 0,

@@ -52,8 +52,8 @@ def model_config() -> ml_collections.ConfigDict:
   # Output gate o * sigmoid(x W_g) before the output projection (Qiu et al.
   # 2025): none | headwise (one gate per head) | elementwise (per channel).
   m.attention_gate = 'none'
-  # One learned logit per head in every softmax denominator (GPT-OSS); XLA path
-  # only for now (attention_impl pallas/cudnn are refused with it).
+  # One learned logit per head in every softmax denominator (GPT-OSS); XLA and
+  # Pallas paths (attention_impl=cudnn is refused with it).
   m.attention_sinks = False
   # --- end attention variants ---
   # Pallas block sizes; None picks per backend and head_dim.

@@ -87,21 +87,20 @@ def dot_product_attention(q, k, v, *, impl='xla', segment_ids=None, causal=True,
                           sink_logits=None):
   """Attention with the implementation `impl`; arguments as `reference_attention`.
 
-  The kernels have no sink term yet: with sink_logits, 'auto' runs the reference
-  and 'pallas' / 'cudnn' are refused (configs.validate_model says so at load).
+  cuDNN has no sink term: with sink_logits, 'cudnn' is refused
+  (configs.validate_model says so at load).
   """
   kwargs = dict(segment_ids=segment_ids, causal=causal, sliding_window=sliding_window,
                 alibi_slopes=alibi_slopes, logit_softcap=logit_softcap, scale=scale,
                 num_memory_tokens=num_memory_tokens)
-  if sink_logits is not None:
-    if impl not in ('auto', 'xla'):
-      raise ValueError(f'attention sinks have no {impl!r} kernel; use attention_impl=xla')
-    return reference_attention(q, k, v, sink_logits=sink_logits, **kwargs)
   impl = resolve_impl(impl)
   if impl == 'xla':
-    return reference_attention(q, k, v, **kwargs)
+    return reference_attention(q, k, v, sink_logits=sink_logits, **kwargs)
   if impl == 'pallas':
     from model import kernels  # pylint: disable=import-outside-toplevel
-    return kernels.flash_attention(q, k, v, block_q=block_q, block_kv=block_kv, **kwargs)
+    return kernels.flash_attention(q, k, v, block_q=block_q, block_kv=block_kv,
+                                   sink_logits=sink_logits, **kwargs)
+  if sink_logits is not None:
+    raise ValueError('attention sinks have no cuDNN path; use attention_impl=xla or pallas')
   from model.kernels import cudnn  # pylint: disable=import-outside-toplevel
   return cudnn.attention(q, k, v, **kwargs)

@@ -109,9 +109,14 @@ def test_sink_logit_gradient_matches_the_definition():
   np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-6)
 
 
+@jax.jit
+def _jit_forward(graphdef, state, tokens, seg):
+  return nnx.merge(graphdef, state)(tokens, segment_ids=seg)[0]
+
+
 def _forward(decoder, tokens, seg=None):
   as_int = lambda a: None if a is None else jnp.asarray(a, jnp.int32)
-  return np.asarray(decoder(as_int(tokens), segment_ids=as_int(seg))[0])
+  return np.asarray(_jit_forward(*nnx.split(decoder), as_int(tokens), as_int(seg)))
 
 
 VARIANTS = ['model.attention_gate=elementwise', 'model.attention_sinks=True']
@@ -178,10 +183,52 @@ def test_cached_greedy_sampling_equals_the_full_forward():
 
 
 def test_unsupported_combinations_are_user_errors():
-  with pytest.raises(configs.ConfigError, match='attention_impl=.pallas. has no attention-sink'):
-    _cfg(['model.attention_sinks=True', 'model.attention_impl=pallas'])
+  with pytest.raises(configs.ConfigError, match='attention_impl=.cudnn. has no attention-sink'):
+    _cfg(['model.attention_sinks=True', 'model.attention_impl=cudnn'])
   with pytest.raises(configs.ConfigError, match='attention_gate=.sigmoid.: must be one of'):
     _cfg(['model.attention_gate=sigmoid'])
   for flag in VARIANTS:
     with pytest.raises(hf.HFError, match='attention_(gate|sinks)=.*no Hugging Face'):
       hf.model_config_to_hf(_cfg([flag]).model)
+
+
+# ---------------------------------------------------------------------------
+# The Pallas kernels with sinks, in interpret mode, against the XLA reference.
+
+
+@pytest.mark.parametrize('backend', ['gpu_triton', 'tpu_mosaic'])
+def test_flash_kernels_with_sinks_equal_the_reference(backend):
+  # GQA, packed segments with padding, a window: forward and every gradient,
+  # the sink logits' included. Large sinks (up to 3) so that they matter.
+  from jax.experimental.pallas import tpu as pltpu   # pylint: disable=import-outside-toplevel
+  from model.kernels import flash                    # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(11)
+  b, t, n, kvh, h = 2, 128, 4, 2, 64
+  q, do = (jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32) for _ in range(2))
+  k, v = (jnp.asarray(rng.standard_normal((b, t, kvh, h)), jnp.float32) for _ in range(2))
+  sinks = jnp.asarray([-1.0, 0.5, 2.0, 3.0], jnp.float32)
+  seg = np.ones((b, t), np.int32)
+  seg[0, 50:] = 2
+  seg[0, 120:] = 0
+  kwargs = dict(segment_ids=jnp.asarray(seg), causal=True, sliding_window=40)
+  if backend == 'gpu_triton':
+    blocks = dict(block_q=32, block_kv=32, interpret=True)
+  else:
+    blocks = dict(block_q=128, block_kv=128, interpret=pltpu.InterpretParams())
+
+  def run(fn):
+    @jax.jit
+    def go(q, k, v, s):
+      out, vjp = jax.vjp(fn, q, k, v, s)
+      return (out, *vjp(do))
+    return go(q, k, v, sinks)
+
+  got = run(lambda q, k, v, s: flash.attention(q, k, v, backend=backend, sink_logits=s,
+                                               **blocks, **kwargs))
+  want = run(lambda q, k, v, s: attention_core.reference_attention(q, k, v, sink_logits=s,
+                                                                   **kwargs))
+  for name, a, e in zip(('out', 'dq', 'dk', 'dv', 'dsinks'), got, want):
+    a, e = np.asarray(a), np.asarray(e)
+    assert np.isfinite(a).all(), name
+    np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-4 * np.abs(e).max(), err_msg=name)
+  assert np.abs(np.asarray(want[4])).min() > 1e-2   # the sink gradient is not trivially 0
