@@ -127,11 +127,12 @@ def test_causality_and_document_isolation_with_gate_and_sinks():
   decoder = model.Decoder(cfg.model, rngs=nnx.Rngs(1))
   _randomise(decoder, seed=2, scale=2.0)
   tokens = np.random.RandomState(0).randint(0, 64, (1, 12))
-  base = _forward(decoder, tokens)
+  one = np.ones((1, 12))                  # one document; every call has one shape
+  base = _forward(decoder, tokens, one)
   for t in (3, 8):
     changed = tokens.copy()
     changed[0, t] = (changed[0, t] + 5) % 64
-    out = _forward(decoder, changed)
+    out = _forward(decoder, changed, one)
     np.testing.assert_allclose(out[:, :t], base[:, :t], rtol=0, atol=1e-6)
     assert np.abs(out[:, t] - base[:, t]).max() > 1e-3
   seg = np.array([[1] * 5 + [2] * 7])
@@ -140,9 +141,11 @@ def test_causality_and_document_isolation_with_gate_and_sinks():
   other[0, :5] = (other[0, :5] + 11) % 64
   np.testing.assert_allclose(_forward(decoder, other, seg)[:, 5:], packed[:, 5:],
                              rtol=0, atol=1e-6)
-  # The second document alone at the start of a row gives the same logits.
-  alone = _forward(decoder, tokens[:, 5:])
-  np.testing.assert_allclose(packed[:, 5:], alone, rtol=1e-5, atol=1e-5)
+  # The second document alone at the start of a row (then padding) gives the
+  # same logits.
+  alone = _forward(decoder, np.concatenate([tokens[:, 5:], tokens[:, :5]], axis=1),
+                   np.array([[1] * 7 + [0] * 5]))
+  np.testing.assert_allclose(packed[:, 5:], alone[:, :7], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('gate', ['none', 'headwise', 'elementwise'])
