@@ -235,3 +235,32 @@ def test_flash_kernels_with_sinks_equal_the_reference(backend):
     assert np.isfinite(a).all(), name
     np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-4 * np.abs(e).max(), err_msg=name)
   assert np.abs(np.asarray(want[4])).min() > 1e-2   # the sink gradient is not trivially 0
+
+
+def test_decoder_with_sinks_and_gate_has_the_same_gradients_with_pallas():
+  # attention_impl is a performance switch: the kernel path (interpret mode on
+  # CPU) gives the XLA path's loss and gradients, the sink logits' included.
+  tokens = jnp.asarray(np.random.RandomState(3).randint(0, 64, (2, 16)), jnp.int32)
+  seg = jnp.asarray([[1] * 6 + [2] * 10, [1] * 13 + [0] * 3], jnp.int32)
+
+  def loss_and_grads(impl):
+    cfg = _cfg(VARIANTS + ['model.sliding_window=8', f'model.attention_impl={impl}'])
+    decoder = model.Decoder(cfg.model, rngs=nnx.Rngs(1))
+    _randomise(decoder, seed=2, scale=2.0)
+    graphdef, params, rest = nnx.split(decoder, nnx.Param, ...)
+
+    def loss(params):
+      logits = nnx.merge(graphdef, params, rest)(tokens, segment_ids=seg)[0]
+      return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
+          logits, jnp.roll(tokens, -1, axis=1)[..., None], -1)[..., 0])
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    return value, nnx.to_flat_state(grads)
+
+  want_loss, want = loss_and_grads('xla')
+  got_loss, got = loss_and_grads('pallas')
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+  names = [path for path, _ in want]
+  assert any(path[-1] == 'sinks' for path in names)
+  for (path, e), (_, a) in zip(want, got):
+    e, a = np.asarray(e.get_value()), np.asarray(a.get_value())
+    np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-4 * np.abs(e).max(), err_msg=str(path))
