@@ -22,6 +22,7 @@ CHOICES = {
     'model.position': ('rope', 'alibi', 'learned', 'sinusoidal', 'none'),
     'model.mlp_activation': ('silu', 'gelu', 'gelu_tanh', 'relu'),
     'model.attention_impl': ('auto', 'xla', 'pallas', 'cudnn'),
+    'model.attention_gate': ('none', 'headwise', 'elementwise'),
     'model.remat': ('none', 'full', 'dots'),
     'model.moe_dispatch': ('auto', 'global', 'all_to_all'),
     'model.dtype': ('float32', 'bfloat16', 'float16'),
@@ -206,6 +207,10 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
            f'model.global_layer_interval={m.global_layer_interval}: must be positive')
   _check(m.num_memory_tokens >= 0,
          f'model.num_memory_tokens={m.num_memory_tokens}: must be >= 0')
+  if m.get('attention_sinks', False):
+    _check(m.attention_impl != 'cudnn',
+           "model.attention_impl='cudnn' has no attention-sink term: use "
+           'model.attention_impl=auto, xla or pallas with model.attention_sinks=True')
   for field in ('attention_block_q', 'attention_block_kv'):
     if field in m and m[field] is not None:
       _check(m[field] > 0 and m[field] % 8 == 0,

@@ -48,6 +48,14 @@ def model_config() -> ml_collections.ConfigDict:
   m.global_layer_interval = ml_collections.FieldReference(None, field_type=int)
   m.num_memory_tokens = 0
   m.attention_impl = 'auto'      # auto | xla | pallas | cudnn
+  # --- Attention variants (issue 17; docs/attention.md) ---
+  # Output gate o * sigmoid(x W_g) before the output projection (Qiu et al.
+  # 2025): none | headwise (one gate per head) | elementwise (per channel).
+  m.attention_gate = 'none'
+  # One learned logit per head in every softmax denominator (GPT-OSS); XLA and
+  # Pallas paths (attention_impl=cudnn is refused with it).
+  m.attention_sinks = False
+  # --- end attention variants ---
   # Pallas block sizes; None picks per backend and head_dim.
   m.attention_block_q = ml_collections.FieldReference(None, field_type=int)
   m.attention_block_kv = ml_collections.FieldReference(None, field_type=int)

@@ -8,6 +8,15 @@ QK-norm (Dehghani et al. 2023; Qwen3), attention-logit soft-capping (Gemma 2),
 a sliding window (Mistral; Gemma 2 alternates it with global layers), ALiBi
 slopes, and learned memory tokens (their positions are handled by the decoder).
 
+Two changes to the softmax attention itself, each a flag:
+- `attention_gate` 'headwise' | 'elementwise': the attention output is
+  multiplied by sigmoid(x W_g) before the output projection, x the layer's input,
+  one gate per head or per (head, channel) (Qiu et al. 2025, "Gated Attention for
+  Large Language Models"; Qwen3-Next's gate is the elementwise one).
+- `attention_sinks`: one learned logit per head joins every softmax denominator,
+  a key that every query sees and that carries no value (as GPT-OSS; Xiao et al.
+  2023, "StreamingLLM", observed that trained models make such a sink themselves).
+
 The layer is split into `project` (q/k/v with norms and rotary positions),
 `attend` and `output` so that a KV cache can sit between the first two.
 """
@@ -66,6 +75,17 @@ class Attention(nnx.Module):
       # One norm over head_dim, shared by all heads (as Qwen3 and Gemma 3).
       self.q_norm = norms.make_norm(cfg_model, h)
       self.k_norm = norms.make_norm(cfg_model, h)
+    self.gate = cfg_model.get('attention_gate', 'none')
+    if self.gate == 'headwise':
+      self.wg = nnx.Param(w_in(rngs.params(), (d, n), pdt), logical_axes=('embed', 'heads'))
+    elif self.gate == 'elementwise':
+      self.wg = nnx.Param(w_in(rngs.params(), (d, n, h), pdt),
+                          logical_axes=('embed', 'heads', 'head_dim'))
+    if cfg_model.get('attention_sinks', False):
+      # Logit 0 at init: the sink starts as one more key of average score.
+      self.sinks = nnx.Param(jnp.zeros((n,), pdt), logical_axes=('heads',))
+    else:
+      self.sinks = None
 
   def _proj(self, x, w, b):
     y = jnp.einsum('btd,dnh->btnh', x, w[...].astype(self.dtype))
@@ -108,10 +128,27 @@ class Attention(nnx.Module):
         sliding_window=self.sliding_window, alibi_slopes=slopes,
         logit_softcap=self.logit_softcap, scale=self.scale,
         num_memory_tokens=num_memory_tokens, block_q=self.block_q,
-        block_kv=self.block_kv)
+        block_kv=self.block_kv, sink_logits=self.sink_logits())
 
-  def output(self, o):
-    """Heads back to the model width: [b, t, n, h] -> [b, t, d]."""
+  def sink_logits(self):
+    """The per-head sink logits float32 [n], or None without sinks."""
+    return None if self.sinks is None else self.sinks[...].astype(jnp.float32)
+
+  def apply_gate(self, o, x):
+    """o [b, t, n, h] times sigmoid(x W_g), x [b, t, d] the layer's input."""
+    if self.gate == 'none':
+      return o
+    w = self.wg[...].astype(self.dtype)
+    x = x.astype(self.dtype)
+    if self.gate == 'headwise':
+      g = jnp.einsum('btd,dn->btn', x, w)[..., None]     # [b, t, n, 1]
+    else:
+      g = jnp.einsum('btd,dnh->btnh', x, w)              # [b, t, n, h]
+    return o * jax.nn.sigmoid(g.astype(jnp.float32)).astype(o.dtype)
+
+  def output(self, o, x):
+    """Gated heads back to the model width: o [b, t, n, h], input x [b, t, d] -> [b, t, d]."""
+    o = self.apply_gate(o, x)
     y = jnp.einsum('btnh,nhd->btd', o.astype(self.dtype), self.wo[...].astype(self.dtype))
     if self.use_bias:
       y = y + self.bo[...].astype(self.dtype)
@@ -124,7 +161,7 @@ class Attention(nnx.Module):
       o = self.attend(q, k, v, segment_ids=segment_ids,
                       num_memory_tokens=num_memory_tokens)
     with jax.named_scope('out'):
-      return self.output(o)
+      return self.output(o, x)
 
 
 def attention_params(cfg_model) -> int:
@@ -136,4 +173,15 @@ def attention_params(cfg_model) -> int:
     count += n * h + 2 * kv * h + d
   if cfg_model.qk_norm:
     count += 2 * norms.norm_params(cfg_model.norm_type, h)
+  count += gate_params(cfg_model)
+  if cfg_model.get('attention_sinks', False):
+    count += n
   return count
+
+
+def gate_params(cfg_model) -> int:
+  """Weights of the output gate W_g (also its matmul's weights per position)."""
+  d, n = cfg_model.d_model, cfg_model.num_heads
+  h = cfg_model.head_dim or d // n
+  return {'none': 0, 'headwise': d * n,
+          'elementwise': d * n * h}[cfg_model.get('attention_gate', 'none')]

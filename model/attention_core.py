@@ -21,7 +21,7 @@ IMPLS = ('auto', 'xla', 'pallas', 'cudnn')
 def reference_attention(q, k, v, *, segment_ids=None, causal=True, sliding_window=None,
                         alibi_slopes=None, logit_softcap=None, scale=None,
                         num_memory_tokens=0, q_idx=None, kv_idx=None,
-                        kv_segment_ids=None):
+                        kv_segment_ids=None, sink_logits=None):
   """Attention computed in full, in float32.
 
   Args:
@@ -35,6 +35,9 @@ def reference_attention(q, k, v, *, segment_ids=None, causal=True, sliding_windo
     scale: None means 1/sqrt(head_dim).
     q_idx, kv_idx: None, or int [q_len] / [kv_len] indices in the attention
       sequence (a KV-cache decode step passes its offsets); default arange.
+    sink_logits: None or float [num_heads]: each head's learned sink logit,
+      one more term exp(sink) in every row's softmax denominator, with no value
+      (`masking.softmax_with_sinks`).
   Returns:
     [batch, q_len, num_heads, head_dim] in q's dtype. A query that sees no key
     (e.g. padding in its own segment of nothing) gets zeros, never NaN.
@@ -61,12 +64,10 @@ def reference_attention(q, k, v, *, segment_ids=None, causal=True, sliding_windo
                          num_memory=num_memory_tokens)
   mask = jnp.broadcast_to(mask, logits.shape)
 
-  logits = jnp.where(mask, logits, -jnp.inf)
-  row_max = jnp.max(logits, axis=-1, keepdims=True)
-  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-  p = jnp.where(mask, jnp.exp(logits - row_max), 0.0)
-  denom = jnp.sum(p, axis=-1, keepdims=True)
-  p = p / jnp.where(denom == 0, 1.0, denom)
+  sinks = None
+  if sink_logits is not None:
+    sinks = jnp.asarray(sink_logits, jnp.float32).reshape(kvh, g, 1, 1)
+  p = masking.softmax_with_sinks(logits, mask, sinks)
   out = jnp.einsum('bkgts,bskh->btkgh', p, v.astype(jnp.float32))
   return out.reshape(b, t, n, h).astype(q.dtype)
 
@@ -82,16 +83,24 @@ def resolve_impl(impl: str) -> str:
 
 def dot_product_attention(q, k, v, *, impl='xla', segment_ids=None, causal=True,
                           sliding_window=None, alibi_slopes=None, logit_softcap=None,
-                          scale=None, num_memory_tokens=0, block_q=None, block_kv=None):
-  """Attention with the implementation `impl`; arguments as `reference_attention`."""
+                          scale=None, num_memory_tokens=0, block_q=None, block_kv=None,
+                          sink_logits=None):
+  """Attention with the implementation `impl`; arguments as `reference_attention`.
+
+  cuDNN has no sink term: with sink_logits, 'cudnn' is refused
+  (configs.validate_model says so at load).
+  """
   kwargs = dict(segment_ids=segment_ids, causal=causal, sliding_window=sliding_window,
                 alibi_slopes=alibi_slopes, logit_softcap=logit_softcap, scale=scale,
                 num_memory_tokens=num_memory_tokens)
   impl = resolve_impl(impl)
   if impl == 'xla':
-    return reference_attention(q, k, v, **kwargs)
+    return reference_attention(q, k, v, sink_logits=sink_logits, **kwargs)
   if impl == 'pallas':
     from model import kernels  # pylint: disable=import-outside-toplevel
-    return kernels.flash_attention(q, k, v, block_q=block_q, block_kv=block_kv, **kwargs)
+    return kernels.flash_attention(q, k, v, block_q=block_q, block_kv=block_kv,
+                                   sink_logits=sink_logits, **kwargs)
+  if sink_logits is not None:
+    raise ValueError('attention sinks have no cuDNN path; use attention_impl=xla or pallas')
   from model.kernels import cudnn  # pylint: disable=import-outside-toplevel
   return cudnn.attention(q, k, v, **kwargs)

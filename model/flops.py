@@ -8,7 +8,7 @@ backward) per token of a row of `seq_len` tokens, for MFU. As in Kaplan et al.
 2020 and the PaLM paper (Chowdhery et al. 2022, appendix B), the backward pass
 costs twice the forward, so training = 3 x forward, and a forward matmul with a
 [m, n] weight costs 2 m n per position. Counted:
-- the weight matmuls of every layer (q/k/v/o, the MLP; for MoE the router, the
+- the weight matmuls of every layer (q/k/v/o, the attention gate, the MLP; for MoE the router, the
   `experts_per_token` routed experts and the shared experts a token goes
   through, not all experts), at every position including memory tokens;
 - the output head (2 d_model vocab; an embedding lookup is free);
@@ -69,7 +69,7 @@ def _matmul_weights(cfg_model, layer_index: int) -> int:
   """Weights one position multiplies through in layer `layer_index`."""
   d, n, kv, h = (cfg_model.d_model, cfg_model.num_heads, cfg_model.num_kv_heads,
                  _head_dim(cfg_model))
-  count = 2 * d * n * h + 2 * d * kv * h
+  count = 2 * d * n * h + 2 * d * kv * h + attention_lib.gate_params(cfg_model)
   n_in = 2 if cfg_model.mlp_gated else 1
   if decoder_lib.is_moe_layer(cfg_model, layer_index):
     experts = cfg_model.experts_per_token + cfg_model.num_shared_experts

@@ -439,6 +439,10 @@ def model_config_to_hf(m, decoder=None):
     # HF models have no logit or attention multipliers: the export would
     # silently compute another function.
     refuse(f'mup_base_width={m.mup_base_width} (muP multipliers)')
+  if m.get('attention_gate', 'none') != 'none':
+    refuse(f'attention_gate={m.attention_gate!r} (no exported HF family has an output gate)')
+  if m.get('attention_sinks', False):
+    refuse('attention_sinks=True (no exported HF family has sink logits)')
   if m.num_shared_experts:
     refuse(f'num_shared_experts={m.num_shared_experts}')
   if m.moe_capacity_factor is not None:

@@ -13,6 +13,7 @@ Darcet et al. 2023, "Vision Transformers Need Registers").
 - Other pairs: causal, inside the sliding window, same segment.
 
 ALiBi: Press et al. 2021, "Train Short, Test Long". Soft-capping: Gemma 2.
+Learned attention sinks (GPT-OSS): `softmax_with_sinks`.
 """
 
 import math
@@ -69,6 +70,26 @@ def softcap_grad(capped, cap):
   if cap is None:
     return jnp.ones_like(capped)
   return 1.0 - jnp.square(capped / cap)
+
+
+def softmax_with_sinks(logits, mask, sinks=None):
+  """Softmax over the last axis of logits where mask, with an optional sink.
+
+  p_j = exp(l_j) / (exp(s) + sum_k exp(l_k)): the sink s (broadcasting over
+  logits without the last axis, e.g. one per head) is a key every query sees
+  whose value is zero, so a row's weights sum to less than one. Masked entries
+  get 0; a row with nothing visible gets all zeros, never NaN.
+  """
+  logits = jnp.where(mask, logits, -jnp.inf)
+  row_max = jnp.max(logits, axis=-1, keepdims=True)
+  if sinks is not None:
+    row_max = jnp.maximum(row_max, sinks)
+  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  p = jnp.where(mask, jnp.exp(logits - row_max), 0.0)
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  if sinks is not None:
+    denom = denom + jnp.exp(sinks - row_max)
+  return p / jnp.where(denom == 0, 1.0, denom)
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:

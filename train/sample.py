@@ -185,8 +185,10 @@ def _attend(attn, q, k, v, q_idx, kv_idx, kv_seg, num_memory):
     logits = logits + masking.alibi_bias(slopes, qi, ki, num_memory)
   mask = masking.visible(qi, ki, jnp.ones_like(qi), kv_seg[:, None, None, None, :],
                          causal=True, window=attn.sliding_window, num_memory=num_memory)
-  logits = jnp.where(mask, logits, -1e30)
-  probs = jax.nn.softmax(logits, axis=-1)
+  sinks = attn.sink_logits()
+  if sinks is not None:
+    sinks = sinks.reshape(kv, g)[None, :, :, None, None]
+  probs = masking.softmax_with_sinks(logits, mask, sinks)
   o = jnp.einsum('bkgts,bskh->btkgh', probs, v.astype(jnp.float32))
   return o.reshape(b, t, n, h).astype(q.dtype)
 
@@ -257,7 +259,7 @@ def _prefill(decoder, layout, streaming, cache, tokens, positions, seg, dests):
         'k': layer['k'].at[rows, dest].set(k_store.astype(layer['k'].dtype), mode='drop'),
         'v': layer['v'].at[rows, dest].set(v.astype(layer['v'].dtype), mode='drop'),
         'pos': layer['pos'].at[rows, dest].set(positions, mode='drop')}
-    return attn.output(_attend(attn, q, k, v, idx, idx, seg, m))
+    return attn.output(_attend(attn, q, k, v, idx, idx, seg, m), y)
 
   x = _run_blocks(decoder, x, attn_fn)
   logits = decoder.logits(x[:, -1:])[:, 0]
@@ -295,7 +297,7 @@ def _step(decoder, layout, streaming, cache, token, j):
       q = attn.rotate(q, jnp.maximum(q_pos, 0)[:, None])
       k_all = attn.rotate(k_all, kv_pos)
     o = _attend(attn, q, k_all, v_all, (m + q_pos)[:, None], kv_idx, kv_seg, m)
-    return attn.output(o)
+    return attn.output(o, y)
 
   x = _run_blocks(decoder, x, attn_fn)
   return decoder.logits(x)[:, 0], {'layers': new_layers}

@@ -90,7 +90,7 @@ def block_sizes(backend, head_dim, q_len, kv_len, block_q=None, block_kv=None):
 
 def flash_attention(q, k, v, *, segment_ids=None, causal=True, sliding_window=None,
                     alibi_slopes=None, logit_softcap=None, scale=None,
-                    num_memory_tokens=0, block_q=None, block_kv=None):
+                    num_memory_tokens=0, block_q=None, block_kv=None, sink_logits=None):
   """Flash attention on this backend; arguments and result as
   `model.attention_core.reference_attention` (q [b, t, n, h], k/v [b, s, kv, h]).
 
@@ -104,5 +104,5 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, sliding_window=No
       alibi_slopes=alibi_slopes, logit_softcap=logit_softcap, scale=scale,
       num_memory_tokens=num_memory_tokens, block_q=fwd[0], block_kv=fwd[1],
       bwd_block_q=bwd[0], bwd_block_kv=bwd[1], backend=backend, interpret=interpret,
-      head_dim_multiple=head_dim_multiple)
+      head_dim_multiple=head_dim_multiple, sink_logits=sink_logits)
 

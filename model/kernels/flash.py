@@ -185,24 +185,48 @@ def backend_module(name):
   return importlib.import_module(f'model.kernels.{name}')
 
 
+def _with_sinks(out, lse, sinks):
+  """Adds a sink logit per head to every row's denominator, after the kernel.
+
+  With Z the kernel's row sum (lse = log Z) and s the sink, the output becomes
+  out * Z / (Z + e^s) and lse becomes log(Z + e^s); rows that saw nothing keep
+  their zero output. The backward kernels then need nothing new: with this lse
+  they form the sink-inclusive probabilities, and delta = rowsum(dO * out) is
+  still the right correction because the sink carries no value.
+  """
+  if sinks is None:
+    return out, lse
+  lse_sink = jnp.logaddexp(lse, sinks[None, :, None])               # [b, n, t]
+  factor = jnp.exp(lse - lse_sink).transpose(0, 2, 1)[..., None]    # [b, t, n, 1]
+  return (out.astype(jnp.float32) * factor).astype(out.dtype), lse_sink
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(spec, q, k, v, q_seg, kv_seg, slopes):
-  out, _ = backend_module(spec.backend).forward(spec, q, k, v, q_seg, kv_seg, slopes)
-  return out
-
-
-def _flash_fwd(spec, q, k, v, q_seg, kv_seg, slopes):
+def _flash(spec, q, k, v, q_seg, kv_seg, slopes, sinks):
   out, lse = backend_module(spec.backend).forward(spec, q, k, v, q_seg, kv_seg, slopes)
-  return out, (q, k, v, q_seg, kv_seg, slopes, out, lse)
+  return _with_sinks(out, lse, sinks)[0]
+
+
+def _flash_fwd(spec, q, k, v, q_seg, kv_seg, slopes, sinks):
+  out, lse = backend_module(spec.backend).forward(spec, q, k, v, q_seg, kv_seg, slopes)
+  out, lse = _with_sinks(out, lse, sinks)
+  return out, (q, k, v, q_seg, kv_seg, slopes, sinks, out, lse)
 
 
 def _flash_bwd(spec, res, dout):
-  q, k, v, q_seg, kv_seg, slopes, out, lse = res
+  q, k, v, q_seg, kv_seg, slopes, sinks, out, lse = res
   dq, dk, dv = backend_module(spec.backend).backward(
       spec, q, k, v, q_seg, kv_seg, slopes, out, lse, dout)
+  dsinks = None
+  if sinks is not None:
+    # d loss / d s = sum over rows of P_sink * (dP_sink - delta), dP_sink = 0
+    # (no value): -sum_rows exp(s - lse) * rowsum(dO * out).
+    delta = jnp.einsum('btnh,btnh->bnt', out.astype(jnp.float32), dout.astype(jnp.float32))
+    p_sink = jnp.exp(sinks[None, :, None] - lse)
+    dsinks = -jnp.sum(p_sink * delta, axis=(0, 2))
   # Segment ids are integers and the ALiBi slopes are fixed constants (the
   # wrapper stops their gradient): no cotangent for either.
-  return dq, dk, dv, None, None, None
+  return dq, dk, dv, None, None, None, dsinks
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -215,7 +239,7 @@ def _round_up(x, m):
 def attention(q, k, v, *, segment_ids=None, causal=True, sliding_window=None,
               alibi_slopes=None, logit_softcap=None, scale=None, num_memory_tokens=0,
               block_q, block_kv, backend, bwd_block_q=None, bwd_block_kv=None,
-              interpret=False, head_dim_multiple=1):
+              interpret=False, head_dim_multiple=1, sink_logits=None):
   """Flash attention with `backend` ('gpu_triton' | 'tpu_mosaic'); semantics of
   `model.attention_core.reference_attention`.
 
@@ -224,6 +248,7 @@ def attention(q, k, v, *, segment_ids=None, causal=True, sliding_window=None,
   head_dim_multiple: pad the head dim with zeros up to a multiple of this (or the
     next power of two when it is 0) for backends with layout limits; zeros in q
     and k do not change q.k, zero columns of v give zero columns of the output.
+  sink_logits: None or float [num_heads], learned attention sinks (differentiable).
   """
   backend_module(backend)
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
@@ -272,5 +297,7 @@ def attention(q, k, v, *, segment_ids=None, causal=True, sliding_window=None,
     if alibi_slopes is not None:
       slopes = jax.lax.stop_gradient(jnp.asarray(alibi_slopes, jnp.float32).reshape(n))
 
-  out = _flash(spec, q_p, k_p, v_p, q_seg, kv_seg, slopes)
+    sinks = None if sink_logits is None else jnp.asarray(sink_logits, jnp.float32).reshape(n)
+
+  out = _flash(spec, q_p, k_p, v_p, q_seg, kv_seg, slopes, sinks)
   return out[:, :t, :, :h]
