@@ -1,0 +1,123 @@
+"""`train.loss_chunk_size` is a performance switch: the chunked head gives the
+unchunked loss, metrics and gradients (float32, 1e-5), for chunk sizes that do
+and do not divide the sequence, with the z-loss, tied embeddings, the final
+soft-cap, muP's readout multiplier, packed rows with SFT loss weights, and for
+DPO's per-token log-probs.
+
+The reference is the unchunked path, which tests/test_train_step.py checks
+against a NumPy cross-entropy.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+import configs
+import model
+from align import losses as align_losses
+from train import step as step_lib
+
+B, T, VOCAB = 2, 10, 97
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _model_cfg(*overrides):
+  return configs.load('configs/llama.py:tiny',
+                      ['model.num_layers=1', f'model.vocab_size={VOCAB}',
+                       *overrides]).model
+
+
+def _batch(packed: bool):
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, VOCAB, (B, T + 1)).astype(np.int32)
+  batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
+           'loss_mask': (rng.random((B, T)) < 0.8).astype(np.float32)}
+  if packed:
+    # Two rows of packed documents, a padding tail, and SFT-style weights
+    # (prompt tokens 0, response tokens weighted).
+    batch['segment_ids'] = np.array([[1, 1, 1, 2, 2, 2, 2, 3, 3, 0],
+                                     [1, 1, 1, 1, 1, 2, 2, 2, 2, 2]], np.int32)
+    weights = rng.choice([0.0, 0.5, 1.0, 2.0], (B, T)).astype(np.float32)
+    batch['loss_mask'] = weights * (batch['segment_ids'] > 0)
+  return jax.tree.map(jnp.asarray, batch)
+
+
+def _lm_loss_and_grads(cfg_model, batch, chunk_size, z_loss_weight=0.0):
+  decoder = model.Decoder(cfg_model, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(decoder)
+  loss_fn = step_lib.lm_loss(ml_collections.ConfigDict(dict(
+      z_loss_weight=z_loss_weight, loss_chunk_size=chunk_size)))
+
+  def objective(p):
+    return loss_fn(nnx.merge(graphdef, p), batch, None)
+
+  (total, metrics), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(params)
+  return total, metrics, grads
+
+
+def _assert_same(reference, chunked):
+  total_ref, metrics_ref, grads_ref = reference
+  total, metrics, grads = chunked
+  np.testing.assert_allclose(total, total_ref, **TOL)
+  assert metrics.keys() == metrics_ref.keys()
+  for key in metrics_ref:
+    np.testing.assert_allclose(metrics[key], metrics_ref[key], **TOL, err_msg=key)
+  flat_ref = dict(nnx.to_flat_state(grads_ref))
+  flat = dict(nnx.to_flat_state(grads))
+  assert flat.keys() == flat_ref.keys()
+  for path, g in flat_ref.items():
+    np.testing.assert_allclose(flat[path][...], g[...], **TOL, err_msg=str(path))
+
+
+@pytest.fixture(scope='module')
+def untied_reference():
+  return _lm_loss_and_grads(_model_cfg(), _batch(packed=False), None, z_loss_weight=1e-2)
+
+
+# 4 leaves a ragged last chunk (10 = 4 + 4 + 2); 5 divides; 32 > seq is one chunk.
+@pytest.mark.parametrize('chunk_size', [4, 5, 32])
+def test_chunked_lm_loss_and_grads_equal_unchunked_with_z_loss(untied_reference, chunk_size):
+  chunked = _lm_loss_and_grads(_model_cfg(), _batch(packed=False), chunk_size,
+                               z_loss_weight=1e-2)
+  assert 'z_loss' in chunked[1]
+  _assert_same(untied_reference, chunked)
+
+
+def test_chunked_loss_with_tied_softcapped_mup_head_and_packed_sft_weights():
+  # The head's every step: tied embeddings (Embed.attend), muP's 1/m readout
+  # multiplier, the Gemma 2 soft-cap; packed rows with float loss weights.
+  cfg = _model_cfg('model.tie_embeddings=True', 'model.final_logit_softcap=3.0',
+                   'model.mup_base_width=32')
+  batch = _batch(packed=True)
+  reference = _lm_loss_and_grads(cfg, batch, None, z_loss_weight=1e-3)
+  _assert_same(reference, _lm_loss_and_grads(cfg, batch, 3, z_loss_weight=1e-3))
+
+
+def test_chunked_dpo_token_logps_and_grads_equal_unchunked():
+  decoder = model.Decoder(_model_cfg(), rngs=nnx.Rngs(1))
+  graphdef, params = nnx.split(decoder)
+  side = dict(_batch(packed=True))
+  side['positions'] = None
+
+  def logps(p, chunk_size):
+    return align_losses.token_logps(nnx.merge(graphdef, p), side, chunk_size)
+
+  values = {}
+  for chunk_size in (None, 4):
+    f = jax.jit(lambda p, c=chunk_size: (logps(p, c), jax.grad(
+        lambda q: jnp.sum(logps(q, c) * jnp.arange(T)))(p)))
+    values[chunk_size] = f(params)
+  np.testing.assert_allclose(values[4][0], values[None][0], **TOL)
+  for path, g in dict(nnx.to_flat_state(values[None][1])).items():
+    np.testing.assert_allclose(dict(nnx.to_flat_state(values[4][1]))[path][...], g[...],
+                               **TOL, err_msg=str(path))
+
+
+@pytest.mark.parametrize('value', ['0', '-4', '2.5'])
+def test_loss_chunk_size_must_be_none_or_positive_int(value):
+  with pytest.raises(configs.ConfigError, match='train.loss_chunk_size'):
+    configs.validate(configs.load('configs/llama.py:tiny',
+                                  [f'train.loss_chunk_size={value}']))
