@@ -121,3 +121,26 @@ def test_loss_chunk_size_must_be_none_or_positive_int(value):
   with pytest.raises(configs.ConfigError, match='train.loss_chunk_size'):
     configs.validate(configs.load('configs/llama.py:tiny',
                                   [f'train.loss_chunk_size={value}']))
+
+
+def test_chunked_loss_compiles_to_less_memory_than_the_logits():
+  # XLA's plan for value_and_grad of the loss: unchunked it holds the float32
+  # logits and their gradient ([b, t, vocab] each); chunked only one chunk's
+  # (b x 16 positions), so the temporaries shrink by at least the logits.
+  cfg = _model_cfg('model.vocab_size=8192')
+  b, t, vocab = 2, 128, 8192
+  decoder = model.Decoder(cfg, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(decoder)
+  tokens = jax.ShapeDtypeStruct((b, t), jnp.int32)
+  batch = {'inputs': tokens, 'targets': tokens,
+           'loss_mask': jax.ShapeDtypeStruct((b, t), jnp.float32)}
+
+  def temp_bytes(chunk_size):
+    loss_fn = step_lib.lm_loss(ml_collections.ConfigDict(dict(loss_chunk_size=chunk_size)))
+    grad_fn = jax.grad(lambda p, batch: loss_fn(nnx.merge(graphdef, p), batch, None)[0])
+    return jax.jit(grad_fn).lower(params, batch).compile().memory_analysis().temp_size_in_bytes
+
+  logits_bytes = b * t * vocab * 4
+  unchunked, chunked = temp_bytes(None), temp_bytes(16)
+  assert unchunked >= logits_bytes
+  assert unchunked - chunked >= logits_bytes, (unchunked, chunked)
