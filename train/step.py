@@ -131,10 +131,14 @@ def _chunked_lse_and_target(model, x, targets, chunk_size: int):
   hold one chunk's logits [b, chunk, vocab], not [b, t, vocab]. Chunks run
   over the sequence, not over flattened tokens, so every chunk keeps the
   batch's sharding. A ragged last chunk is padded with zero states (finite
-  through any norm) whose outputs are cut off, so they get no gradient.
+  through any norm) whose outputs are cut off, so they get no gradient. A
+  chunk size of at least the sequence is the unchunked computation.
   """
   b, t, d = x.shape
-  c = min(chunk_size, t)
+  if chunk_size >= t:
+    # One chunk: rematerialising it would only add a second copy of the logits.
+    return _lse_and_target(model.logits(x), targets)
+  c = chunk_size
   n = -(-t // c)
   if n * c != t:
     x = jnp.pad(x, ((0, 0), (0, n * c - t), (0, 0)))
