@@ -144,3 +144,35 @@ def test_chunked_loss_compiles_to_less_memory_than_the_logits():
   unchunked, chunked = temp_bytes(None), temp_bytes(16)
   assert unchunked >= logits_bytes
   assert unchunked - chunked >= logits_bytes, (unchunked, chunked)
+
+
+def test_chunked_step_on_a_data_fsdp_tensor_mesh_equals_unchunked(capfd):
+  # The trainer's own step, sharded over 8 CPU devices: chunks keep the batch split, so the same metrics come out and XLA never
+  # has to replicate a tensor to reshard it.
+  from train import mesh as mesh_lib
+  from train import optim
+  from train import sharding
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, VOCAB, (4, 17)).astype(np.int32)
+  batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
+           'loss_mask': (rng.random((4, 16)) < 0.8).astype(np.float32),
+           'segment_ids': np.ones((4, 16), np.int32)}
+  metrics = {}
+  capfd.readouterr()
+  for chunk in (None, 5):
+    cfg = configs.load('configs/llama.py:tiny', [
+        'model.num_layers=1', f'model.vocab_size={VOCAB}', 'mesh.data=2', 'mesh.fsdp=2',
+        'mesh.tensor=2', 'train.global_batch_size=4', 'train.seq_len=16',
+        'train.z_loss_weight=0.01',
+        f'train.loss_chunk_size={chunk}'])
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    optimizer, schedule = optim.make_optimizer(cfg.train, cfg.model)
+    graphdef, state, shardings = step_lib.create_train_state(
+        lambda: model.Decoder(cfg.model, rngs=nnx.Rngs(0)), optimizer, mesh, 0)
+    train_step = step_lib.make_train_step(
+        step_lib.lm_loss(cfg.train), optimizer, graphdef=graphdef,
+        state_shardings=shardings, mesh=mesh, schedule=schedule)
+    _, metrics[chunk] = train_step(state, jax.device_put(batch, sharding.batch_sharding(mesh)))
+  assert 'Involuntary full rematerialization' not in capfd.readouterr().err
+  for key in ('loss', 'z_loss', 'grad_norm', 'weight'):
+    np.testing.assert_allclose(metrics[5][key], metrics[None][key], **TOL, err_msg=key)
