@@ -107,7 +107,7 @@ def reference_mode(dpo_cfg) -> str:
 
 
 def reference_sums(graphdef, reference, model_state, batch, *, accum: int = 1,
-                   mesh=None):
+                   mesh=None, chunk_size: int | None = None):
   """The reference's sequence log-probs of each pair, ([B, 1], [B, 1]).
 
   With `accum` > 1 the forward runs one microbatch at a time, over the rows
@@ -118,7 +118,7 @@ def reference_sums(graphdef, reference, model_state, batch, *, accum: int = 1,
 
   def one(rows):
     model = nnx.merge(graphdef, jax.lax.stop_gradient(reference), model_state)
-    chosen, rejected = losses.both_token_logps(model, rows)           # [b, t]
+    chosen, rejected = losses.both_token_logps(model, rows, chunk_size)   # [b, t]
     return jnp.sum(chosen, axis=-1), jnp.sum(rejected, axis=-1)       # [b]
 
   if accum == 1:
@@ -177,7 +177,8 @@ def precompute_reference(cfg, graphdef, reference, model_state, mesh,
   batch_sharding = sharding.batch_sharding(mesh)
   replicated = NamedSharding(mesh, PartitionSpec())
   score = jax.jit(
-      lambda ref, ms, batch: reference_sums(graphdef, ref, ms, batch),
+      lambda ref, ms, batch: reference_sums(graphdef, ref, ms, batch,
+                                            chunk_size=t.get('loss_chunk_size')),
       in_shardings=(jax.tree.map(lambda x: x.sharding, reference), None, batch_sharding),
       out_shardings=(replicated, replicated))
   local = batch_size // jax.process_count()
@@ -226,7 +227,8 @@ def make_steps(cfg, mesh, graphdef, state_shardings, optimizer, schedule):
   reference parameters in the `step` mode and `{}` otherwise, when the batch
   brings precomputed values (`device_batch`) or there is no reference.
   """
-  loss_fn = losses.make_loss_fn(cfg.dpo)
+  chunk_size = cfg.train.get('loss_chunk_size')
+  loss_fn = losses.make_loss_fn(cfg.dpo, chunk_size)
   accum = int(cfg.train.grad_accum_steps)
   inner_train = step_lib.make_train_step(
       loss_fn, optimizer, graphdef=graphdef, state_shardings=state_shardings,
@@ -243,7 +245,7 @@ def make_steps(cfg, mesh, graphdef, state_shardings, optimizer, schedule):
       return dict(batch, ref_logps_chosen=zeros, ref_logps_rejected=zeros)
     with jax.named_scope('reference'):
       chosen, rejected = reference_sums(graphdef, reference, model_state, batch,
-                                        accum=accum, mesh=mesh)
+                                        accum=accum, mesh=mesh, chunk_size=chunk_size)
     return dict(batch, ref_logps_chosen=chosen, ref_logps_rejected=rejected)
 
   def train_step(state, reference, batch):

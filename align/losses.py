@@ -44,6 +44,8 @@ pairs of its (micro)batch with `weight` = number of pairs, so the trainer's step
 import jax
 import jax.numpy as jnp
 
+from train import step as step_lib
+
 LOSSES = ('sigmoid', 'ipo', 'hinge', 'robust', 'rpo', 'simpo', 'orpo')
 # Losses that need no reference model (the DPO loop then loads none).
 REFERENCE_FREE_LOSSES = ('simpo', 'orpo')
@@ -127,17 +129,17 @@ def pair_metrics(losses, rewards_chosen, rewards_rejected, logps_chosen,
   }
 
 
-def token_logps(model, side: dict):
-  """log p(target) per token of one side, masked to the response: [B, T]."""
-  logits, _ = model(side['inputs'], segment_ids=side['segment_ids'],
-                    positions=side['positions'])
-  logits = logits.astype(jnp.float32)                                 # [b, t, v]
-  lse = jax.nn.logsumexp(logits, axis=-1)                             # [b, t]
-  target = jnp.take_along_axis(logits, side['targets'][..., None], axis=-1)[..., 0]
+def token_logps(model, side: dict, chunk_size: int | None = None):
+  """log p(target) per token of one side, masked to the response: [B, T].
+
+  `chunk_size` (`train.loss_chunk_size`) computes the head a slice of
+  positions at a time, never holding the whole logits (`train.step`).
+  """
+  lse, target, _ = step_lib.token_lse_and_target(model, side, chunk_size)   # [b, t] each
   return (target - lse) * side['loss_mask']
 
 
-def both_token_logps(model, batch: dict):
+def both_token_logps(model, batch: dict, chunk_size: int | None = None):
   """(chosen, rejected) per-token log-probs [B, T] in one forward pass.
 
   Chosen and rejected rows are interleaved ([B, 2, T] -> [2B, T]) rather than
@@ -148,13 +150,15 @@ def both_token_logps(model, batch: dict):
   for key in SIDE_KEYS:
     c, r = batch['chosen_' + key], batch['rejected_' + key]
     side[key] = jnp.stack([c, r], axis=1).reshape(2 * c.shape[0], *c.shape[1:])
-  logps = token_logps(model, side)
+  logps = token_logps(model, side, chunk_size)
   logps = logps.reshape(-1, 2, logps.shape[-1])                      # [b, 2, t]
   return logps[:, 0], logps[:, 1]
 
 
-def make_loss_fn(dpo_cfg):
+def make_loss_fn(dpo_cfg, chunk_size: int | None = None):
   """The DPO `LossFn(model, batch, rng) -> (loss_sum, metric sums)`.
+
+  `chunk_size` is `train.loss_chunk_size` (see `token_logps`).
 
   `batch` holds `chosen_*` and `rejected_*` fields (`SIDE_KEYS`) and the
   reference's log-probs `ref_logps_chosen` / `ref_logps_rejected`, summed
@@ -174,7 +178,7 @@ def make_loss_fn(dpo_cfg):
   def loss_fn(model, batch, rng):
     del rng
     with jax.named_scope('dpo_logps'):
-      tok_c, tok_r = both_token_logps(model, batch)
+      tok_c, tok_r = both_token_logps(model, batch, chunk_size)
     ref_c = jax.lax.stop_gradient(batch['ref_logps_chosen'])
     ref_r = jax.lax.stop_gradient(batch['ref_logps_rejected'])
     sums = [jnp.sum(a, axis=-1) for a in (tok_c, tok_r, ref_c, ref_r)]

@@ -341,6 +341,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if 'max_rollbacks' in t:
     _check(isinstance(t.max_rollbacks, int) and t.max_rollbacks >= 0,
            f'train.max_rollbacks={t.max_rollbacks!r}: must be an integer >= 0')
+  chunk = t.get('loss_chunk_size')
+  _check(chunk is None or (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk > 0),
+         f'train.loss_chunk_size={chunk!r}: must be None or a positive integer')
   if t.get('spike_threshold') is not None:
     _check(t.spike_threshold > 0,
            f'train.spike_threshold={t.spike_threshold}: must be None or positive')

@@ -121,6 +121,13 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   # only the parameters are loaded (the optimizer and step start fresh, e.g.
   # SFT from a pretraining run). '' = random init. Ignored on resume.
   c.train.init_checkpoint = ''
+  # --- Chunked loss (issue 18; docs/training.md) ---
+  # None: the head makes the whole float32 [batch, seq, vocab] logits. k: the
+  # head and cross-entropy (z-loss, DPO log-probs) run k positions of every
+  # row at a time in a rematerialised scan, so memory holds [batch, k, vocab].
+  # A performance switch: same loss and gradients.
+  c.train.loss_chunk_size = ml_collections.FieldReference(None, field_type=int)
+  # --- end chunked loss ---
   # --- Divergence handling (issue 10; docs/training.md) ---
   # A non-finite loss, gradient or parameter: 'stop' (exit 3, naming the
   # newest finite checkpoint) or 'rollback' (reload the newest finite

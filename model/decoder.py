@@ -3,7 +3,9 @@
 `Decoder(cfg.model, rngs=nnx.Rngs(0))(tokens, segment_ids, positions)` returns
 float32 logits [batch, seq, vocab] and a dict of auxiliary losses and
 statistics (the MoE load-balancing and router z-losses and the expert load,
-averaged over MoE layers; empty for dense models).
+averaged over MoE layers; empty for dense models). The call is
+`hidden_states` (the blocks) then `logits` (the head), which a loss may call
+itself on slices of positions (`train.loss_chunk_size`).
 
 A block is attention then MLP (or MoE), each a residual branch with the norm
 placement of `model.norm_position`:
@@ -198,7 +200,13 @@ class Decoder(nnx.Module):
     return x
 
   def logits(self, x):
-    """Final norm and head: [b, t, d] -> float32 [b, t, vocab]."""
+    """The head: final norm, output projection (tied or not), muP's readout
+    multiplier and the soft-cap. Hidden states [b, t, d] (from
+    `hidden_states`) -> float32 logits [b, t, vocab].
+
+    Position-wise, so a chunked loss (`train.loss_chunk_size`) applies it to a
+    slice of positions at a time and never holds the whole [b, t, vocab].
+    """
     if self.norm_position != 'post':
       x = self.final_norm(x)
     if self.tie_embeddings:
@@ -212,9 +220,19 @@ class Decoder(nnx.Module):
     if self.final_logit_softcap is not None:
       cap = self.final_logit_softcap
       logits = cap * jnp.tanh(logits / cap)
-    return logits
+    return partitioning.constrain(logits, ('batch', None, 'vocab'))
 
   def __call__(self, tokens, segment_ids=None, positions=None):
+    x, aux = self.hidden_states(tokens, segment_ids, positions)
+    with jax.named_scope('head'):
+      logits = self.logits(x)
+    return logits, aux
+
+  def hidden_states(self, tokens, segment_ids=None, positions=None):
+    """The blocks without the head: (x [b, t, d] before the final norm, aux).
+
+    Memory tokens are already stripped; `logits(x)` finishes the forward pass.
+    """
     b, t = tokens.shape
     if positions is None:
       if segment_ids is None:
@@ -250,9 +268,6 @@ class Decoder(nnx.Module):
       if aux:
         moe_aux.append(aux)
 
-    x = x[:, m:]
-    with jax.named_scope('head'):
-      logits = partitioning.constrain(self.logits(x), ('batch', None, 'vocab'))
     # Each MoE statistic is averaged over the MoE layers.
     aux = {key: sum(a[key] for a in moe_aux) / len(moe_aux) for key in moe_aux[0]} if moe_aux else {}
-    return logits, aux
+    return x[:, m:], aux

@@ -3,7 +3,9 @@
 - `loop.train_and_evaluate(cfg, workdir)`: the loop (resume, eval, checkpoints,
   metrics, SIGTERM, NaN stop).
 - `step`: the train state, `lm_loss`, `make_train_step` / `make_eval_step`
-  (pluggable loss, gradient accumulation, explicit shardings, donated state).
+  (pluggable loss, gradient accumulation, explicit shardings, donated state),
+  `token_lse_and_target` (per-token log-prob terms, chunked over positions
+  with `train.loss_chunk_size`).
 - `optim.make_optimizer(cfg.train, cfg.model)`: clipping, the parameter-group
   table and the update rule of `train.optimizer` (adamw, lion, adafactor, sgd,
   muon, schedule_free_adamw; muP's learning rates), and the schedule.

@@ -33,7 +33,9 @@ same tokens (PaLM, Chowdhery et al. 2022) and, for MoE models,
 `moe_aux_loss_weight` times the load-balancing loss (Switch Transformer, Fedus
 et al. 2021) and `moe_router_z_loss_weight` times the router z-loss (ST-MoE,
 Zoph et al. 2022), each weighted by the batch's target tokens so they average
-the same way under accumulation.
+the same way under accumulation. With `train.loss_chunk_size` the head and
+the cross-entropy run a slice of positions at a time, so the whole logits
+[b, t, vocab] are never held (`token_lse_and_target`).
 """
 
 from collections.abc import Callable
@@ -45,6 +47,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from model import partitioning
 from train import optim
 from train import sharding
 
@@ -112,22 +115,81 @@ def create_train_state(model_fn: Callable[[], nnx.Module],
 # The language-model loss.
 
 
+def _lse_and_target(logits, targets):
+  """float32 logits [b, t, v], int targets [b, t] -> (logsumexp, target logit), [b, t] each."""
+  logits = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return lse, target
+
+
+def _chunked_lse_and_target(model, x, targets, chunk_size: int):
+  """`_lse_and_target(model.logits(x), targets)` without the whole logits.
+
+  The head runs on `chunk_size` positions of every row at a time inside a
+  scan whose body is rematerialised, so the forward and the backward pass each
+  hold one chunk's logits [b, chunk, vocab], not [b, t, vocab]. Chunks run
+  over the sequence, not over flattened tokens, so every chunk keeps the
+  batch's sharding. A ragged last chunk is padded with zero states (finite
+  through any norm) whose outputs are cut off, so they get no gradient. A
+  chunk size of at least the sequence is the unchunked computation.
+  """
+  b, t, d = x.shape
+  if chunk_size >= t:
+    # One chunk: rematerialising it would only add a second copy of the logits.
+    return _lse_and_target(model.logits(x), targets)
+  c = chunk_size
+  n = -(-t // c)
+  if n * c != t:
+    x = jnp.pad(x, ((0, 0), (0, n * c - t), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, n * c - t)))
+  xs = jnp.moveaxis(x.reshape(b, n, c, d), 1, 0)                     # [n, b, c, d]
+  ts = jnp.moveaxis(targets.reshape(b, n, c), 1, 0)                  # [n, b, c]
+
+  # The head's weights come in by closure: the scan's backward then
+  # accumulates gradients for them alone, not for every parameter.
+  @jax.checkpoint
+  def chunk(xc, tc):
+    xc = partitioning.constrain(xc, ('batch', None, 'embed'))
+    return _lse_and_target(model.logits(xc), tc)                     # [b, c, v] lives here only
+
+  _, (lse, target) = jax.lax.scan(lambda carry, xt: (carry, chunk(*xt)), None, (xs, ts))
+  unchunk = lambda y: jnp.moveaxis(y, 0, 1).reshape(b, n * c)[:, :t]
+  return unchunk(lse), unchunk(target)
+
+
+def token_lse_and_target(model, batch: dict, chunk_size: int | None = None):
+  """The decoder on `batch` -> (logsumexp [b, t], target logit [b, t], aux).
+
+  Every loss on next-token log-probs starts here (log p(target) = target -
+  logsumexp). `chunk_size` None makes the whole float32 logits [b, t, vocab];
+  an int computes the head in chunks of that many positions
+  (`train.loss_chunk_size`), with the same values and gradients.
+  """
+  inputs = (batch['inputs'],)
+  kwargs = dict(segment_ids=batch.get('segment_ids'), positions=batch.get('positions'))
+  if chunk_size is None:
+    logits, aux = model(*inputs, **kwargs)                           # [b, t, v]
+    with jax.named_scope('cross_entropy'):
+      return (*_lse_and_target(logits, batch['targets']), aux)
+  x, aux = model.hidden_states(*inputs, **kwargs)                    # [b, t, d]
+  with jax.named_scope('chunked_head_cross_entropy'):
+    lse, target = _chunked_lse_and_target(model, x, batch['targets'], chunk_size)
+  return lse, target, aux
+
+
 def lm_loss(train_cfg) -> LossFn:
   """Cross-entropy + z-loss + MoE losses, as weighted sums (see module doc)."""
   z_weight = float(train_cfg.get('z_loss_weight', 0.0))
   aux_weight = float(train_cfg.get('moe_aux_loss_weight', 0.0))
   router_z_weight = float(train_cfg.get('moe_router_z_loss_weight', 0.0))
+  chunk_size = train_cfg.get('loss_chunk_size')
 
   def loss_fn(model, batch, rng):
     del rng                     # the decoder has no dropout
-    logits, aux = model(batch['inputs'], segment_ids=batch.get('segment_ids'),
-                        positions=batch.get('positions'))
-    logits = logits.astype(jnp.float32)                       # [b, t, v]
+    lse, target, aux = token_lse_and_target(model, batch, chunk_size)   # [b, t] each
     mask = batch['loss_mask'].astype(jnp.float32)             # [b, t]
-    with jax.named_scope('cross_entropy'):
-      lse = jax.nn.logsumexp(logits, axis=-1)                 # [b, t]
-      target = jnp.take_along_axis(logits, batch['targets'][..., None], axis=-1)[..., 0]
-      ce_sum = jnp.sum((lse - target) * mask)
+    ce_sum = jnp.sum((lse - target) * mask)
     weight = jnp.sum(mask)
     objective = ce_sum
     metrics = {'weight': weight, 'loss': ce_sum}
