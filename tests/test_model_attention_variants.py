@@ -178,8 +178,12 @@ def test_cached_greedy_sampling_equals_the_full_forward():
     out = np.asarray(full(jnp.asarray(buf)))
     for row, s in enumerate(seqs):
       logits = out[row, len(s) - 1]
+      # float32 with weights at 4x their init scale (logits up to ~30): the
+      # cached and full paths sum in different orders; jax 0.12's CPU backend
+      # rounds them 4.5e-5 apart (relative to the largest logit), jax 0.10.2
+      # under 2e-5. The greedy tokens below must still be identical.
       np.testing.assert_allclose(got.logits[row, step], logits, rtol=0,
-                                 atol=2e-5 * np.abs(logits).max())
+                                 atol=1e-4 * np.abs(logits).max())
       s.append(int(np.argmax(logits)))
   assert [s[len(p):] for s, p in zip(seqs, prompts)] == got.tokens
   assert all(len(set(new)) > 2 for new in got.tokens)
