@@ -22,6 +22,7 @@ Exit statuses of every ablax command:
 | 130 | interrupted by Ctrl-C (SIGINT), after saving a checkpoint where one was due |
 """
 
+import logging
 import os
 import sys
 import traceback
@@ -52,8 +53,17 @@ def one_line(error: BaseException) -> str:
 
 def _exit(message: str, status: int):
   sys.stderr.write(f'ablax: {message}\n')
+  logging.shutdown()                      # flushes every handler
+  sys.stdout.flush()
   sys.stderr.flush()
-  sys.exit(status)
+  jax = sys.modules.get('jax')
+  if jax is not None and jax.distributed.is_initialized():
+    sys.exit(status)    # let jax.distributed shut down with the other processes
+  # Leave without the interpreter's shutdown: a library thread still at work
+  # (orbax's asynchronous path checks after a failed restore) would otherwise
+  # print a 'cannot schedule new futures after shutdown' traceback as the
+  # thread pools close under it, after the one line above.
+  os._exit(status)
 
 
 def _diagnose_flags(argv, error: Exception) -> str:
