@@ -134,9 +134,9 @@ def _check_mfu(scalars, cfg, *, reference_forward):
     assert scalars['dpo/mfu'][step] == pytest.approx(tps * flops / peak, rel=1e-6)
 
 
-@pytest.mark.parametrize('kind', ['orpo'])
-def test_reference_free_losses_hold_no_reference(pretrained, tmp_path, monkeypatch, kind):
-  init, _ = pretrained
+def _record_reference(monkeypatch):
+  """Records, per train step, how many reference arrays the step received
+  (`passed`), and every reference the loop loaded (`loaded`)."""
   passed, loaded = [], []
   real_make_steps, real_load = loop.make_steps, loop.load_reference
 
@@ -154,6 +154,13 @@ def test_reference_free_losses_hold_no_reference(pretrained, tmp_path, monkeypat
 
   monkeypatch.setattr(loop, 'make_steps', recording_make_steps)
   monkeypatch.setattr(loop, 'load_reference', recording_load)
+  return passed, loaded
+
+
+@pytest.mark.parametrize('kind', ['orpo'])
+def test_reference_free_losses_hold_no_reference(pretrained, tmp_path, monkeypatch, kind):
+  init, _ = pretrained
+  passed, loaded = _record_reference(monkeypatch)
   workdir = str(tmp_path / kind)
   cfg = _dpo_cfg(init, f'dpo.loss={kind}', 'train.steps=2', 'train.eval_steps=0',
                  'train.checkpoint_every_steps=2')
@@ -250,23 +257,7 @@ def test_precomputed_reference_gives_the_same_steps_without_holding_it(
           f'dpo.eval_files={_write_pairs(tmp_path / "eval.jsonl", 12, 1)}',
           'train.steps=3', 'train.eval_every_steps=3', 'train.checkpoint_every_steps=3',
           'train.grad_accum_steps=2']
-  passed, loaded = [], []
-  real_make_steps, real_load = loop.make_steps, loop.load_reference
-
-  def recording_make_steps(*args):
-    train_step, eval_step = real_make_steps(*args)
-    def train(state, reference, batch):
-      passed.append(len(jax.tree.leaves(reference)))
-      return train_step(state, reference, batch)
-    return train, eval_step
-
-  def recording_load(*args):
-    params, model_state = real_load(*args)
-    loaded.append(params)
-    return params, model_state
-
-  monkeypatch.setattr(loop, 'make_steps', recording_make_steps)
-  monkeypatch.setattr(loop, 'load_reference', recording_load)
+  passed, loaded = _record_reference(monkeypatch)
   # The reference in the step, one microbatch at a time.
   off = loop.train_and_evaluate(_dpo_cfg(init, *data), str(tmp_path / 'off'))
   assert passed == [len(jax.tree.leaves(loaded[0]))] * 3 and passed[0] > 0
