@@ -18,7 +18,11 @@ Two changes to the softmax attention itself, each a flag:
   2023, "StreamingLLM", observed that trained models make such a sink themselves).
 
 The layer is split into `project` (q/k/v with norms and rotary positions),
-`attend` and `output` so that a KV cache can sit between the first two.
+`attend` and `output`. Called with `cache=` (a `model.kv_cache.KVCache` from
+`init_cache`) and `chunk=`, it writes the new K/V into the cache between the
+first two and returns the updated cache with its output: a prefill attends
+over its own columns (the training path), a decode step over the cache with
+the reference attention and each slot's token index (`attention_indices`).
 """
 
 import jax
@@ -26,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model import attention_core
+from model import kv_cache as kv_cache_lib
 from model import masking
 from model import mlp as mlp_lib
 from model import mup
@@ -154,7 +159,17 @@ class Attention(nnx.Module):
       y = y + self.bo[...].astype(self.dtype)
     return y
 
-  def __call__(self, x, positions, segment_ids=None, num_memory_tokens=0):
+  def init_cache(self, batch, length, *, num_memory_tokens=0, streaming=None):
+    """An empty `KVCache` for up to `length` tokens (ring: this layer's window)."""
+    ring = kv_cache_lib.ring_for(self.sliding_window, length, num_memory_tokens, streaming)
+    return kv_cache_lib.KVCache.empty(batch, ring, self.num_kv_heads, self.head_dim,
+                                      self.dtype, streaming)
+
+  def __call__(self, x, positions, segment_ids=None, num_memory_tokens=0, *,
+               cache=None, chunk=None):
+    """x [b, t, d] -> [b, t, d]; with a cache, (output, updated cache)."""
+    if cache is not None:
+      return self._cached(x, positions, segment_ids, num_memory_tokens, cache, chunk)
     with jax.named_scope('qkv'):
       q, k, v = self.project(x, positions)
     with jax.named_scope('attention'):
@@ -162,6 +177,31 @@ class Attention(nnx.Module):
                       num_memory_tokens=num_memory_tokens)
     with jax.named_scope('out'):
       return self.output(o, x)
+
+  def _cached(self, x, positions, segment_ids, num_memory_tokens, cache, chunk):
+    late = cache.rotate_late
+    with jax.named_scope('qkv'):
+      q, k, v = self.project(x, None if late else positions)
+      if late:
+        q = self.rotate(q, positions)
+    cache = cache.write(k, v, chunk)
+    with jax.named_scope('attention'):
+      if chunk.prefill:
+        if late:
+          k = self.rotate(k, positions)
+        o = self.attend(q, k, v, segment_ids=segment_ids,
+                        num_memory_tokens=num_memory_tokens)
+      else:
+        q_idx, kv_idx, kv_seg, kv_pos = cache.attention_indices(chunk)
+        k = self.rotate(cache.k, kv_pos) if late else cache.k
+        slopes = masking.alibi_slopes(self.num_heads) if self.position == 'alibi' else None
+        o = attention_core.reference_attention(
+            q, k, cache.v, segment_ids=jnp.ones_like(q_idx), kv_segment_ids=kv_seg,
+            q_idx=q_idx, kv_idx=kv_idx, causal=True, sliding_window=self.sliding_window,
+            alibi_slopes=slopes, logit_softcap=self.logit_softcap, scale=self.scale,
+            num_memory_tokens=num_memory_tokens, sink_logits=self.sink_logits())
+    with jax.named_scope('out'):
+      return self.output(o, x), cache
 
 
 def attention_params(cfg_model) -> int:

@@ -34,7 +34,9 @@ def reference_attention(q, k, v, *, segment_ids=None, causal=True, sliding_windo
     logit_softcap: None or cap (applied after scaling, before bias and mask).
     scale: None means 1/sqrt(head_dim).
     q_idx, kv_idx: None, or int [q_len] / [kv_len] indices in the attention
-      sequence (a KV-cache decode step passes its offsets); default arange.
+      sequence, or [batch, q_len] / [batch, kv_len] when they differ by row
+      (a KV-cache step: `model.kv_cache.KVCache.attention_indices`); default
+      arange.
     sink_logits: None or float [num_heads]: each head's learned sink logit,
       one more term exp(sink) in every row's softmax denominator, with no value
       (`masking.softmax_with_sinks`).
@@ -52,7 +54,10 @@ def reference_attention(q, k, v, *, segment_ids=None, causal=True, sliding_windo
 
   q_idx = jnp.arange(t) if q_idx is None else q_idx
   kv_idx = jnp.arange(s) if kv_idx is None else kv_idx
-  qi, ki = q_idx[:, None], kv_idx[None, :]                  # [t, 1], [1, s]
+  if jnp.ndim(q_idx) == 2:                # per row: [b, 1, 1, t, 1], [b, 1, 1, 1, s]
+    qi, ki = q_idx[:, None, None, :, None], kv_idx[:, None, None, None, :]
+  else:
+    qi, ki = q_idx[:, None], kv_idx[None, :]                # [t, 1], [1, s]
   if alibi_slopes is not None:
     slopes = jnp.asarray(alibi_slopes, jnp.float32).reshape(kvh, g, 1, 1)
     logits = logits + masking.alibi_bias(slopes, qi, ki, num_memory_tokens)

@@ -115,31 +115,47 @@ class Block(nnx.Module):
       return self.mlp(x)
     return self.mlp(x), {}
 
-  def __call__(self, x, positions, segment_ids=None):
-    attn = lambda y: self.attn(y, positions, segment_ids, self.num_memory_tokens)
+  def init_cache(self, batch, length, streaming=None):
+    """This layer's empty decoding cache (its attention's) for up to `length` tokens."""
+    return self.attn.init_cache(batch, length, num_memory_tokens=self.num_memory_tokens,
+                                streaming=streaming)
+
+  def __call__(self, x, positions, segment_ids=None, *, cache=None, chunk=None):
+    """(x, aux); with a cache (`model.kv_cache`), (x, aux, updated cache)."""
+    def attn(y):
+      if cache is None:
+        return self.attn(y, positions, segment_ids, self.num_memory_tokens), None
+      return self.attn(y, positions, segment_ids, self.num_memory_tokens,
+                       cache=cache, chunk=chunk)
+
     dtype = x.dtype
     if self.norm_position == 'pre':
       with jax.named_scope('attention_block'):
-        x = x + attn(self.attn_norm(x)).astype(dtype)
+        a, new_cache = attn(self.attn_norm(x))
+        x = x + a.astype(dtype)
       with jax.named_scope('mlp_block'):
         y, aux = self._ffn(self.mlp_norm(x))
         x = x + y.astype(dtype)
     elif self.norm_position == 'post':
       with jax.named_scope('attention_block'):
-        x = self.attn_norm(x + attn(x).astype(dtype))
+        a, new_cache = attn(x)
+        x = self.attn_norm(x + a.astype(dtype))
       with jax.named_scope('mlp_block'):
         y, aux = self._ffn(x)
         x = self.mlp_norm(x + y.astype(dtype))
     elif self.norm_position == 'sandwich':
       with jax.named_scope('attention_block'):
-        x = x + self.attn_out_norm(attn(self.attn_norm(x))).astype(dtype)
+        a, new_cache = attn(self.attn_norm(x))
+        x = x + self.attn_out_norm(a).astype(dtype)
       with jax.named_scope('mlp_block'):
         y, aux = self._ffn(self.mlp_norm(x))
         x = x + self.mlp_out_norm(y).astype(dtype)
     else:
       raise ValueError(f'model.norm_position={self.norm_position!r}: must be one '
                        'of pre, post, sandwich')
-    return x, aux
+    if cache is None:
+      return x, aux
+    return x, aux, new_cache
 
 
 def _call_block(block, x, positions, segment_ids):
@@ -222,16 +238,30 @@ class Decoder(nnx.Module):
       logits = cap * jnp.tanh(logits / cap)
     return partitioning.constrain(logits, ('batch', None, 'vocab'))
 
-  def __call__(self, tokens, segment_ids=None, positions=None):
-    x, aux = self.hidden_states(tokens, segment_ids, positions)
+  def __call__(self, tokens, segment_ids=None, positions=None, *, cache=None, chunk=None):
+    """(logits, aux); with a cache, (logits, aux, updated cache): see `hidden_states`."""
+    out = self.hidden_states(tokens, segment_ids, positions, cache=cache, chunk=chunk)
     with jax.named_scope('head'):
-      logits = self.logits(x)
-    return logits, aux
+      logits = self.logits(out[0])
+    return (logits,) + out[1:]
 
-  def hidden_states(self, tokens, segment_ids=None, positions=None):
+  def init_cache(self, batch, length, streaming=None):
+    """Empty decoding caches, one per layer, each chosen by its layer, for up to
+    `length` tokens per sequence; `streaming` a `model.kv_cache.Streaming`."""
+    return tuple(block.init_cache(batch, length, streaming) for block in self.blocks)
+
+  def hidden_states(self, tokens, segment_ids=None, positions=None, *, cache=None,
+                    chunk=None):
     """The blocks without the head: (x [b, t, d] before the final norm, aux).
 
     Memory tokens are already stripped; `logits(x)` finishes the forward pass.
+
+    Decoding: `cache` (from `init_cache`) and `chunk` (a `model.kv_cache.Chunk`
+    naming each column's token index) make the call cached; it returns the
+    updated cache third. The prefill chunk is run as a training forward (the
+    memory tokens prepended, attention over the chunk itself, `segment_ids`
+    0 on padding) that also fills the cache; a later chunk (one new token per
+    row) attends over the cache and gets no memory tokens (they are cached).
     """
     b, t = tokens.shape
     if positions is None:
@@ -242,7 +272,7 @@ class Decoder(nnx.Module):
     with jax.named_scope('embed'):
       x = self.embed_tokens(tokens, positions)
 
-    m = self.num_memory_tokens
+    m = self.num_memory_tokens if cache is None or chunk.prefill else 0
     if m:
       # Memory tokens lead the attention sequence. Their rotary position is 0
       # (no rotation); their segment id is irrelevant to the mask (memory keys
@@ -258,16 +288,23 @@ class Decoder(nnx.Module):
     x = partitioning.constrain(x, residual_axes)
 
     call = _call_block
-    if self.remat != 'none':
+    if self.remat != 'none' and cache is None:
       call = nnx.remat(_call_block, policy=REMAT_POLICIES[self.remat])
     moe_aux = []
+    new_cache = []
     for i, block in enumerate(self.blocks):
       with jax.named_scope(f'layer_{i}'):
-        x, aux = call(block, x, positions, segment_ids)
+        if cache is None:
+          x, aux = call(block, x, positions, segment_ids)
+        else:
+          x, aux, layer_cache = block(x, positions, segment_ids, cache=cache[i], chunk=chunk)
+          new_cache.append(layer_cache)
       x = partitioning.constrain(x, residual_axes)
       if aux:
         moe_aux.append(aux)
 
     # Each MoE statistic is averaged over the MoE layers.
     aux = {key: sum(a[key] for a in moe_aux) / len(moe_aux) for key in moe_aux[0]} if moe_aux else {}
-    return x[:, m:], aux
+    if cache is None:
+      return x[:, m:], aux
+    return x[:, m:], aux, tuple(new_cache)

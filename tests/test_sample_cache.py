@@ -84,10 +84,10 @@ def test_rolling_window_greedy_equals_full_forward(overrides, prompt_lens):
   # Window layers hold memory + window slots, whatever the generation length;
   # global layers the whole sequence.
   m, kv, h = cfg.model.num_memory_tokens, cfg.model.num_kv_heads, _head_dim(cfg)
-  for i, layer in enumerate(got.cache['layers']):
+  for i, layer in enumerate(got.cache):
     is_global = cfg.model.global_layer_interval and (i + 1) % cfg.model.global_layer_interval == 0
     slots = m + (max(prompt_lens) + n if is_global else 8)
-    assert layer['k'].shape == layer['v'].shape == (2, slots, kv, h)
+    assert layer.k.shape == layer.v.shape == (2, slots, kv, h)
 
 
 @pytest.mark.parametrize('overrides,prompt_lens', [
@@ -150,9 +150,9 @@ def test_streaming_runs_past_max_seq_len_in_a_bounded_cache(position):
   assert np.isfinite(got.logits).all()
   # Default window: max_seq_len - sinks; the cache never holds more.
   kv, h = cfg.model.num_kv_heads, _head_dim(cfg)
-  for layer in got.cache['layers']:
-    assert layer['k'].shape == layer['v'].shape == (2, 1 + 16, kv, h)
-    assert layer['pos'].shape == (2, 1 + 16)
+  for layer in got.cache:
+    assert layer.k.shape == layer.v.shape == (2, 1 + 16, kv, h)
+    assert layer.index.shape == (2, 1 + 16)
 
 
 def test_cache_layout_sizes():

@@ -1,47 +1,29 @@
 """Autoregressive sampling with a KV cache; `python -m train.sample`.
 
-    python -m train.sample --workdir DIR --prompt TEXT [--max_new_tokens N
-        --temperature T --top_k K --top_p P --streaming_sinks N
-        --streaming_window W]
+    python -m train.sample --workdir DIR --prompt TEXT [--prompt TEXT ...]
+        [--max_new_tokens N --temperature T --top_k K --top_p P --seed S
+         --streaming_sinks N --streaming_window W]
 
-The cache holds, per layer, K/V of the `num_kv_heads` heads only (GQA/MQA
-queries are grouped onto them, as in `model.attention_core`). Each layer's
-buffer is a `Ring` of slots: the `num_memory_tokens` learned memory tokens
-(written once, always visible), then, in streaming mode, the attention sinks,
-then a rolling part where token j of a sequence (its index in its own prompt
-and continuation) is written at slot `j % rolling` of that part:
-- global layers roll over `prompt + max_new_tokens` slots, i.e. never;
-- sliding-window layers (every layer unless `global_layer_interval` makes it
-  global) roll over `sliding_window` slots (Mistral's rolling buffer, Jiang
-  et al. 2023), so their memory does not grow with the generation length.
-Each slot remembers which token it holds, so the masks, ALiBi distances and
-positions are computed from token indices, exactly as in training
-(`model.masking.visible`: causal, sliding window, memory keys always
-visible, padding and empty slots invisible), whatever the slot order.
+Prefill and decode run the decoder's own embeddings, blocks and head
+(`model.Decoder.hidden_states(..., cache=, chunk=)`); each layer keeps its own
+cache (`model.kv_cache`: ring buffers for sliding-window layers, StreamingLLM
+sinks, memory tokens). A prefill runs the memory tokens and the (left-padded)
+prompts in one call, exactly the training forward, and writes into each ring
+the tokens it will still need (the last `sliding_window` of a long prompt on
+a window layer). Each new token is then one call of a `jax.jit`-compiled step
+with fixed shapes and a donated cache, attending over the cache.
 
-A prefill runs the memory and the (left-padded) prompts in one call, attending
-over the whole prompt with the training mask, and writes into each ring the
-tokens it will still need (the last `sliding_window` of a long prompt on a
-window layer). Each new token is then one call of a `jax.jit`-compiled step
-with fixed shapes and a donated cache.
-
-Streaming (`streaming_sinks=N`): StreamingLLM (Xiao et al. 2023, "Efficient
-Streaming Language Models with Attention Sinks"). Every layer keeps the first
-N tokens (the attention sinks) and a rolling window of the last W tokens
-(`streaming_window`; default the model's `sliding_window`, else
-`max_seq_len - N`), and positions are re-assigned inside the cache: once
-more than N + W tokens have been seen, the sinks keep positions 0..N-1 and
-the window takes N..N+W-1, so positions never pass N + W - 1 and generation
-can run for ever. The step's logits equal those of the full model run on
-[sinks + last W tokens] with fresh positions 0..N+W-1 (exactly so for one
-layer; deeper layers keep the K/V computed when each token came, as in the
-paper). Keys are stored before RoPE and rotated at attention time by their
-cache positions (the paper's choice; re-rotating stored keys every step would
-accumulate rounding); ALiBi distances and learned/sinusoidal positions use
-cache positions too. A window layer keeps its own window over cache
-positions, so it sees the sinks only while they are inside it. In streaming
-mode a prompt longer than N + W is prefilled up to N + W tokens and then
-fed token by token, so it is streamed exactly as a generated text.
+Streaming (`streaming_sinks=N`): StreamingLLM (Xiao et al. 2023). Every layer
+keeps the first N tokens (the attention sinks) and a rolling window of the
+last W tokens (`streaming_window`; default the model's `sliding_window`, else
+`max_seq_len - N`), with positions re-assigned inside the cache, so positions
+never pass N + W - 1 and generation can run for ever. The step's logits equal
+those of the full model run on [sinks + last W tokens] with fresh positions
+0..N+W-1 (exactly so for one layer; deeper layers keep the K/V computed when
+each token came, as in the paper). A window layer keeps its own window over
+cache positions, so it sees the sinks only while they are inside it. In
+streaming mode a prompt longer than N + W is prefilled up to N + W tokens and
+then fed token by token, so it is streamed exactly as a generated text.
 
 Decoding: greedy (temperature 0), or temperature sampling restricted to the
 top-k tokens and/or the top-p nucleus (Holtzman et al. 2019). Generation
@@ -61,41 +43,18 @@ from flax import nnx
 from configs import errors
 from configs.errors import UserError
 from model import decoder as decoder_lib
-from model import masking
+from model import kv_cache
 
-
-class Ring(NamedTuple):
-  """Static layout of one layer's cache buffer: [memory | sinks | rolling] slots.
-
-  Token j is kept at slot `memory + j` while j < sinks, else at
-  `memory + sinks + (j - sinks) % rolling`.
-  """
-  memory: int
-  sinks: int
-  rolling: int
-
-  @property
-  def size(self) -> int:
-    return self.memory + self.sinks + self.rolling
-
-  def slot(self, j):
-    """The slot of token index j (int array, numpy or jax; j >= 0)."""
-    xp = jnp if isinstance(j, jax.Array) else np
-    return self.memory + xp.where(
-        j < self.sinks, j, self.sinks + (j - self.sinks) % self.rolling)
-
-
-class Streaming(NamedTuple):
-  """StreamingLLM's cache: `sinks` first tokens and the last `window` ones."""
-  sinks: int
-  window: int
+Ring = kv_cache.Ring
+Streaming = kv_cache.Streaming
+cache_position = kv_cache.cache_position
 
 
 class Generation(NamedTuple):
   """What `generate(..., full_output=True)` returns."""
   tokens: list          # per prompt, the new token ids (up to and with EOS)
   logits: np.ndarray    # float32 [batch, steps, vocab]: the logits each token was drawn from
-  cache: Any            # the final cache (see `init_cache`)
+  cache: Any            # the final cache: per layer, its cache (`model.kv_cache.KVCache`)
 
 
 def streaming_config(cfg_model, sinks=None, window=None):
@@ -116,191 +75,13 @@ def streaming_config(cfg_model, sinks=None, window=None):
 
 
 def cache_layout(cfg_model, length: int, streaming: Streaming | None = None):
-  """One `Ring` per layer for sequences of up to `length` tokens (prompt + new)."""
-  m = cfg_model.num_memory_tokens
-  if streaming is not None:
-    # Fewer slots than sinks + window when the generation is shorter.
-    rolling = max(1, min(streaming.window, length - streaming.sinks))
-    return tuple(Ring(m, streaming.sinks, rolling) for _ in range(cfg_model.num_layers))
-  rings = []
-  for i in range(cfg_model.num_layers):
-    if decoder_lib.is_global_layer(cfg_model, i):
-      rings.append(Ring(m, 0, length))
-    else:
-      rings.append(Ring(m, 0, min(cfg_model.sliding_window, length)))
-  return tuple(rings)
-
-
-def init_cache(cfg_model, batch: int, length: int, *, streaming_sinks=None,
-               streaming_window=None):
-  """Per layer, K/V [batch, ring.size, kv_heads, head_dim] and `pos` int32 [batch, ring.size].
-
-  `pos` is the token index held by each slot: -1 while empty, 0 on memory slots.
-  """
-  streaming = streaming_config(cfg_model, streaming_sinks, streaming_window)
-  return _empty_cache(cfg_model, batch, cache_layout(cfg_model, length, streaming))
-
-
-def _empty_cache(cfg_model, batch, layout):
-  h = cfg_model.head_dim or cfg_model.d_model // cfg_model.num_heads
-  dtype = jnp.dtype(cfg_model.dtype)
-  layers = []
-  for ring in layout:
-    shape = (batch, ring.size, cfg_model.num_kv_heads, h)
-    layers.append({'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype),
-                   'pos': jnp.full((batch, ring.size), -1, jnp.int32)})
-  return {'layers': layers}
-
-
-def cache_position(j, seen, streaming: Streaming | None):
-  """Position of token j once `seen` tokens have come (StreamingLLM's re-assignment).
-
-  Outside streaming mode, or while seen <= sinks + window, that is j itself;
-  later the window's tokens shift down so that the latest is at
-  sinks + window - 1.
-  """
-  if streaming is None:
-    return j
-  shift = jnp.maximum(seen - streaming.sinks - streaming.window, 0)
-  return jnp.where(j < streaming.sinks, j, j - shift)
-
-
-def _attend(attn, q, k, v, q_idx, kv_idx, kv_seg, num_memory):
-  """q [b, t, n, h] at indices q_idx [b, t] over k, v [b, s, kv, h] at kv_idx [b, s].
-
-  Indices count memory first (as `model.masking`); keys with kv_seg 0 are
-  invisible.
-  """
-  b, t, n, h = q.shape
-  kv = k.shape[2]
-  g = n // kv
-  scale = h ** -0.5 if attn.scale is None else attn.scale
-  qf = q.astype(jnp.float32).reshape(b, t, kv, g, h)
-  logits = jnp.einsum('btkgh,bskh->bkgts', qf, k.astype(jnp.float32)) * scale
-  logits = masking.softcap(logits, attn.logit_softcap)
-  qi = q_idx[:, None, None, :, None]    # [b, 1, 1, t, 1]
-  ki = kv_idx[:, None, None, None, :]   # [b, 1, 1, 1, s]
-  if attn.position == 'alibi':
-    slopes = jnp.asarray(masking.alibi_slopes(n)).reshape(kv, g)[None, :, :, None, None]
-    logits = logits + masking.alibi_bias(slopes, qi, ki, num_memory)
-  mask = masking.visible(qi, ki, jnp.ones_like(qi), kv_seg[:, None, None, None, :],
-                         causal=True, window=attn.sliding_window, num_memory=num_memory)
-  sinks = attn.sink_logits()
-  if sinks is not None:
-    sinks = sinks.reshape(kv, g)[None, :, :, None, None]
-  probs = masking.softmax_with_sinks(logits, mask, sinks)
-  o = jnp.einsum('bkgts,bskh->btkgh', probs, v.astype(jnp.float32))
-  return o.reshape(b, t, n, h).astype(q.dtype)
-
-
-def _run_blocks(decoder, x, attn_fn):
-  """The decoder's blocks with attention replaced by attn_fn(layer_index, attn, y)."""
-  for i, block in enumerate(decoder.blocks):
-    attn = functools.partial(attn_fn, i, block.attn)
-    ffn = lambda y, block=block: block._ffn(y)[0]  # pylint: disable=protected-access
-    dtype = x.dtype
-    with jax.named_scope(f'layer_{i}'):
-      if block.norm_position == 'pre':
-        x = x + attn(block.attn_norm(x)).astype(dtype)
-        x = x + ffn(block.mlp_norm(x)).astype(dtype)
-      elif block.norm_position == 'post':
-        x = block.attn_norm(x + attn(x).astype(dtype))
-        x = block.mlp_norm(x + ffn(x).astype(dtype))
-      else:
-        x = x + block.attn_out_norm(attn(block.attn_norm(x))).astype(dtype)
-        x = x + block.mlp_out_norm(ffn(block.mlp_norm(x))).astype(dtype)
-  return x
-
-
-def _prefill_dest(ring, pads, width):
-  """Slots int32 [b, memory + width] for the prefill's columns; ring.size = not kept.
-
-  Column c of row i is token j = c - pads[i]; padding is dropped, and so are
-  the tokens a later column of the same chunk overwrites (scatter indices
-  must be unique).
-  """
-  m = ring.memory
-  j = np.arange(width)[None, :] - np.asarray(pads)[:, None]   # [b, width]
-  last = width - 1 - np.asarray(pads)[:, None]
-  keep = (j >= 0) & ((j < ring.sinks) | (j > last - ring.rolling))
-  dest = np.where(keep, ring.slot(np.maximum(j, 0)), ring.size)
-  memory = np.broadcast_to(np.arange(m), (len(pads), m))
-  return np.concatenate([memory, dest], axis=1).astype(np.int32)
-
-
-def _prefill(decoder, layout, streaming, cache, tokens, positions, seg, dests):
-  """Memory + tokens [b, t] (positions, seg [b, t]) from an empty cache.
-
-  Attends over the chunk itself; returns (logits of the last column [b, vocab], cache).
-  """
-  b, t = tokens.shape
-  m = decoder.num_memory_tokens
-  x = decoder.embed_tokens(tokens, positions)
-  if m:
-    memory = jnp.broadcast_to(decoder.memory[...].astype(decoder.dtype), (b, m, decoder.d_model))
-    x = jnp.concatenate([memory, x], axis=1)
-    positions = jnp.concatenate([jnp.zeros((b, m), positions.dtype), positions], axis=1)
-    seg = jnp.concatenate([jnp.ones((b, m), seg.dtype), seg], axis=1)
-  # Masks and ALiBi run on column indices: distances between real tokens are
-  # those of their token indices, and padding has segment 0.
-  idx = jnp.broadcast_to(jnp.arange(m + t), (b, m + t))
-  rows = jnp.arange(b)[:, None]
-  new_layers = [None] * len(layout)
-
-  def attn_fn(i, attn, y):
-    layer, dest = cache['layers'][i], dests[layout[i]]
-    if streaming is None:
-      q, k, v = attn.project(y, positions)
-      k_store = k
-    else:
-      q, k_store, v = attn.project(y, None)
-      q, k = attn.rotate(q, positions), attn.rotate(k_store, positions)
-    new_layers[i] = {
-        'k': layer['k'].at[rows, dest].set(k_store.astype(layer['k'].dtype), mode='drop'),
-        'v': layer['v'].at[rows, dest].set(v.astype(layer['v'].dtype), mode='drop'),
-        'pos': layer['pos'].at[rows, dest].set(positions, mode='drop')}
-    return attn.output(_attend(attn, q, k, v, idx, idx, seg, m), y)
-
-  x = _run_blocks(decoder, x, attn_fn)
-  logits = decoder.logits(x[:, -1:])[:, 0]
-  return logits, {'layers': new_layers}
-
-
-def _step(decoder, layout, streaming, cache, token, j):
-  """One token per row, token [b] at token index j [b] (< 0: padding, not written).
-
-  Returns (logits [b, vocab], cache).
-  """
-  b = token.shape[0]
-  m = decoder.num_memory_tokens
-  rows = jnp.arange(b)
-  seen = j + 1
-  q_pos = cache_position(j, seen, streaming)                       # [b]
-  x = decoder.embed_tokens(token[:, None], jnp.maximum(q_pos, 0)[:, None])
-  new_layers = [None] * len(layout)
-
-  def attn_fn(i, attn, y):
-    layer, ring = cache['layers'][i], layout[i]
-    dest = jnp.where(j >= 0, ring.slot(jnp.maximum(j, 0)), ring.size)
-    q, k, v = attn.project(y, None if streaming else jnp.maximum(q_pos, 0)[:, None])
-    k_all = layer['k'].at[rows, dest].set(k[:, 0].astype(layer['k'].dtype), mode='drop')
-    v_all = layer['v'].at[rows, dest].set(v[:, 0].astype(layer['v'].dtype), mode='drop')
-    pos = layer['pos'].at[rows, dest].set(j, mode='drop')       # [b, s]
-    new_layers[i] = {'k': k_all, 'v': v_all, 'pos': pos}
-    slots = jnp.arange(ring.size)[None, :]
-    is_memory = slots < m
-    kv_pos = jnp.where(is_memory | (pos < 0), 0, cache_position(pos, seen[:, None], streaming))
-    kv_idx = jnp.where(is_memory, slots, m + kv_pos)
-    kv_seg = (is_memory | (pos >= 0)).astype(jnp.int32)
-    if streaming is not None:
-      # Keys were stored unrotated: rotate them at their cache positions now.
-      q = attn.rotate(q, jnp.maximum(q_pos, 0)[:, None])
-      k_all = attn.rotate(k_all, kv_pos)
-    o = _attend(attn, q, k_all, v_all, (m + q_pos)[:, None], kv_idx, kv_seg, m)
-    return attn.output(o, y)
-
-  x = _run_blocks(decoder, x, attn_fn)
-  return decoder.logits(x)[:, 0], {'layers': new_layers}
+  """One `Ring` per layer for sequences of up to `length` tokens (prompt + new);
+  the rings `Decoder.init_cache` makes."""
+  return tuple(
+      kv_cache.ring_for(None if decoder_lib.is_global_layer(cfg_model, i)
+                        else cfg_model.sliding_window,
+                        length, cfg_model.num_memory_tokens, streaming)
+      for i in range(cfg_model.num_layers))
 
 
 def sample_logits(logits, rng, temperature=0.0, top_k=0, top_p=1.0):
@@ -361,35 +142,39 @@ def generate(decoder, cfg_model, prompts, *, max_new_tokens=32, temperature=0.0,
         'streaming_sinks (positions then stay below sinks + window)')
   pads = np.asarray([t - len(p) for p in prompts])
   tokens = np.zeros((b, t), np.int32)
-  seg = np.zeros((b, t), np.int32)
-  positions = np.zeros((b, t), np.int32)
+  index = np.full((b, t), -1, np.int32)     # token index of each column; -1: padding
   for i, p in enumerate(prompts):
     tokens[i, pads[i]:] = p
-    seg[i, pads[i]:] = 1
-    positions[i, pads[i]:] = np.arange(len(p))
+    index[i, pads[i]:] = np.arange(len(p))
   # In streaming mode the prefill stops at sinks + window tokens (nothing is
   # evicted inside it); the rest of the prompt is streamed token by token.
   t0 = t if streaming is None else min(t, streaming.sinks + streaming.window)
-  layout = cache_layout(cfg_model, length, streaming)
-  dests = {ring: jnp.asarray(_prefill_dest(ring, pads, t0)) for ring in set(layout)}
-  cache = _empty_cache(cfg_model, b, layout)
+  cache = decoder.init_cache(b, length, streaming)
   graphdef, state = nnx.split(decoder)
 
   @functools.partial(jax.jit, donate_argnums=(1,))
-  def prefill(state, cache, tokens, positions, seg, dests):
+  def prefill(state, cache, tokens, index):
     model = nnx.merge(graphdef, state)
-    return _prefill(model, layout, streaming, cache, tokens, positions, seg, dests)
+    chunk = kv_cache.Chunk(index, prefill=True)
+    segment_ids = (index >= 0).astype(jnp.int32)     # padding: segment 0, never seen
+    x, _, cache = model.hidden_states(tokens, segment_ids, chunk.positions(streaming),
+                                      cache=cache, chunk=chunk)
+    return model.logits(x[:, -1:])[:, 0], cache
 
   @functools.partial(jax.jit, donate_argnums=(1,))
   def step(state, cache, token, j):
+    """token [b] at token index j [b] (< 0: padding, not cached) -> (logits [b, vocab], cache)."""
     model = nnx.merge(graphdef, state)
-    return _step(model, layout, streaming, cache, token, j)
+    chunk = kv_cache.Chunk(j[:, None])
+    x, _, cache = model.hidden_states(token[:, None], None, chunk.positions(streaming),
+                                      cache=cache, chunk=chunk)
+    return model.logits(x)[:, 0], cache
 
   pick = jax.jit(functools.partial(
       sample_logits, temperature=temperature, top_k=top_k, top_p=top_p))
 
   logits, cache = prefill(state, cache, jnp.asarray(tokens[:, :t0]),
-                          jnp.asarray(positions[:, :t0]), jnp.asarray(seg[:, :t0]), dests)
+                          jnp.asarray(index[:, :t0]))
   for c in range(t0, t):
     logits, cache = step(state, cache, jnp.asarray(tokens[:, c]), jnp.asarray(c - pads, jnp.int32))
   rng = jax.random.PRNGKey(seed)
@@ -418,26 +203,44 @@ def generate(decoder, cfg_model, prompts, *, max_new_tokens=32, temperature=0.0,
   return out
 
 
-def main(argv=None):
-  import argparse  # pylint: disable=g-import-not-at-top
+def define_flags():
+  """The command line's flags (absl), defined only when run as a program."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string('workdir', None,
+                      'A training workdir (or one made by `python -m model.hf import`); '
+                      'its newest checkpoint, config.json and tokenizer are used.')
+  flags.DEFINE_multi_string('prompt', None,
+                            'Text to continue; repeat --prompt for a batch (left-padded, '
+                            'one line per prompt in the output). A single prompt is '
+                            'streamed to the console as it is generated.')
+  flags.DEFINE_integer('max_new_tokens', 64, 'Tokens to generate per prompt (stops '
+                       'earlier at the tokenizer\'s end-of-text token).')
+  flags.DEFINE_float('temperature', 0.0, 'Softmax temperature; 0 is greedy (argmax).')
+  flags.DEFINE_integer('top_k', 0, 'Sample among the K most likely tokens only (0: all).')
+  flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling: the smallest set of most likely '
+                     'tokens whose probability reaches P (1: all).')
+  flags.DEFINE_integer('seed', 0, 'Random seed of the sampling (temperature > 0).')
+  flags.DEFINE_integer('streaming_sinks', None,
+                       'StreamingLLM: keep the first N tokens (attention sinks) plus a '
+                       'rolling window, positions re-assigned inside the cache, so '
+                       'generation can run past model.max_seq_len in bounded memory.')
+  flags.DEFINE_integer('streaming_window', None,
+                       'The rolling window of --streaming_sinks (default: '
+                       'model.sliding_window, else model.max_seq_len - N).')
+
+
+def main(argv):
+  from absl import flags  # pylint: disable=g-import-not-at-top
   from data import tokenizers  # pylint: disable=g-import-not-at-top
   from model import hf  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(prog='python -m train.sample')
-  parser.add_argument('--workdir', required=True)
-  parser.add_argument('--prompt', action='append', required=True,
-                      help='repeat for a batch of prompts')
-  parser.add_argument('--max_new_tokens', type=int, default=64)
-  parser.add_argument('--temperature', type=float, default=0.0)
-  parser.add_argument('--top_k', type=int, default=0)
-  parser.add_argument('--top_p', type=float, default=1.0)
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--streaming_sinks', type=int, default=None,
-                      help='StreamingLLM: keep the first N tokens plus a rolling window, '
-                           'with positions re-assigned inside the cache')
-  parser.add_argument('--streaming_window', type=int, default=None,
-                      help='the rolling window of --streaming_sinks (default: '
-                           'model.sliding_window, else model.max_seq_len - N)')
-  args = parser.parse_args(argv)
+  args = flags.FLAGS
+  if len(argv) > 1:
+    raise UserError(f'unexpected arguments: {" ".join(argv[1:])} (flags are --name=value; '
+                    'quote a prompt with spaces: --prompt "some text")')
+  if not args.workdir:
+    raise UserError('--workdir is required: the training workdir to sample from')
+  if not args.prompt:
+    raise UserError('--prompt is required: the text to continue (repeat it for a batch)')
   check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                  top_k=args.top_k, top_p=args.top_p)
   cfg, decoder = hf.load_workdir(args.workdir)
@@ -471,4 +274,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  errors.run(main, absl_flags=False)
+  define_flags()
+  errors.run(main)

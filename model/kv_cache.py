@@ -1,0 +1,181 @@
+"""What each layer keeps between decoding calls, and where a call's columns go.
+
+A cached decoder call (`Decoder.hidden_states(..., cache=, chunk=)`) runs the
+decoder's own embeddings and blocks on a chunk of new columns; each layer
+reads and returns its own cache object, which the layer chooses
+(`Attention.init_cache` returns a `KVCache`; a layer with another state, a
+latent cache or a recurrent one, returns its own pytree). The `Chunk` says
+which token of each sequence every column is, the same for all layers.
+
+`KVCache` holds K/V of the `num_kv_heads` heads only (GQA/MQA queries are
+grouped onto them, as in `model.attention_core`). Its buffer is a `Ring` of
+slots: the `num_memory_tokens` learned memory tokens (written once, always
+visible), then, in streaming mode, the attention sinks, then a rolling part
+where token j of a sequence (its index in its own prompt and continuation) is
+written at slot `j % rolling` of that part:
+- global layers roll over `prompt + max_new_tokens` slots, i.e. never;
+- sliding-window layers roll over `sliding_window` slots (Mistral's rolling
+  buffer, Jiang et al. 2023), so their memory does not grow with the length.
+Each slot remembers which token it holds, so the masks, ALiBi distances and
+positions are computed from token indices, exactly as in training
+(`model.masking.visible`), whatever the slot order.
+
+Streaming (`Streaming(sinks=N, window=W)`): StreamingLLM (Xiao et al. 2023,
+"Efficient Streaming Language Models with Attention Sinks"). Every layer keeps
+the first N tokens and a rolling window of the last W, and positions are
+re-assigned inside the cache (`cache_position`): once more than N + W tokens
+have been seen, the sinks keep positions 0..N-1 and the window takes
+N..N+W-1. Keys are then stored before RoPE and rotated at attention time by
+their cache positions (the paper's choice; re-rotating stored keys every step
+would accumulate rounding).
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+
+class Ring(NamedTuple):
+  """Static layout of one layer's cache buffer: [memory | sinks | rolling] slots.
+
+  Token j is kept at slot `memory + j` while j < sinks, else at
+  `memory + sinks + (j - sinks) % rolling`.
+  """
+  memory: int
+  sinks: int
+  rolling: int
+
+  @property
+  def size(self) -> int:
+    return self.memory + self.sinks + self.rolling
+
+  def slot(self, j):
+    """The slot of token index j (int array, numpy or jax; j >= 0)."""
+    xp = np if isinstance(j, np.ndarray) else jnp
+    return self.memory + xp.where(
+        j < self.sinks, j, self.sinks + (j - self.sinks) % self.rolling)
+
+
+class Streaming(NamedTuple):
+  """StreamingLLM's cache: `sinks` first tokens and the last `window` ones."""
+  sinks: int
+  window: int
+
+
+def ring_for(sliding_window, length: int, num_memory: int = 0,
+             streaming: Streaming | None = None) -> Ring:
+  """The ring of a layer with window `sliding_window` (None: global) for up to
+  `length` tokens (prompt + new)."""
+  if streaming is not None:
+    # Fewer slots than sinks + window when the generation is shorter.
+    return Ring(num_memory, streaming.sinks,
+                max(1, min(streaming.window, length - streaming.sinks)))
+  if sliding_window is None:
+    return Ring(num_memory, 0, length)
+  return Ring(num_memory, 0, min(sliding_window, length))
+
+
+def cache_position(j, seen, streaming: Streaming | None):
+  """Position of token j once `seen` tokens have come (StreamingLLM's re-assignment).
+
+  Outside streaming mode, or while seen <= sinks + window, that is j itself;
+  later the window's tokens shift down so that the latest is at
+  sinks + window - 1.
+  """
+  if streaming is None:
+    return j
+  shift = jnp.maximum(seen - streaming.sinks - streaming.window, 0)
+  return jnp.where(j < streaming.sinks, j, j - shift)
+
+
+@struct.dataclass
+class Chunk:
+  """The columns of one cached call, the same for every layer.
+
+  tokens: int32 [b, c], the token index of each column in its own sequence;
+    -1 for padding (left padding of a batch of prompts), which is not cached.
+  prefill: the first call, from an empty cache: the decoder prepends its
+    memory tokens and each layer attends over the chunk itself (the training
+    path, any `attention_impl`). Later calls attend over the cache.
+  """
+  tokens: jax.Array
+  prefill: bool = struct.field(pytree_node=False, default=False)
+
+  def seen(self):
+    """int32 [b]: tokens of each sequence seen once this chunk is in."""
+    return self.tokens[:, -1] + 1
+
+  def positions(self, streaming: Streaming | None):
+    """int32 [b, c]: the positions of the columns (0 on padding)."""
+    seen = self.seen()[:, None]
+    return jnp.maximum(cache_position(self.tokens, seen, streaming), 0)
+
+
+@struct.dataclass
+class KVCache:
+  """One attention layer's keys and values, kept in a `Ring` of slots.
+
+  k, v: [b, ring.size, kv_heads, head_dim] in the compute dtype (keys before
+    RoPE in streaming mode, rotated otherwise).
+  index: int32 [b, ring.size]: the token index each slot holds; -1 while
+    empty, 0 on memory slots.
+  """
+  k: jax.Array
+  v: jax.Array
+  index: jax.Array
+  ring: Ring = struct.field(pytree_node=False)
+  streaming: Streaming | None = struct.field(pytree_node=False, default=None)
+
+  @classmethod
+  def empty(cls, batch, ring, kv_heads, head_dim, dtype, streaming=None):
+    shape = (batch, ring.size, kv_heads, head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+               jnp.full((batch, ring.size), -1, jnp.int32), ring, streaming)
+
+  @property
+  def rotate_late(self) -> bool:
+    """Whether keys are stored before RoPE (their positions change: streaming)."""
+    return self.streaming is not None
+
+  def write(self, k, v, chunk: Chunk):
+    """The cache with the chunk's k, v [b, c, kv, h] in their slots.
+
+    A prefill's k, v start with the memory tokens' columns. Padding is dropped,
+    and so are the tokens a later column of the same chunk overwrites (the
+    start of a prompt longer than a window layer's ring).
+    """
+    ring = self.ring
+    j = chunk.tokens
+    last = j[:, -1:]
+    keep = (j >= 0) & ((j < ring.sinks) | (j > last - ring.rolling))
+    dest = jnp.where(keep, ring.slot(jnp.maximum(j, 0)), ring.size)
+    held = j
+    if chunk.prefill and ring.memory:
+      b = j.shape[0]
+      memory = jnp.broadcast_to(jnp.arange(ring.memory, dtype=dest.dtype), (b, ring.memory))
+      dest = jnp.concatenate([memory, dest], axis=1)
+      held = jnp.concatenate([jnp.zeros((b, ring.memory), j.dtype), j], axis=1)
+    rows = jnp.arange(j.shape[0])[:, None]
+    put = lambda buf, x: buf.at[rows, dest].set(x.astype(buf.dtype), mode='drop')
+    return self.replace(k=put(self.k, k), v=put(self.v, v), index=put(self.index, held))
+
+  def attention_indices(self, chunk: Chunk):
+    """Indices for `reference_attention` of the chunk's queries over the cache.
+
+    Returns q_idx [b, c], kv_idx [b, s], kv_segment_ids [b, s] (0 on empty
+    slots) and kv_positions [b, s] (the slots' cache positions). Indices count
+    the memory tokens first, as `model.masking` does.
+    """
+    m = self.ring.memory
+    seen = chunk.seen()[:, None]
+    q_idx = m + cache_position(chunk.tokens, seen, self.streaming)
+    slots = jnp.arange(self.ring.size)[None, :]
+    is_memory = slots < m
+    kv_pos = jnp.where(is_memory | (self.index < 0), 0,
+                       cache_position(self.index, seen, self.streaming))
+    kv_idx = jnp.where(is_memory, slots, m + kv_pos)
+    kv_seg = (is_memory | (self.index >= 0)).astype(jnp.int32)
+    return q_idx, kv_idx, kv_seg, kv_pos
