@@ -191,3 +191,43 @@ def test_bad_streaming_flags_and_learned_overflow_are_refused():
     sample.generate(decoder, cfg.model, [[1, 2]], streaming_sinks=-1)
   with pytest.raises(ValueError, match='max_seq_len=16'):
     sample.generate(decoder, cfg.model, [[1, 2]], max_new_tokens=20)
+
+
+def _logits_of_full_forward(decoder, prompts, new_tokens):
+  """float32 [batch, steps, vocab]: for each step s, the plain decoder's logits
+  after prompt + the first s new tokens (the next-token logits sampling drew from)."""
+  forward = _forward(decoder)
+  n = len(new_tokens[0])
+  width = max(map(len, prompts)) + n
+  seqs = [p + new[:s] for s in range(n) for p, new in zip(prompts, new_tokens)]
+  return _last_logits(forward, seqs, width).reshape(n, len(prompts), -1).transpose(1, 0, 2)
+
+
+@pytest.mark.parametrize('overrides', [
+    # Post-norm with layernorm; memory tokens and ALiBi; a window layer (4)
+    # under the prompt length, then a global layer.
+    ['model.norm_position=post', 'model.norm_type=layernorm', 'model.num_memory_tokens=2',
+     'model.position=alibi', 'model.sliding_window=4', 'model.global_layer_interval=2'],
+    # Sandwich norms; MoE layers (dropless, top-2 of 4, a shared expert);
+    # learned positions, QK-norm, biases, tied head and both soft-caps.
+    ['model.norm_position=sandwich', 'model.num_experts=4', 'model.experts_per_token=2',
+     'model.moe_d_ff=32', 'model.num_shared_experts=1', 'model.position=learned',
+     'model.qk_norm=True', 'model.use_bias=True', 'model.tie_embeddings=True',
+     'model.attn_logit_softcap=20.0', 'model.final_logit_softcap=30.0'],
+    # Pre-norm, RoPE, GQA, MoE on the second layer only (top-1).
+    ['model.num_kv_heads=2', 'model.num_experts=4', 'model.experts_per_token=1',
+     'model.moe_d_ff=32', 'model.moe_layer_interval=2', 'model.num_layers=3'],
+])
+def test_cached_logits_equal_the_decoders_at_every_step(overrides):
+  # The sampler runs the decoder's own blocks: at every step (the prefill's
+  # last column, then each cached step) its logits are the plain decoder's on
+  # the sequence so far, whatever the norm placement, positions, memory
+  # tokens, window/global layers or MoE layers; left-padded prompts included.
+  cfg, decoder = _decoder(overrides)
+  prompts = [[5, 17, 3], [9, 2, 60, 33, 41, 7, 12]]
+  got = sample.generate(decoder, cfg.model, prompts, max_new_tokens=6, full_output=True)
+  want = _logits_of_full_forward(decoder, prompts, got.tokens)
+  # float32; the cached and full paths sum in different orders (see
+  # test_model_attention_variants for the 1e-4 of the largest logit).
+  np.testing.assert_allclose(got.logits, want, rtol=0, atol=1e-4 * np.abs(want).max())
+  assert all(len(set(new)) > 1 for new in got.tokens)
