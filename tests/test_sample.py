@@ -5,12 +5,18 @@ The cache (greedy decoding against full re-computation, rolling windows,
 StreamingLLM sinks) is tested in test_sample_cache.py.
 """
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from train import sample
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_top_k_and_top_p_restrict_the_support():
@@ -66,3 +72,26 @@ def test_sampled_frequencies_match_the_renormalised_probabilities(temperature, t
   expected = draws * want[support]
   statistic = float(np.sum((counts[support] - expected) ** 2 / expected))
   assert statistic < CHI2_CRITICAL_0_001[int(support.sum()) - 1], (counts, expected)
+
+
+def _run_sample(*flags):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('ABLAX_DEBUG', None)
+  return subprocess.run([sys.executable, '-m', 'train.sample', *flags], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_command_line_help_and_a_missing_flag():
+  # absl flags: --help lists every flag with its meaning (absl exits 1 after
+  # it); a missing required flag is one `ablax:` line and exit status 2
+  # (configs.errors.run).
+  result = _run_sample('--help')
+  for flag in ('workdir', 'prompt', 'max_new_tokens', 'temperature', 'top_k', 'top_p',
+               'seed', 'streaming_sinks', 'streaming_window'):
+    assert f'--{flag}:' in result.stdout
+  assert '--workdir /tmp/ablax_llama_tiny --prompt' in result.stdout    # an example to copy
+  result = _run_sample('--workdir', REPO)
+  lines = [line for line in result.stderr.splitlines() if line.startswith('ablax:')]
+  assert result.returncode == 2 and lines == [
+      'ablax: --prompt is required: the text to continue (repeat it for a batch)']
+  assert 'Traceback' not in result.stderr

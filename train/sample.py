@@ -4,6 +4,16 @@
         [--max_new_tokens N --temperature T --top_k K --top_p P --seed S
          --streaming_sinks N --streaming_window W]
 
+Continues each prompt with the newest checkpoint of a training workdir (or of
+one made by `python -m model.hf import`), tokenized with the run's tokenizer.
+One prompt is printed, then its continuation token by token as it comes;
+repeated --prompt flags make a batch, printed one line each at the end. For
+example, after `python -m train --config configs/llama.py:tiny --workdir
+/tmp/ablax_llama_tiny`:
+
+    python -m train.sample --workdir /tmp/ablax_llama_tiny --prompt "def main(" \\
+        --max_new_tokens 64 --temperature 0.8 --top_p 0.95
+
 Prefill and decode run the decoder's own embeddings, blocks and head
 (`model.Decoder.hidden_states(..., cache=, chunk=)`); each layer keeps its own
 cache (`model.kv_cache`: ring buffers for sliding-window layers, StreamingLLM
@@ -231,6 +241,7 @@ def define_flags():
 
 def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
   from data import tokenizers  # pylint: disable=g-import-not-at-top
   from model import hf  # pylint: disable=g-import-not-at-top
   args = flags.FLAGS
@@ -243,6 +254,8 @@ def main(argv):
     raise UserError('--prompt is required: the text to continue (repeat it for a batch)')
   check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                  top_k=args.top_k, top_p=args.top_p)
+  # The console shows the text: checkpoint loading's INFO lines stay out of it.
+  logging.set_verbosity(logging.WARNING)
   cfg, decoder = hf.load_workdir(args.workdir)
   try:
     streaming_config(cfg.model, args.streaming_sinks, args.streaming_window)
