@@ -23,6 +23,11 @@ additive learned/sinusoidal positions, learned memory tokens (Burtsev et al.
 to the sequence and stripped before the head, final-logit soft-capping
 (Gemma 2), and per-block rematerialisation.
 
+Decoding runs the same code: `init_cache` gives each layer its own cache
+(`model.kv_cache`), and `hidden_states(..., cache=, chunk=)` runs a prefill
+(this forward, also filling the caches) or a step over the caches, returning
+the updated caches (`train.sample`). Without a cache nothing changes.
+
 Layer i uses the sliding window unless `global_layer_interval=k` makes it
 global ((i + 1) % k == 0), and uses MoE when `num_experts > 0` and
 (i + 1) % moe_layer_interval == 0.
