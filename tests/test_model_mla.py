@@ -49,6 +49,13 @@ def _layer(cfg_model, seed=0, **kwargs):
   return layer
 
 
+def _call(layer, method='__call__', *args, **kwargs):
+  """layer.method(*args, **kwargs) under jit (eager dispatch is slow on CPU)."""
+  graph, state = nnx.split(layer)
+  fn = lambda state, *a: getattr(nnx.merge(graph, state), method)(*a, **kwargs)
+  return jax.jit(fn)(state, *args)
+
+
 def _params(layer):
   return {'.'.join(map(str, path)): np.asarray(var.get_value(), np.float64)
           for path, var in nnx.to_flat_state(nnx.state(layer, nnx.Param))}
@@ -129,7 +136,7 @@ def test_layer_matches_the_papers_equations(q_lora):
   cfg = _cfg(f'model.mla_q_lora_rank={q_lora}')
   layer = _layer(cfg)
   x = _x(1)
-  got = layer(jnp.asarray(x, jnp.float32), _positions(*x.shape[:2]))
+  got = _call(layer, '__call__', jnp.asarray(x, jnp.float32), _positions(*x.shape[:2]))
   p = _params(layer)
   for row in range(x.shape[0]):
     want, _ = np_mla(p, x[row], q_lora=q_lora)
@@ -144,7 +151,7 @@ def test_yarn_scales_the_whole_logit_by_mscale_squared():
   cfg = _cfg(f'model.rope_scaling={scaling}')
   layer = _layer(cfg, seed=3)
   x = _x(2, b=1)
-  got = layer(jnp.asarray(x, jnp.float32), _positions(*x.shape[:2]))
+  got = _call(layer, '__call__', jnp.asarray(x, jnp.float32), _positions(*x.shape[:2]))
   inv_freq, _ = positions_lib.rope_inv_freq(DR, 10000.0, scaling)
   want, _ = np_mla(_params(layer), x[0], q_lora=0, inv_freq=inv_freq,
                    mscale=0.1 * math.log(4.0) + 1)
@@ -159,17 +166,18 @@ def test_causal_and_packed_documents_stay_apart():
   layer = _layer(cfg, seed=4)
   x = _x(5, b=1, t=14)
   pos = _positions(1, 14)
-  base = layer(jnp.asarray(x, jnp.float32), pos)
+  base = _call(layer, '__call__', jnp.asarray(x, jnp.float32), pos)
   changed = x.copy()
   changed[0, 9] += 3.0
-  after = layer(jnp.asarray(changed, jnp.float32), pos)
+  after = _call(layer, '__call__', jnp.asarray(changed, jnp.float32), pos)
   np.testing.assert_array_equal(np.asarray(after[0, :9]), np.asarray(base[0, :9]))
   assert float(jnp.abs(after[0, 9:] - base[0, 9:]).max()) > 1e-3
 
   seg = np.array([1] * 5 + [2] * 9)
   seg_j = jnp.asarray(seg[None], jnp.int32)
-  packed = layer(jnp.asarray(x, jnp.float32), positions_lib.segment_positions(seg_j), seg_j)
-  alone = layer(jnp.asarray(x[:, 5:], jnp.float32), _positions(1, 9))
+  packed = _call(layer, '__call__', jnp.asarray(x, jnp.float32),
+                 positions_lib.segment_positions(seg_j), seg_j)
+  alone = _call(layer, '__call__', jnp.asarray(x[:, 5:], jnp.float32), _positions(1, 9))
   _assert_close(packed[0, 5:], alone[0], 1e-5, 'second document')
   want, _ = np_mla(_params(layer), x[0], q_lora=RQ, seg=seg)
   _assert_close(packed[0], want, 2e-5, 'numpy packed')
@@ -210,8 +218,8 @@ def test_absorbed_attend_on_the_latent_cache_equals_the_forward(extras):
   x = jnp.asarray(_x(9, t=11), jnp.float32)
   b, t = x.shape[:2]
   pos = _positions(b, t)
-  full = layer(x, pos)
-  c_kv, k_rope = layer.latent(x, pos)
+  full = _call(layer, '__call__', x, pos)
+  c_kv, k_rope = _call(layer, 'latent', x, pos)
   assert c_kv.shape == (b, t, R) and k_rope.shape == (b, t, DR)
   q = layer.queries(x[:, -1:], pos[:, -1:])
   o = layer.absorbed_attend(q, c_kv, k_rope, q_idx=jnp.array([t - 1]), kv_idx=jnp.arange(t))
@@ -232,7 +240,7 @@ def test_pallas_kernel_matches_xla_through_the_layer():
     layer = _layer(cfg, seed=11)
     graph, params = nnx.split(layer)
     loss = lambda prm: jnp.sum(jnp.sin(nnx.merge(graph, prm)(x, pos)))
-    results.append(jax.value_and_grad(loss)(params))
+    results.append(jax.jit(jax.value_and_grad(loss))(params))
   (lx, gx), (lp, gp) = results
   _assert_close(lp, lx, 1e-5, 'loss')
   for (path, a), (_, e) in zip(nnx.to_flat_state(gp), nnx.to_flat_state(gx)):
@@ -251,8 +259,8 @@ def test_decoder_with_mla_composes_with_memory_windows_and_packing():
   tokens = jnp.asarray(np.random.default_rng(12).integers(0, 64, (1, 12)), jnp.int32)
   seg = jnp.asarray([[1] * 5 + [2] * 7], jnp.int32)
   other = tokens.at[0, :5].set((tokens[0, :5] + 7) % 64)
-  a, _ = dec(tokens, segment_ids=seg)
-  b, _ = dec(other, segment_ids=seg)
+  a, _ = _call(dec, '__call__', tokens, seg)
+  b, _ = _call(dec, '__call__', other, seg)
   np.testing.assert_allclose(np.asarray(a[0, 5:]), np.asarray(b[0, 5:]), rtol=1e-5, atol=1e-5)
   assert float(jnp.abs(a[0, :5] - b[0, :5]).max()) > 1e-3
 
