@@ -184,8 +184,8 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
   mla = m.get('attention_type', 'standard') == 'mla'
   if mla:
     _validate_mla(m)
-  if m.position == 'rope' and not mla:
-    _check(head_dim % 2 == 0, f'model.head_dim={head_dim}: RoPE needs an even head_dim')
+  if m.position == 'rope':
+    _check(mla or head_dim % 2 == 0, f'model.head_dim={head_dim}: RoPE needs an even head_dim')
     _check(m.rope_theta > 0, f'model.rope_theta={m.rope_theta}: must be positive')
   if m.rope_scaling is not None:
     _check(m.position == 'rope', 'model.rope_scaling is set but model.position '

@@ -9,14 +9,15 @@ backward) per token of a row of `seq_len` tokens, for MFU. As in Kaplan et al.
 costs twice the forward, so training = 3 x forward, and a forward matmul with a
 [m, n] weight costs 2 m n per position. Counted:
 - the weight matmuls of every layer (q/k/v/o, or MLA's down- and
-  up-projections in their training form, the attention gate, the MLP; for MoE the router, the
-  `experts_per_token` routed experts and the shared experts a token goes
-  through, not all experts), at every position including memory tokens;
+  up-projections in their training form; the attention gate; the MLP; for
+  MoE the router, the `experts_per_token` routed experts and the shared
+  experts a token goes through, not all experts), at every position
+  including memory tokens;
 - the output head (2 d_model vocab; an embedding lookup is free);
 - attention scores and the weighted sum of values, 2 num_heads (qk_head_dim +
-  v_head_dim) per (query, visible key) pair (MLA: qk = nope + rope), counting only pairs the causal / sliding-window /
-  memory mask lets through (what a block-skipping kernel computes), for one
-  document per row;
+  v_head_dim) per (query, visible key) pair (MLA: qk = nope + rope), counting
+  only pairs the causal / sliding-window / memory mask lets through (what a
+  block-skipping kernel computes), for one document per row;
 and not the elementwise work (norms, activations, softmax, biases), which is
 small next to the matmuls.
 """

@@ -20,8 +20,9 @@ Three kernels, one program per (block, batch, head):
 - dQ, grid (q blocks, batch, heads): the forward loop again, accumulating dQ.
 
 Triton needs power-of-two tile shapes: block sizes are powers of two >= 16 and
-the wrapper pads each head dim to one (q/k and v may differ, as in MLA). The Triton lowering is deprecated in
-favour of Mosaic GPU from jax 0.11; `model.kernels` silences that warning once
+the wrapper pads each head dim to one (q/k's and v's may differ, as in MLA).
+The Triton lowering is deprecated in favour of Mosaic GPU from jax 0.11;
+`model.kernels` silences that warning once
 and this module keeps to the backend interface of `flash.py`, so a Mosaic GPU
 module can replace it behind `flash_attention`.
 """
