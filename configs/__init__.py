@@ -23,6 +23,7 @@ CHOICES = {
     'model.mlp_activation': ('silu', 'gelu', 'gelu_tanh', 'relu'),
     'model.attention_impl': ('auto', 'xla', 'pallas', 'cudnn'),
     'model.attention_gate': ('none', 'headwise', 'elementwise'),
+    'model.attention_type': ('standard', 'mla'),
     'model.remat': ('none', 'full', 'dots'),
     'model.moe_dispatch': ('auto', 'global', 'all_to_all'),
     'model.dtype': ('float32', 'bfloat16', 'float16'),
@@ -180,8 +181,11 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
   else:
     _check(m.head_dim > 0, f'model.head_dim={m.head_dim}: must be positive')
   head_dim = m.head_dim or m.d_model // m.num_heads
+  mla = m.get('attention_type', 'standard') == 'mla'
+  if mla:
+    _validate_mla(m)
   if m.position == 'rope':
-    _check(head_dim % 2 == 0, f'model.head_dim={head_dim}: RoPE needs an even head_dim')
+    _check(mla or head_dim % 2 == 0, f'model.head_dim={head_dim}: RoPE needs an even head_dim')
     _check(m.rope_theta > 0, f'model.rope_theta={m.rope_theta}: must be positive')
   if m.rope_scaling is not None:
     _check(m.position == 'rope', 'model.rope_scaling is set but model.position '
@@ -236,6 +240,37 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
   for field in ('mup_input_mult', 'mup_output_mult'):
     if field in m:
       _check(m[field] > 0, f'model.{field}={m[field]}: must be positive')
+
+
+def _validate_mla(m: ml_collections.ConfigDict) -> None:
+  """model.attention_type='mla': its fields, and the flags it does not take."""
+  for field in ('mla_kv_lora_rank', 'mla_v_head_dim'):
+    _check(isinstance(m[field], int) and m[field] > 0,
+           f'model.{field}={m[field]!r}: must be a positive integer')
+  for field in ('mla_q_lora_rank', 'mla_qk_nope_head_dim', 'mla_qk_rope_head_dim'):
+    _check(isinstance(m[field], int) and m[field] >= 0,
+           f'model.{field}={m[field]!r}: must be an integer >= 0')
+  _check(m.mla_qk_nope_head_dim + m.mla_qk_rope_head_dim > 0,
+         'model.mla_qk_nope_head_dim + model.mla_qk_rope_head_dim must be positive')
+  if m.position == 'rope':
+    _check(m.mla_qk_rope_head_dim > 0 and m.mla_qk_rope_head_dim % 2 == 0,
+           f'model.mla_qk_rope_head_dim={m.mla_qk_rope_head_dim}: MLA with '
+           'model.position=rope needs a positive, even rope head dim')
+  why = "with model.attention_type='mla'"
+  _check(m.num_kv_heads == m.num_heads,
+         f'model.num_kv_heads={m.num_kv_heads} {why}: MLA has no shared KV heads (every '
+         'head up-projects its keys and values from the one latent); set '
+         f'model.num_kv_heads={m.num_heads} (= num_heads)')
+  _check(m.head_dim is None,
+         f'model.head_dim={m.head_dim} {why}: MLA head dims are model.mla_qk_nope_head_dim, '
+         'mla_qk_rope_head_dim and mla_v_head_dim; set model.head_dim=None')
+  _check(not m.qk_norm, f'model.qk_norm=True {why}: MLA already normalises its query '
+         'and key/value latents (RMSNorm before the up-projections); set model.qk_norm=False')
+  _check(not m.use_bias, f'model.use_bias=True {why}: MLA projections have no biases '
+         '(as DeepSeek); set model.use_bias=False')
+  _check(m.attention_impl != 'cudnn', f"model.attention_impl='cudnn' {why}: the cuDNN "
+         'path is not set up for a value head dim different from the query/key one; '
+         'use model.attention_impl=auto, xla or pallas')
 
 
 def eval_task_specs(spec, field: str = 'eval.tasks') -> list[tuple[str, int | None, str | None]]:

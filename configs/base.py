@@ -56,6 +56,20 @@ def model_config() -> ml_collections.ConfigDict:
   # Pallas paths (attention_impl=cudnn is refused with it).
   m.attention_sinks = False
   # --- end attention variants ---
+  # --- Multi-head latent attention (issue 16; docs/attention.md, model/mla.py) ---
+  # standard: MHA/GQA/MQA by num_kv_heads and head_dim. mla: DeepSeek-V2/V3's
+  # latent attention; keys and values are up-projected per head from one
+  # normed latent of mla_kv_lora_rank numbers, RoPE acts on a separate
+  # mla_qk_rope_head_dim part whose key all heads share, and the head dims come
+  # from the mla_* fields (num_kv_heads must equal num_heads, head_dim None).
+  # The defaults below are a tiny model's; DeepSeek-V3 uses 1536, 512, 128, 64, 128.
+  m.attention_type = 'standard'  # standard | mla
+  m.mla_q_lora_rank = 0          # query latent rank; 0 = queries straight from x
+  m.mla_kv_lora_rank = 32        # the key/value latent (what the cache stores)
+  m.mla_qk_nope_head_dim = 16    # per-head q/k part without rope
+  m.mla_qk_rope_head_dim = 8     # per-head q part and shared k part with rope
+  m.mla_v_head_dim = 16          # per-head value dim
+  # --- end multi-head latent attention ---
   # Pallas block sizes; None picks per backend and head_dim.
   m.attention_block_q = ml_collections.FieldReference(None, field_type=int)
   m.attention_block_kv = ml_collections.FieldReference(None, field_type=int)

@@ -26,7 +26,9 @@ def reference_attention(q, k, v, *, segment_ids=None, causal=True, sliding_windo
 
   Args:
     q: [batch, q_len, num_heads, head_dim].
-    k, v: [batch, kv_len, num_kv_heads, head_dim]; num_heads % num_kv_heads == 0.
+    k: [batch, kv_len, num_kv_heads, head_dim]; num_heads % num_kv_heads == 0.
+    v: [batch, kv_len, num_kv_heads, v_head_dim]; v_head_dim may differ from
+      head_dim (MLA).
     segment_ids: None or int [batch, q_len] (also the kv segments when
       kv_segment_ids is None; then q_len == kv_len).
     causal, sliding_window, num_memory_tokens: see `masking.visible`.
@@ -41,7 +43,7 @@ def reference_attention(q, k, v, *, segment_ids=None, causal=True, sliding_windo
       one more term exp(sink) in every row's softmax denominator, with no value
       (`masking.softmax_with_sinks`).
   Returns:
-    [batch, q_len, num_heads, head_dim] in q's dtype. A query that sees no key
+    [batch, q_len, num_heads, v_head_dim] in q's dtype. A query that sees no key
     (e.g. padding in its own segment of nothing) gets zeros, never NaN.
   """
   b, t, n, h = q.shape
@@ -74,7 +76,7 @@ def reference_attention(q, k, v, *, segment_ids=None, causal=True, sliding_windo
     sinks = jnp.asarray(sink_logits, jnp.float32).reshape(kvh, g, 1, 1)
   p = masking.softmax_with_sinks(logits, mask, sinks)
   out = jnp.einsum('bkgts,bskh->btkgh', p, v.astype(jnp.float32))
-  return out.reshape(b, t, n, h).astype(q.dtype)
+  return out.reshape(b, t, n, v.shape[-1]).astype(q.dtype)
 
 
 def resolve_impl(impl: str) -> str:

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model import attention as attention_lib
+from model import mla
 from model import mlp as mlp_lib
 from model import moe
 from model import mup
@@ -103,7 +104,7 @@ class Block(nnx.Module):
     self.norm_position = cfg_model.norm_position
     self.num_memory_tokens = cfg_model.num_memory_tokens
     window = None if is_global_layer(cfg_model, layer_index) else cfg_model.sliding_window
-    self.attn = attention_lib.Attention(cfg_model, sliding_window=window, rngs=rngs)
+    self.attn = mla.attention_class(cfg_model)(cfg_model, sliding_window=window, rngs=rngs)
     self.is_moe = is_moe_layer(cfg_model, layer_index)
     if self.is_moe:
       self.mlp = moe.MoE(cfg_model, rngs=rngs)

@@ -8,20 +8,23 @@ backward) per token of a row of `seq_len` tokens, for MFU. As in Kaplan et al.
 2020 and the PaLM paper (Chowdhery et al. 2022, appendix B), the backward pass
 costs twice the forward, so training = 3 x forward, and a forward matmul with a
 [m, n] weight costs 2 m n per position. Counted:
-- the weight matmuls of every layer (q/k/v/o, the attention gate, the MLP; for MoE the router, the
-  `experts_per_token` routed experts and the shared experts a token goes
-  through, not all experts), at every position including memory tokens;
+- the weight matmuls of every layer (q/k/v/o, or MLA's down- and
+  up-projections in their training form; the attention gate; the MLP; for
+  MoE the router, the `experts_per_token` routed experts and the shared
+  experts a token goes through, not all experts), at every position
+  including memory tokens;
 - the output head (2 d_model vocab; an embedding lookup is free);
-- attention scores and the weighted sum of values, 2 x 2 num_heads head_dim per
-  (query, visible key) pair, counting only pairs the causal / sliding-window /
-  memory mask lets through (what a block-skipping kernel computes), for one
-  document per row;
+- attention scores and the weighted sum of values, 2 num_heads (qk_head_dim +
+  v_head_dim) per (query, visible key) pair (MLA: qk = nope + rope), counting
+  only pairs the causal / sliding-window / memory mask lets through (what a
+  block-skipping kernel computes), for one document per row;
 and not the elementwise work (norms, activations, softmax, biases), which is
 small next to the matmuls.
 """
 
 from model import attention as attention_lib
 from model import decoder as decoder_lib
+from model import mla
 from model import mlp as mlp_lib
 from model import norms
 
@@ -52,7 +55,8 @@ def count_params(cfg_model) -> int:
     count += cfg_model.max_seq_len * d
   count += cfg_model.num_memory_tokens * d
   for i in range(cfg_model.num_layers):
-    count += attention_lib.attention_params(cfg_model)
+    count += (mla.mla_params(cfg_model) if mla.is_mla(cfg_model)
+              else attention_lib.attention_params(cfg_model))
     count += (4 if cfg_model.norm_position == 'sandwich' else 2) * norm
     if decoder_lib.is_moe_layer(cfg_model, i):
       count += moe_params(cfg_model)
@@ -69,7 +73,10 @@ def _matmul_weights(cfg_model, layer_index: int) -> int:
   """Weights one position multiplies through in layer `layer_index`."""
   d, n, kv, h = (cfg_model.d_model, cfg_model.num_heads, cfg_model.num_kv_heads,
                  _head_dim(cfg_model))
-  count = 2 * d * n * h + 2 * d * kv * h + attention_lib.gate_params(cfg_model)
+  if mla.is_mla(cfg_model):
+    count = mla.mla_matmul_weights(cfg_model)
+  else:
+    count = 2 * d * n * h + 2 * d * kv * h + attention_lib.gate_params(cfg_model)
   n_in = 2 if cfg_model.mlp_gated else 1
   if decoder_lib.is_moe_layer(cfg_model, layer_index):
     experts = cfg_model.experts_per_token + cfg_model.num_shared_experts
@@ -93,12 +100,27 @@ def visible_pairs(seq_len: int, window: int | None, num_memory: int) -> int:
 def flops_per_token(cfg_model, seq_len: int) -> float:
   """Training FLOPs (forward + backward) per token for rows of `seq_len` tokens."""
   t, m = seq_len, cfg_model.num_memory_tokens
-  attn_width = cfg_model.num_heads * _head_dim(cfg_model)
+  # Per (query, key) pair: q.k over the q/k head dim, p.v over the v head dim.
+  if mla.is_mla(cfg_model):
+    pair_width = cfg_model.num_heads * (cfg_model.mla_qk_nope_head_dim
+                                        + cfg_model.mla_qk_rope_head_dim
+                                        + cfg_model.mla_v_head_dim)
+  else:
+    pair_width = 2 * cfg_model.num_heads * _head_dim(cfg_model)
   forward = 0.0
   for i in range(cfg_model.num_layers):
     window = (None if decoder_lib.is_global_layer(cfg_model, i)
               else cfg_model.sliding_window)
     forward += 2 * _matmul_weights(cfg_model, i) * (t + m) / t
-    forward += 2 * 2 * attn_width * visible_pairs(t, window, m) / t
+    forward += 2 * pair_width * visible_pairs(t, window, m) / t
   forward += 2 * cfg_model.d_model * cfg_model.vocab_size
   return 3 * forward
+
+
+def cache_numbers_per_token(cfg_model) -> int:
+  """Numbers a KV cache holds per token per layer: 2 kv_heads head_dim for
+  standard attention (MHA, GQA, MQA), kv_lora_rank + qk_rope_head_dim for MLA
+  in its absorbed form (the latent and the shared rope key)."""
+  if mla.is_mla(cfg_model):
+    return cfg_model.mla_kv_lora_rank + cfg_model.mla_qk_rope_head_dim
+  return 2 * cfg_model.num_kv_heads * _head_dim(cfg_model)

@@ -443,6 +443,8 @@ def model_config_to_hf(m, decoder=None):
     refuse(f'attention_gate={m.attention_gate!r} (no exported HF family has an output gate)')
   if m.get('attention_sinks', False):
     refuse('attention_sinks=True (no exported HF family has sink logits)')
+  if m.get('attention_type', 'standard') != 'standard':
+    refuse(f'attention_type={m.attention_type!r} (no exported HF family has it yet)')
   if m.num_shared_experts:
     refuse(f'num_shared_experts={m.num_shared_experts}')
   if m.moe_capacity_factor is not None:

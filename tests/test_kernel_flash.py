@@ -104,13 +104,14 @@ def _segments(rng, batch, length):
   return jnp.asarray(seg)
 
 
-def _inputs(case, seed, dtype=jnp.float32):
+def _inputs(case, seed, dtype=jnp.float32, v_head_dim=None):
   n, kvh = HEADS[case['heads']]
   t, h = case['length'], case['head_dim']
+  hv = v_head_dim or h
   b = 2 if case['segments'] else 1
   rng = np.random.default_rng(seed)
   q, k, v, do = (jnp.asarray(rng.standard_normal(shape), dtype) for shape in
-                 ((b, t, n, h), (b, t, kvh, h), (b, t, kvh, h), (b, t, n, h)))
+                 ((b, t, n, h), (b, t, kvh, h), (b, t, kvh, hv), (b, t, n, hv)))
   kwargs = dict(
       segment_ids=_segments(rng, b, t) if case['segments'] else None,
       causal=case['causal'], sliding_window=case['window'],
@@ -137,8 +138,8 @@ def assert_close(actual, expected, tol, name=''):
 
 
 def check_against_reference(attn, case, seed, out_tol=OUT_TOL, grad_tol=GRAD_TOL,
-                            dtype=jnp.float32):
-  (q, k, v, do), kwargs = _inputs(case, seed, dtype)
+                            dtype=jnp.float32, v_head_dim=None):
+  (q, k, v, do), kwargs = _inputs(case, seed, dtype, v_head_dim)
   got = _out_and_grads(lambda q, k, v: attn(q, k, v, **kwargs), q, k, v, do)
   want = _out_and_grads(
       lambda q, k, v: attention_core.reference_attention(q, k, v, **kwargs), q, k, v, do)
@@ -190,6 +191,44 @@ def test_gpu_kernel_bfloat16():
   case = _case(True, 24, 'gqa', True, True, 20.0, 4, 200, 64)
   check_against_reference(gpu_kernel((64, 32, 32, 64)), case, seed=102,
                           out_tol=2e-2, grad_tol=2e-2, dtype=jnp.bfloat16)
+
+
+def _numpy_attention(q, k, v, scale):
+  """Causal softmax(q k^T scale) v in float64, any v head dim; [b, t, n, h]."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  t = q.shape[1]
+  g = q.shape[2] // k.shape[2]
+  k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+  s = np.einsum('btnh,bsnh->bnts', q, k) * scale
+  s = np.where(np.tril(np.ones((t, t), bool)), s, -np.inf)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  return np.einsum('bnts,bsnh->btnh', p, v)
+
+
+@pytest.mark.parametrize('backend', ['xla', 'gpu_triton', 'tpu_mosaic'])
+def test_value_head_dim_differs_from_query_key_head_dim(backend):
+  """q/k head dim 48, v head dim 32 (MLA's split; 192 vs 128 in DeepSeek-V3).
+
+  The XLA reference first against a float64 NumPy softmax (plain causal
+  case), then each kernel against the reference, forward and gradients, with
+  GQA, segments, ALiBi, soft-cap and memory tokens. The GPU kernel pads the
+  two head dims to different powers of two (64 and 32).
+  """
+  case = _case(True, None, 'gqa', True, True, 20.0, 4, 72, 48)
+  if backend == 'xla':
+    (q, k, v, _), _ = _inputs(case, seed=400, v_head_dim=32)
+    out = attention_core.reference_attention(q, k, v, causal=True)
+    assert out.shape == (*q.shape[:3], 32)
+    assert_close(out, _numpy_attention(q, k, v, 48 ** -0.5), OUT_TOL, 'reference')
+    return
+  if backend == 'gpu_triton':
+    attn = lambda q, k, v, **kw: flash.attention(
+        q, k, v, block_q=32, block_kv=16, bwd_block_q=16, bwd_block_kv=32,
+        backend='gpu_triton', interpret=True, head_dim_multiple=0, **kw)
+  else:
+    attn = tpu_kernel()
+  check_against_reference(attn, case, seed=401, v_head_dim=32)
 
 
 # ------------------------------------------------------------------ TPU kernel

@@ -19,7 +19,7 @@ from model import masking
 from model.kernels import flash
 
 
-def _export(backend, b, t, n, kvh, h, dtype, features):
+def _export(backend, b, t, n, kvh, h, dtype, features, v_head_dim=None):
   if backend == 'gpu_triton':
     device = jax.sharding.AbstractDevice(device_kind='NVIDIA H100 80GB HBM3',
                                          num_cores=132, platform='cuda')
@@ -32,7 +32,7 @@ def _export(backend, b, t, n, kvh, h, dtype, features):
     device = jax.sharding.AbstractDevice(device_kind='TPU v5 lite', num_cores=1,
                                          platform='tpu')
     platform, target, checks, extra = 'tpu', 'tpu_custom_call', [], {}
-  fwd, bwd = kernels.block_sizes(backend, h, t, t)
+  fwd, bwd = kernels.block_sizes(backend, max(h, v_head_dim or h), t, t)
   seg = jax.ShapeDtypeStruct((b, t), jnp.int32) if features.get('segments') else None
   kwargs = {key: val for key, val in features.items() if key != 'segments'}
 
@@ -44,10 +44,11 @@ def _export(backend, b, t, n, kvh, h, dtype, features):
 
   q = jax.ShapeDtypeStruct((b, t, n, h), dtype)
   k = jax.ShapeDtypeStruct((b, t, kvh, h), dtype)
+  v = jax.ShapeDtypeStruct((b, t, kvh, v_head_dim or h), dtype)
   mesh = jax.sharding.AbstractMesh((1,), ('x',), abstract_device=device)
   with jax.sharding.use_abstract_mesh(mesh):
     exported = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))),
-                                 platforms=[platform], disabled_checks=checks)(q, k, k, seg)
+                                 platforms=[platform], disabled_checks=checks)(q, k, v, seg)
   return exported.mlir_module().count(f'@{target}(')
 
 
@@ -72,3 +73,12 @@ def test_kernels_lower_for_the_hardware(backend, h, dtype, features):
 def test_gpu_lowering_pads_odd_head_dims():
   # 80 is no power of two; the wrapper pads it to 128 for the Triton tiles.
   assert _export('gpu_triton', 1, 300, 4, 4, 80, jnp.bfloat16, dict(causal=True)) == 3
+
+
+@pytest.mark.parametrize('backend', ['gpu_triton', 'tpu_mosaic'])
+def test_kernels_lower_with_mla_head_dims(backend):
+  # DeepSeek-V3's MLA: q/k head dim 192 (128 + 64 rope), v head dim 128, MHA;
+  # Triton pads 192 to 256 and keeps 128.
+  calls = _export(backend, b=1, t=600, n=4, kvh=4, h=192, dtype=jnp.bfloat16,
+                  features=dict(causal=True, segments=True), v_head_dim=128)
+  assert calls == 3

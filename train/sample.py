@@ -136,6 +136,10 @@ def generate(decoder, cfg_model, prompts, *, max_new_tokens=32, temperature=0.0,
   """
   check_sampling(max_new_tokens=max_new_tokens, temperature=temperature,
                  top_k=top_k, top_p=top_p)
+  if cfg_model.get('attention_type', 'standard') == 'mla':
+    raise UserError("model.attention_type='mla': train.sample has no latent KV cache "
+                    'yet (model/mla.py has its pieces: `latent`, `absorbed_attend`); '
+                    'evaluate the model with train.evaluate')
   streaming = streaming_config(cfg_model, streaming_sinks, streaming_window)
   b = len(prompts)
   t = max(len(p) for p in prompts)

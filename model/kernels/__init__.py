@@ -92,13 +92,16 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, sliding_window=No
                     alibi_slopes=None, logit_softcap=None, scale=None,
                     num_memory_tokens=0, block_q=None, block_kv=None, sink_logits=None):
   """Flash attention on this backend; arguments and result as
-  `model.attention_core.reference_attention` (q [b, t, n, h], k/v [b, s, kv, h]).
+  `model.attention_core.reference_attention` (q [b, t, n, h], k [b, s, kv, h],
+  v [b, s, kv, hv], hv may differ from h).
 
   block_q, block_kv: tile sizes (None: per backend and head dim); powers of two
   >= 16 on GPU/CPU, multiples of 128 on TPU.
   """
   backend, interpret, head_dim_multiple = _backend()
-  fwd, bwd = block_sizes(backend, q.shape[-1], q.shape[1], k.shape[1], block_q, block_kv)
+  # Tiles sized for the wider of the q/k and v head dims (they differ in MLA).
+  head_dim = max(q.shape[-1], v.shape[-1])
+  fwd, bwd = block_sizes(backend, head_dim, q.shape[1], k.shape[1], block_q, block_kv)
   return flash.attention(
       q, k, v, segment_ids=segment_ids, causal=causal, sliding_window=sliding_window,
       alibi_slopes=alibi_slopes, logit_softcap=logit_softcap, scale=scale,

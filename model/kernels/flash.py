@@ -17,9 +17,11 @@ This module holds what does not depend on the accelerator:
   `jax.custom_vjp` that joins a backend's forward and backward kernels.
 
 A backend is a module with two functions over padded arrays in the layout
-q [b, t, n, h], k/v [b, s, kv, h], segment ids [b, t] / [b, s], slopes [n]:
+q [b, t, n, h], k [b, s, kv, h], v [b, s, kv, hv], segment ids [b, t] / [b, s],
+slopes [n]; the value head dim hv may differ from the query/key head dim h
+(MLA: 192 vs 128 in DeepSeek-V3), so out and dout are [b, t, n, hv]:
 
-  forward(spec, q, k, v, q_seg, kv_seg, slopes) -> (out [b,t,n,h], lse [b,n,t] f32)
+  forward(spec, q, k, v, q_seg, kv_seg, slopes) -> (out [b,t,n,hv], lse [b,n,t] f32)
   backward(spec, q, k, v, q_seg, kv_seg, slopes, out, lse, dout)
       -> (dq, dk, dv)
 
@@ -245,9 +247,12 @@ def attention(q, k, v, *, segment_ids=None, causal=True, sliding_window=None,
 
   block_q, block_kv: the forward tile sizes (chosen and checked by the caller);
   bwd_block_q, bwd_block_kv: the backward ones (default: the forward ones).
-  head_dim_multiple: pad the head dim with zeros up to a multiple of this (or the
-    next power of two when it is 0) for backends with layout limits; zeros in q
-    and k do not change q.k, zero columns of v give zero columns of the output.
+  head_dim_multiple: pad the head dims (q/k's and v's, each on its own) with
+    zeros up to a multiple of this (or the next power of two when it is 0) for
+    backends with layout limits; zeros in q and k do not change q.k, zero
+    columns of v give zero columns of the output.
+  v may have its own head dim (out is [b, t, n, v's head dim]); `scale`
+  defaults to 1/sqrt(q's head dim).
   sink_logits: None or float [num_heads], learned attention sinks (differentiable).
   """
   backend_module(backend)
@@ -255,10 +260,11 @@ def attention(q, k, v, *, segment_ids=None, causal=True, sliding_window=None,
     raise ValueError(f'q, k, v must be [batch, seq, heads, head_dim]; got {q.shape}, '
                      f'{k.shape}, {v.shape}')
   b, t, n, h = q.shape
-  s, kvh = k.shape[1], k.shape[2]
-  if k.shape != v.shape or k.shape[0] != b or k.shape[3] != h:
+  s, kvh, hv = k.shape[1], k.shape[2], v.shape[3]
+  if k.shape[:3] != v.shape[:3] or k.shape[0] != b or k.shape[3] != h:
     raise ValueError(f'k {k.shape} and v {v.shape} must be [batch={b}, kv_len, '
-                     f'kv_heads, head_dim={h}]')
+                     f'kv_heads, head_dim] with k\'s head_dim={h} (q\'s); v\'s '
+                     'head dim may differ')
   if n % kvh:
     raise ValueError(f'num_heads={n} must be a multiple of num_kv_heads={kvh}')
   if not q.dtype == k.dtype == v.dtype:
@@ -281,13 +287,14 @@ def attention(q, k, v, *, segment_ids=None, causal=True, sliding_window=None,
       backend=backend, interpret=interpret)
 
   with jax.named_scope('flash_attention_pad'):
-    hp = (max(16, 1 << (h - 1).bit_length()) if head_dim_multiple == 0
-          else _round_up(h, head_dim_multiple))
+    pad_dim = lambda d: (max(16, 1 << (d - 1).bit_length()) if head_dim_multiple == 0
+                         else _round_up(d, head_dim_multiple))
+    hp, hvp = pad_dim(h), pad_dim(hv)
     tp = _round_up(t, math.lcm(spec.block_q, spec.bwd_block_q))
     sp = _round_up(s, math.lcm(spec.block_kv, spec.bwd_block_kv))
     q_p = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, hp - h)))
     k_p = jnp.pad(k, ((0, 0), (0, sp - s), (0, 0), (0, hp - h)))
-    v_p = jnp.pad(v, ((0, 0), (0, sp - s), (0, 0), (0, hp - h)))
+    v_p = jnp.pad(v, ((0, 0), (0, sp - s), (0, 0), (0, hvp - hv)))
     q_seg = kv_seg = None
     if segment_ids is not None:
       seg = segment_ids.astype(jnp.int32)
@@ -300,4 +307,4 @@ def attention(q, k, v, *, segment_ids=None, causal=True, sliding_window=None,
     sinks = None if sink_logits is None else jnp.asarray(sink_logits, jnp.float32).reshape(n)
 
   out = _flash(spec, q_p, k_p, v_p, q_seg, kv_seg, slopes, sinks)
-  return out[:, :t, :, :h]
+  return out[:, :t, :, :hv]

@@ -20,8 +20,9 @@ Three kernels, one program per (block, batch, head):
 - dQ, grid (q blocks, batch, heads): the forward loop again, accumulating dQ.
 
 Triton needs power-of-two tile shapes: block sizes are powers of two >= 16 and
-the wrapper pads the head dim to one. The Triton lowering is deprecated in
-favour of Mosaic GPU from jax 0.11; `model.kernels` silences that warning once
+the wrapper pads each head dim to one (q/k's and v's may differ, as in MLA).
+The Triton lowering is deprecated in favour of Mosaic GPU from jax 0.11;
+`model.kernels` silences that warning once
 and this module keeps to the backend interface of `flash.py`, so a Mosaic GPU
 module can replace it behind `flash_attention`.
 """
@@ -129,7 +130,7 @@ def _run_loops(loops, body, carry):
 
 def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, slope_ref, o_ref, lse_ref,
                     *, spec, block_kv):
-  bq, h = q_ref.shape
+  bq = q_ref.shape[0]
   bk = block_kv
   q_start = pl.program_id(0) * bq
   q = q_ref[...]
@@ -150,7 +151,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, slope_ref, o_ref, 
     return flash.softmax_step(m, l, acc, logits, mask, v)
 
   carry = (jnp.full((bq, 1), -jnp.inf, jnp.float32), jnp.zeros((bq, 1), jnp.float32),
-           jnp.zeros((bq, h), jnp.float32))
+           jnp.zeros((bq, v_ref.shape[-1]), jnp.float32))
   loops = _kv_loops(spec, q_start, bq, bk, k_ref.shape[0] // bk, qseg_ref is not None)
   out, lse = flash.finish(*_run_loops(loops, body, carry))
   o_ref[...] = out.astype(o_ref.dtype)
@@ -159,29 +160,29 @@ def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, slope_ref, o_ref, 
 
 def forward(spec, q, k, v, q_seg, kv_seg, slopes):
   b, tp, n, h = q.shape
-  sp, kvh = k.shape[1], k.shape[2]
+  sp, kvh, hv = k.shape[1], k.shape[2], v.shape[3]
   g = n // kvh
   bq, bk = spec.block_q, spec.block_kv
   kernel = functools.partial(_forward_kernel, spec=spec, block_kv=bk)
   in_specs = [
       pl.BlockSpec((None, bq, None, h), lambda i, bi, hi: (bi, i, hi, 0)),
       pl.BlockSpec((None, sp, None, h), lambda i, bi, hi: (bi, 0, hi // g, 0)),
-      pl.BlockSpec((None, sp, None, h), lambda i, bi, hi: (bi, 0, hi // g, 0)),
+      pl.BlockSpec((None, sp, None, hv), lambda i, bi, hi: (bi, 0, hi // g, 0)),
       None if q_seg is None else pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i)),
       None if kv_seg is None else pl.BlockSpec((None, sp), lambda i, bi, hi: (bi, 0)),
       None if slopes is None else pl.BlockSpec((None, _SLOPE_LANES),
                                                lambda i, bi, hi: (hi, 0)),
   ]
   out_specs = [
-      pl.BlockSpec((None, bq, None, h), lambda i, bi, hi: (bi, i, hi, 0)),
+      pl.BlockSpec((None, bq, None, hv), lambda i, bi, hi: (bi, i, hi, 0)),
       pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i)),
   ]
-  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
+  out_shape = [jax.ShapeDtypeStruct((b, tp, n, hv), q.dtype),
                jax.ShapeDtypeStruct((b, n, tp), jnp.float32)]
   with jax.named_scope('flash_forward'):
     out, lse = pl.pallas_call(
         kernel, grid=(tp // bq, b, n), in_specs=in_specs, out_specs=out_specs,
-        out_shape=out_shape, compiler_params=_compiler_params(h),
+        out_shape=out_shape, compiler_params=_compiler_params(max(h, hv)),
         interpret=spec.interpret, name='ablax_flash_forward',
     )(q, k, v, q_seg, kv_seg, _slopes_arg(slopes))
   return out, lse
@@ -192,7 +193,7 @@ def forward(spec, q, k, v, q_seg, kv_seg, slopes):
 
 def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, slope_ref, do_ref, lse_ref,
                delta_ref, dq_ref, *, spec, block_kv):
-  bq, h = q_ref.shape
+  bq, h = q_ref.shape      # q/k head dim; do and v have their own
   bk = block_kv
   q_start = pl.program_id(0) * bq
   q = q_ref[...]
@@ -225,6 +226,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, slope_ref, do_ref, lse_
 def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, slope_ref, do_ref, lse_ref,
                 delta_ref, dk_ref, dv_ref, *, spec, block_q, group):
   bk, h = k_ref.shape
+  hv = v_ref.shape[-1]
   bq = block_q
   kv_start = pl.program_id(0) * bk
   k = k_ref[...]
@@ -259,15 +261,15 @@ def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, slope_ref, do_ref, lse
 
     return _run_loops(loops, q_body, carry)
 
-  zeros = jnp.zeros((bk, h), jnp.float32)
-  dk, dv = lax.fori_loop(0, group, head_body, (zeros, zeros))
+  zeros = (jnp.zeros((bk, h), jnp.float32), jnp.zeros((bk, hv), jnp.float32))
+  dk, dv = lax.fori_loop(0, group, head_body, zeros)
   dk_ref[...] = (dk * spec.scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def backward(spec, q, k, v, q_seg, kv_seg, slopes, out, lse, dout):
   b, tp, n, h = q.shape
-  sp, kvh = k.shape[1], k.shape[2]
+  sp, kvh, hv = k.shape[1], k.shape[2], v.shape[3]
   g = n // kvh
   bq, bk = spec.bwd_block_q, spec.bwd_block_kv
   with jax.named_scope('flash_backward_delta'):
@@ -275,44 +277,48 @@ def backward(spec, q, k, v, q_seg, kv_seg, slopes, out, lse, dout):
     delta = jnp.einsum('btnh,btnh->bnt', out.astype(jnp.float32),
                        dout.astype(jnp.float32))
   slopes_arg = _slopes_arg(slopes)
-  params = _compiler_params(h, backward=True)
+  params = _compiler_params(max(h, hv), backward=True)
 
   q_spec = pl.BlockSpec((None, bq, None, h), lambda i, bi, hi: (bi, i, hi, 0))
-  kv_full = pl.BlockSpec((None, sp, None, h), lambda i, bi, hi: (bi, 0, hi // g, 0))
+  do_spec = pl.BlockSpec((None, bq, None, hv), lambda i, bi, hi: (bi, i, hi, 0))
+  k_full = pl.BlockSpec((None, sp, None, h), lambda i, bi, hi: (bi, 0, hi // g, 0))
+  v_full = pl.BlockSpec((None, sp, None, hv), lambda i, bi, hi: (bi, 0, hi // g, 0))
   row_spec = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))
   with jax.named_scope('flash_backward_dq'):
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, spec=spec, block_kv=bk),
         grid=(tp // bq, b, n),
         in_specs=[
-            q_spec, kv_full, kv_full,
+            q_spec, k_full, v_full,
             None if q_seg is None else pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i)),
             None if kv_seg is None else pl.BlockSpec((None, sp), lambda i, bi, hi: (bi, 0)),
             None if slopes is None else pl.BlockSpec((None, _SLOPE_LANES),
                                                      lambda i, bi, hi: (hi, 0)),
-            q_spec, row_spec, row_spec,
+            do_spec, row_spec, row_spec,
         ],
         out_specs=q_spec, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=params, interpret=spec.interpret, name='ablax_flash_dq',
     )(q, k, v, q_seg, kv_seg, slopes_arg, dout, lse, delta)
 
   # dK/dV: one program per (kv block, batch, kv head) sees all q rows of its group.
-  kv_spec = pl.BlockSpec((None, bk, None, h), lambda j, bi, kh: (bi, j, kh, 0))
+  k_spec = pl.BlockSpec((None, bk, None, h), lambda j, bi, kh: (bi, j, kh, 0))
+  v_spec = pl.BlockSpec((None, bk, None, hv), lambda j, bi, kh: (bi, j, kh, 0))
   group_q = pl.BlockSpec((None, tp, g, h), lambda j, bi, kh: (bi, 0, kh, 0))
+  group_do = pl.BlockSpec((None, tp, g, hv), lambda j, bi, kh: (bi, 0, kh, 0))
   group_rows = pl.BlockSpec((None, g, tp), lambda j, bi, kh: (bi, kh, 0))
   with jax.named_scope('flash_backward_dkv'):
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, spec=spec, block_q=bq, group=g),
         grid=(sp // bk, b, kvh),
         in_specs=[
-            group_q, kv_spec, kv_spec,
+            group_q, k_spec, v_spec,
             None if q_seg is None else pl.BlockSpec((None, tp), lambda j, bi, kh: (bi, 0)),
             None if kv_seg is None else pl.BlockSpec((None, bk), lambda j, bi, kh: (bi, j)),
             None if slopes is None else pl.BlockSpec((g, _SLOPE_LANES),
                                                      lambda j, bi, kh: (kh, 0)),
-            group_q, group_rows, group_rows,
+            group_do, group_rows, group_rows,
         ],
-        out_specs=[kv_spec, kv_spec],
+        out_specs=[k_spec, v_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
                    jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=params, interpret=spec.interpret, name='ablax_flash_dkv',

@@ -12,7 +12,8 @@ holds or fetches next (clamped with `masking.kv_span` / `masking.q_span`), so
 the skipped step moves no data either. Memory-token blocks are always visited.
 
 Layout: heads-major inside the kernels (q [b, n, t, h], k/v [b, kv, s, h]) so
-every block is a dense [rows, head_dim] tile; segment ids are broadcast to
+every block is a dense [rows, head_dim] tile (v, out and dout with their own
+head dim, which may differ from q/k's as in MLA); segment ids are broadcast to
 lane/sublane tiles ([t, 128] for queries, [8, s] for keys), per-row
 statistics are kept 128 lanes wide, the ALiBi slopes are read from SMEM. Block
 sizes are multiples of 128.
@@ -147,7 +148,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, slopes_ref, o_ref,
 
 def forward(spec, q, k, v, q_seg, kv_seg, slopes):
   b, tp, n, h = q.shape
-  sp, kvh = k.shape[1], k.shape[2]
+  sp, kvh, hv = k.shape[1], k.shape[2], v.shape[3]
   g = n // kvh
   bq, bk = spec.block_q, spec.block_kv
   nq, nk = tp // bq, sp // bk
@@ -162,7 +163,7 @@ def forward(spec, q, k, v, q_seg, kv_seg, slopes):
   in_specs = [
       pl.BlockSpec((None, None, bq, h), lambda bi, hi, i, j: (bi, hi, i, 0)),
       pl.BlockSpec((None, None, bk, h), kv_map),
-      pl.BlockSpec((None, None, bk, h), kv_map),
+      pl.BlockSpec((None, None, bk, hv), kv_map),
       None if q_seg is None else pl.BlockSpec((None, bq, LANES),
                                               lambda bi, hi, i, j: (bi, i, 0)),
       None if kv_seg is None else pl.BlockSpec(
@@ -170,10 +171,10 @@ def forward(spec, q, k, v, q_seg, kv_seg, slopes):
       None if slopes is None else pl.BlockSpec(memory_space=pltpu.SMEM),
   ]
   out_specs = [
-      pl.BlockSpec((None, None, bq, h), lambda bi, hi, i, j: (bi, hi, i, 0)),
+      pl.BlockSpec((None, None, bq, hv), lambda bi, hi, i, j: (bi, hi, i, 0)),
       pl.BlockSpec((None, None, bq, LANES), lambda bi, hi, i, j: (bi, hi, i, 0)),
   ]
-  out_shape = [jax.ShapeDtypeStruct(qt.shape, q.dtype),
+  out_shape = [jax.ShapeDtypeStruct((b, n, tp, hv), q.dtype),
                jax.ShapeDtypeStruct((b, n, tp, LANES), jnp.float32)]
   with jax.named_scope('flash_forward'):
     out, lse = pl.pallas_call(
@@ -181,7 +182,7 @@ def forward(spec, q, k, v, q_seg, kv_seg, slopes):
         grid=(b, n, nq, nk), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32),
                         pltpu.VMEM((bq, LANES), jnp.float32),
-                        pltpu.VMEM((bq, h), jnp.float32)],
+                        pltpu.VMEM((bq, hv), jnp.float32)],
         compiler_params=_params(pltpu.PARALLEL, pltpu.PARALLEL, pltpu.PARALLEL,
                                 pltpu.ARBITRARY),
         interpret=spec.interpret, name='ablax_flash_forward_tpu',
@@ -265,7 +266,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, slopes_ref, do_ref, ls
 
 def backward(spec, q, k, v, q_seg, kv_seg, slopes, out, lse, dout):
   b, tp, n, h = q.shape
-  sp, kvh = k.shape[1], k.shape[2]
+  sp, kvh, hv = k.shape[1], k.shape[2], v.shape[3]
   g = n // kvh
   bq, bk = spec.bwd_block_q, spec.bwd_block_kv
   nq, nk = tp // bq, sp // bk
@@ -284,6 +285,7 @@ def backward(spec, q, k, v, q_seg, kv_seg, slopes, out, lse, dout):
     return bi, hi // g, _kv_block(spec, bq, bk, i, j, nk)[0], 0
 
   q_spec = pl.BlockSpec((None, None, bq, h), lambda bi, hi, i, j: (bi, hi, i, 0))
+  do_spec = pl.BlockSpec((None, None, bq, hv), lambda bi, hi, i, j: (bi, hi, i, 0))
   row_spec = pl.BlockSpec((None, None, 1, bq), lambda bi, hi, i, j: (bi, hi, 0, i))
   with jax.named_scope('flash_backward_dq'):
     dq = pl.pallas_call(
@@ -291,13 +293,13 @@ def backward(spec, q, k, v, q_seg, kv_seg, slopes, out, lse, dout):
         grid=(b, n, nq, nk),
         in_specs=[
             q_spec, pl.BlockSpec((None, None, bk, h), kv_map),
-            pl.BlockSpec((None, None, bk, h), kv_map),
+            pl.BlockSpec((None, None, bk, hv), kv_map),
             None if q_seg is None else pl.BlockSpec((None, bq, LANES),
                                                     lambda bi, hi, i, j: (bi, i, 0)),
             None if kv_seg is None else pl.BlockSpec(
                 (None, SUBLANES, bk),
                 lambda bi, hi, i, j: (bi, 0, _kv_block(spec, bq, bk, i, j, nk)[0])),
-            slope_spec, q_spec, row_spec, row_spec,
+            slope_spec, do_spec, row_spec, row_spec,
         ],
         out_specs=q_spec, out_shape=jax.ShapeDtypeStruct(qt.shape, q.dtype),
         scratch_shapes=[pltpu.VMEM((bq, h), jnp.float32)],
@@ -313,26 +315,27 @@ def backward(spec, q, k, v, q_seg, kv_seg, slopes, out, lse, dout):
   def row_map(bi, kh, j, r):
     return bi, kh * g + r // nq, 0, _q_block(spec, bq, bk, j, r % nq, nq)[0]
 
-  kv_spec = pl.BlockSpec((None, None, bk, h), lambda bi, kh, j, r: (bi, kh, j, 0))
+  k_spec = pl.BlockSpec((None, None, bk, h), lambda bi, kh, j, r: (bi, kh, j, 0))
+  v_spec = pl.BlockSpec((None, None, bk, hv), lambda bi, kh, j, r: (bi, kh, j, 0))
   with jax.named_scope('flash_backward_dkv'):
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, spec=spec, num_q_blocks=nq, group=g),
         grid=(b, kvh, nk, g * nq),
         in_specs=[
-            pl.BlockSpec((None, None, bq, h), q_map), kv_spec, kv_spec,
+            pl.BlockSpec((None, None, bq, h), q_map), k_spec, v_spec,
             None if q_seg is None else pl.BlockSpec(
                 (None, bq, LANES),
                 lambda bi, kh, j, r: (bi, _q_block(spec, bq, bk, j, r % nq, nq)[0], 0)),
             None if kv_seg is None else pl.BlockSpec((None, SUBLANES, bk),
                                                      lambda bi, kh, j, r: (bi, 0, j)),
-            slope_spec, pl.BlockSpec((None, None, bq, h), q_map),
+            slope_spec, pl.BlockSpec((None, None, bq, hv), q_map),
             pl.BlockSpec((None, None, 1, bq), row_map),
             pl.BlockSpec((None, None, 1, bq), row_map),
         ],
-        out_specs=[kv_spec, kv_spec],
+        out_specs=[k_spec, v_spec],
         out_shape=[jax.ShapeDtypeStruct(kt.shape, k.dtype),
                    jax.ShapeDtypeStruct(vt.shape, v.dtype)],
-        scratch_shapes=[pltpu.VMEM((bk, h), jnp.float32), pltpu.VMEM((bk, h), jnp.float32)],
+        scratch_shapes=[pltpu.VMEM((bk, h), jnp.float32), pltpu.VMEM((bk, hv), jnp.float32)],
         compiler_params=_params(pltpu.PARALLEL, pltpu.PARALLEL, pltpu.PARALLEL,
                                 pltpu.ARBITRARY),
         interpret=spec.interpret, name='ablax_flash_dkv_tpu',
