@@ -92,22 +92,74 @@ def _diagnose_flags(argv, error: Exception) -> str:
   return one_line(error)
 
 
-def _parse_absl_flags(argv):
+def _main_prog(argv) -> str:
+  spec = getattr(sys.modules.get('__main__'), '__spec__', None)
+  if spec is not None and spec.name:
+    return 'python -m ' + spec.name.removesuffix('.__main__')
+  return os.path.basename(argv[0]) if argv else 'ablax'
+
+
+def _print_absl_help(argv) -> None:
+  """`--help` of an entry whose flags are absl's global FLAGS: its docstring
+  and the flags its own module defines (not absl's or a library's)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from configs import cli  # pylint: disable=g-import-not-at-top
+  own = flags.FLAGS.flags_by_module_dict().get(argv[0], [])
+  doc = getattr(sys.modules.get('__main__'), '__doc__', '') or ''
+  required = [f.name for f in own
+              if any('must have a value other than None' in str(v.message)
+                     for v in f.validators)]
+  overrides = 'config' in flags.FLAGS
+  usage = _main_prog(argv) + ' [flags]' + (' [--config.PATH=VALUE ...]' if overrides else '')
+  sys.stdout.write(cli.help_text(own, doc, usage, required=required, overrides=overrides))
+  sys.stdout.flush()
+
+
+def _parse_absl_flags(argv):
+  """absl's global FLAGS parse `argv`; `--config.PATH=VALUE` overrides are
+  applied by `configs.apply_override` (see configs/cli.py), not by
+  config_flags, whose typed parsers refuse `None` for a field whose default is
+  a typed None and cannot set a dict field."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from configs import cli  # pylint: disable=g-import-not-at-top
+  if cli.wants_help(argv[1:]):
+    _print_absl_help(argv)
+    _exit_quietly(EXIT_OK)
+  rest_argv, overrides = (cli.split_overrides(argv) if 'config' in flags.FLAGS
+                          else (argv, []))
+  saved = sys.argv
   try:
-    rest = flags.FLAGS(argv)
+    # config_flags reads its overrides from sys.argv: give it none.
+    sys.argv = rest_argv
+    rest = flags.FLAGS(rest_argv)
     if 'config' in flags.FLAGS:
       # A config file that failed to load is a placeholder that raises on
       # first use: use it here, where the error can be explained.
       config = flags.FLAGS['config'].value
       if config is not None:
         getattr(config, 'keys')
+        import configs  # pylint: disable=g-import-not-at-top
+        for override in overrides:
+          configs.apply_override(config, override)
+      elif overrides:
+        raise UserError('--config.PATH=VALUE overrides need --config FILE.py')
     return rest
+  except UserError as e:
+    if debug_enabled():
+      raise
+    _exit(one_line(e), EXIT_USER_ERROR)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError,
           SyntaxError) as e:
     if debug_enabled():
       raise
     _exit(_diagnose_flags(argv, e), EXIT_USER_ERROR)
+  finally:
+    sys.argv = saved
+
+
+def _exit_quietly(status: int):
+  sys.stdout.flush()
+  sys.exit(status)
 
 
 def run(main, *, absl_flags: bool = True, argv=None) -> None:
