@@ -162,12 +162,39 @@ def _exit_quietly(status: int):
   sys.exit(status)
 
 
+_FAILURES = ((UserError, EXIT_USER_ERROR), (FloatingPointError, EXIT_DIVERGED),
+             (KeyboardInterrupt, EXIT_INTERRUPTED))
+
+
+def _failure(error: BaseException) -> tuple[str, int]:
+  """(the `ablax:` message, the exit status) of an error `run` reports."""
+  if isinstance(error, KeyboardInterrupt):
+    return 'interrupted (Ctrl-C)', EXIT_INTERRUPTED
+  status = next(s for kind, s in _FAILURES if isinstance(error, kind))
+  return one_line(error), status
+
+
+def call(main, argv) -> int:
+  """`main(argv)` as its command runs it, returning the exit status instead of
+  exiting: a user error (or divergence, or Ctrl-C) is one `ablax: ...` line
+  on stderr and its status. For tests and scripts calling an entry in-process."""
+  try:
+    return main(list(argv)) or EXIT_OK
+  except tuple(kind for kind, _ in _FAILURES) as e:
+    if debug_enabled():
+      traceback.print_exc()
+    message, status = _failure(e)
+    sys.stderr.write(f'ablax: {message}\n')
+    return status
+
+
 def run(main, *, absl_flags: bool = True, argv=None) -> None:
   """Runs an entry point's `main` with ablax's error handling (see module doc).
 
-  With `absl_flags`, `main(argv)` is run by `absl.app.run` (flags defined with
-  absl, `--config` with `ml_collections.config_flags`); otherwise `main` gets
-  the argument list without the program name (argparse entry points).
+  With `absl_flags`, `main(argv)` is run by `absl.app.run` (flags defined on
+  absl's global FLAGS, `--config` with `ml_collections.config_flags`);
+  otherwise `main` gets the argument list without the program name and
+  parses it itself (`configs.cli.parse` on its own FlagValues).
   """
   argv = list(sys.argv if argv is None else argv)
   if '--debug' in argv:
@@ -180,16 +207,7 @@ def run(main, *, absl_flags: bool = True, argv=None) -> None:
     else:
       status = main(argv[1:])
       sys.exit(status or 0)
-  except UserError as e:
+  except tuple(kind for kind, _ in _FAILURES) as e:
     if debug_enabled():
       traceback.print_exc()
-    _exit(one_line(e), EXIT_USER_ERROR)
-  except FloatingPointError as e:
-    if debug_enabled():
-      traceback.print_exc()
-    _exit(one_line(e), EXIT_DIVERGED)
-  except KeyboardInterrupt:
-    if debug_enabled():
-      traceback.print_exc()
-    _exit('interrupted (Ctrl-C)',
-          EXIT_INTERRUPTED)
+    _exit(*_failure(e))
