@@ -82,8 +82,8 @@ def split_overrides(argv, name: str = 'config') -> tuple[list[str], list[str]]:
 
 
 def _flag_line(flag, required: bool) -> str:
-  name = f'--[no]{flag.name}' if flag.boolean else f'--{flag.name}'
-  notes = []
+  name = f'--{flag.name}'
+  notes = [f'a switch: --no{flag.name} turns it off'] if flag.boolean else []
   if required:
     notes.append('required')
   elif flag.default not in (None, [], '') and not flag.boolean:
