@@ -73,7 +73,14 @@ def _diagnose_flags(argv, error: Exception) -> str:
   text and unknown override fields as a bare AttributeError; loading the
   config with `configs.load` names the file, line or field instead.
   """
+  import difflib  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
   import configs  # pylint: disable=g-import-not-at-top
+  if isinstance(error, flags.UnrecognizedFlagError):
+    own = [f.name for f in flags.FLAGS.flags_by_module_dict().get(argv[0], [])]
+    close = difflib.get_close_matches(error.flagname, own, n=2, cutoff=0.7)
+    hint = f'; did you mean {" or ".join("--" + c for c in close)}?' if close else ''
+    return f'unknown flag --{error.flagname}{hint} (see {_main_prog(argv)} --help)'
   spec, paths = None, []
   for i, arg in enumerate(argv[1:], 1):
     if arg.startswith('--config='):
