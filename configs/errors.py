@@ -10,6 +10,8 @@ names what to change. `run(main)` turns one into a single line on stderr,
 
 and an exit status (see `EXIT_*`); `--debug` on the command line (or
 `ABLAX_DEBUG=1` in the environment) shows the full traceback instead.
+`call(main, argv)` does the same in-process and returns the status (tests,
+notebooks). The flags themselves are parsed as `configs/cli.py` describes.
 
 Exit statuses of every ablax command:
 
@@ -69,9 +71,10 @@ def _exit(message: str, status: int):
 def _diagnose_flags(argv, error: Exception) -> str:
   """A one-line message for a command line that absl could not parse.
 
-  `ml_collections.config_flags` reports config-file errors as tracebacks in
-  text and unknown override fields as a bare AttributeError; loading the
-  config with `configs.load` names the file, line or field instead.
+  `ml_collections.config_flags` reports a config file's errors as a
+  traceback in text; loading the file with `configs.load_file` names the
+  file and line instead. An unknown flag is named with the closest of the
+  entry's own flags.
   """
   import difflib  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
@@ -81,19 +84,15 @@ def _diagnose_flags(argv, error: Exception) -> str:
     close = difflib.get_close_matches(error.flagname, own, n=2, cutoff=0.7)
     hint = f'; did you mean {" or ".join("--" + c for c in close)}?' if close else ''
     return f'unknown flag --{error.flagname}{hint} (see {_main_prog(argv)} --help)'
-  spec, paths = None, []
+  spec = None
   for i, arg in enumerate(argv[1:], 1):
     if arg.startswith('--config='):
       spec = arg.split('=', 1)[1]
     elif arg == '--config' and i + 1 < len(argv):
       spec = argv[i + 1]
-    elif arg.startswith(('--config.', '--noconfig.')):
-      paths.append(arg.split('=', 1)[0].split('.', 1)[1])
   if spec:
     try:
-      cfg = configs.load_file(spec)
-      for path in paths:
-        configs.check_field(cfg, path)
+      configs.load_file(spec)
     except UserError as e:
       return one_line(e)
   return one_line(error)
@@ -131,7 +130,7 @@ def _parse_absl_flags(argv):
   from configs import cli  # pylint: disable=g-import-not-at-top
   if cli.wants_help(argv[1:]):
     _print_absl_help(argv)
-    _exit_quietly(EXIT_OK)
+    sys.exit(EXIT_OK)
   rest_argv, overrides = (cli.split_overrides(argv) if 'config' in flags.FLAGS
                           else (argv, []))
   saved = sys.argv
@@ -162,11 +161,6 @@ def _parse_absl_flags(argv):
     _exit(_diagnose_flags(argv, e), EXIT_USER_ERROR)
   finally:
     sys.argv = saved
-
-
-def _exit_quietly(status: int):
-  sys.stdout.flush()
-  sys.exit(status)
 
 
 _FAILURES = ((UserError, EXIT_USER_ERROR), (FloatingPointError, EXIT_DIVERGED),
