@@ -23,6 +23,7 @@ do) without meeting another entry's flags, and parses with `parse`:
   exits 2.
 """
 
+import difflib
 import sys
 import textwrap
 import types
@@ -49,11 +50,22 @@ def wants_help(argv) -> bool:
   return False
 
 
+def _is_flag(arg: str) -> bool:
+  """`--x`, `-x`; not `-1` or `-1e-3` (a negative value, e.g. mesh.fsdp=-1)."""
+  if not arg.startswith('-'):
+    return False
+  try:
+    float(arg)
+    return False
+  except ValueError:
+    return True
+
+
 def split_overrides(argv, name: str = 'config') -> tuple[list[str], list[str]]:
   """`argv` -> (the other arguments, the `--config.PATH=VALUE` overrides as
   `PATH=VALUE`, in order). `--config.PATH VALUE` takes the next argument as
   its value unless that one is a flag (then VALUE is True, as absl reads a
-  bare boolean); `--noconfig.PATH` is `PATH=False`. Nothing after `--`."""
+  bare boolean; `-1` is a value); `--noconfig.PATH` is `PATH=False`. Nothing after `--`."""
   rest, overrides = [], []
   args = list(argv)
   i = 0
@@ -66,7 +78,7 @@ def split_overrides(argv, name: str = 'config') -> tuple[list[str], list[str]]:
       if arg.startswith(f'{dashes}{name}.'):
         path = arg[len(dashes) + len(name) + 1:]
         if '=' not in path:
-          if i + 1 < len(args) and not args[i + 1].startswith('-'):
+          if i + 1 < len(args) and not _is_flag(args[i + 1]):
             path, i = f'{path}={args[i + 1]}', i + 1
           else:
             path = f'{path}=True'
@@ -121,19 +133,19 @@ def help_text(flag_list, doc: str, usage: str, positional=None, required=(),
 
 
 def parse(fv: flags.FlagValues, argv, *, doc: str, prog: str, positional=None,
-          optional=(), required=(), overrides: bool = False, aliases=None):
+          required=(), overrides: bool = False, aliases=None):
   """Parses `argv` (without the program name) with the flags of `fv`.
 
   Returns a namespace of every flag's value, each positional argument under
-  its name (`positional`: name -> help, in order; names in `optional` may be
-  missing, then None) and, with `overrides`, `overrides` (the
+  its name (`positional`: name -> help, in order) and, with `overrides`,
+  `overrides` (the
   `--config.PATH=VALUE` arguments as `PATH=VALUE`). `required` flags must be
   given; `aliases` maps another spelling (`dry-run`) to a flag (`dry_run`).
   `--help` prints `help_text` and exits 0. Raises UsageError.
   """
   argv = list(sys.argv[1:] if argv is None else argv)
   positional = dict(positional or {})
-  usage = prog + ''.join(f' [{p}]' if p in optional else f' {p}' for p in positional)
+  usage = prog + ''.join(f' {p}' for p in positional)
   usage += ' [flags]' + (' [--config.PATH=VALUE ...]' if overrides else '')
   see = f'(see {prog} --help)'
   if wants_help(argv):
@@ -163,20 +175,17 @@ def parse(fv: flags.FlagValues, argv, *, doc: str, prog: str, positional=None,
   for name in required:
     if fv[name].value in (None, []):
       raise UsageError(f'--{name} is required: {fv[name].help} {see}')
-  names = list(positional)
-  needed = [n for n in names if n not in optional]
-  if not len(needed) <= len(rest) <= len(names):
+  if len(rest) != len(positional):
     given = ' '.join(rest) or 'none'
-    raise UsageError(f'expected {" ".join(names) or "no arguments"}, got: {given} '
+    raise UsageError(f'expected {" ".join(positional) or "no arguments"}, got: {given} '
                      f'{see}')
   values = {name: fv[name].value for name in fv if fv[name].name == name}
-  values.update({n: (rest[i] if i < len(rest) else None) for i, n in enumerate(names)})
+  values.update(zip(positional, rest))
   if overrides:
     values['overrides'] = config_overrides
   return types.SimpleNamespace(**values)
 
 
 def _close_flags(fv, name: str) -> list[str]:
-  import difflib  # pylint: disable=g-import-not-at-top
   name = name.split('=', 1)[0]
   return difflib.get_close_matches(name, [n for n in fv], n=2, cutoff=0.7)

@@ -140,10 +140,10 @@ def test_none_and_a_value_for_a_typed_none_field(path, field_type):
 def test_split_overrides():
   rest, overrides = cli.split_overrides(
       ['--config', 'c.py:tiny', '--config.a.b=None', '--seeds', '2', '--config.c', '3',
-       '--config.d', '--dry-run', '--noconfig.e', '--', '--config.z=1'])
+       '--config.d', '--dry-run', '--noconfig.e', '--config.f', '-1', '--', '--config.z=1'])
   assert rest == ['--config', 'c.py:tiny', '--seeds', '2', '--dry-run', '--',
                   '--config.z=1']
-  assert overrides == ['a.b=None', 'c=3', 'd=True', 'e=False']
+  assert overrides == ['a.b=None', 'c=3', 'd=True', 'e=False', 'f=-1']
 
 
 def test_parse_twice_in_one_process_starts_from_the_defaults():
