@@ -41,7 +41,6 @@ from absl import flags
 import configs
 from configs import cli
 from configs import errors
-from launch import sweep as sweep_lib
 
 HUBER_DELTA = 1e-3
 STARTS = 12
