@@ -88,14 +88,19 @@ def apply_override(cfg: ml_collections.ConfigDict, override: str) -> None:
     node = node[part]
   value = _parse_value(text.strip())
   current = node[leaf]
+  if isinstance(current, bool) and text.strip() in ('true', 'false'):
+    value = text.strip() == 'true'      # absl's spelling of a boolean
   if isinstance(current, str) and not isinstance(value, str):
     value = text.strip()        # e.g. tokenizer=123 stays a string
   if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
     value = float(value)
   try:
     node[leaf] = value
-  except TypeError as e:
-    raise ConfigError(f'{path}={text!r}: {e}') from None
+  except TypeError:
+    field = node.get_ref(leaf) if hasattr(node, 'get_ref') else None
+    kind = getattr(field, '_field_type', None) or type(current)
+    raise ConfigError(f'{path.strip()}={text.strip()!r}: expected {kind.__name__}'
+                      f'{" or None" if current is None else ""}') from None
 
 
 def _where(path: str, error: BaseException) -> str:

@@ -47,7 +47,10 @@ import sys
 import time
 
 import numpy as np
+from absl import flags
 
+from configs import cli
+from configs import errors
 from data import corpus
 from data import sources
 from data import tokenizers
@@ -380,41 +383,49 @@ def _finish(out, plan, done, tok, settings, skip_bad_rows, command) -> dict:
   return metadata
 
 
-def main(argv=None):
-  import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(
-      prog='python -m data.prepare',
-      description='Tokenize a corpus once into ArrayRecord token shards (docs/data.md).')
-  parser.add_argument('--input', action='append', required=True,
-                      help='a glob of input files (repeatable; commas also separate globs)')
-  parser.add_argument('--format', choices=corpus.FORMATS, required=True)
-  parser.add_argument('--text_field', default='text',
-                      help='jsonl: the field, parquet: the column holding the text')
-  parser.add_argument('--tokenizer', default='bytes',
-                      help='bytes | sentencepiece:PATH | hf:PATH (as data.tokenizer)')
-  parser.add_argument('--out', required=True, help='the output folder')
-  parser.add_argument('--workers', type=int, default=1, help='tokenizer processes')
-  parser.add_argument('--eval_fraction', type=float, default=0.005)
-  parser.add_argument('--shard_tokens', type=lambda s: int(s.replace('_', '')),
-                      default=100_000_000, help='tokens per shard (at most one document more)')
-  parser.add_argument('--skip_bad_rows', action='store_true',
-                      help='leave bad rows out instead of failing')
-  args = parser.parse_args(argv)
-  command = 'python -m data.prepare ' + ' '.join(
-      shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-  try:
-    meta = prepare(args.input, args.out, format=args.format, text_field=args.text_field,
-                   tokenizer=args.tokenizer, eval_fraction=args.eval_fraction,
-                   shard_tokens=args.shard_tokens, workers=args.workers,
-                   skip_bad_rows=args.skip_bad_rows, command=command)
-  except (sources.DataError, tokenizers.TokenizerError) as e:
-    sys.exit(f'ablax: {e}')
+def define_input_flags(fv: flags.FlagValues, format_help: str) -> None:
+  """The corpus flags `data.prepare` and `data.train_tokenizer` share."""
+  flags.DEFINE_multi_string('input', [], 'a glob of input files (repeatable; commas also '
+                            "separate globs), e.g. --input '/data/web/*.parquet'",
+                            flag_values=fv)
+  flags.DEFINE_enum('format', None, corpus.FORMATS, 'the input files\' format: ' +
+                    format_help, flag_values=fv)
+  flags.DEFINE_string('text_field', 'text', 'jsonl: the field, parquet: the column '
+                      'holding the text', flag_values=fv)
+  flags.DEFINE_string('out', None, 'the output folder', flag_values=fv)
+
+
+FLAGS = flags.FlagValues()
+define_input_flags(FLAGS, 'text (one document per file), jsonl or parquet')
+flags.DEFINE_string('tokenizer', 'bytes', 'bytes | sentencepiece:PATH | hf:PATH, as '
+                    'config.data.tokenizer (train on the shards with the same one)',
+                    flag_values=FLAGS)
+flags.DEFINE_integer('workers', 1, 'tokenizer processes', flag_values=FLAGS)
+flags.DEFINE_float('eval_fraction', 0.005, 'the fraction of documents (by a hash of their '
+                   'text) that goes to the eval split', flag_values=FLAGS)
+flags.DEFINE_integer('shard_tokens', 100_000_000, 'tokens per shard (at most one document '
+                     'more); 100_000_000 is accepted', flag_values=FLAGS)
+flags.DEFINE_bool('skip_bad_rows', False, 'leave bad rows out (counted in metadata.json) '
+                  'instead of failing', flag_values=FLAGS)
+
+
+def main(argv=None) -> int:
+  """`python -m data.prepare ARGS` (argv without the program name)."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = cli.parse(FLAGS, argv, doc=__doc__, prog='python -m data.prepare',
+                   required=('input', 'format', 'out'))
+  command = 'python -m data.prepare ' + ' '.join(shlex.quote(a) for a in argv)
+  meta = prepare(args.input, args.out, format=args.format, text_field=args.text_field,
+                 tokenizer=args.tokenizer, eval_fraction=args.eval_fraction,
+                 shard_tokens=args.shard_tokens, workers=args.workers,
+                 skip_bad_rows=args.skip_bad_rows, command=command)
   s = meta['splits']
   print(f'wrote {args.out}: train {s["train"]["documents"]:,} documents '
         f'{s["train"]["tokens"]:,} tokens, eval {s["eval"]["documents"]:,} '
         f'documents {s["eval"]["tokens"]:,} tokens ({meta["dtype"]}; '
         f'{meta["bad_rows"]} bad rows skipped)')
+  return 0
 
 
 if __name__ == '__main__':
-  main()
+  errors.run(main, absl_flags=False)

@@ -17,9 +17,12 @@ unless `--format` says. Bad rows are skipped and counted.
 
 import json
 import os
-import sys
+from absl import flags
 
+from configs import cli
+from configs import errors
 from data import corpus
+from data import prepare
 from data import sources
 from data import tokenizers
 
@@ -69,30 +72,26 @@ def train_tokenizer(inputs, out: str, vocab_size: int, *, format: str | None = N
   return counts
 
 
-def main(argv=None):
-  import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(
-      prog='python -m data.train_tokenizer',
-      description='Train a byte-level BPE tokenizer on a corpus (docs/data.md).')
-  parser.add_argument('--input', action='append', required=True,
-                      help='a glob of input files (repeatable)')
-  parser.add_argument('--vocab_size', type=int, required=True)
-  parser.add_argument('--out', required=True, help='the tokenizer folder (hf:OUT)')
-  parser.add_argument('--format', choices=corpus.FORMATS, default=None,
-                      help='default: from each file extension')
-  parser.add_argument('--text_field', default='text')
-  parser.add_argument('--min_frequency', type=int, default=2,
-                      help='merges of pairs seen fewer times are not learned')
-  args = parser.parse_args(argv)
-  try:
-    counts = train_tokenizer(args.input, args.out, args.vocab_size, format=args.format,
-                             text_field=args.text_field, min_frequency=args.min_frequency)
-  except (sources.DataError, tokenizers.TokenizerError) as e:
-    sys.exit(f'ablax: {e}')
+FLAGS = flags.FlagValues()
+prepare.define_input_flags(FLAGS, 'text, jsonl or parquet (default: from each file\'s '
+                           'extension)')
+flags.DEFINE_integer('vocab_size', None, 'ids in the vocabulary, the two specials (BOS, '
+                     'EOS) included; at least 258', flag_values=FLAGS)
+flags.DEFINE_integer('min_frequency', 2, 'merges of pairs seen fewer times are not learned',
+                     flag_values=FLAGS)
+
+
+def main(argv=None) -> int:
+  """`python -m data.train_tokenizer ARGS` (argv without the program name)."""
+  args = cli.parse(FLAGS, argv, doc=__doc__, prog='python -m data.train_tokenizer',
+                   required=('input', 'vocab_size', 'out'))
+  counts = train_tokenizer(args.input, args.out, args.vocab_size, format=args.format,
+                           text_field=args.text_field, min_frequency=args.min_frequency)
   print(f'wrote {args.out}: {counts["vocab_size"]:,} ids from {counts["documents"]:,} '
         f'documents ({counts["bad_rows"]} bad rows skipped); use '
         f"--config.data.tokenizer='hf:{args.out}'")
+  return 0
 
 
 if __name__ == '__main__':
-  main()
+  errors.run(main, absl_flags=False)

@@ -25,7 +25,11 @@ import shlex
 import string
 import sys
 
+from absl import flags
+
 import configs
+from configs import cli
+from configs import errors
 
 TEMPLATES = {
     'slurm': 'slurm.sbatch',
@@ -35,9 +39,13 @@ TEMPLATES = {
 _TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'templates')
 
 
+class ClusterError(configs.UserError):
+  """A setting the chosen cluster kind needs is missing or wrong."""
+
+
 def template_text(kind: str) -> str:
   if kind not in TEMPLATES:
-    raise ValueError(f'unknown cluster kind {kind!r}: one of {", ".join(TEMPLATES)}')
+    raise ClusterError(f'unknown cluster kind {kind!r}: one of {", ".join(TEMPLATES)}')
   with open(os.path.join(_TEMPLATE_DIR, TEMPLATES[kind])) as f:
     return f.read()
 
@@ -87,13 +95,13 @@ def render(kind: str, *, config: str, workdir: str, overrides=(), python='python
                   docker_image=_required(settings, 'docker_image'),
                   quoted_command=shlex.quote(command))
   else:
-    raise ValueError(f'unknown cluster kind {kind!r}: one of {", ".join(TEMPLATES)}')
+    raise ClusterError(f'unknown cluster kind {kind!r}: one of {", ".join(TEMPLATES)}')
   return string.Template(template_text(kind)).substitute(values)
 
 
 def _required(settings: dict, key: str):
   if not settings.get(key):
-    raise ValueError(f'--{key} is required for this cluster kind')
+    raise ClusterError(f'--{key} is required for this cluster kind')
   return settings[key]
 
 
@@ -103,54 +111,60 @@ def _workload_name(name: str) -> str:
   return (cleaned or 'ablax')[:40].rstrip('-')
 
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_string('config', None, 'the run\'s config: configs/NAME.py[:ARG]',
+                    flag_values=FLAGS)
+flags.DEFINE_string('workdir', None, 'the run\'s workdir as the hosts see it (a shared '
+                    'file system or gs://)', flag_values=FLAGS)
+flags.DEFINE_string('out', None, 'the script to write (default: print it)',
+                    flag_values=FLAGS)
+flags.DEFINE_string('python', 'python3', 'the interpreter on the hosts', flag_values=FLAGS)
+flags.DEFINE_enum('module', 'train', ['train', 'align'], 'the stage the hosts run',
+                  flag_values=FLAGS)
+flags.DEFINE_string('repo', '$HOME/ablax', 'the ablax checkout on the hosts',
+                    flag_values=FLAGS)
+flags.DEFINE_string('name', None, 'job / workload name (default: the workdir\'s name)',
+                    flag_values=FLAGS)
+# SLURM.
+flags.DEFINE_integer('nodes', 1, 'slurm: nodes', flag_values=FLAGS)
+flags.DEFINE_integer('gpus_per_node', 8, 'slurm: GPUs per node', flag_values=FLAGS)
+flags.DEFINE_integer('tasks_per_node', 1, 'slurm: 1 runs a process per node (it sees all '
+                     'the node\'s GPUs); the GPUs per node run a process per GPU',
+                     flag_values=FLAGS)
+flags.DEFINE_integer('cpus_per_task', 16, 'slurm: CPUs per task', flag_values=FLAGS)
+flags.DEFINE_string('time_limit', '24:00:00', 'slurm: the job\'s time limit',
+                    flag_values=FLAGS)
+flags.DEFINE_string('log_dir', '.', 'slurm: where the job\'s output files go',
+                    flag_values=FLAGS)
+flags.DEFINE_multi_string('sbatch', [], 'slurm: an extra #SBATCH option, e.g. '
+                          '--sbatch=--partition=gpu', flag_values=FLAGS)
+# TPU VM and XPK.
+flags.DEFINE_string('tpu_name', None, 'tpu: the TPU VM', flag_values=FLAGS)
+flags.DEFINE_string('zone', None, 'tpu, xpk: the zone', flag_values=FLAGS)
+flags.DEFINE_string('project', None, 'tpu, xpk: the Google Cloud project', flag_values=FLAGS)
+flags.DEFINE_string('cluster', None, 'xpk: the GKE cluster', flag_values=FLAGS)
+flags.DEFINE_string('tpu_type', None, 'xpk: the slice type, e.g. v5p-64', flag_values=FLAGS)
+flags.DEFINE_integer('num_slices', 1, 'xpk: slices', flag_values=FLAGS)
+flags.DEFINE_string('docker_image', None, 'xpk: the image holding ablax', flag_values=FLAGS)
+flags.DEFINE_string('workload', None, 'xpk: the workload name (default: --name)',
+                    flag_values=FLAGS)
+
+
 def main(argv=None) -> int:
-  import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(prog='python -m launch.cluster',
-                                   description='Render a cluster launch script for one run.',
-                                   epilog='Overrides: --config.PATH=VALUE (any number).')
-  parser.add_argument('kind', choices=sorted(TEMPLATES))
-  parser.add_argument('--config', required=True)
-  parser.add_argument('--workdir', required=True)
-  parser.add_argument('--out', default=None, help='file to write (default: print)')
-  parser.add_argument('--python', default='python3', help='interpreter on the hosts')
-  parser.add_argument('--module', default='train', help='train or align')
-  parser.add_argument('--repo', default='$HOME/ablax', help='the checkout on the hosts')
-  parser.add_argument('--name', default=None, help='job / workload name')
-  # SLURM.
-  parser.add_argument('--nodes', type=int, default=1)
-  parser.add_argument('--gpus_per_node', type=int, default=8)
-  parser.add_argument('--tasks_per_node', type=int, default=1,
-                      help='1: a process per node; GPUs per node: a process per GPU')
-  parser.add_argument('--cpus_per_task', type=int, default=16)
-  parser.add_argument('--time_limit', default='24:00:00')
-  parser.add_argument('--log_dir', default='.')
-  parser.add_argument('--sbatch', action='append', default=[],
-                      help='extra #SBATCH option, e.g. --sbatch=--partition=gpu')
-  # TPU VM and XPK.
-  parser.add_argument('--tpu_name', default=None)
-  parser.add_argument('--zone', default=None)
-  parser.add_argument('--project', default=None)
-  parser.add_argument('--cluster', default=None)
-  parser.add_argument('--tpu_type', default=None)
-  parser.add_argument('--num_slices', type=int, default=1)
-  parser.add_argument('--docker_image', default=None)
-  parser.add_argument('--workload', default=None)
-  args, rest = parser.parse_known_args(argv)
-  overrides = []
-  for arg in rest:
-    if not arg.startswith('--config.') or '=' not in arg:
-      parser.error(f'unrecognised argument {arg!r}')
-    overrides.append(arg[len('--config.'):])
-  settings = {k: v for k, v in vars(args).items()
-              if k not in ('kind', 'config', 'workdir', 'out', 'python', 'module', 'repo')}
-  script_name = os.path.basename(args.out) if args.out else TEMPLATES[args.kind]
-  try:
-    text = render(args.kind, config=args.config, workdir=args.workdir, overrides=overrides,
-                  python=args.python, module=args.module, repo=args.repo,
-                  script_name=script_name, **settings)
-  except (ValueError, configs.ConfigError) as e:
-    print(f'ablax-cluster: {e}', file=sys.stderr)
-    return 2
+  """`python -m launch.cluster KIND [flags]` (argv without the program name)."""
+  args = cli.parse(FLAGS, argv, doc=__doc__, prog='python -m launch.cluster',
+                   positional={'KIND': f'the cluster: {" | ".join(TEMPLATES)}'},
+                   required=('config', 'workdir'), overrides=True)
+  if args.KIND not in TEMPLATES:
+    raise ClusterError(f'unknown cluster kind {args.KIND!r}: one of {", ".join(TEMPLATES)}')
+  settings = {name: getattr(args, name) for name in (
+      'name', 'nodes', 'gpus_per_node', 'tasks_per_node', 'cpus_per_task', 'time_limit',
+      'log_dir', 'sbatch', 'tpu_name', 'zone', 'project', 'cluster', 'tpu_type',
+      'num_slices', 'docker_image', 'workload')}
+  script_name = os.path.basename(args.out) if args.out else TEMPLATES[args.KIND]
+  text = render(args.KIND, config=args.config, workdir=args.workdir,
+                overrides=args.overrides, python=args.python, module=args.module,
+                repo=args.repo, script_name=script_name, **settings)
   if args.out:
     with open(args.out, 'w') as f:
       f.write(text)
@@ -162,4 +176,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  errors.run(main, absl_flags=False)

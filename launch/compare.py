@@ -43,7 +43,10 @@ import os
 import statistics
 import sys
 
+from absl import flags
+
 import configs
+from configs import cli
 from configs import errors
 from launch import fit as fit_lib
 from launch import sweep as sweep_lib
@@ -634,27 +637,27 @@ def _compare_seeded(root, rows, metric, baseline, recorded, extra, buffer):
   return stats_rows
 
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_string('metric', 'eval/loss', 'seeded sweeps: the scalar tag to compare '
+                    '(its final and best value over the seeds)', flag_values=FLAGS)
+flags.DEFINE_string('baseline', None, 'seeded sweeps: the arm the others are compared with '
+                    '(default: the first arm)', flag_values=FLAGS)
+flags.DEFINE_bool('scaling', False, 'also write DIR/scaling.csv (params, tokens, loss of '
+                  'each run) for python -m launch.fit', flag_values=FLAGS)
+flags.DEFINE_bool('lengths', False, "add a column per context length of the runs' "
+                  'eval_lengths.json (python -m train.evaluate --lengths)', flag_values=FLAGS)
+
+
 def main(argv=None) -> int:
-  parser = sweep_lib.argument_parser(prog='python -m launch.compare',
-                                   description='Table and curves of the runs in DIR.')
-  parser.add_argument('dir', help='a sweep folder (one run per sub-folder)')
-  parser.add_argument('--metric', default='eval/loss',
-                      help='seeded sweeps: the scalar tag to compare (final and best value)')
-  parser.add_argument('--baseline', default=None,
-                      help='seeded sweeps: the arm the others are compared with (default: first)')
-  parser.add_argument('--scaling', action='store_true',
-                      help='also write DIR/scaling.csv (params, tokens, loss) for launch.fit')
-  parser.add_argument('--lengths', action='store_true',
-                      help='add the loss at each length of the runs\' eval_lengths.json')
-  args = parser.parse_args(argv)
+  """`python -m launch.compare DIR [flags]` (argv without the program name)."""
+  args = cli.parse(FLAGS, argv, doc=__doc__, prog='python -m launch.compare',
+                   positional={'DIR': 'a sweep folder (one run per sub-folder), or one '
+                               'run\'s workdir'})
   try:
-    compare(args.dir, metric=args.metric, baseline=args.baseline, scaling=args.scaling,
+    compare(args.DIR, metric=args.metric, baseline=args.baseline, scaling=args.scaling,
             lengths=args.lengths)
-  except (CompareError, FileNotFoundError) as e:
-    if errors.debug_enabled():
-      raise
-    print(f'ablax: {e}', file=sys.stderr)
-    return 2
+  except FileNotFoundError as e:
+    raise CompareError(str(e)) from e
   return 0
 
 

@@ -36,9 +36,11 @@ import sys
 
 import numpy as np
 
+from absl import flags
+
 import configs
+from configs import cli
 from configs import errors
-from launch import sweep as sweep_lib
 
 HUBER_DELTA = 1e-3
 STARTS = 12
@@ -297,33 +299,32 @@ def fit(table_path: str, out=None, *, write=True, budget: float | None = None) -
   return result
 
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_string('predict', None, 'N,D: print the fitted loss at N non-embedding '
+                    'parameters and D training tokens (e.g. 1e6,2e7)', flag_values=FLAGS)
+flags.DEFINE_float('budget', None, "a table with arms: each arm's loss at its "
+                   'compute-optimal N, D for this many FLOPs, and the gap to the first arm',
+                   flag_values=FLAGS)
+
+
 def main(argv=None) -> int:
-  parser = sweep_lib.argument_parser(prog='python -m launch.fit',
-                                   description='Chinchilla fits of a params,tokens,loss table.')
-  parser.add_argument('table', help='CSV with columns params, tokens, loss [, budget]')
-  parser.add_argument('--predict', default=None, help='N,D: print the fitted loss there')
-  parser.add_argument('--budget', type=float, default=None,
-                      help='a table with arms: each arm\'s loss at its compute-optimal '
-                           'N, D for this many FLOPs, and the gap to the first arm')
-  args = parser.parse_args(argv)
-  try:
-    point = None
-    if args.predict:
-      try:
-        point = [float(x) for x in args.predict.split(',')]
-        assert len(point) == 2 and min(point) > 0
-      except (ValueError, AssertionError):
-        raise FitError(f'--predict {args.predict!r}: give N,D (e.g. 1e6,2e7)') from None
-    result = fit(args.table, budget=args.budget)
-    if point:
-      for arm, r in (result['arms'].items() if 'arms' in result else [('', result)]):
-        print(f'predicted loss{" of " + arm if arm else ""} at N={point[0]:.3g}, '
-              f'D={point[1]:.3g}: {float(law(r, point[0], point[1])):.4f}')
-  except FitError as e:
-    if errors.debug_enabled():
-      raise
-    print(f'ablax: {e}', file=sys.stderr)
-    return 2
+  """`python -m launch.fit TABLE.csv [flags]` (argv without the program name)."""
+  args = cli.parse(FLAGS, argv, doc=__doc__, prog='python -m launch.fit',
+                   positional={'TABLE': 'a CSV with columns params, tokens, loss '
+                               '[, budget, arm], e.g. DIR/scaling.csv of launch.compare '
+                               '--scaling'})
+  point = None
+  if args.predict:
+    try:
+      point = [float(x) for x in args.predict.split(',')]
+      assert len(point) == 2 and min(point) > 0
+    except (ValueError, AssertionError):
+      raise FitError(f'--predict {args.predict!r}: give N,D (e.g. 1e6,2e7)') from None
+  result = fit(args.TABLE, budget=args.budget)
+  if point:
+    for arm, r in (result['arms'].items() if 'arms' in result else [('', result)]):
+      print(f'predicted loss{" of " + arm if arm else ""} at N={point[0]:.3g}, '
+            f'D={point[1]:.3g}: {float(law(r, point[0], point[1])):.4f}')
   return 0
 
 

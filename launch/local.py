@@ -23,6 +23,11 @@ import subprocess
 import sys
 import threading
 
+from absl import flags
+
+from configs import cli
+from configs import errors
+
 
 def free_port() -> int:
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -100,28 +105,30 @@ def launch(num_processes: int, devices_per_process: int, args: list[str], *,
   return status
 
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_integer('num_processes', 2, 'processes to start, as hosts of a pod',
+                     flag_values=FLAGS)
+flags.DEFINE_integer('devices_per_process', 4, 'fake CPU devices of each process',
+                     flag_values=FLAGS)
+flags.DEFINE_enum('module', 'train', ['train', 'align'], 'the stage every process runs '
+                  '(python -m MODULE)', flag_values=FLAGS)
+
+
 def main(argv=None) -> int:
-  import argparse  # pylint: disable=g-import-not-at-top
+  """`python -m launch.local FLAGS -- TRAIN_FLAGS` (argv without the program name)."""
   argv = sys.argv[1:] if argv is None else list(argv)
-  if '--' in argv:
+  own, rest = argv, []
+  if '--' in argv and not cli.wants_help(argv):
     split = argv.index('--')
     own, rest = argv[:split], argv[split + 1:]
-  else:
-    own, rest = argv, []
-  parser = argparse.ArgumentParser(
-      prog='python -m launch.local',
-      usage='python -m launch.local --num_processes N --devices_per_process D -- TRAIN_ARGS')
-  parser.add_argument('--num_processes', type=int, default=2)
-  parser.add_argument('--devices_per_process', type=int, default=4)
-  parser.add_argument('--module', default='train', help='train (default) or align')
-  args = parser.parse_args(own)
+  args = cli.parse(FLAGS, own, doc=__doc__, prog='python -m launch.local')
   if not rest:
-    parser.error('give the training arguments after --, e.g. -- --config '
-                 'configs/llama.py:tiny --workdir /tmp/ablax_mp')
+    raise cli.UsageError('give the training arguments after --, e.g. -- --config '
+                         'configs/llama.py:tiny --workdir /tmp/ablax_mp')
   if args.num_processes < 1 or args.devices_per_process < 1:
-    parser.error('--num_processes and --devices_per_process must be >= 1')
+    raise cli.UsageError('--num_processes and --devices_per_process must be >= 1')
   return launch(args.num_processes, args.devices_per_process, rest, module=args.module)
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  errors.run(main, absl_flags=False)

@@ -32,6 +32,8 @@ import sys
 
 import numpy as np
 
+from absl import flags
+
 import configs
 from configs import errors
 from launch import sweep as sweep_lib
@@ -109,41 +111,34 @@ def plan(config: str, workdir: str, budgets, sizes: int, arms=(), base_overrides
   return runs
 
 
+FLAGS = flags.FlagValues()
+sweep_lib.define_run_flags(FLAGS)
+flags.DEFINE_list('budgets', None, 'C1,C2,...: the compute budgets in training FLOPs, '
+                  'one ladder rung each (e.g. 3e10,1e11,3e11)', flag_values=FLAGS)
+flags.DEFINE_integer('sizes', 5, 'model sizes per budget', flag_values=FLAGS)
+flags.DEFINE_float('spread', 16.0, 'largest / smallest size of a budget', flag_values=FLAGS)
+flags.DEFINE_float('tokens_per_param', TOKENS_PER_PARAM, 'the centre of the sizes: '
+                   'N* = sqrt(C / (6 x this)) non-embedding parameters', flag_values=FLAGS)
+flags.DEFINE_multi_string('sweep', [], 'PATH=V1,V2,...: one ladder per arm, as '
+                          'launch.sweep --sweep', flag_values=FLAGS)
+
+
 def main(argv=None) -> int:
-  parser = sweep_lib.argument_parser(prog='python -m launch.scaling',
-                                   description=__doc__.split('\n\n')[0],
-                                   epilog='Base overrides: --config.PATH=VALUE (any number).')
-  parser.add_argument('--config', required=True, help='configs/NAME.py[:ARG]')
-  parser.add_argument('--workdir', required=True, help='one sub-folder per run')
-  parser.add_argument('--budgets', required=True, help='C1,C2,...: FLOPs per run')
-  parser.add_argument('--sizes', type=int, default=5, help='model sizes per budget')
-  parser.add_argument('--spread', type=float, default=16.0,
-                      help='largest / smallest size of a budget (default 16)')
-  parser.add_argument('--tokens_per_param', type=float, default=TOKENS_PER_PARAM,
-                      help='centre of the sizes: N* = sqrt(C / (6 x this)) (default 20)')
-  parser.add_argument('--sweep', action='append', default=[],
-                      help='PATH=V1,V2,...: one ladder per arm')
-  parser.add_argument('--dry-run', '--dry_run', dest='dry_run', action='store_true',
-                      help='print the plan; train nothing')
-  parser.add_argument('--in_process', action='store_true',
-                      help='train in this process instead of a subprocess per run')
-  args, rest = parser.parse_known_args(argv)
+  """`python -m launch.scaling ARGS` (argv without the program name) -> exit status."""
+  args = sweep_lib.parse_run_flags(FLAGS, argv, __doc__, 'python -m launch.scaling')
+  base = args.overrides
+  if not args.budgets:
+    raise ScalingError('--budgets is required: the compute budgets, e.g. --budgets 3e10,1e11')
   try:
-    base = sweep_lib.base_overrides(rest)
-    try:
-      budgets = [float(b) for b in args.budgets.split(',')]
-    except ValueError:
-      raise ScalingError(f'--budgets {args.budgets!r}: give FLOPs, e.g. 1e11,3e11') from None
-    if args.sizes < 1 or args.spread < 1 or args.tokens_per_param <= 0:
-      raise ScalingError('--sizes must be >= 1, --spread >= 1, --tokens_per_param > 0')
-    arms = sweep_lib.expand(args.sweep) if args.sweep else []
-    runs = plan(args.config, args.workdir, budgets, args.sizes, arms, base,
-                spread=args.spread, tokens_per_param=args.tokens_per_param)
-  except (sweep_lib.SweepError, configs.ConfigError) as e:
-    if errors.debug_enabled():
-      raise
-    print(f'ablax: {e}', file=sys.stderr)
-    return 2
+    budgets = [float(b) for b in args.budgets]
+  except ValueError:
+    raise ScalingError(f'--budgets {",".join(args.budgets)!r}: give FLOPs, e.g. '
+                       '1e11,3e11') from None
+  if args.sizes < 1 or args.spread < 1 or args.tokens_per_param <= 0:
+    raise ScalingError('--sizes must be >= 1, --spread >= 1, --tokens_per_param > 0')
+  arms = sweep_lib.expand(args.sweep) if args.sweep else []
+  runs = plan(args.config, args.workdir, budgets, args.sizes, arms, base,
+              spread=args.spread, tokens_per_param=args.tokens_per_param)
   for run in runs:
     cfg = sweep_lib.run_config(args.config, run, base)
     flops = cfg.train.steps * sweep_lib.tokens_per_step(cfg) * sweep_lib.flops_per_token(cfg)

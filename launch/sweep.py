@@ -55,7 +55,10 @@ import sys
 import threading
 import time
 
+from absl import flags
+
 import configs
+from configs import cli
 from configs import errors
 
 DONE = 'DONE'
@@ -69,16 +72,6 @@ class SweepError(configs.UserError):
   """A sweep that cannot run; the message says which run and field."""
 
 
-def argument_parser(**kwargs):
-  """argparse for the launch commands, whose usage errors are one `ablax:` line."""
-  import argparse  # pylint: disable=g-import-not-at-top
-
-  class Parser(argparse.ArgumentParser):
-    def error(self, message):
-      self.exit(2, f'ablax: {message} (see {self.prog} --help)\n')
-  return Parser(**kwargs)
-
-
 @dataclasses.dataclass
 class Run:
   name: str                 # the folder under the sweep: ARM or ARM/seed=S
@@ -90,15 +83,6 @@ class Run:
 
   def override_args(self) -> list[str]:
     return [f'{path}={format_value(value)}' for path, value in self.overrides.items()]
-
-
-def base_overrides(rest: list[str]) -> list[str]:
-  """The `--config.PATH=VALUE` arguments argparse left over, as PATH=VALUE."""
-  for arg in rest:
-    if not arg.startswith('--config.') or '=' not in arg:
-      raise SweepError(f'unrecognised argument {arg!r} (base overrides are '
-                       '--config.PATH=VALUE)')
-  return [arg[len('--config.'):] for arg in rest]
 
 
 def format_value(value) -> str:
@@ -753,54 +737,67 @@ def _print_planned(config, run, base_overrides, out):
         f'  {shlex.join(train_command(config, run, base_overrides))}', file=out, flush=True)
 
 
+def define_run_flags(fv: flags.FlagValues) -> None:
+  """The flags of the commands that train runs one after another (launch.sweep,
+  launch.scaling)."""
+  flags.DEFINE_string('config', None, 'the base config of every run: '
+                      'configs/NAME.py[:ARG]', flag_values=fv)
+  flags.DEFINE_string('workdir', None, 'the sweep folder: one sub-folder per run, '
+                      'sweep.json, and what launch.compare writes', flag_values=fv)
+  flags.DEFINE_bool('dry_run', False, 'print every run, its state and its command; '
+                    'train nothing (also --dry-run)', flag_values=fv)
+  flags.DEFINE_bool('in_process', False, 'train in this process instead of a python -m '
+                    'train subprocess per run (quicker for tiny runs)', flag_values=fv)
+
+
+def parse_run_flags(fv: flags.FlagValues, argv, doc: str, prog: str):
+  """`cli.parse` with the run flags required, overrides and `--dry-run`."""
+  return cli.parse(fv, argv, doc=doc, prog=prog, required=('config', 'workdir'),
+                   overrides=True, aliases={'dry-run': 'dry_run'})
+
+
+FLAGS = flags.FlagValues()
+define_run_flags(FLAGS)
+flags.DEFINE_multi_string('sweep', [], 'PATH=V1,V2,...: one axis; the arms are the cross '
+                          'product of the axes (e.g. --sweep model.norm_type=rmsnorm,layernorm)',
+                          flag_values=FLAGS)
+flags.DEFINE_multi_string('zip', [], 'PATH=V1,V2,...: lists of equal length paired into one '
+                          'axis (V1 with the first value of every other --zip)',
+                          flag_values=FLAGS)
+flags.DEFINE_string('sweep_file', None, 'FILE.py[:FUNCTION]: FUNCTION (default sweep) '
+                    'returns a list of override dicts, one per arm', flag_values=FLAGS)
+flags.DEFINE_string('seeds', None, 'N (seeds 0..N-1) or S1,S2,...: train every arm once per '
+                    'seed in WORKDIR/<arm>/seed=<s>/ (paired seeds: launch.compare reports '
+                    'intervals)', flag_values=FLAGS)
+flags.DEFINE_enum('match', None, sorted(MATCH), 'equalise the non-embedding parameters '
+                  '(params) or training FLOPs per token (flops) of every arm to the '
+                  "first arm's, by setting --match_field", flag_values=FLAGS)
+flags.DEFINE_string('match_field', None, 'the integer field --match sets, e.g. model.d_ff',
+                    flag_values=FLAGS)
+flags.DEFINE_integer('match_multiple', 1, '--match_field takes multiples of this',
+                     flag_values=FLAGS)
+flags.DEFINE_float('budget_flops', None, "set each run's train.steps so that it spends "
+                   'this many training FLOPs (e.g. 1e12)', flag_values=FLAGS)
+flags.DEFINE_string('tune', None, 'FIELD=V1,V2,...: first train every arm at every value '
+                    "(in WORKDIR/tune/), then the seeds at each arm's best by --metric",
+                    flag_values=FLAGS)
+flags.DEFINE_string('tune_seeds', '1', 'seeds of the --tune runs, as --seeds (1: seed 0)',
+                    flag_values=FLAGS)
+flags.DEFINE_string('metric', 'eval/loss', 'the scalar tag --tune picks by (its final value)',
+                    flag_values=FLAGS)
+
+
 def main(argv=None) -> int:
-  parser = argument_parser(
-      prog='python -m launch.sweep', description=__doc__.split('\n\n')[0],
-      epilog='Base overrides: --config.PATH=VALUE (any number).')
-  parser.add_argument('--config', required=True, help='configs/NAME.py[:ARG]')
-  parser.add_argument('--workdir', required=True, help='one sub-folder per run')
-  parser.add_argument('--sweep', action='append', default=[],
-                      help='PATH=V1,V2,...: one axis of the cross product')
-  parser.add_argument('--zip', action='append', default=[],
-                      help='PATH=V1,V2,...: lists of equal length paired into one axis')
-  parser.add_argument('--sweep_file', default=None,
-                      help='FILE.py[:FUNCTION] returning a list of override dicts')
-  parser.add_argument('--seeds', default=None,
-                      help='N (seeds 0..N-1) or S1,S2,...: every arm once per seed')
-  parser.add_argument('--match', choices=sorted(MATCH), default=None,
-                      help='equal non-embedding parameters or FLOPs/token across arms')
-  parser.add_argument('--match_field', default=None, help='the integer field --match sets')
-  parser.add_argument('--match_multiple', type=int, default=1,
-                      help='--match_field takes multiples of this')
-  parser.add_argument('--budget_flops', type=float, default=None,
-                      help='train.steps of each run so that it spends this many FLOPs')
-  parser.add_argument('--tune', default=None,
-                      help='FIELD=V1,V2,...: train each arm at each value first, then '
-                           'the seeds at its best')
-  parser.add_argument('--tune_seeds', default='1',
-                      help='seeds of the --tune runs, as --seeds (default 1: seed 0)')
-  parser.add_argument('--metric', default='eval/loss',
-                      help='the scalar tag --tune picks by (final value)')
-  parser.add_argument('--dry-run', '--dry_run', dest='dry_run', action='store_true',
-                      help='print the runs and their commands; train nothing')
-  parser.add_argument('--in_process', action='store_true',
-                      help='train in this process instead of a subprocess per run')
-  args, rest = parser.parse_known_args(argv)
-  try:
-    base = base_overrides(rest)
-    file_runs = load_sweep_file(args.sweep_file) if args.sweep_file else None
-    runs = expand(args.sweep, args.zip, file_runs)
-    tune_seeds = parse_seeds(args.tune_seeds)
-    results = sweep(args.config, args.workdir, runs, base, seeds=parse_seeds(args.seeds),
-                    match=args.match, match_field=args.match_field,
-                    match_multiple=args.match_multiple, budget_flops=args.budget_flops,
-                    tune=args.tune, tune_seeds=tune_seeds, metric=args.metric,
-                    dry_run=args.dry_run, in_process=args.in_process)
-  except (SweepError, configs.ConfigError) as e:
-    if errors.debug_enabled():
-      raise
-    print(f'ablax: {e}', file=sys.stderr)
-    return 2
+  """`python -m launch.sweep ARGS` (argv without the program name) -> exit status."""
+  args = parse_run_flags(FLAGS, argv, __doc__, 'python -m launch.sweep')
+  file_runs = load_sweep_file(args.sweep_file) if args.sweep_file else None
+  runs = expand(args.sweep, args.zip, file_runs)
+  results = sweep(args.config, args.workdir, runs, args.overrides,
+                  seeds=parse_seeds(args.seeds), match=args.match,
+                  match_field=args.match_field, match_multiple=args.match_multiple,
+                  budget_flops=args.budget_flops, tune=args.tune,
+                  tune_seeds=parse_seeds(args.tune_seeds), metric=args.metric,
+                  dry_run=args.dry_run, in_process=args.in_process)
   signum = results.pop('_signal', None)
   if signum is not None:
     return 128 + signum

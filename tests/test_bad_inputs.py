@@ -94,7 +94,7 @@ def cases(root: str, trained: str):
       ('bad_choice', TRAIN + new('w5') + ['--config.model.norm_type=foo'],
        "model.norm_type='foo': must be one of rmsnorm, layernorm", None),
       ('bad_type', TRAIN + new('w6') + ['--config.model.num_layers=x'],
-       'config.model.num_layers', None),
+       "model.num_layers='x': expected int", None),
       ('bad_divergence', TRAIN + new('w7') + ['--config.train.on_divergence=retry'],
        'train.on_divergence', None),
       ('align_missing_config', [sys.executable, '-m', 'align', '--config',

@@ -154,7 +154,7 @@ def test_bad_rows_are_counted_and_refused_unless_skipped(tmp_path):
   assert meta['files'][str(tmp_path / 'd.parquet')]['bad_rows'] == 1
   assert meta['splits']['train']['documents'] + meta['splits']['eval']['documents'] == 10
 
-  # The command line says it in one line.
-  with pytest.raises(SystemExit, match=r'^ablax: 5 bad rows'):
+  # The command line raises the same user error (errors.run prints it as one line).
+  with pytest.raises(sources.DataError, match=r'^5 bad rows'):
     prepare.main(['--input', str(tmp_path / 'd.jsonl'), '--format', 'jsonl',
                   '--out', str(tmp_path / 'cli')])

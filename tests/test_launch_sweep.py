@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
+from configs import errors
 from launch import compare
 from launch import sweep
 
@@ -90,8 +91,8 @@ def test_sweep_file(tmp_path):
 ])
 def test_bad_override_fails_before_any_run(tmp_path, capsys, axis, field):
   workdir = tmp_path / 'w'
-  status = sweep.main(['--config', CONFIG, '--workdir', str(workdir), '--sweep', axis,
-                       '--sweep', 'model.position=rope,alibi'])
+  status = errors.call(sweep.main, ['--config', CONFIG, '--workdir', str(workdir),
+                                    '--sweep', axis, '--sweep', 'model.position=rope,alibi'])
   assert status == 2
   assert field in capsys.readouterr().err
   assert not workdir.exists()         # nothing trained, nothing written

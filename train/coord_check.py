@@ -26,30 +26,32 @@ pre-norm decoders without memory tokens and refuses others.
 
 import csv
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app
 from absl import flags
 from flax import nnx
-from ml_collections import config_flags
 
 import configs
+from configs import cli
+from configs import errors
 import model as model_lib
 from data import pipeline
 from train import mesh as mesh_lib
 from train import optim
 from train import step as step_lib
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', 'configs/llama.py:tiny', 'Config file, e.g. configs/llama.py:tiny.')
-_WIDTHS = flags.DEFINE_string('widths', '64,128,256,512,1024',
-                              'Comma-separated d_model values; the first is the muP base.')
-_STEPS = flags.DEFINE_integer('steps', 5, 'Optimizer updates per width.')
-_OUT = flags.DEFINE_string('out', None, 'Folder for coord_check.csv and coord_check.png.')
+FLAGS = flags.FlagValues()
+flags.DEFINE_string('config', 'configs/llama.py:tiny', 'the config to scale: '
+                    'configs/NAME.py[:ARG]; its d_model is replaced by each width',
+                    flag_values=FLAGS)
+flags.DEFINE_list('widths', ['64', '128', '256', '512', '1024'], 'd_model values, '
+                  'comma-separated; the first is the muP base width', flag_values=FLAGS)
+flags.DEFINE_integer('steps', 5, 'optimizer updates per width', flag_values=FLAGS)
+flags.DEFINE_string('out', None, 'the folder for coord_check.csv and coord_check.png',
+                    flag_values=FLAGS)
 
 LAYER_TYPES = ('embedding', 'attention', 'mlp', 'logits')
 PARAMETRISATIONS = ('sp', 'mup')
@@ -185,26 +187,24 @@ def table(rows) -> str:
   return '\n'.join(lines)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if not _OUT.value:
-    sys.exit('ablax: --out DIR is required (where coord_check.csv and .png go)')
+def main(argv=None) -> int:
+  """`python -m train.coord_check ARGS` (argv without the program name)."""
+  args = cli.parse(FLAGS, argv, doc=__doc__, prog='python -m train.coord_check',
+                   required=('out',), overrides=True)
   try:
-    widths = [int(w) for w in _WIDTHS.value.split(',') if w.strip()]
+    widths = [int(w) for w in args.widths]
   except ValueError:
-    sys.exit(f'ablax: --widths={_WIDTHS.value!r}: give comma-separated integers')
-  if not widths or any(w <= 0 for w in widths) or _STEPS.value < 1:
-    sys.exit('ablax: --widths must be positive integers and --steps >= 1')
-  try:
-    configs.validate(_CONFIG.value)
-    rows = coord_check(_CONFIG.value, widths, _STEPS.value)
-  except configs.ConfigError as e:
-    sys.exit(f'ablax: {e}')
-  write(rows, _OUT.value)
+    raise cli.UsageError(f'--widths={",".join(args.widths)}: give comma-separated '
+                         'integers, e.g. 64,128,256') from None
+  if not widths or any(w <= 0 for w in widths) or args.steps < 1:
+    raise cli.UsageError('--widths must be positive integers and --steps >= 1')
+  cfg = configs.load(args.config, args.overrides)
+  rows = coord_check(cfg, widths, args.steps)
+  write(rows, args.out)
   print(table(rows))
-  print(f'wrote {_OUT.value}/coord_check.csv and coord_check.png')
+  print(f'wrote {args.out}/coord_check.csv and coord_check.png')
+  return 0
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run(main, absl_flags=False)

@@ -53,7 +53,6 @@ multiple choice); rows go through one jitted forward at a time, a fixed number
 of rows per call split over the mesh's batch axes, so a task compiles once.
 """
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -62,16 +61,18 @@ import os
 import random
 import re
 import string
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import configs
+from configs import cli
+from configs import errors
 from data import builtin
 from data import pipeline
 from data import sources
@@ -632,22 +633,39 @@ def convert(fmt: str, src: str, dst: str, labels: str | None = None) -> int:
   return count
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(prog='python -m train.tasks')
-  commands = parser.add_subparsers(dest='command', required=True)
-  conv = commands.add_parser('convert', help='a published JSONL file -> a task file')
-  conv.add_argument('format', choices=sorted(CONVERTERS))
-  conv.add_argument('input')
-  conv.add_argument('output')
-  conv.add_argument('--labels', help='piqa: the labels file (default: '
-                    'IN-labels.lst beside IN.jsonl, if there)')
-  args = parser.parse_args(argv)
+_COMMAND_DOC = """`python -m train.tasks convert FORMAT IN OUT`: a published file -> a task file.
+
+    python -m train.tasks convert hellaswag hellaswag_val.jsonl hs.jsonl
+    python -m train.evaluate --workdir DIR --tasks hs:hs.jsonl
+
+FORMAT is one of hellaswag, arc, piqa, winogrande, lambada: the JSONL files
+those benchmarks publish (lambada: one {"text": ...} per line, its last word
+is the answer). OUT is a task file (one {"context", "choices", "label"} per
+line; docs/evaluation.md) for `--tasks NAME:OUT` or `config.eval.tasks`.
+"""
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_string('labels', None, 'piqa: the labels file (default: IN-labels.lst beside '
+                    'IN.jsonl, if there)', flag_values=FLAGS)
+
+
+def main(argv=None) -> int:
+  """`python -m train.tasks convert FORMAT IN OUT` (argv without the program name)."""
+  args = cli.parse(FLAGS, argv, doc=_COMMAND_DOC, prog='python -m train.tasks',
+                   positional={'COMMAND': 'convert (the only command)',
+                               'FORMAT': ' | '.join(CONVERTERS),
+                               'IN': 'the published JSONL file',
+                               'OUT': 'the task file to write'})
+  if args.COMMAND != 'convert':
+    raise cli.UsageError(f'unknown command {args.COMMAND!r}: the command is convert '
+                         '(python -m train.tasks convert FORMAT IN OUT)')
   try:
-    count = convert(args.format, args.input, args.output, args.labels)
-  except (sources.DataError, OSError) as e:
-    sys.exit(f'ablax: {e}')
-  print(f'{args.output}: {count} {args.format} examples')
+    count = convert(args.FORMAT, args.IN, args.OUT, args.labels)
+  except OSError as e:
+    raise sources.DataError(f'{e.filename or args.OUT}: {e.strerror or e}') from e
+  print(f'{args.OUT}: {count} {args.FORMAT} examples')
+  return 0
 
 
 if __name__ == '__main__':
-  main()
+  errors.run(main, absl_flags=False)
