@@ -421,7 +421,7 @@ def generate(decoder, cfg_model, prompts, *, max_new_tokens=32, temperature=0.0,
 def main(argv=None):
   import argparse  # pylint: disable=g-import-not-at-top
   from data import tokenizers  # pylint: disable=g-import-not-at-top
-  from model import hf  # pylint: disable=g-import-not-at-top
+  from train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(prog='python -m train.sample')
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--prompt', action='append', required=True,
@@ -440,7 +440,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                  top_k=args.top_k, top_p=args.top_p)
-  cfg, decoder = hf.load_workdir(args.workdir)
+  cfg, decoder = workdir_lib.load_decoder(args.workdir)
   try:
     streaming_config(cfg.model, args.streaming_sinks, args.streaming_window)
   except ValueError as e:
