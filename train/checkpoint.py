@@ -54,7 +54,6 @@ CheckpointError = workdir_lib.CheckpointError
 WorkdirLock = workdir_lib.WorkdirLock
 config_json = workdir_lib.config_json
 write_config = workdir_lib.write_config
-saved_steps = workdir_lib.steps
 restore_params = workdir_lib.restore_params
 mark_start_failed = workdir_lib.mark_start_failed
 clear_start_failed = workdir_lib.clear_start_failed
@@ -116,8 +115,8 @@ def _saved_differences(workdir: str, cfg):
 
 def check_config(workdir: str, cfg) -> None:
   """Refuses to resume a workdir that holds checkpoints of a different model."""
-  saved_steps = workdir_lib.steps(workdir)
-  if not (saved_steps and os.path.exists(workdir_lib.config_path(workdir))):
+  steps = workdir_lib.steps(workdir)
+  if not (steps and os.path.exists(workdir_lib.config_path(workdir))):
     return
   saved, shape, runtime = _saved_differences(workdir, cfg)
   if shape:
@@ -126,7 +125,7 @@ def check_config(workdir: str, cfg) -> None:
         + '\n  '.join(shape) +
         '\nUse a new --workdir, or set these fields back to the saved values.')
   batch = saved.get('train', {}).get('global_batch_size', cfg.train.global_batch_size)
-  latest = workdir_lib.step_dir(workdir, saved_steps[-1])
+  latest = workdir_lib.step_dir(workdir, steps[-1])
   # A checkpoint without a data position (`model.hf import`) fits any batch.
   if batch != cfg.train.global_batch_size and os.path.isdir(os.path.join(latest, 'data')):
     raise configs.ConfigError(
