@@ -14,9 +14,10 @@ is left out). For each run it reads the event files (TensorBoard's
   (each arm's overrides and matched or tuned values), otherwise the config
   fields whose values differ between the runs;
 - status: `done` (reached `train.steps`), `running` (a sweep's RUNNING marker
-  whose process is alive), `crashed` (a FAILED marker, or a RUNNING marker
-  whose process is gone), `failed to start` (no step logged and no
-  checkpoint) or `stopped` (short of its last step, no marker);
+  or the trainer's `DIR/LOCK` whose process is alive), `crashed` (a FAILED
+  marker, or a RUNNING marker or LOCK whose process is gone), `failed to
+  start` (no step logged and no checkpoint) or `stopped` (short of its last
+  step, no marker); the workdir's own files are read by `train.workdir`;
 - step, final train loss, best eval loss and its step, tokens/s (median),
   parameters, FLOPs per token, and for MoE runs the final
   `train/moe_aux_loss` and `train/moe_expert_load_max`.
