@@ -237,3 +237,16 @@ def test_status_follows_the_workdir_lock(tmp_path):
   assert workdir_lib.status(workdir).state == 'crashed'
   with workdir_lib.WorkdirLock(workdir, 'train'):
     assert workdir_lib.read_lock(workdir)['pid'] == os.getpid()
+
+
+def test_compare_reads_the_trainers_lock(tmp_path):
+  """A run started by `python -m train` (no sweep markers): compare's status
+  comes from the workdir's lock."""
+  from launch import compare  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  _run_files(workdir, saved=(2,))
+  assert compare.summarize(workdir)['status'] == 'stopped'
+  _lock(workdir, os.getpid())
+  assert compare.summarize(workdir)['status'] == 'running'
+  _lock(workdir, GONE_PID)
+  assert compare.summarize(workdir)['status'] == 'crashed'
