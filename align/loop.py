@@ -82,8 +82,8 @@ def load_reference(cfg, step_dir: str, init_workdir: str, mesh, param_shardings,
   The init run's `config.json` must describe the same model; only its
   parameters (and model state) are read (`checkpoint.load_init_params`).
   """
-  _, _, abstract, _ = step_lib.train_state_spec(model_fn, optax.identity(), mesh,
-                                                cfg.train.seed)
+  from train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  _, abstract, _ = workdir_lib.abstract_model_state(model_fn, mesh)
   abstract['params'] = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       abstract['params'], param_shardings)

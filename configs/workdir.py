@@ -14,9 +14,6 @@ same workdir resumes from its newest checkpoint (an imported workdir's is step
 does the same for the DPO stage, with `DIR` as the init checkpoint.
 """
 
-import json
-import os
-
 import ml_collections
 
 from configs import ConfigError
@@ -40,12 +37,9 @@ def apply_saved(config: ml_collections.ConfigDict, saved: dict, sections=None) -
 
 
 def read_saved(workdir: str) -> dict:
-  path = os.path.join(os.path.expanduser(workdir), 'config.json')
-  if not os.path.isfile(path):
-    raise ConfigError(f'{path} not found: give the folder of an ablax workdir '
-                      '(one with config.json)')
-  with open(path) as f:
-    return json.load(f)
+  """`DIR/config.json` as saved (`train.workdir.read_config_json`, its one reader)."""
+  from train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  return workdir_lib.read_config_json(workdir)
 
 
 def get_config(arg=None):

@@ -14,9 +14,10 @@ is left out). For each run it reads the event files (TensorBoard's
   (each arm's overrides and matched or tuned values), otherwise the config
   fields whose values differ between the runs;
 - status: `done` (reached `train.steps`), `running` (a sweep's RUNNING marker
-  whose process is alive), `crashed` (a FAILED marker, or a RUNNING marker
-  whose process is gone), `failed to start` (no step logged and no
-  checkpoint) or `stopped` (short of its last step, no marker);
+  or the trainer's `DIR/LOCK` whose process is alive), `crashed` (a FAILED
+  marker, or a RUNNING marker or LOCK whose process is gone), `failed to
+  start` (no step logged and no checkpoint) or `stopped` (short of its last
+  step, no marker); the workdir's own files are read by `train.workdir`;
 - step, final train loss, best eval loss and its step, tokens/s (median),
   parameters, FLOPs per token, and for MoE runs the final
   `train/moe_aux_loss` and `train/moe_expert_load_max`.
@@ -50,14 +51,12 @@ from configs import cli
 from configs import errors
 from launch import fit as fit_lib
 from launch import sweep as sweep_lib
+from train import workdir as workdir_lib
 
 COLUMNS = ('run', 'overrides', 'status', 'step', 'final_train_loss',
            'best_eval_loss', 'best_eval_step', 'tokens_per_second', 'parameters',
            'flops_per_token', 'moe_aux_loss', 'moe_expert_load_max')
 OVERRIDES_WIDTH = 60     # the printed table cuts longer override lists
-
-
-START_FAILED = 'start_failed.json'    # written by train/align (docs/reference.md)
 
 
 class CompareError(configs.UserError):
@@ -104,15 +103,20 @@ def _load_json(path: str):
 
 
 def run_status(run_dir: str, config: dict | None, last_step: int | None) -> str:
+  """The sweep's markers (DONE, RUNNING, FAILED) first, then the workdir's own
+  `train.workdir.status` (a live or stale trainer lock, the newest checkpoint),
+  then the last logged step."""
   steps = (config or {}).get('train', {}).get('steps')
-  ckpt = max(sweep_lib.checkpoint_steps(run_dir), default=None)
+  ckpt = max(workdir_lib.steps(run_dir), default=None)
   if os.path.exists(os.path.join(run_dir, sweep_lib.DONE)):
     return 'done'
   state = sweep_lib.running_state(run_dir)
-  if state == 'running':
+  trainer = workdir_lib.status(run_dir).state
+  if state == 'running' or trainer == 'running':
     return 'running'
   started = ckpt is not None or bool(last_step)
-  if state == 'stale' or os.path.exists(os.path.join(run_dir, sweep_lib.FAILED)):
+  if (state == 'stale' or trainer == 'crashed'
+      or os.path.exists(os.path.join(run_dir, sweep_lib.FAILED))):
     return 'crashed' if started else 'failed to start'
   if steps is not None and ckpt is not None and ckpt >= steps:
     return 'done'
@@ -121,6 +125,14 @@ def run_status(run_dir: str, config: dict | None, last_step: int | None) -> str:
   if not started:
     return 'failed to start'
   return 'stopped'
+
+
+def _read_config(run_dir: str) -> dict | None:
+  """The run's config.json, or None when it has none that reads."""
+  try:
+    return workdir_lib.read_config_json(run_dir)
+  except configs.UserError:
+    return None
 
 
 def _model_numbers(config: dict | None) -> dict:
@@ -140,11 +152,11 @@ def _model_numbers(config: dict | None) -> dict:
 
 
 def _is_run(d: str) -> bool:
-  return bool(os.path.exists(os.path.join(d, 'config.json')) or
+  return bool(os.path.exists(workdir_lib.config_path(d)) or
               glob.glob(os.path.join(d, 'events.out.tfevents.*')) or
               any(os.path.exists(os.path.join(d, m))
                   for m in (sweep_lib.DONE, sweep_lib.FAILED, sweep_lib.RUNNING,
-                            START_FAILED)))
+                            workdir_lib.START_FAILED_FILE)))
 
 
 def find_runs(root: str) -> list[str]:
@@ -177,7 +189,7 @@ def _seed_of(name: str):
 
 def summarize(run_dir: str, root: str | None = None) -> dict:
   """One row of the table (numbers as floats, None where absent)."""
-  config = _load_json(os.path.join(run_dir, 'config.json'))
+  config = _read_config(run_dir)
   scalars = read_scalars(run_dir)
   train = scalars.get('train/loss', [])
   evals = scalars.get('eval/loss', [])
@@ -206,7 +218,7 @@ def summarize(run_dir: str, root: str | None = None) -> dict:
   }
   # The sweep's FAILED marker, or the trainer's own record of a failed start.
   failed = (sweep_lib.read_marker(run_dir, sweep_lib.FAILED)
-            or _load_json(os.path.join(run_dir, START_FAILED)) or {})
+            or workdir_lib.read_start_failed(run_dir) or {})
   if row['status'] == 'failed to start' and failed.get('message'):
     row['status'] += f': {failed["message"]}'
   for tag, column in (('train/moe_aux_loss', 'moe_aux_loss'),

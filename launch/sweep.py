@@ -60,6 +60,7 @@ from absl import flags
 import configs
 from configs import cli
 from configs import errors
+from train import workdir as workdir_lib
 
 DONE = 'DONE'
 FAILED = 'FAILED'
@@ -372,11 +373,8 @@ def is_done(run: Run, steps: int) -> bool:
     return False
 
 
-def checkpoint_steps(workdir: str) -> list[int]:
-  directory = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+# A run's saved steps; the name stays for the tests that call it.
+checkpoint_steps = workdir_lib.steps
 
 
 def read_marker(workdir: str, name: str) -> dict | None:
@@ -516,7 +514,7 @@ def execute(config: str, run: Run, base_overrides=(), *, in_process=False,
         child.kill()
     if stop is not None:
       stop.child = None
-    step = max(checkpoint_steps(run.workdir), default=0)
+    step = max(workdir_lib.steps(run.workdir), default=0)
   _remove_marker(run, RUNNING)
   if status == 0 and step is not None and step >= cfg.train.steps:
     _write_marker(run, DONE, {'step': step, 'finished': time.time()})
@@ -577,7 +575,7 @@ def train_all(config, planned, base_overrides, *, in_process, out, stop, label='
     status = execute(config, run, base_overrides, in_process=in_process, stop=stop)
     if stop.signum is not None and status != 0:
       results[run.name] = 'stopped'
-      step = max(checkpoint_steps(run.workdir), default=None)
+      step = max(workdir_lib.steps(run.workdir), default=None)
       print(f'{tag}: stopped by {signal.Signals(stop.signum).name}'
             + (f' at checkpoint {step}' if step else ' before its first checkpoint')
             + '; re-run the same command to resume', file=out, flush=True)
@@ -728,7 +726,7 @@ def sweep(config: str, workdir: str, runs: list[dict], base_overrides=(), *,
 def _print_planned(config, run, base_overrides, out):
   cfg = run_config(config, run, base_overrides)
   steps = cfg.train.steps
-  ckpts = checkpoint_steps(run.workdir)
+  ckpts = workdir_lib.steps(run.workdir)
   state = 'done' if is_done(run, steps) else (
       f'resume from step {ckpts[-1]}' if ckpts else 'new')
   flops = steps * tokens_per_step(cfg) * flops_per_token(cfg)

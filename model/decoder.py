@@ -16,7 +16,7 @@ placement of `model.norm_position`:
 - `sandwich`: x + norm_out(f(norm_in(x))) (Gemma 2; Ding et al. 2021, "CogView"),
   final norm before the head.
 
-Also here: token embeddings (tied to the head through `Embed.attend`, as GPT-2
+Also here: token embeddings (tied to the head through `Embed.unembed`, as GPT-2
 and Gemma, or a separate head), `embedding_scale` (x sqrt(d_model), Gemma),
 additive learned/sinusoidal positions, learned memory tokens (Burtsev et al.
 2020, "Memory Transformer"; Darcet et al. 2023, "Registers") that are prepended
@@ -72,7 +72,7 @@ def is_moe_layer(cfg_model, layer_index: int) -> bool:
 
 
 class Embed(nnx.Module):
-  """Token embedding [vocab, d_model]; `attend` is the tied output head."""
+  """Token embedding [vocab, d_model]; `unembed` is the tied output head."""
 
   def __init__(self, cfg_model, *, rngs: nnx.Rngs):
     init = nnx.initializers.normal(0.02)
@@ -90,7 +90,7 @@ class Embed(nnx.Module):
     table = partitioning.constrain(self.embedding[...], ('vocab', None))
     return jnp.take(table, tokens, axis=0).astype(self.dtype)
 
-  def attend(self, x):
+  def unembed(self, x):
     """Logits against the embedding rows: [b, t, d] -> float32 [b, t, vocab]."""
     return jnp.einsum('btd,vd->btv', x.astype(self.dtype),
                       self.embedding[...].astype(self.dtype),
@@ -232,7 +232,7 @@ class Decoder(nnx.Module):
     if self.norm_position != 'post':
       x = self.final_norm(x)
     if self.tie_embeddings:
-      logits = self.embed.attend(x)
+      logits = self.embed.unembed(x)
     else:
       logits = jnp.einsum('btd,dv->btv', x.astype(self.dtype),
                           self.head[...].astype(self.dtype),

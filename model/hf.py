@@ -1,10 +1,21 @@
-"""Hugging Face interop: local HF checkpoints in and out of ablax.
+"""Hugging Face checkpoints <-> ablax models: config and tensors, both ways.
 
-    cfg, decoder = model.hf.load(HF_DIR)      # config.json + *.safetensors
+    python -m model.hf import HF_DIR --workdir DIR [--overwrite]
+        a local Hugging Face folder (config.json + *.safetensors) -> a new
+        ablax workdir (config.json + checkpoints/0) to train, sample or
+        evaluate from
+    python -m model.hf export DIR --out HF_DIR [--step STEP]
+        an ablax workdir's newest (or STEP) checkpoint -> a folder that
+        transformers' AutoModelForCausalLM.from_pretrained loads
+
+From Python, the model alone (no workdir):
+
+    cfg, decoder = model.hf.load(HF_DIR)      # cfg.model + an nnx Decoder
     model.hf.save(cfg, decoder, HF_DIR)       # loadable by transformers
 
-    python -m model.hf import HF_DIR --workdir DIR   # an ablax workdir at step 0
-    python -m model.hf export DIR --out HF_DIR       # its latest checkpoint, back
+This module maps a Hugging Face config and tensors to an ablax `config.model`
+and parameters, and back; it knows nothing of training. Writing and reading
+workdirs (the command line above) is `train/hf_workdir.py`'s.
 
 Families (by `model_type`): llama (Llama 3 `llama3` and `linear` RoPE
 scaling), mistral (sliding window), qwen2 (biases on q/k/v only: ablax's
@@ -24,19 +35,18 @@ gives back the same tensors bit for bit (Gemma's `1 + w` round trip is exact
 whenever `1 + w` is representable, e.g. for the zero-initialised weights).
 """
 
-import argparse
 import json
 import logging
 import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
 import configs
 from configs import base as base_config
-from configs import errors
 from model import decoder as decoder_lib
 
 
@@ -371,7 +381,12 @@ def _flat_params(decoder):
 
 
 def load(hf_dir: str):
-  """(cfg, decoder) from a local Hugging Face folder; raises HFError."""
+  """(cfg, decoder) from a local Hugging Face folder; raises HFError.
+
+  `cfg` holds `cfg.model` only: how to train the model (data, tokenizer,
+  steps) is not in a Hugging Face model folder (`train.hf_workdir` makes a
+  whole config for a workdir).
+  """
   path = os.path.join(hf_dir, 'config.json')
   if not os.path.exists(path):
     raise HFError(f'{hf_dir}: no config.json')
@@ -410,13 +425,7 @@ def load(hf_dir: str):
   left = {k for k in left if not k.endswith(('attn.bias', 'attn.masked_bias', 'rotary_emb.inv_freq'))}
   if left:
     raise HFError(f'{hf_dir}: tensors with no ablax mapping: {sorted(left)[:8]}')
-  cfg = base_config.get_config()
-  cfg.model = m
-  tokenizer = os.path.join(os.path.abspath(hf_dir), 'tokenizer.json')
-  if os.path.exists(tokenizer):
-    cfg.data.tokenizer = 'hf:' + tokenizer
-  cfg.train.seq_len = min(cfg.train.seq_len, m.max_seq_len)
-  return cfg, decoder
+  return ml_collections.ConfigDict({'model': m}), decoder
 
 
 def _qwen2_like(decoder, m):
@@ -571,100 +580,9 @@ def save(cfg, decoder, hf_dir: str) -> None:
   save_file(tensors, os.path.join(hf_dir, 'model.safetensors'), metadata={'format': 'pt'})
 
 
-# -- workdirs -------------------------------------------------------------------
-
-
-def import_to_workdir(hf_dir: str, workdir: str, overwrite: bool = False):
-  """Writes `workdir/config.json` and an orbax checkpoint at step 0.
-
-  A folder that already holds a run or an import is refused unless
-  `overwrite`, which first removes its config.json, checkpoints and
-  TensorBoard files.
-  """
-  from train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from train import optim  # pylint: disable=g-import-not-at-top
-  from train import step as step_lib  # pylint: disable=g-import-not-at-top
-  cfg, decoder = load(hf_dir)
-  configs.validate(cfg)
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise HFError(f'--workdir {workdir} is a file, not a folder')
-  held = [name for name in ('config.json', 'checkpoints')
-          if os.path.exists(os.path.join(workdir, name))]
-  if held and not overwrite:
-    raise HFError(f'--workdir {workdir} already holds a run or an import '
-                  f'({", ".join(held)}): give a new folder, or pass --overwrite '
-                  'to replace it')
-  if held:
-    checkpoint_lib.clear_run(workdir)
-  mesh = mesh_lib.make_mesh(cfg.mesh)
-  optimizer, _ = optim.make_optimizer(cfg.train)
-  _, init, _, shardings = step_lib.train_state_spec(
-      lambda: decoder_lib.Decoder(cfg.model, rngs=nnx.Rngs(cfg.train.seed)),
-      optimizer, mesh, cfg.train.seed)
-  state = jax.jit(init, out_shardings=shardings)()
-  params = nnx.state(decoder, nnx.Param)
-  state['params'] = jax.device_put(params, shardings['params'])
-  with checkpoint_lib.Checkpointer(workdir, every_steps=1,
-                                   keep=cfg.train.keep_checkpoints) as ckpt:
-    # No data-iterator state: training on from here reads its own data from
-    # the start, whatever data config (source, batch, workers) it uses.
-    if not ckpt.save(0, state, force=True):
-      raise HFError(f'{workdir}: checkpoint 0 was not written')
-  checkpoint_lib.write_config(workdir, cfg)
-  return cfg
-
-
-def load_workdir(workdir: str, step: int | None = None):
-  """(cfg, decoder) from an ablax workdir's config.json and latest (or `step`) params."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from train import optim  # pylint: disable=g-import-not-at-top
-  from train import step as step_lib  # pylint: disable=g-import-not-at-top
-  from configs import workdir as workdir_config  # pylint: disable=g-import-not-at-top
-  cfg = ml_collections.ConfigDict(workdir_config.read_saved(workdir))
-  steps = checkpoint_lib.saved_steps(workdir)
-  if not steps:
-    raise HFError(f'{workdir} holds no checkpoint (nothing under '
-                  f'{os.path.join(workdir, "checkpoints")}): train it first')
-  if step is not None and step not in steps:
-    raise HFError(f'--step {step}: {workdir} has checkpoints '
-                  f'{", ".join(map(str, steps))}')
-  step = max(steps) if step is None else step
-  mesh = mesh_lib.make_mesh(cfg.mesh)
-  optimizer, _ = optim.make_optimizer(cfg.train)
-  graphdef, _, abstract_state, _ = step_lib.train_state_spec(
-      lambda: decoder_lib.Decoder(cfg.model, rngs=nnx.Rngs(0)), optimizer, mesh,
-      cfg.train.seed)
-  with checkpoint_lib.Checkpointer(workdir, every_steps=1,
-                                   keep=cfg.train.keep_checkpoints) as ckpt:
-    state = ckpt.restore(step, abstract_state)
-  decoder = nnx.merge(graphdef, state['params'], state['model_state'])
-  return cfg, decoder
-
-
-def main(argv=None):
-  parser = argparse.ArgumentParser(prog='python -m model.hf', description=__doc__.split('\n')[0])
-  sub = parser.add_subparsers(dest='command', required=True)
-  p = sub.add_parser('import', help='a Hugging Face folder -> an ablax workdir')
-  p.add_argument('hf_dir')
-  p.add_argument('--workdir', required=True)
-  p.add_argument('--overwrite', action='store_true',
-                 help='replace a run or import already in --workdir')
-  p = sub.add_parser('export', help='an ablax workdir -> a Hugging Face folder')
-  p.add_argument('workdir')
-  p.add_argument('--out', required=True)
-  p.add_argument('--step', type=int, default=None)
-  args = parser.parse_args(argv)
-  if args.command == 'import':
-    import_to_workdir(args.hf_dir, args.workdir, overwrite=args.overwrite)
-    print(f'wrote {args.workdir}/config.json and checkpoints/0')
-  else:
-    cfg, decoder = load_workdir(args.workdir, args.step)
-    save(cfg, decoder, args.out)
-    print(f'wrote {args.out}/config.json and model.safetensors')
-
-
 if __name__ == '__main__':
-  errors.run(main, absl_flags=False)
+  # The command line writes and reads ablax workdirs, which are the trainer's
+  # business: `train.hf_workdir` runs it. The library above imports nothing
+  # from `train`.
+  from train import hf_workdir  # pylint: disable=g-import-not-at-top
+  hf_workdir.run_as_main()

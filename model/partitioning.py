@@ -10,7 +10,7 @@ Pinning the residual stream to batch sharding is what GSPMD-style trainers
 (MaxText's `activation_*` rules) do as well.
 
 The model does not know the mesh: the trainer maps names to shardings
-(`train.sharding`) and installs that mapping with `activation_sharding(fn)`
+(`train.sharding`) and installs that mapping with `constrain_with(fn, mesh)`
 inside the function it jits (`jax.jit` caches traces without looking at this
 context, so it must not be set around the call instead). Outside that context
 (tests, sampling, a single device) `constrain` is the identity.
@@ -36,8 +36,8 @@ _MESH: contextvars.ContextVar[jax.sharding.Mesh | None] = contextvars.ContextVar
 
 
 @contextlib.contextmanager
-def activation_sharding(fn: Callable[[Sequence[str | None], tuple[int, ...]], object],
-                        mesh: jax.sharding.Mesh | None = None):
+def constrain_with(fn: Callable[[Sequence[str | None], tuple[int, ...]], object],
+                   mesh: jax.sharding.Mesh | None = None):
   """Within this context `constrain` applies `fn(logical_axes, shape)`.
 
   `mesh`: the mesh `fn`'s NamedShardings live on, for `current_mesh()`.

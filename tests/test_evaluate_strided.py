@@ -23,6 +23,7 @@ from train import evaluate
 from train import mesh as mesh_lib
 from train import optim
 from train import step as step_lib
+from train import workdir as workdir_lib
 
 CONTEXT = 16
 BOS, EOS = 256, 257
@@ -140,8 +141,8 @@ def test_every_target_is_scored_exactly_once(run):
 
 def test_each_token_is_scored_with_the_context_of_its_window(run):
   workdir, root, forward = run
-  cfg = evaluate.load_config(workdir)
-  mesh = evaluate._mesh(cfg)  # pylint: disable=protected-access
+  cfg = workdir_lib.load_config(workdir)
+  mesh = workdir_lib.fitting_mesh(cfg)
   graphdef, state, shardings, _ = evaluate.restore(workdir, cfg, mesh)
   score = evaluate.make_score_fn(graphdef, state, shardings, mesh)
   docs = [_tokens(TEXTS['c_long.txt']), _tokens(TEXTS['a_short.txt'])]

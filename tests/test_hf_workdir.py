@@ -1,8 +1,11 @@
-"""python -m model.hf import / export: HF folder -> ablax workdir -> HF folder."""
+"""python -m model.hf import / export (train/hf_workdir.py): HF folder -> ablax
+workdir -> HF folder."""
 
 import json
 import math
 import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import ml_collections
@@ -12,38 +15,84 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 import configs
+from configs import base as base_config
 import model as model_lib
 from data import pipeline
 from model import hf
 from tests import hf_families
 from train import loop as train_loop
 from train import mesh as mesh_lib
+from train import hf_workdir
 from train import optim
 from train import step as step_lib
+from train import workdir as workdir_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(*args):
+  """`python -m model.hf ARGS` as a user types it."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
+  return subprocess.run([sys.executable, '-m', 'model.hf', *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
 
 
 def test_import_workdir_then_export(tmp_path):
   # 320 ids: the workdir's default bytes tokenizer (258 ids) must fit.
   model = hf_families.make_hf_model('qwen3', vocab_size=320)
   model.save_pretrained(tmp_path / 'hf')
-  hf.main(['import', str(tmp_path / 'hf'), '--workdir', str(tmp_path / 'work')])
+  # The documented command lines, as subprocesses.
+  result = _cli('import', str(tmp_path / 'hf'), '--workdir', str(tmp_path / 'work'))
+  assert result.returncode == 0, result.stderr
   with open(tmp_path / 'work' / 'config.json') as f:
     saved = json.load(f)
   assert saved['model']['qk_norm'] is True
   assert os.path.isdir(tmp_path / 'work' / 'checkpoints' / '0')
 
-  cfg, decoder = hf.load_workdir(str(tmp_path / 'work'))
+  cfg, decoder = workdir_lib.load_decoder(str(tmp_path / 'work'))
   tokens = hf_families.random_tokens(0, (1, 16))
   got, _ = decoder(jnp.asarray(tokens))
   want = hf_families.hf_logits(model, tokens)
   np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-4 * np.abs(want).max())
 
-  hf.main(['export', str(tmp_path / 'work'), '--out', str(tmp_path / 'back')])
+  result = _cli('export', str(tmp_path / 'work'), '--out', str(tmp_path / 'back'))
+  assert result.returncode == 0, result.stderr
   before = load_file(str(tmp_path / 'hf' / 'model.safetensors'))
   after = load_file(str(tmp_path / 'back' / 'model.safetensors'))
   assert sorted(before) == sorted(after)
   for name in before:
     np.testing.assert_array_equal(before[name], after[name], err_msg=name)
+
+
+def test_command_line_help_and_usage_errors(tmp_path):
+  result = _cli('--help')          # absl's --help exits with status 1
+  for text in ('python -m model.hf import HF_DIR --workdir DIR',
+               'python -m model.hf export DIR --out HF_DIR', '--workdir:', '--out:',
+               '--[no]overwrite:', '--step:'):
+    assert text in result.stdout, text
+  # A missing command, a missing --workdir: one `ablax:` line, exit 2.
+  for args, text in ((['--out', 'x'], 'give a command'),
+                     (['import', str(tmp_path)], 'give --workdir DIR'),
+                     (['export', str(tmp_path), str(tmp_path)], 'export takes one folder')):
+    result = _cli(*args)
+    lines = [l for l in result.stderr.splitlines() if l.startswith('ablax:')]
+    assert result.returncode == 2 and len(lines) == 1 and text in lines[0], result.stderr
+
+
+def test_load_fills_the_model_only(tmp_path):
+  """model.hf.load maps the model; the workdir's training and data fields are
+  hf_workdir's (the folder's tokenizer, a seq_len within max_seq_len)."""
+  model = hf_families.make_hf_model('llama', vocab_size=320)
+  model.save_pretrained(tmp_path)
+  (tmp_path / 'tokenizer.json').write_text('{}')
+  cfg, _ = hf.load(str(tmp_path))
+  assert sorted(cfg.keys()) == ['model']
+  whole = hf_workdir.workdir_config(str(tmp_path), cfg.model)
+  assert whole.data.tokenizer == 'hf:' + str(tmp_path / 'tokenizer.json')
+  # base's seq_len is 128; the model's max_position_embeddings 64.
+  assert base_config.get_config().train.seq_len == 128 and cfg.model.max_seq_len == 64
+  assert whole.train.seq_len == 64
+  assert whole.model.to_dict() == cfg.model.to_dict()
 
 
 # -- an imported workdir is an ordinary workdir --------------------------------
@@ -55,7 +104,7 @@ def imported(tmp_path_factory):
   root = tmp_path_factory.mktemp('imported')
   model = hf_families.make_hf_model('llama', vocab_size=320)
   model.save_pretrained(root / 'hf')
-  hf.main(['import', str(root / 'hf'), '--workdir', str(root / 'work')])
+  hf_workdir.import_to_workdir(str(root / 'hf'), str(root / 'work'))
   return root
 
 
@@ -101,7 +150,7 @@ def test_training_goes_on_from_an_imported_workdir(imported):
 def test_an_imported_workdir_is_a_dpo_init_checkpoint(imported, tmp_path):
   from align import loop as align_loop  # pylint: disable=g-import-not-at-top
   workdir = str(imported / 'work_for_dpo')
-  hf.main(['import', str(imported / 'hf'), '--workdir', workdir])
+  hf_workdir.import_to_workdir(str(imported / 'hf'), workdir)
   # `configs/dpo.py:DIR` takes the model and tokenizer from the workdir.
   cfg = configs.load(f'configs/dpo.py:{workdir}', [
       'dpo.max_prompt_len=16', 'dpo.max_len=32', 'train.global_batch_size=8',
@@ -152,13 +201,13 @@ def test_import_into_an_import_is_refused_unless_overwrite(tmp_path):
   second = hf_families.make_hf_model('qwen3', seed=1, vocab_size=320)
   first.save_pretrained(tmp_path / 'hf0')
   second.save_pretrained(tmp_path / 'hf1')
-  hf.main(['import', str(tmp_path / 'hf0'), '--workdir', work])
+  hf_workdir.import_to_workdir(str(tmp_path / 'hf0'), work)
   before = _tree_hash(work)
   with pytest.raises(configs.UserError, match=f'{work} already holds .*--overwrite'):
-    hf.main(['import', str(tmp_path / 'hf1'), '--workdir', work])
+    hf_workdir.import_to_workdir(str(tmp_path / 'hf1'), work)
   assert _tree_hash(work) == before            # nothing written, nothing claimed
-  hf.main(['import', str(tmp_path / 'hf1'), '--workdir', work, '--overwrite'])
-  _, decoder = hf.load_workdir(work)
+  hf_workdir.import_to_workdir(str(tmp_path / 'hf1'), work, overwrite=True)
+  _, decoder = workdir_lib.load_decoder(work)
   tokens = hf_families.random_tokens(0, (1, 8))
   got, _ = decoder(jnp.asarray(tokens))
   want = hf_families.hf_logits(second, tokens)  # the new weights, not the old

@@ -87,7 +87,7 @@ def test_chunked_lm_loss_and_grads_equal_unchunked_with_z_loss(untied_reference,
 
 
 def test_chunked_loss_with_tied_softcapped_mup_head_and_packed_sft_weights():
-  # The head's every step: tied embeddings (Embed.attend), muP's 1/m readout
+  # The head's every step: tied embeddings (Embed.unembed), muP's 1/m readout
   # multiplier, the Gemma 2 soft-cap; packed rows with float loss weights.
   cfg = _model_cfg('model.tie_embeddings=True', 'model.final_logit_softcap=3.0',
                    'model.mup_base_width=32')

@@ -1,4 +1,4 @@
-"""Checkpoints: orbax saving and resuming, and the workdir's `config.json`.
+"""Checkpoints: orbax saving and resuming of the whole train state.
 
 `DIR/checkpoints/STEP/` holds two orbax items:
 
@@ -20,22 +20,22 @@ truncated by hand, a disk error) is skipped with a warning, moved aside to
 previous one is used.
 
 `check_config` refuses to resume a workdir whose `config.json` describes a
-different model, naming the differing fields; `write_config` writes the fully
-resolved config there at start.
+different model, naming the differing fields.
 
 Starting from another run (`train.init_checkpoint`, `dpo.init_checkpoint`):
 `resolve_init_checkpoint` finds the step folder of a workdir or checkpoint
 path, and `load_init_params` checks that the run there had the same model
 (refusing, with the differing fields named, if not) and restores only its
 parameters.
+
+The workdir's layout (config.json, step folders, parameters only, the lock,
+the status) is `train.workdir`'s; this module reads the workdir through it.
 """
 
-import datetime
 import json
 import math
 import os
 import shutil
-import socket
 import time
 
 import jax
@@ -46,51 +46,22 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 import configs
+from train import workdir as workdir_lib
+
+# Workdir names the loops and tests reach through this module; they live in
+# `train.workdir`.
+CheckpointError = workdir_lib.CheckpointError
+WorkdirLock = workdir_lib.WorkdirLock
+config_json = workdir_lib.config_json
+write_config = workdir_lib.write_config
+restore_params = workdir_lib.restore_params
+mark_start_failed = workdir_lib.mark_start_failed
+clear_start_failed = workdir_lib.clear_start_failed
 
 # Model fields that change how the same parameters are computed with, not the
 # parameters: a run may resume with other values (a warning says so).
 RUNTIME_MODEL_FIELDS = ('attention_impl', 'attention_block_q', 'attention_block_kv',
                         'remat', 'dtype', 'moe_dispatch')
-
-
-def config_json(cfg) -> str:
-  return cfg.to_json_best_effort(indent=2, sort_keys=True)
-
-
-def write_config(workdir: str, cfg) -> None:
-  """Writes `DIR/config.json` (process 0)."""
-  if jax.process_index() != 0:
-    return
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, 'config.json')
-  with open(path + '.tmp', 'w') as f:
-    f.write(config_json(cfg) + '\n')
-  os.replace(path + '.tmp', path)
-
-
-def saved_steps(workdir: str) -> list[int]:
-  """The step numbers under `DIR/checkpoints/`, ascending ([] if none)."""
-  directory = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
-
-
-def _has_checkpoints(workdir: str) -> bool:
-  return bool(saved_steps(workdir))
-
-
-def clear_run(workdir: str) -> None:
-  """Removes a run from `workdir`: config.json, checkpoints and TensorBoard
-  files (`model.hf import --overwrite`)."""
-  for name in ('config.json', START_FAILED_FILE):
-    if os.path.exists(os.path.join(workdir, name)):
-      os.remove(os.path.join(workdir, name))
-  for name in ('checkpoints', 'checkpoints.skipped'):
-    shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
-  for name in os.listdir(workdir):
-    if name.startswith('events.out.tfevents.'):
-      os.remove(os.path.join(workdir, name))
 
 
 def _resolved_model(fields: dict) -> dict:
@@ -136,26 +107,25 @@ def model_differences(saved: dict, cfg) -> tuple[list[str], list[str]]:
   return shape, runtime
 
 
-def _saved_differences(config_path: str, cfg):
+def _saved_differences(workdir: str, cfg):
   """(saved config dict, shape differences, runtime differences) against `cfg`."""
-  with open(config_path) as f:
-    saved = json.load(f)
+  saved = workdir_lib.read_config_json(workdir)
   return (saved, *model_differences(saved, cfg))
 
 
 def check_config(workdir: str, cfg) -> None:
   """Refuses to resume a workdir that holds checkpoints of a different model."""
-  path = os.path.join(workdir, 'config.json')
-  if not (_has_checkpoints(workdir) and os.path.exists(path)):
+  steps = workdir_lib.steps(workdir)
+  if not (steps and os.path.exists(workdir_lib.config_path(workdir))):
     return
-  saved, shape, runtime = _saved_differences(path, cfg)
+  saved, shape, runtime = _saved_differences(workdir, cfg)
   if shape:
     raise configs.ConfigError(
         f'{workdir} holds checkpoints of a different model; differing fields:\n  '
         + '\n  '.join(shape) +
         '\nUse a new --workdir, or set these fields back to the saved values.')
   batch = saved.get('train', {}).get('global_batch_size', cfg.train.global_batch_size)
-  latest = os.path.join(workdir, 'checkpoints', str(saved_steps(workdir)[-1]))
+  latest = workdir_lib.step_dir(workdir, steps[-1])
   # A checkpoint without a data position (`model.hf import`) fits any batch.
   if batch != cfg.train.global_batch_size and os.path.isdir(os.path.join(latest, 'data')):
     raise configs.ConfigError(
@@ -167,10 +137,6 @@ def check_config(workdir: str, cfg) -> None:
   if runtime:
     logging.warning('resuming %s with changed runtime fields: %s', workdir,
                     '; '.join(runtime))
-
-
-class CheckpointError(configs.UserError):
-  """No checkpoint of the workdir can be loaded into this run's state."""
 
 
 def all_finite(tree) -> bool:
@@ -199,133 +165,6 @@ def _reason(error: BaseException) -> str:
     if text and '<bound method' not in text and text not in parts:
       parts.append(text)
   return f'{type(error).__name__}: ' + (': '.join(parts) or 'no message')
-
-
-# ----------------------------------------------------------------------------
-# The workdir lock.
-
-LOCK_FILE = 'LOCK'
-START_FAILED_FILE = 'start_failed.json'
-
-
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
-class WorkdirLock:
-  """`DIR/LOCK` while a run trains in DIR: one run per workdir.
-
-  The file holds {"host", "pid", "started", "command"}. A second run is
-  refused at once, naming the holder. A lock whose process is gone (same
-  host, no such PID: a kill -9, a crash) is stale and taken over with a
-  warning; a lock held from another host cannot be checked and is refused
-  with the file to delete if that run is over. Only process 0 of a
-  multi-process job takes it.
-  """
-
-  def __init__(self, workdir: str, command: str = 'train'):
-    self.path = os.path.join(workdir, LOCK_FILE)
-    self.workdir = workdir
-    self.command = command
-    self.held = False
-
-  def _read(self) -> dict:
-    try:
-      with open(self.path) as f:
-        return json.load(f)
-    except (OSError, ValueError):
-      return {}
-
-  def acquire(self) -> None:
-    if jax.process_index() != 0:
-      return
-    make_workdir(self.workdir)
-    record = {'host': socket.gethostname(), 'pid': os.getpid(),
-              'started': datetime.datetime.now(datetime.timezone.utc).isoformat(
-                  timespec='seconds'),
-              'command': self.command}
-    for _ in range(3):
-      try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      except FileExistsError:
-        holder = self._read()
-        host, pid = holder.get('host'), holder.get('pid')
-        if not holder:           # being written right now, or garbage
-          time.sleep(0.2)
-          holder = self._read()
-          host, pid = holder.get('host'), holder.get('pid')
-        if host == socket.gethostname() and isinstance(pid, int) and _alive(pid):
-          raise configs.UserError(
-              f'{self.workdir} is in use by another run ({holder.get("command", "?")}, '
-              f'pid {pid} on {host}, started {holder.get("started", "?")}): wait '
-              'for it to finish or stop it, or use another --workdir')
-        if host and host != socket.gethostname():
-          raise configs.UserError(
-              f'{self.workdir} is locked by a run on host {host} (pid {pid}, '
-              f'started {holder.get("started", "?")}); if that run is over, '
-              f'delete {self.path}')
-        logging.warning('taking over the stale lock %s (pid %s on %s is gone)',
-                        self.path, pid, host)
-        try:
-          os.remove(self.path)
-        except FileNotFoundError:
-          pass
-        continue
-      with os.fdopen(fd, 'w') as f:
-        json.dump(record, f)
-      self.held = True
-      return
-    raise configs.UserError(f'{self.path}: could not take the workdir lock')
-
-  def release(self) -> None:
-    if self.held and self._read().get('pid') == os.getpid():
-      os.remove(self.path)
-    self.held = False
-
-  def __enter__(self):
-    self.acquire()
-    return self
-
-  def __exit__(self, *exc):
-    self.release()
-
-
-def make_workdir(workdir: str) -> None:
-  """Creates `workdir`; one that is a file or cannot be made is a UserError."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise configs.UserError(f'--workdir {workdir} is a file, not a folder')
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise configs.UserError(f'--workdir {workdir} cannot be created: '
-                            f'{e.strerror}') from None
-
-
-def mark_start_failed(workdir: str, stage: str, error: BaseException) -> None:
-  """Writes `DIR/start_failed.json` for a run that failed before its first step
-  ({"stage", "type", "message", "time"}); `launch.compare` shows it."""
-  if (jax.process_index() != 0 or not os.path.isdir(workdir) or
-      os.path.exists(os.path.join(workdir, 'config.json'))):
-    return                      # a run that started once is not a failed start
-  from configs import errors  # pylint: disable=g-import-not-at-top
-  record = {'stage': stage, 'type': type(error).__name__,
-            'message': errors.one_line(error),
-            'time': datetime.datetime.now(datetime.timezone.utc).isoformat(
-                timespec='seconds')}
-  with open(os.path.join(workdir, START_FAILED_FILE), 'w') as f:
-    json.dump(record, f)
-
-
-def clear_start_failed(workdir: str) -> None:
-  path = os.path.join(workdir, START_FAILED_FILE)
-  if jax.process_index() == 0 and os.path.exists(path):
-    os.remove(path)
 
 
 class Checkpointer:
@@ -393,8 +232,8 @@ class Checkpointer:
       if before is not None and step >= before:
         continue
       try:
-        restored, _ = restore_items(os.path.join(self.directory, str(step)),
-                                    {'params': abstract_state['params']})
+        restored, _ = workdir_lib.restore(os.path.join(self.directory, str(step)),
+                                          {'params': abstract_state['params']})
       except Exception:  # pylint: disable=broad-except
         continue
       if all_finite(restored['params']):
@@ -492,69 +331,16 @@ class Checkpointer:
     self.manager.reload()
 
 
-def checkpoint_dir(path: str) -> str:
-  """`DIR` (a workdir: its newest checkpoint) or `DIR/checkpoints/STEP` -> the
-  step folder."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, 'state')):
-    return path
-  directory = os.path.join(path, 'checkpoints')
-  steps = saved_steps(path)
-  if not steps:
-    raise CheckpointError(f'{path} holds no checkpoint (no {directory}/STEP/state)')
-  return os.path.join(directory, str(steps[-1]))
-
-
-def restore_items(path: str, abstract: dict):
-  """Some top-level entries of a checkpoint's train state, e.g. `{'params':
-  ..., 'model_state': ...}` (abstract arrays with shardings), without reading
-  the rest. Returns (dict of restored entries, step)."""
-  step_dir = checkpoint_dir(path)
-  restored = ocp.PyTreeCheckpointer().restore(
-      os.path.join(step_dir, 'state'),
-      args=ocp.args.PyTreeRestore(
-          item=abstract,
-          restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-          partial_restore=True))
-  return restored, int(os.path.basename(step_dir))
-
-
-def restore_params(path: str, abstract_params):
-  """Only the model parameters of a checkpoint, e.g. to start DPO, sample or
-  evaluate from a trained workdir; the optimizer state is not read.
-
-  Args:
-    path: a workdir (its newest checkpoint) or a `DIR/checkpoints/STEP` folder.
-    abstract_params: the `params` entry of `step.train_state_spec`'s abstract
-      state (shapes, dtypes, shardings to restore into).
-
-  Returns:
-    (params, step).
-  """
-  restored, step = restore_items(path, {'params': abstract_params})
-  return restored['params'], step
-
-
 def resolve_init_checkpoint(path: str, field: str) -> tuple[str, str]:
-  """(workdir, checkpoint step folder) of an init path given in config `field`.
-
-  `path` is a workdir (its newest checkpoint) or a `DIR/checkpoints/STEP`
-  folder; anything else is a ConfigError naming `field`.
-  """
+  """(workdir, checkpoint step folder) of an init path given in config `field`
+  (`workdir.resolve`); a path that is neither is a ConfigError naming `field`."""
   if not path:
     raise configs.ConfigError(f'{field} is empty: give the workdir of a run '
                               '(or one of its checkpoints/STEP folders)')
-  path = os.path.abspath(os.path.expanduser(path))
-  directory = os.path.join(path, 'checkpoints')
-  if os.path.isdir(directory):
-    steps = saved_steps(path)
-    if not steps:
-      raise configs.ConfigError(f'{field}={path!r}: no checkpoints in {directory}')
-    return path, os.path.join(directory, str(steps[-1]))
-  if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, 'state')):
-    return os.path.dirname(os.path.dirname(path)), path
-  raise configs.ConfigError(f'{field}={path!r} is neither a workdir with '
-                            'checkpoints/ nor a checkpoints/STEP folder')
+  try:
+    return workdir_lib.resolve(path)
+  except workdir_lib.CheckpointError as e:
+    raise configs.ConfigError(f'{field}={path!r}: {e}') from None
 
 
 def load_init_params(cfg, step_dir: str, init_workdir: str, abstract_state, *,
@@ -568,11 +354,10 @@ def load_init_params(cfg, step_dir: str, init_workdir: str, abstract_state, *,
   shapes, dtypes and shardings of `abstract_state`, so the init run's
   optimizer does not matter.
   """
-  config_path = os.path.join(init_workdir, 'config.json')
-  if not os.path.exists(config_path):
-    raise configs.ConfigError(f'{config_path} not found: {field} must belong to '
-                              'an ablax workdir')
-  saved, shape, runtime = _saved_differences(config_path, cfg)
+  try:
+    saved, shape, runtime = _saved_differences(init_workdir, cfg)
+  except configs.ConfigError as e:
+    raise configs.ConfigError(f'{field}: {e}') from None
   if shape:
     raise configs.ConfigError(
         f'{field}: {init_workdir} holds a different model; differing fields:\n  '
@@ -588,5 +373,5 @@ def load_init_params(cfg, step_dir: str, init_workdir: str, abstract_state, *,
   # An empty model_state (the decoder's) has nothing to read.
   keys = ['params'] + (['model_state'] if jax.tree.leaves(abstract_state['model_state'])
                        else [])
-  restored, _ = restore_items(step_dir, {k: abstract_state[k] for k in keys})
+  restored, _ = workdir_lib.restore(step_dir, {k: abstract_state[k] for k in keys})
   return restored['params'], restored.get('model_state', abstract_state['model_state'])

@@ -55,17 +55,15 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import configs
 from configs import errors
-import model as model_lib
 from data import pipeline
 from data import sources
 from data import tokenizers
-from train import checkpoint as checkpoint_lib
 from train import loop
 from train import mesh as mesh_lib
-from train import optim
 from train import sharding
 from train import step as step_lib
 from train import tasks
+from train import workdir as workdir_lib
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir.')
 _CHECKPOINT = flags.DEFINE_integer('checkpoint', None,
@@ -93,60 +91,24 @@ _TASKS = flags.DEFINE_string(
 _TASK_LIMIT = flags.DEFINE_integer('task_limit', None, 'Examples per task (0: all).')
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise configs.ConfigError(f'{path} not found: not an ablax workdir')
-  with open(path) as f:
-    cfg = ml_collections.ConfigDict(json.load(f))
-  configs.validate(cfg)
-  return cfg
-
-
-def _mesh(cfg):
-  """The run's mesh if it fits these devices, else data parallel over all."""
-  try:
-    mesh = mesh_lib.make_mesh(cfg.mesh)
-    sharding.check_batch(mesh, cfg.train.global_batch_size)
-    return mesh
-  except configs.ConfigError:
-    return mesh_lib.make_mesh(ml_collections.ConfigDict({'data': -1}))
-
-
 def restore(workdir: str, cfg, mesh, checkpoint: int | None = None):
   """(graphdef, {'params', 'model_state'}, their shardings, step) of a
-  checkpoint of `workdir`, restored onto `mesh` (the optimizer state is not
-  read)."""
-  optimizer, _ = optim.make_optimizer(cfg.train, cfg.model)
-  graphdef, _, abstract, shardings = step_lib.train_state_spec(
-      lambda: model_lib.Decoder(cfg.model, rngs=nnx.Rngs(0)), optimizer, mesh,
-      cfg.train.seed)
-  keys = ['params'] + (['model_state'] if jax.tree.leaves(abstract['model_state']) else [])
-  path = workdir if checkpoint is None else os.path.join(
-      workdir, 'checkpoints', str(checkpoint))
-  if not os.path.isdir(os.path.join(path, 'state')) and checkpoint is not None:
-    directory = os.path.join(workdir, 'checkpoints')
-    steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if (
-        os.path.isdir(directory)) else []
-    raise FileNotFoundError(f'no checkpoint {checkpoint} in {directory}; there are: '
-                            f'{", ".join(map(str, steps)) or "none"}')
-  restored, step = checkpoint_lib.restore_items(path, {k: abstract[k] for k in keys})
-  state = {'params': restored['params'],
-           'model_state': restored.get('model_state', abstract['model_state'])}
-  return graphdef, state, {k: shardings[k] for k in state}, step
+  checkpoint of `workdir`, restored onto `mesh` (`workdir.restore_model`: the
+  optimizer state is not read)."""
+  return workdir_lib.restore_model(workdir, cfg, mesh, checkpoint)
 
 
 def evaluate(workdir: str, checkpoint: int | None = None, eval_steps: int | None = None,
              split: str = 'eval') -> dict:
   """{'step', 'loss', 'perplexity', 'tokens'} of a checkpoint of `workdir`."""
-  cfg = load_config(workdir)
+  cfg = workdir_lib.load_config(workdir)
   if eval_steps is not None:
     cfg.train.eval_steps = eval_steps
   if split == 'eval' and not pipeline.has_eval(cfg):
     raise configs.ConfigError(f'{workdir} was trained without eval data '
                               '(data.eval_files); use --split train or --stride '
                               'with --files')
-  mesh = _mesh(cfg)
+  mesh = workdir_lib.fitting_mesh(cfg)
   sharding.check_batch(mesh, cfg.train.global_batch_size)
   graphdef, state, state_shardings, step = restore(workdir, cfg, mesh, checkpoint)
   eval_step = step_lib.make_eval_step(
@@ -332,7 +294,7 @@ def evaluate_strided(workdir: str, *, stride: int | None = None,
   Returns {'step', 'loss' (mean NLL per scored token), 'perplexity', 'tokens'
   (targets scored), 'documents', 'windows', 'context', 'stride'}.
   """
-  cfg = load_config(workdir)
+  cfg = workdir_lib.load_config(workdir)
   context = int(cfg.train.seq_len if context is None else context)
   stride = int(context if stride is None else stride)
   if context < 1:
@@ -352,7 +314,7 @@ def evaluate_strided(workdir: str, *, stride: int | None = None,
   elif cfg.data.source == 'synthetic' and files is None:
     raise configs.ConfigError('data.source=synthetic has endless documents: give '
                               '--max_documents N')
-  mesh = _mesh(cfg)
+  mesh = workdir_lib.fitting_mesh(cfg)
   graphdef, state, state_shardings, step = restore(workdir, cfg, mesh, checkpoint)
   score = make_score_fn(graphdef, state, state_shardings, mesh)
   total, tokens, count, windows = 0.0, 0, 0, 0
@@ -394,7 +356,7 @@ def evaluate_lengths(workdir: str, lengths: Sequence[int], *, files: str | None 
     lengths = []
   if not lengths or lengths[0] < 1:
     raise configs.ConfigError(f'--lengths={lengths}: give positive lengths, e.g. 128,256')
-  cfg = load_config(workdir)
+  cfg = workdir_lib.load_config(workdir)
   if lengths[-1] > cfg.model.max_seq_len and cfg.model.position == 'learned':
     raise configs.ConfigError(f'--lengths: {lengths[-1]} exceeds model.max_seq_len='
                               f'{cfg.model.max_seq_len}, the learned position table')
@@ -413,7 +375,7 @@ def evaluate_lengths(workdir: str, lengths: Sequence[int], *, files: str | None 
   if not chosen:
     raise sources.DataError(f'--lengths: no document has {longest} tokens; use shorter '
                             'lengths or --files with longer documents')
-  mesh = _mesh(cfg)
+  mesh = workdir_lib.fitting_mesh(cfg)
   graphdef, state, state_shardings, step = restore(workdir, cfg, mesh, checkpoint)
   score = make_score_fn(graphdef, state, state_shardings, mesh)
   result = {'step': step, 'documents': len(chosen), 'tokens': len(chosen) * lengths[-1],
@@ -434,11 +396,11 @@ def evaluate_tasks(workdir: str, spec: str, checkpoint: int | None = None,
                    limit: int | None = None) -> dict:
   """{'step', 'tasks': {name: metrics}, 'core'} of `spec` (`eval.tasks`
   syntax) on a checkpoint of `workdir`; also written to DIR/eval_tasks.json."""
-  cfg = load_config(workdir)
+  cfg = workdir_lib.load_config(workdir)
   if not configs.eval_task_specs(spec, '--tasks'):
     raise configs.ConfigError('--tasks is empty')
   limit = (cfg.eval.task_limit if 'eval' in cfg else 1000) if limit is None else limit
-  mesh = _mesh(cfg)
+  mesh = workdir_lib.fitting_mesh(cfg)
   graphdef, state, state_shardings, step = restore(workdir, cfg, mesh, checkpoint)
   results = tasks.make_taskset(cfg, spec, limit, graphdef, state_shardings, mesh)(state)
   out = {'step': step, 'tasks': results, 'core': tasks.scalars(results)['eval/core']}
@@ -469,8 +431,8 @@ def main(argv):
     try:
       out = evaluate_tasks(_WORKDIR.value, _TASKS.value, _CHECKPOINT.value,
                            _TASK_LIMIT.value)
-    except (configs.ConfigError, sources.DataError, FileNotFoundError) as e:
-      sys.exit(f'ablax: {e}')
+    except FileNotFoundError as e:
+      raise configs.UserError(str(e)) from None
     if jax.process_index() == 0:
       print(f'{_WORKDIR.value} {tasks.format_results(out)}')
     return

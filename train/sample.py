@@ -247,7 +247,7 @@ def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
   from data import tokenizers  # pylint: disable=g-import-not-at-top
-  from model import hf  # pylint: disable=g-import-not-at-top
+  from train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   args = flags.FLAGS
   if len(argv) > 1:
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])} (flags are --name=value; '
@@ -260,7 +260,7 @@ def main(argv):
                  top_k=args.top_k, top_p=args.top_p)
   # The console shows the text: checkpoint loading's INFO lines stay out of it.
   logging.set_verbosity(logging.WARNING)
-  cfg, decoder = hf.load_workdir(args.workdir)
+  cfg, decoder = workdir_lib.load_decoder(args.workdir)
   try:
     streaming_config(cfg.model, args.streaming_sinks, args.streaming_window)
   except ValueError as e:

@@ -132,7 +132,7 @@ def activation_sharding(mesh: Mesh):
   `mesh` with `RULES` while a step is traced."""
   def fn(logical_axes, shape):
     return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh))
-  return partitioning.activation_sharding(fn, mesh)
+  return partitioning.constrain_with(fn, mesh)
 
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:
