@@ -110,7 +110,9 @@ def _print_absl_help(argv) -> None:
   and the flags its own module defines (not absl's or a library's)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   from configs import cli  # pylint: disable=g-import-not-at-top
-  own = flags.FLAGS.flags_by_module_dict().get(argv[0], [])
+  # The main module's key flags: those it defines and those it registered
+  # (model/hf.py hands over to train/hf_workdir.py's flags).
+  own = flags.FLAGS.get_key_flags_for_module(argv[0])
   doc = getattr(sys.modules.get('__main__'), '__doc__', '') or ''
   required = [f.name for f in own
               if any('must have a value other than None' in str(v.message)

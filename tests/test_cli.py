@@ -48,7 +48,7 @@ ENTRIES = {
 }
 # Entries whose command line is configs.cli or absl here. train.sample and
 # model.hf join this list when they move from argparse to absl.
-ABSL_ENTRIES = [e for e in ENTRIES if e not in ('train.sample', 'model.hf')]
+ABSL_ENTRIES = ENTRIES
 
 
 def run(argv, **kwargs):
