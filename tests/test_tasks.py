@@ -61,7 +61,7 @@ def test_scoring_equals_one_at_a_time_reference(tiny):
     choices = [' ' + ' '.join(rng.choice(words, size=int(rng.integers(1, 4))))
                for _ in range(3)]
     examples.append(tasks.Example([context] * 3, choices, k % 3))
-  task = tasks.Task('mc', examples, max_len=64)
+  task = tasks.Task('mc', examples, max_len=64, neutral='\n')
   rows, cut = tasks.task_rows(task, tok)
   length = rows['inputs'].shape[1]
   assert length == 64 and cut > 0          # some contexts are cut from the left
@@ -69,18 +69,25 @@ def test_scoring_equals_one_at_a_time_reference(tiny):
   logprob, _ = scorer(state, rows)
   got = tasks.task_metrics(task, logprob, np.zeros(len(logprob), bool))
 
-  ref_scores, correct, correct_norm = [], 0, 0
+  ref_scores, correct, correct_norm, correct_cal = [], 0, 0, 0
+  neutral = [tok.bos_id] + tok.encode('\n')
   for e in examples:
     ctx = [tok.bos_id] + tok.encode(e.contexts[0])
     s = np.asarray([_reference_logprob(host, ctx, tok.encode(c), length) for c in e.choices])
+    s0 = np.asarray([_reference_logprob(host, neutral, tok.encode(c), length)
+                     for c in e.choices])
     ref_scores.extend(s)
     nbytes = np.asarray([len(c.encode()) for c in e.choices])
     correct += np.argmax(s) == e.label
     correct_norm += np.argmax(s / nbytes) == e.label
-  np.testing.assert_allclose(logprob, ref_scores, rtol=1e-5, atol=1e-4)
+    correct_cal += np.argmax(s - s0) == e.label
   n = len(examples)
+  np.testing.assert_allclose(logprob[:3 * n], ref_scores, rtol=1e-5, atol=1e-4)
   assert got['accuracy'] == correct / n
   assert got['accuracy_norm'] == correct_norm / n
+  assert got['accuracy_calibrated'] == correct_cal / n
+  # The three rankings differ here, so each metric is checked on its own.
+  assert len({correct, correct_norm, correct_cal}) == 3, (correct, correct_norm, correct_cal)
   assert got['centered_accuracy'] == pytest.approx((correct / n - 1 / 3) / (2 / 3))
   assert len({len(c) for e in examples for c in e.choices}) > 2   # unequal lengths
 
@@ -95,17 +102,26 @@ def test_exact_match_equals_greedy_generation(tiny):
   for k in (1, 3, 5):         # half the answers differ from greedy in one token
     answers[k][k % 4] = (answers[k][k % 4] + 1) % 256
   scorer = tasks.Scorer(graphdef, shardings, mesh, rows_per_call=8)
-  _, greedy = scorer(state, tasks.make_rows(list(zip(contexts, answers)), 256)[0])
+  logprob, greedy = scorer(state, tasks.make_rows(list(zip(contexts, answers)), 256)[0])
   assert greedy.tolist() == [True, False] * 3
+  # LAMBADA's second figure: exp(-mean summed log p(answer | context)).
+  task = tasks.Task('em', [tasks.Example(['.'], ['.'], 0)] * 6, 256)
+  m = tasks.task_metrics(task, logprob, greedy)
+  ref = [_reference_logprob(host, c, a, 10**6) for c, a in zip(contexts, answers)]
+  assert m['exact_match'] == 0.5
+  assert m['perplexity'] == pytest.approx(math.exp(-np.mean(ref)), rel=1e-4)
 
 
 def test_untrained_model_is_at_chance_on_next_line(tiny):
   cfg, mesh, graphdef, state, shardings, _ = tiny
-  task = tasks.Task('next_line', tasks.next_line_examples(200), max_len=64)
+  tok = tokenizers.get_tokenizer('bytes')
+  [task] = tasks.build_tasks('next_line', 200, tok, seq_len=64)
   scorer = tasks.Scorer(graphdef, shardings, mesh, rows_per_call=64)
-  m = tasks.task_metrics(task, *scorer(state, tasks.task_rows(task, tokenizers.get_tokenizer('bytes'))[0]))
-  lo, hi = m['accuracy_ci95']
-  assert m['chance'] == 0.25 and lo <= 0.25 <= hi, m
+  m = tasks.task_metrics(task, *scorer(state, tasks.task_rows(task, tok)[0]))
+  assert m['chance'] == 0.25 and task.neutral == '\n'
+  for metric in ('accuracy', 'accuracy_calibrated'):
+    lo, hi = m[f'{metric}_ci95']
+    assert lo <= 0.25 <= hi, m
 
 
 @pytest.fixture(scope='module')
