@@ -2,6 +2,7 @@
 one-example-at-a-time reference written here from the model's forward and
 `train.sample.generate`; built-in tasks; bits per byte; the converters."""
 
+import io
 import json
 import math
 import os
@@ -140,7 +141,7 @@ def task_run(tmp_path_factory):
   with open(docs, 'w') as f:
     for k in range(64):
       f.write(json.dumps({'text': f'caf\u00e9 {k} ' * (k % 5 + 1)}) + '\n')
-  spec = f'copy@64,mine:{task_file}'
+  spec = f'copy@64,next_line,mine:{task_file}'
   cfg = configs.load('configs/llama.py:tiny', [
       'model.num_layers=1', 'train.steps=2', 'train.eval_every_steps=2',
       'train.eval_steps=1', 'train.seq_len=64', 'train.log_every_steps=1',
@@ -156,8 +157,11 @@ def task_run(tmp_path_factory):
 
 def test_loop_logs_task_tags_and_bits_per_byte(task_run):
   cfg, summary, tags, after, workdir = task_run
-  want = {'eval/bits_per_byte', 'eval/core', 'eval/copy@64/exact_match'} | {
-      f'eval/mine/{m}' for m in ('accuracy', 'accuracy_norm', 'centered_accuracy')}
+  want = {'eval/bits_per_byte', 'eval/core', 'eval/copy@64/exact_match',
+          'eval/copy@64/perplexity'} | {
+      f'eval/{t}/{m}' for t in ('mine', 'next_line')
+      for m in ('accuracy', 'accuracy_norm', 'centered_accuracy')} | {
+          'eval/next_line/accuracy_calibrated'}
   assert want <= set(tags), sorted(set(tags))
   assert all(len(tags[t]) == 2 for t in want)          # evals at steps 0 and 2
   # Bits per byte from the eval batches: byte tokens are one byte, EOS none.
@@ -173,7 +177,8 @@ def test_loop_logs_task_tags_and_bits_per_byte(task_run):
       loss * tokens / nbytes / math.log(2), rel=1e-6)
   ev = summary['eval']
   assert ev['eval/core'] == pytest.approx(
-      (ev['eval/mine/centered_accuracy'] + ev['eval/copy@64/exact_match']) / 2)
+      (ev['eval/mine/centered_accuracy'] + ev['eval/next_line/centered_accuracy']
+       + ev['eval/copy@64/exact_match']) / 3)
   # train.evaluate on the final checkpoint gives the loop's last scores.
   mine = after['tasks']['mine']
   for m in ('accuracy', 'accuracy_norm', 'centered_accuracy'):
@@ -181,6 +186,12 @@ def test_loop_logs_task_tags_and_bits_per_byte(task_run):
   assert mine['chance'] == 0.5 and after['core'] == mine['centered_accuracy']
   with open(os.path.join(workdir, 'eval_tasks.json')) as f:
     assert json.load(f)['tasks']['mine']['examples'] == 5
+  # launch.compare shows the run's final task scores.
+  from launch import compare  # pylint: disable=g-import-not-at-top
+  [row] = compare.compare(workdir, out=io.StringIO())
+  for tag in want - {'eval/copy@64/perplexity'} - {f'eval/{t}/centered_accuracy'
+                                                  for t in ('mine', 'next_line')}:
+    assert row[tag.removeprefix('eval/')] == pytest.approx(ev[tag], rel=1e-6), tag
 
 
 def test_token_bytes_sum_to_the_text_bytes(tmp_path):
