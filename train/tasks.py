@@ -26,9 +26,16 @@ Multiple-choice metrics: `accuracy` (argmax of the summed log-probabilities),
 `accuracy_norm` (argmax of the sum divided by the choice's UTF-8 bytes, the
 tokenizer-independent length normalisation), and `centered_accuracy` =
 (accuracy - chance) / (1 - chance) with chance the mean of 1 / #choices (0 at
-chance, 1 when perfect; nanochat's CORE centring). Exact-match tasks report
-`exact_match`. `eval/core` is the mean over tasks of `centered_accuracy`
-(`exact_match` for exact-match tasks, whose chance is 0).
+chance, 1 when perfect; nanochat's CORE centring). A task with a neutral
+prompt (`Task.neutral`; `next_line`'s is a newline) also reports
+`accuracy_calibrated`: the argmax of log p(choice | context) - log p(choice |
+neutral prompt), the pointwise mutual information of choice and context
+(lm-evaluation-harness's `acc_mutual_info`; Holtzman et al. 2021, "Surface
+Form Competition"), which takes out what a choice scores on its own.
+Exact-match tasks report `exact_match` and `perplexity` (exp of minus the
+mean summed log-probability of the answers: LAMBADA's two figures).
+`eval/core` is the mean over tasks of `centered_accuracy` (`exact_match` for
+exact-match tasks, whose chance is 0).
 
 Built-in tasks, made deterministically from the eval split of the built-in
 corpus (the stdlib files `data.builtin` holds out), so they need no download
@@ -36,7 +43,7 @@ and never overlap the training files:
 - `next_line`: a passage of a file and four candidate next lines: the true
   one and the true next lines of passages of three other files (groups of
   four examples share their candidates, so a model blind to the passage
-  scores exactly 1/4);
+  scores exactly 1/4); calibrated by a newline as the neutral prompt;
 - `passkey@N`: a five-digit number hidden at a random depth of about N
   tokens of corpus text ("The pass key is 48213. Remember it. 48213 is the
   pass key."), then "What is the pass key? The pass key is": exact match of
