@@ -57,15 +57,20 @@ def test_scoring_equals_one_at_a_time_reference(tiny):
   rng = np.random.default_rng(0)
   words = ['alpha', 'be', 'gamma delta', 'x', 'return self', 'import os, sys']
   examples = []
-  for k in range(11):       # 11 examples x 3 choices: the last call is padded
+  for k in range(11):       # 15 examples x 3 choices: the last call is padded
     context = ' '.join(rng.choice(words, size=int(rng.integers(2, 20))))
     choices = [' ' + ' '.join(rng.choice(words, size=int(rng.integers(1, 4))))
                for _ in range(3)]
     examples.append(tasks.Example([context] * 3, choices, k % 3))
+  for k in range(4):        # partial scoring (WinoGrande): contexts vary, one continuation
+    contexts = [' '.join(rng.choice(words, size=int(rng.integers(2, 12)))) for _ in range(3)]
+    examples.append(tasks.parse_example(
+        {'contexts': contexts, 'continuation': ' return self', 'label': k % 3}, 'x'))
   task = tasks.Task('mc', examples, max_len=64, neutral='\n')
   rows, cut = tasks.task_rows(task, tok)
   length = rows['inputs'].shape[1]
   assert length == 64 and cut > 0          # some contexts are cut from the left
+  assert len(rows['inputs']) % 8           # the last call of 8 rows is padded
   scorer = tasks.Scorer(graphdef, shardings, mesh, rows_per_call=8)
   logprob, _ = scorer(state, rows)
   got = tasks.task_metrics(task, logprob, np.zeros(len(logprob), bool))
@@ -73,8 +78,8 @@ def test_scoring_equals_one_at_a_time_reference(tiny):
   ref_scores, correct, correct_norm, correct_cal = [], 0, 0, 0
   neutral = [tok.bos_id] + tok.encode('\n')
   for e in examples:
-    ctx = [tok.bos_id] + tok.encode(e.contexts[0])
-    s = np.asarray([_reference_logprob(host, ctx, tok.encode(c), length) for c in e.choices])
+    s = np.asarray([_reference_logprob(host, [tok.bos_id] + tok.encode(ctx), tok.encode(c),
+                                       length) for ctx, c in zip(e.contexts, e.choices)])
     s0 = np.asarray([_reference_logprob(host, neutral, tok.encode(c), length)
                      for c in e.choices])
     ref_scores.extend(s)
