@@ -555,7 +555,7 @@ def loop_hook(cfg, graphdef, state_shardings, mesh):
     if taskset is not None:
       out.update(scalars(taskset(state)))
       logging.info('eval tasks: %s', ' | '.join(
-          f'{k.removeprefix("eval/")} {v:.4f}' for k, v in out.items()))
+          f'{k.removeprefix("eval/")} {v:.4g}' for k, v in out.items()))
     return out
 
   return hook
