@@ -436,7 +436,7 @@ def stat_display(stats_rows: list[dict], metric: str, extra_columns=()) -> list[
          'p': _cell(r.get('p_value')),
          'parameters': r.get('parameters'), 'FLOPs/token': r.get('flops_per_token')}
     for c in extra_columns:
-      d[c] = r.get(c)
+      d[c] = _pm(r.get(c), r.get(f'{c}_ci95')) if f'{c}_ci95' in r else r.get(c)
     shown.append(d)
   return shown
 
@@ -535,6 +535,27 @@ def scaling_table(rows: list[dict], root: str, metric: str = 'eval/loss') -> lis
   return table
 
 
+# The evaluation tags a table shows (train/tasks.py: `eval/<task>/<metric>`;
+# centered_accuracy follows from accuracy, perplexity is left to TensorBoard).
+TASK_METRICS = ('accuracy', 'accuracy_norm', 'accuracy_calibrated', 'exact_match')
+
+
+def task_columns(rows: list[dict]) -> list[str]:
+  """Adds the final `eval/bits_per_byte`, `eval/core` and `eval/<task>/<metric>`
+  of each run as cells named without `eval/`; returns the columns."""
+  found = set()
+  for r in rows:
+    for tag, series in r['_scalars'].items():
+      parts = tag.split('/')
+      if series and parts[0] == 'eval' and (
+          tag in ('eval/bits_per_byte', 'eval/core')
+          or (len(parts) == 3 and parts[2] in TASK_METRICS)):
+        r[tag[5:]] = series[-1][1]
+        found.add(tag[5:])
+  first = [c for c in ('bits_per_byte', 'core') if c in found]
+  return first + sorted(found - set(first))
+
+
 def length_columns(rows: list[dict], run_dirs: list[str]) -> list[str]:
   """Adds `loss@L` cells from each run's eval_lengths.json; returns the columns."""
   lengths = set()
@@ -573,6 +594,7 @@ def compare(root: str, out=None, *, metric: str = 'eval/loss', baseline: str | N
   if lengths and not extra:
     raise CompareError(f'--lengths: no run under {root} has eval_lengths.json; run '
                        'python -m train.evaluate --workdir RUN --lengths L1,L2 first')
+  extra += task_columns(rows)
   buffer = io.StringIO()
   written = ['compare.csv', 'compare.md', 'compare.png']
   seeded = any(r['seed'] is not None for r in rows)
@@ -621,11 +643,11 @@ def _compare_seeded(root, rows, metric, baseline, recorded, extra, buffer):
       for r in stats_rows:
         r[field] = r['_runs'][0]['_config'] and _flatten(
             r['_runs'][0]['_config']).get(field)
-  for c in extra:
+  for c in extra:        # loss@L, task metrics: mean and 95% half-width over seeds
     for r in stats_rows:
       values = [run[c] for run in r['_runs'] if run.get(c) is not None]
-      r[c] = sum(values) / len(values) if values else None
-  columns = stat_columns(metric) + adjusted + extra
+      r[c], _, r[f'{c}_ci95'] = interval(values) if values else (None, None, None)
+  columns = stat_columns(metric) + adjusted + [x for c in extra for x in (c, f'{c}_ci95')]
   write_csv(stats_rows, os.path.join(root, 'compare.csv'), columns)
   write_csv(rows, os.path.join(root, 'compare_runs.csv'),
             ('arm', 'seed') + COLUMNS + tuple(extra))

@@ -2,6 +2,7 @@
 one-example-at-a-time reference written here from the model's forward and
 `train.sample.generate`; built-in tasks; bits per byte; the converters."""
 
+import io
 import json
 import math
 import os
@@ -56,31 +57,43 @@ def test_scoring_equals_one_at_a_time_reference(tiny):
   rng = np.random.default_rng(0)
   words = ['alpha', 'be', 'gamma delta', 'x', 'return self', 'import os, sys']
   examples = []
-  for k in range(11):       # 11 examples x 3 choices: the last call is padded
+  for k in range(11):       # 15 examples x 3 choices: the last call is padded
     context = ' '.join(rng.choice(words, size=int(rng.integers(2, 20))))
     choices = [' ' + ' '.join(rng.choice(words, size=int(rng.integers(1, 4))))
                for _ in range(3)]
     examples.append(tasks.Example([context] * 3, choices, k % 3))
-  task = tasks.Task('mc', examples, max_len=64)
+  for k in range(4):        # partial scoring (WinoGrande): contexts vary, one continuation
+    contexts = [' '.join(rng.choice(words, size=int(rng.integers(2, 12)))) for _ in range(3)]
+    examples.append(tasks.parse_example(
+        {'contexts': contexts, 'continuation': ' return self', 'label': k % 3}, 'x'))
+  task = tasks.Task('mc', examples, max_len=64, neutral='\n')
   rows, cut = tasks.task_rows(task, tok)
   length = rows['inputs'].shape[1]
   assert length == 64 and cut > 0          # some contexts are cut from the left
+  assert len(rows['inputs']) % 8           # the last call of 8 rows is padded
   scorer = tasks.Scorer(graphdef, shardings, mesh, rows_per_call=8)
   logprob, _ = scorer(state, rows)
   got = tasks.task_metrics(task, logprob, np.zeros(len(logprob), bool))
 
-  ref_scores, correct, correct_norm = [], 0, 0
+  ref_scores, correct, correct_norm, correct_cal = [], 0, 0, 0
+  neutral = [tok.bos_id] + tok.encode('\n')
   for e in examples:
-    ctx = [tok.bos_id] + tok.encode(e.contexts[0])
-    s = np.asarray([_reference_logprob(host, ctx, tok.encode(c), length) for c in e.choices])
+    s = np.asarray([_reference_logprob(host, [tok.bos_id] + tok.encode(ctx), tok.encode(c),
+                                       length) for ctx, c in zip(e.contexts, e.choices)])
+    s0 = np.asarray([_reference_logprob(host, neutral, tok.encode(c), length)
+                     for c in e.choices])
     ref_scores.extend(s)
     nbytes = np.asarray([len(c.encode()) for c in e.choices])
     correct += np.argmax(s) == e.label
     correct_norm += np.argmax(s / nbytes) == e.label
-  np.testing.assert_allclose(logprob, ref_scores, rtol=1e-5, atol=1e-4)
+    correct_cal += np.argmax(s - s0) == e.label
   n = len(examples)
+  np.testing.assert_allclose(logprob[:3 * n], ref_scores, rtol=1e-5, atol=1e-4)
   assert got['accuracy'] == correct / n
   assert got['accuracy_norm'] == correct_norm / n
+  assert got['accuracy_calibrated'] == correct_cal / n
+  # The three rankings differ here, so each metric is checked on its own.
+  assert len({correct, correct_norm, correct_cal}) == 3, (correct, correct_norm, correct_cal)
   assert got['centered_accuracy'] == pytest.approx((correct / n - 1 / 3) / (2 / 3))
   assert len({len(c) for e in examples for c in e.choices}) > 2   # unequal lengths
 
@@ -95,17 +108,26 @@ def test_exact_match_equals_greedy_generation(tiny):
   for k in (1, 3, 5):         # half the answers differ from greedy in one token
     answers[k][k % 4] = (answers[k][k % 4] + 1) % 256
   scorer = tasks.Scorer(graphdef, shardings, mesh, rows_per_call=8)
-  _, greedy = scorer(state, tasks.make_rows(list(zip(contexts, answers)), 256)[0])
+  logprob, greedy = scorer(state, tasks.make_rows(list(zip(contexts, answers)), 256)[0])
   assert greedy.tolist() == [True, False] * 3
+  # LAMBADA's second figure: exp(-mean summed log p(answer | context)).
+  task = tasks.Task('em', [tasks.Example(['.'], ['.'], 0)] * 6, 256)
+  m = tasks.task_metrics(task, logprob, greedy)
+  ref = [_reference_logprob(host, c, a, 10**6) for c, a in zip(contexts, answers)]
+  assert m['exact_match'] == 0.5
+  assert m['perplexity'] == pytest.approx(math.exp(-np.mean(ref)), rel=1e-4)
 
 
 def test_untrained_model_is_at_chance_on_next_line(tiny):
   cfg, mesh, graphdef, state, shardings, _ = tiny
-  task = tasks.Task('next_line', tasks.next_line_examples(200), max_len=64)
+  tok = tokenizers.get_tokenizer('bytes')
+  [task] = tasks.build_tasks('next_line', 200, tok, seq_len=64)
   scorer = tasks.Scorer(graphdef, shardings, mesh, rows_per_call=64)
-  m = tasks.task_metrics(task, *scorer(state, tasks.task_rows(task, tokenizers.get_tokenizer('bytes'))[0]))
-  lo, hi = m['accuracy_ci95']
-  assert m['chance'] == 0.25 and lo <= 0.25 <= hi, m
+  m = tasks.task_metrics(task, *scorer(state, tasks.task_rows(task, tok)[0]))
+  assert m['chance'] == 0.25 and task.neutral == '\n'
+  for metric in ('accuracy', 'accuracy_calibrated'):
+    lo, hi = m[f'{metric}_ci95']
+    assert lo <= 0.25 <= hi, m
 
 
 @pytest.fixture(scope='module')
@@ -124,7 +146,7 @@ def task_run(tmp_path_factory):
   with open(docs, 'w') as f:
     for k in range(64):
       f.write(json.dumps({'text': f'caf\u00e9 {k} ' * (k % 5 + 1)}) + '\n')
-  spec = f'copy@64,mine:{task_file}'
+  spec = f'copy@64,next_line,mine:{task_file}'
   cfg = configs.load('configs/llama.py:tiny', [
       'model.num_layers=1', 'train.steps=2', 'train.eval_every_steps=2',
       'train.eval_steps=1', 'train.seq_len=64', 'train.log_every_steps=1',
@@ -140,8 +162,11 @@ def task_run(tmp_path_factory):
 
 def test_loop_logs_task_tags_and_bits_per_byte(task_run):
   cfg, summary, tags, after, workdir = task_run
-  want = {'eval/bits_per_byte', 'eval/core', 'eval/copy@64/exact_match'} | {
-      f'eval/mine/{m}' for m in ('accuracy', 'accuracy_norm', 'centered_accuracy')}
+  want = {'eval/bits_per_byte', 'eval/core', 'eval/copy@64/exact_match',
+          'eval/copy@64/perplexity'} | {
+      f'eval/{t}/{m}' for t in ('mine', 'next_line')
+      for m in ('accuracy', 'accuracy_norm', 'centered_accuracy')} | {
+          'eval/next_line/accuracy_calibrated'}
   assert want <= set(tags), sorted(set(tags))
   assert all(len(tags[t]) == 2 for t in want)          # evals at steps 0 and 2
   # Bits per byte from the eval batches: byte tokens are one byte, EOS none.
@@ -157,7 +182,8 @@ def test_loop_logs_task_tags_and_bits_per_byte(task_run):
       loss * tokens / nbytes / math.log(2), rel=1e-6)
   ev = summary['eval']
   assert ev['eval/core'] == pytest.approx(
-      (ev['eval/mine/centered_accuracy'] + ev['eval/copy@64/exact_match']) / 2)
+      (ev['eval/mine/centered_accuracy'] + ev['eval/next_line/centered_accuracy']
+       + ev['eval/copy@64/exact_match']) / 3)
   # train.evaluate on the final checkpoint gives the loop's last scores.
   mine = after['tasks']['mine']
   for m in ('accuracy', 'accuracy_norm', 'centered_accuracy'):
@@ -165,6 +191,12 @@ def test_loop_logs_task_tags_and_bits_per_byte(task_run):
   assert mine['chance'] == 0.5 and after['core'] == mine['centered_accuracy']
   with open(os.path.join(workdir, 'eval_tasks.json')) as f:
     assert json.load(f)['tasks']['mine']['examples'] == 5
+  # launch.compare shows the run's final task scores.
+  from launch import compare  # pylint: disable=g-import-not-at-top
+  [row] = compare.compare(workdir, out=io.StringIO())
+  for tag in want - {'eval/copy@64/perplexity'} - {f'eval/{t}/centered_accuracy'
+                                                  for t in ('mine', 'next_line')}:
+    assert row[tag.removeprefix('eval/')] == pytest.approx(ev[tag], rel=1e-6), tag
 
 
 def test_token_bytes_sum_to_the_text_bytes(tmp_path):

@@ -356,8 +356,7 @@ def _train(cfg, workdir: str, started) -> dict:
       summary['eval'] = metrics_lib.eval_scalars(   # per source for a mixture
           lambda source: step_lib.eval_metrics(eval_step, state, eval_batches(source)),
           pipeline.eval_sources(cfg))
-      summary['eval'].update(eval_extra(   # bits/byte, eval.tasks
-          state, {'loss': summary['eval']['eval/loss']}))
+      summary['eval'].update(eval_extra(state, summary['eval']))   # bits/byte, eval.tasks
       writer.scalars(at_step, summary['eval'])
       console.eval_line(at_step, summary['eval'])
 

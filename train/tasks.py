@@ -26,9 +26,16 @@ Multiple-choice metrics: `accuracy` (argmax of the summed log-probabilities),
 `accuracy_norm` (argmax of the sum divided by the choice's UTF-8 bytes, the
 tokenizer-independent length normalisation), and `centered_accuracy` =
 (accuracy - chance) / (1 - chance) with chance the mean of 1 / #choices (0 at
-chance, 1 when perfect; nanochat's CORE centring). Exact-match tasks report
-`exact_match`. `eval/core` is the mean over tasks of `centered_accuracy`
-(`exact_match` for exact-match tasks, whose chance is 0).
+chance, 1 when perfect; nanochat's CORE centring). A task with a neutral
+prompt (`Task.neutral`; `next_line`'s is a newline) also reports
+`accuracy_calibrated`: the argmax of log p(choice | context) - log p(choice |
+neutral prompt), the pointwise mutual information of choice and context
+(lm-evaluation-harness's `acc_mutual_info`; Holtzman et al. 2021, "Surface
+Form Competition"), which takes out what a choice scores on its own.
+Exact-match tasks report `exact_match` and `perplexity` (exp of minus the
+mean summed log-probability of the answers: LAMBADA's two figures).
+`eval/core` is the mean over tasks of `centered_accuracy` (`exact_match` for
+exact-match tasks, whose chance is 0).
 
 Built-in tasks, made deterministically from the eval split of the built-in
 corpus (the stdlib files `data.builtin` holds out), so they need no download
@@ -36,7 +43,7 @@ and never overlap the training files:
 - `next_line`: a passage of a file and four candidate next lines: the true
   one and the true next lines of passages of three other files (groups of
   four examples share their candidates, so a model blind to the passage
-  scores exactly 1/4);
+  scores exactly 1/4); calibrated by a newline as the neutral prompt;
 - `passkey@N`: a five-digit number hidden at a random depth of about N
   tokens of corpus text ("The pass key is 48213. Remember it. 48213 is the
   pass key."), then "What is the pass key? The pass key is": exact match of
@@ -92,10 +99,18 @@ class Task:
   name: str
   examples: list[Example]
   max_len: int              # row length cap (tokens of input)
+  # A context-free prompt: each distinct choice is also scored after it, and
+  # `accuracy_calibrated` ranks by log p(choice | context) - log p(choice |
+  # neutral). None: no calibration.
+  neutral: str | None = None
 
   @property
   def exact_match(self) -> bool:
     return all(len(e.choices) == 1 for e in self.examples)
+
+  def distinct_choices(self) -> list[str]:
+    """Every distinct choice, in first-seen order (the calibration rows)."""
+    return list(dict.fromkeys(c for e in self.examples for c in e.choices))
 
 
 # ----------------------------------------------------------------------------
@@ -251,7 +266,7 @@ def build_tasks(spec, limit: int, tokenizer, seq_len: int) -> list[Task]:
     if path is not None:
       tasks.append(Task(name, read_task_file(os.path.expanduser(path), limit), seq_len))
     elif base == 'next_line':
-      tasks.append(Task(name, next_line_examples(n), seq_len))
+      tasks.append(Task(name, next_line_examples(n), seq_len, neutral='\n'))
     else:
       length = length or seq_len
       tasks.append(Task(name, _needle_examples(tokenizer, base, length, n),
@@ -361,9 +376,12 @@ class Scorer:
 
 
 def task_rows(task: Task, tokenizer):
-  """The rows of every (example, choice) of a task, and the cut count."""
+  """The rows of every (example, choice) of a task, then with `task.neutral`
+  one row per distinct choice after the neutral prompt; and the cut count."""
   pairs = [encode_pair(tokenizer, c, x) for e in task.examples
            for c, x in zip(e.contexts, e.choices)]
+  if task.neutral is not None:
+    pairs += [encode_pair(tokenizer, task.neutral, x) for x in task.distinct_choices()]
   return make_rows(pairs, task.max_len)
 
 
@@ -380,24 +398,39 @@ def task_metrics(task: Task, logprob: np.ndarray, greedy: np.ndarray) -> dict:
   """The metrics of a task from its rows' scores (in `task_rows` order)."""
   n = len(task.examples)
   if task.exact_match:
-    em = float(np.mean(greedy))
-    return {'exact_match': em, 'exact_match_ci95': wilson_ci95(em, n), 'examples': n}
-  correct, correct_norm, chance, r = 0, 0, 0.0, 0
+    # LAMBADA's two figures, as lm-evaluation-harness reports them: the
+    # greedy match, and the perplexity of the answers (exp of minus their
+    # mean summed log-probability; per answer, not per token).
+    em = float(np.mean(greedy[:n]))
+    return {'exact_match': em, 'exact_match_ci95': wilson_ci95(em, n),
+            'perplexity': float(np.exp(-np.mean(logprob[:n]))), 'examples': n}
+  rows = sum(len(e.choices) for e in task.examples)
+  neutral = {}
+  if task.neutral is not None:
+    neutral = dict(zip(task.distinct_choices(), logprob[rows:]))
+  correct, correct_norm, correct_cal, chance, r = 0, 0, 0, 0.0, 0
   for e in task.examples:
     scores = logprob[r:r + len(e.choices)]
     r += len(e.choices)
     nbytes = np.asarray([max(1, len(c.encode('utf-8'))) for c in e.choices])
     correct += int(np.argmax(scores)) == e.label
     correct_norm += int(np.argmax(scores / nbytes)) == e.label
+    if neutral:
+      pmi = scores - np.asarray([neutral[c] for c in e.choices])
+      correct_cal += int(np.argmax(pmi)) == e.label
     chance += 1 / len(e.choices)
   acc, chance = correct / n, chance / n
-  return {'accuracy': acc, 'accuracy_norm': correct_norm / n,
-          'centered_accuracy': (acc - chance) / (1 - chance),
-          'accuracy_ci95': wilson_ci95(acc, n),
-          'chance': chance, 'examples': n}
+  out = {'accuracy': acc, 'accuracy_norm': correct_norm / n,
+         'centered_accuracy': (acc - chance) / (1 - chance),
+         'accuracy_ci95': wilson_ci95(acc, n)}
+  if neutral:
+    out['accuracy_calibrated'] = correct_cal / n
+    out['accuracy_calibrated_ci95'] = wilson_ci95(correct_cal / n, n)
+  return {**out, 'chance': chance, 'examples': n}
 
 
-TAGGED = ('accuracy', 'accuracy_norm', 'centered_accuracy', 'exact_match')
+TAGGED = ('accuracy', 'accuracy_norm', 'accuracy_calibrated', 'centered_accuracy',
+          'exact_match', 'perplexity')
 
 
 class TaskSet:
@@ -448,15 +481,17 @@ def make_taskset(cfg, spec, limit, graphdef, state_shardings, mesh) -> TaskSet:
 # Bits per byte.
 
 
-def eval_bytes(cfg) -> tuple[float, float] | None:
+def eval_bytes(cfg, source: str | None = None) -> tuple[float, float] | None:
   """(target tokens, their UTF-8 bytes) over the eval batches (every
-  process's rows), None for token-id sources without text."""
-  if cfg.data.source == 'synthetic' or cfg.data.get('mixture'):
-    return None   # no text; a mixture's eval is read per source (not counted yet)
+  process's rows) of the data, or with `data.mixture` of its `source`; None
+  for the synthetic source, which has no text."""
+  if cfg.data.source == 'synthetic' and not cfg.data.get('mixture'):
+    return None
   table = tokenizers.token_bytes(tokenizers.get_tokenizer(cfg.data.tokenizer),
                                  cfg.model.vocab_size)
   tokens = nbytes = 0.0
-  for batch in pipeline.make_iterator(cfg, 'eval', jax.process_index(), jax.process_count()):
+  for batch in pipeline.make_iterator(cfg, 'eval', jax.process_index(), jax.process_count(),
+                                      source=source):
     mask = batch['loss_mask'] > 0
     tokens += float(mask.sum())
     nbytes += float(table[batch['targets']][mask].sum())
@@ -472,16 +507,40 @@ def bits_per_byte(loss: float, tokens: float, nbytes: float) -> float:
   return loss * tokens / max(nbytes, 1.0) / math.log(2)
 
 
+def bits_per_byte_scalars(cfg, eval_scalars: dict, counts: dict) -> dict[str, float]:
+  """`eval/bits_per_byte` from `eval/loss`; with `data.mixture` also
+  `eval/<name>/bits_per_byte` from each `eval/<name>/loss`, and
+  `eval/bits_per_byte` their mean weighted by the mixture weights (as
+  `eval/loss` is of the losses). `counts` caches `eval_bytes` per source."""
+  out = {}
+  sources = pipeline.eval_sources(cfg)
+  for name, _ in sources:
+    tag = 'eval/loss' if name is None else f'eval/{name}/loss'
+    if tag not in eval_scalars:
+      return {}
+    if name not in counts:
+      counts[name] = eval_bytes(cfg, name)
+    if counts[name] is None:
+      return {}
+    out[tag.replace('/loss', '/bits_per_byte')] = bits_per_byte(eval_scalars[tag],
+                                                               *counts[name])
+  if sources[0][0] is not None:
+    out['eval/bits_per_byte'] = sum(w * out[f'eval/{name}/bits_per_byte']
+                                    for name, w in sources) / sum(w for _, w in sources)
+  return out
+
+
 # ----------------------------------------------------------------------------
 # The training loop's hook.
 
 
 def loop_hook(cfg, graphdef, state_shardings, mesh):
-  """`hook(state, eval_scalars) -> extra eval scalars` for the loop's eval:
-  `eval/bits_per_byte` and, with `eval.tasks`, the task metrics.
+  """`hook(state, eval_scalars) -> extra eval scalars` for the loop's eval
+  (`eval_scalars`: its `eval/loss`, and `eval/<name>/loss` per mixture
+  source): bits per byte and, with `eval.tasks`, the task metrics.
 
   Task rows are made here, at the start of the run (a bad task file stops
-  it before the first step); the eval's byte count is read once, at the
+  it before the first step); the eval's byte counts are read once, at the
   first call (the eval batches are the same at every eval).
   """
   spec = cfg.eval.tasks if 'eval' in cfg else ''
@@ -493,16 +552,11 @@ def loop_hook(cfg, graphdef, state_shardings, mesh):
   counts = {}
 
   def hook(state, eval_scalars) -> dict[str, float]:
-    out = {}
-    if 'loss' in eval_scalars:
-      if 'value' not in counts:
-        counts['value'] = eval_bytes(cfg)
-      if counts['value']:
-        out['eval/bits_per_byte'] = bits_per_byte(eval_scalars['loss'], *counts['value'])
+    out = bits_per_byte_scalars(cfg, eval_scalars, counts)
     if taskset is not None:
       out.update(scalars(taskset(state)))
       logging.info('eval tasks: %s', ' | '.join(
-          f'{k.removeprefix("eval/")} {v:.4f}' for k, v in out.items()))
+          f'{k.removeprefix("eval/")} {v:.4g}' for k, v in out.items()))
     return out
 
   return hook
@@ -518,11 +572,15 @@ def format_results(out: dict) -> str:
     if 'exact_match' in m:
       lo, hi = m['exact_match_ci95']
       lines.append(f'  {name:24s} exact_match {m["exact_match"]:.4f} [{lo:.3f}, {hi:.3f}]'
-                   f'  ({m["examples"]} examples)')
+                   f' | perplexity {m["perplexity"]:.4g}  ({m["examples"]} examples)')
     else:
       lo, hi = m['accuracy_ci95']
+      calibrated = ''
+      if 'accuracy_calibrated' in m:
+        clo, chi = m['accuracy_calibrated_ci95']
+        calibrated = f'| calibrated {m["accuracy_calibrated"]:.4f} [{clo:.3f}, {chi:.3f}] '
       lines.append(f'  {name:24s} accuracy {m["accuracy"]:.4f} [{lo:.3f}, {hi:.3f}] '
-                   f'| norm {m["accuracy_norm"]:.4f} | centered '
+                   f'| norm {m["accuracy_norm"]:.4f} {calibrated}| centered '
                    f'{m["centered_accuracy"]:.4f} | chance {m["chance"]:.4f}  '
                    f'({m["examples"]} examples)')
   return '\n'.join(lines)
