@@ -253,8 +253,9 @@ class Decoder(nnx.Module):
       if segment_ids is not None:
         segment_ids = jnp.concatenate(
             [jnp.broadcast_to(segment_ids[:, :1], (b, m)), segment_ids], axis=1)
-    # The residual stream is split by batch only (see `model.partitioning`).
-    residual_axes = ('batch', None, 'embed')
+    # The residual stream is split by batch, and by sequence under context
+    # parallelism (see `model.partitioning`, `model.context_parallel`).
+    residual_axes = ('batch', 'sequence', 'embed')
     x = partitioning.constrain(x, residual_axes)
 
     call = _call_block

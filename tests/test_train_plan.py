@@ -84,7 +84,7 @@ def test_peak_within_10_percent_of_the_compiled_real_step(planned):
   # The arguments the planner counted by hand are the executable's arguments.
   counted = result['params'] + result['opt_state'] + result['other_state'] + result['batch']
   assert counted == stats.argument_size_in_bytes
-  assert result['fits'] and result['mesh'] == {'data': 2, 'fsdp': 2, 'tensor': 2, 'expert': 1}
+  assert result['fits'] and result['mesh'] == {'data': 2, 'fsdp': 2, 'context': 1, 'tensor': 2, 'expert': 1}
 
 
 def test_flops_near_the_analytic_count(planned):
