@@ -220,7 +220,7 @@ class Decoder(nnx.Module):
     if self.final_logit_softcap is not None:
       cap = self.final_logit_softcap
       logits = cap * jnp.tanh(logits / cap)
-    return partitioning.constrain(logits, ('batch', None, 'vocab'))
+    return partitioning.constrain(logits, ('batch', 'sequence', 'vocab'))
 
   def __call__(self, tokens, segment_ids=None, positions=None):
     x, aux = self.hidden_states(tokens, segment_ids, positions)

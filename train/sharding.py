@@ -81,7 +81,7 @@ def logical_to_spec(logical_axes: Sequence[str | None] | None,
     if logical not in RULES:
       raise ValueError(f'{name or "array"}: unknown logical axis {logical!r}; '
                        f'known: {", ".join(RULES)}')
-    mesh_axes = tuple(a for a in (RULES[logical] or ()) if mesh.shape[a] > 1)
+    mesh_axes = tuple(a for a in (RULES[logical] or ()) if mesh.shape.get(a, 1) > 1)
     if not mesh_axes:
       spec.append(None)
       continue
