@@ -14,9 +14,11 @@ contiguous block of positions, in one of two ways (`model.context_parallel`):
 - `ring`: K/V blocks travel round the context ring with `ppermute`; each
   device folds one block at a time into an online softmax (running max,
   denominator and weighted sum, as flash attention), so it never holds more
-  than two K/V blocks (ring attention, Liu et al. 2023). The causal order is
-  plain, not load-balanced: devices late in the sequence do all the work of
-  their blocks while the first ones mask most of theirs.
+  than two K/V blocks (ring attention, Liu et al. 2023). A block that no
+  local query can see (later positions, keys outside a sliding window) is
+  skipped with `lax.cond`. The causal order is plain, not load-balanced:
+  the device holding the last positions folds every block while the first
+  skips all but its own, so step time is that of the last device.
 
 Both use global query and key indices, so the causal mask, sliding windows,
 segment ids, ALiBi distances, memory tokens (the first `num_memory_tokens`
@@ -136,8 +138,8 @@ def _ring_local(q, k, v, seg, extras, *, c, causal, window, softcap, scale, num_
   """One device: its queries over the K/V blocks passed round the ring.
 
   At step s this device holds the block of device (i - s) mod c; it folds
-  that block into a running (max, denominator, weighted sum) per query row
-  and hands the block on to device i + 1.
+  that block into a running (max, denominator, weighted sum) per query row,
+  unless no query here can see it, and hands the block on to device i + 1.
   """
   b, tl, n, h = q.shape
   kvh = k.shape[2]
@@ -151,18 +153,16 @@ def _ring_local(q, k, v, seg, extras, *, c, causal, window, softcap, scale, num_
     slopes = slopes.reshape(kvh, g, 1, 1)
   shift = [(j, (j + 1) % c) for j in range(c)]
 
-  m_raw = jnp.full((b, kvh, g, tl), -jnp.inf, jnp.float32)         # running max
-  m_ref = jnp.zeros((b, kvh, g, tl), jnp.float32)                  # finite reference
-  denom = jnp.zeros((b, kvh, g, tl), jnp.float32)
-  acc = jnp.zeros((b, kvh, g, tl, h), jnp.float32)
-  for s in range(c):
-    src = (i - s) % c
+  def fold(state, block):
+    """Folds one K/V block (from device `src`) into the running softmax."""
+    m_raw, m_ref, denom, acc = state
+    k, v, kv_seg, src = block
     kv_idx = (src * tl + jnp.arange(tl))[None, :]                   # [1, tl]
     logits = jnp.einsum('btkgh,bskh->bkgts', qf, k.astype(jnp.float32)) * scale
     logits = masking.softcap(logits, softcap)
     if slopes is not None:
       logits = logits + masking.alibi_bias(slopes, q_idx, kv_idx, num_memory)
-    mask = masking.visible(q_idx, kv_idx, q_seg, seg[:, None, None, None, :],
+    mask = masking.visible(q_idx, kv_idx, q_seg, kv_seg[:, None, None, None, :],
                            causal=causal, window=window, num_memory=num_memory)
     logits = jnp.where(mask, logits, -jnp.inf)
     new_raw = jnp.maximum(m_raw, jnp.max(logits, axis=-1))
@@ -171,9 +171,25 @@ def _ring_local(q, k, v, seg, extras, *, c, causal, window, softcap, scale, num_
     p = jnp.where(mask, jnp.exp(logits - new_ref[..., None]), 0.0)
     denom = alpha * denom + jnp.sum(p, axis=-1)
     acc = alpha[..., None] * acc + jnp.einsum('bkgts,bskh->bkgth', p, v.astype(jnp.float32))
-    m_raw, m_ref = new_raw, new_ref
-    if s < c - 1:
-      k, v, seg = (jax.lax.ppermute(x, AXIS, shift) for x in (k, v, seg))
+    return new_raw, new_ref, denom, acc
+
+  # Running max (-inf until a key is seen), its finite stand-in, denominator
+  # and weighted sum, per query row.
+  state = (jnp.full((b, kvh, g, tl), -jnp.inf, jnp.float32),
+           jnp.zeros((b, kvh, g, tl), jnp.float32),
+           jnp.zeros((b, kvh, g, tl), jnp.float32),
+           jnp.zeros((b, kvh, g, tl, h), jnp.float32))
+  # Step 0 is the device's own block, which always holds a visible pair.
+  state = fold(state, (k, v, seg, i))
+  for s in range(1, c):
+    k, v, seg = (jax.lax.ppermute(x, AXIS, shift) for x in (k, v, seg))
+    src = (i - s) % c
+    # Skip a block no query here can see (later positions under the causal
+    # mask, keys beyond a sliding window): no matmul, no exp.
+    seen = masking.tile_visible(i * tl, (i + 1) * tl, src * tl, (src + 1) * tl,
+                                causal=causal, window=window, num_memory=num_memory)
+    state = jax.lax.cond(seen, fold, lambda st, _: st, state, (k, v, seg, src))
+  m_raw, m_ref, denom, acc = state
 
   sinks = extras.get('sinks')
   if sinks is not None:
