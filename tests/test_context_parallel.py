@@ -185,3 +185,12 @@ def test_per_device_temporaries_fall_with_context(mode):
   # 1/4 of the activations, plus what every device keeps whole (gradients of
   # the replicated parameters).
   assert temps[4] < 0.35 * temps[1], temps
+
+
+def test_switching_the_mode_is_a_runtime_change_on_resume():
+  import json  # pylint: disable=g-import-not-at-top
+  from train import checkpoint  # pylint: disable=g-import-not-at-top
+  saved = json.loads(checkpoint.config_json(configs.load('configs/llama.py:tiny')))
+  shape, runtime = checkpoint.model_differences(
+      saved, configs.load('configs/llama.py:tiny', ['model.context_parallel=ring']))
+  assert shape == [] and len(runtime) == 1 and 'context_parallel' in runtime[0]

@@ -50,7 +50,7 @@ import configs
 # Model fields that change how the same parameters are computed with, not the
 # parameters: a run may resume with other values (a warning says so).
 RUNTIME_MODEL_FIELDS = ('attention_impl', 'attention_block_q', 'attention_block_kv',
-                        'remat', 'dtype', 'moe_dispatch')
+                        'remat', 'dtype', 'moe_dispatch', 'context_parallel')
 
 
 def config_json(cfg) -> str:
