@@ -26,6 +26,7 @@ CHOICES = {
     'model.attention_type': ('standard', 'mla'),
     'model.remat': ('none', 'full', 'dots'),
     'model.moe_dispatch': ('auto', 'global', 'all_to_all'),
+    'model.context_parallel': ('allgather', 'ring'),
     'model.dtype': ('float32', 'bfloat16', 'float16'),
     'model.param_dtype': ('float32', 'bfloat16', 'float16'),
     'train.lr_schedule': ('cosine', 'linear', 'constant', 'wsd'),
@@ -366,11 +367,16 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _check(expert == -1 or cfg.model.num_experts % expert == 0,
            f"model.moe_dispatch='all_to_all': model.num_experts={cfg.model.num_experts} "
            f'must be a multiple of mesh.expert={expert}')
-  for axis in ('data', 'fsdp', 'tensor', 'expert'):
+  mesh_axes = [a for a in ('data', 'fsdp', 'context', 'tensor', 'expert') if a in cfg.mesh]
+  for axis in mesh_axes:
     v = cfg.mesh[axis]
     _check(v == -1 or (isinstance(v, int) and v > 0),
            f'mesh.{axis}={v!r}: must be a positive integer or -1')
-  free = [f'mesh.{a}=-1' for a in ('data', 'fsdp', 'tensor', 'expert') if cfg.mesh[a] == -1]
+  free = [f'mesh.{a}=-1' for a in mesh_axes if cfg.mesh[a] == -1]
+  context = cfg.mesh.get('context', 1)
+  _check(context == 1 or (context > 1 and t.seq_len % context == 0),
+         f'mesh.context={context}: must be a positive divisor of train.seq_len='
+         f'{t.seq_len} (each device holds seq_len / context positions)')
   _check(len(free) <= 1, f'{", ".join(free)}: at most one mesh axis may be -1')
   _check(isinstance(t.get('init_checkpoint', ''), str),
          f'train.init_checkpoint={t.get("init_checkpoint")!r}: must be a path '

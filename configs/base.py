@@ -87,6 +87,10 @@ def model_config() -> ml_collections.ConfigDict:
   # exchanges them over the `expert` mesh axis (model/moe.py); auto: all_to_all
   # when mesh.expert > 1 divides num_experts, else global.
   m.moe_dispatch = 'auto'
+  # Context parallelism (mesh.context > 1 splits the sequence;
+  # model/context_parallel.py): allgather | ring. allgather: each device
+  # gathers every K/V block; ring: K/V blocks travel round the context axis.
+  m.context_parallel = 'allgather'
   # Numerics.
   m.dtype = 'float32'
   m.param_dtype = 'float32'
@@ -178,6 +182,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
   c.mesh.expert = 1
+  c.mesh.context = 1             # splits the sequence (context parallelism)
 
   c.data = ml_collections.ConfigDict()
   # builtin | text | jsonl | arrayrecord | synthetic | sft | tokens | parquet

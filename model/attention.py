@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model import attention_core
+from model import context_parallel
 from model import kv_cache as kv_cache_lib
 from model import masking
 from model import mlp as mlp_lib
@@ -55,6 +56,7 @@ class Attention(nnx.Module):
     self.scale = mup.attention_scale(cfg_model, h)
     self.logit_softcap = cfg_model.attn_logit_softcap
     self.impl = cfg_model.attention_impl
+    self.context_parallel = cfg_model.get('context_parallel', 'allgather')
     self.block_q = cfg_model.get('attention_block_q')
     self.block_kv = cfg_model.get('attention_block_kv')
     self.use_bias = cfg_model.use_bias
@@ -128,8 +130,8 @@ class Attention(nnx.Module):
     slopes = None
     if self.position == 'alibi':
       slopes = masking.alibi_slopes(self.num_heads)
-    return attention_core.dot_product_attention(
-        q, k, v, impl=self.impl, segment_ids=segment_ids, causal=True,
+    return context_parallel.dot_product_attention(   # attention_core's below mesh.context > 1
+        q, k, v, mode=self.context_parallel, impl=self.impl, segment_ids=segment_ids, causal=True,
         sliding_window=self.sliding_window, alibi_slopes=slopes,
         logit_softcap=self.logit_softcap, scale=self.scale,
         num_memory_tokens=num_memory_tokens, block_q=self.block_q,

@@ -242,7 +242,7 @@ class Decoder(nnx.Module):
     if self.final_logit_softcap is not None:
       cap = self.final_logit_softcap
       logits = cap * jnp.tanh(logits / cap)
-    return partitioning.constrain(logits, ('batch', None, 'vocab'))
+    return partitioning.constrain(logits, ('batch', 'sequence', 'vocab'))
 
   def __call__(self, tokens, segment_ids=None, positions=None, *, cache=None, chunk=None):
     """(logits, aux); with a cache, (logits, aux, updated cache): see `hidden_states`."""
@@ -289,8 +289,9 @@ class Decoder(nnx.Module):
       if segment_ids is not None:
         segment_ids = jnp.concatenate(
             [jnp.broadcast_to(segment_ids[:, :1], (b, m)), segment_ids], axis=1)
-    # The residual stream is split by batch only (see `model.partitioning`).
-    residual_axes = ('batch', None, 'embed')
+    # The residual stream is split by batch, and by sequence under context
+    # parallelism (see `model.partitioning`, `model.context_parallel`).
+    residual_axes = ('batch', 'sequence', 'embed')
     x = partitioning.constrain(x, residual_axes)
 
     call = _call_block

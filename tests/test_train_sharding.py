@@ -32,12 +32,12 @@ def mesh_cfg(**axes):
 
 def test_mesh_fills_minus_one_with_the_devices_left():
   mesh = mesh_lib.make_mesh(mesh_cfg(data=-1, tensor=2))
-  assert dict(mesh.shape) == {'data': 4, 'fsdp': 1, 'tensor': 2, 'expert': 1}
-  assert mesh.axis_names == ('data', 'fsdp', 'tensor', 'expert')
+  assert dict(mesh.shape) == {'data': 4, 'fsdp': 1, 'context': 1, 'tensor': 2, 'expert': 1}
+  assert mesh.axis_names == ('data', 'fsdp', 'context', 'tensor', 'expert')
 
 
 def test_mesh_that_does_not_match_the_devices_is_an_error_naming_the_axes():
-  with pytest.raises(configs.ConfigError, match=r'data=2, fsdp=2, tensor=1, expert=1.*8 devices'):
+  with pytest.raises(configs.ConfigError, match=r'data=2, fsdp=2, context=1, tensor=1, expert=1.*8 devices'):
     mesh_lib.make_mesh(mesh_cfg(data=2, fsdp=2))
   with pytest.raises(configs.ConfigError, match='at most one axis may be -1'):
     mesh_lib.make_mesh(mesh_cfg(data=-1, fsdp=-1))

@@ -61,7 +61,7 @@ clear_start_failed = workdir_lib.clear_start_failed
 # Model fields that change how the same parameters are computed with, not the
 # parameters: a run may resume with other values (a warning says so).
 RUNTIME_MODEL_FIELDS = ('attention_impl', 'attention_block_q', 'attention_block_kv',
-                        'remat', 'dtype', 'moe_dispatch')
+                        'remat', 'dtype', 'moe_dispatch', 'context_parallel')
 
 
 def _resolved_model(fields: dict) -> dict:

@@ -1,14 +1,15 @@
 """The device mesh built from `config.mesh`.
 
-Four named axes, always in this order: `data` (pure data parallelism: the
+Five named axes, always in this order: `data` (pure data parallelism: the
 batch is split, parameters are replicated), `fsdp` (the batch is split and so
 are parameters and optimizer state, ZeRO-3 style: Rajbhandari et al. 2020),
+`context` (the sequence is split: context parallelism, model/context_parallel.py),
 `tensor` (heads, MLP hidden units and the vocabulary are split: Megatron-LM,
 Shoeybi et al. 2019) and `expert` (MoE experts are split, GShard: Lepikhin et
 al. 2020). One axis may be -1: it takes the devices left over.
 
     mesh = make_mesh(cfg.mesh)             # all devices
-    mesh.shape                             # {'data': 2, 'fsdp': 2, 'tensor': 2, 'expert': 1}
+    mesh.shape                             # {'data': 2, 'fsdp': 2, 'context': 1, 'tensor': 2, 'expert': 1}
 """
 
 import math
@@ -20,7 +21,7 @@ from jax.sharding import AxisType, Mesh
 
 import configs
 
-AXES = ('data', 'fsdp', 'tensor', 'expert')
+AXES = ('data', 'fsdp', 'context', 'tensor', 'expert')
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
@@ -49,7 +50,7 @@ def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
 
 
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A `Mesh` over `devices` (default: all) with axes data, fsdp, tensor, expert.
+  """A `Mesh` over `devices` (default: all) with axes data, fsdp, context, tensor, expert.
 
   Uses `jax.make_mesh` so the device order follows the physical topology on
   TPU (rings for the inner axes); `tensor` and `expert` are the innermost

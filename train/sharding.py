@@ -11,6 +11,8 @@ it (the idea of MaxText's logical axis rules). Reading the table:
 - `tensor` splits attention heads, MLP hidden units and the vocabulary
   (Megatron-style tensor parallelism); `head_dim` and `norm` stay whole.
 - `expert` splits the expert dimension of MoE weights (expert parallelism).
+- `context` splits the activations' `sequence` dimension (context
+  parallelism; attention gathers or rings K/V, `model/context_parallel.py`).
 - `batch` (the activations' and data's batch dimension) is split over every
   axis that does not shard the computation's feature dimensions: `data`,
   `fsdp` and `expert`. Including `expert` keeps the dense layers of an MoE model
@@ -35,6 +37,7 @@ from model import partitioning
 # Logical axis -> mesh axes that split it (None: never split).
 RULES: dict[str, tuple[str, ...] | None] = {
     'batch': ('data', 'fsdp', 'expert'),
+    'sequence': ('context',),
     'vocab': ('tensor',),
     'embed': ('fsdp',),
     'heads': ('tensor',),
@@ -78,7 +81,7 @@ def logical_to_spec(logical_axes: Sequence[str | None] | None,
     if logical not in RULES:
       raise ValueError(f'{name or "array"}: unknown logical axis {logical!r}; '
                        f'known: {", ".join(RULES)}')
-    mesh_axes = tuple(a for a in (RULES[logical] or ()) if mesh.shape[a] > 1)
+    mesh_axes = tuple(a for a in (RULES[logical] or ()) if mesh.shape.get(a, 1) > 1)
     if not mesh_axes:
       spec.append(None)
       continue
