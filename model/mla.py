@@ -100,6 +100,7 @@ class MLAttention(attention_lib.Attention):
     self.impl = cfg_model.attention_impl
     self.block_q = cfg_model.get('attention_block_q')
     self.block_kv = cfg_model.get('attention_block_kv')
+    self.context_parallel = cfg_model.get('context_parallel', 'allgather')
     self.use_bias = False                   # refused with MLA by configs.validate_model
     self.qk_norm = False                    # likewise: the latents are normed instead
 
