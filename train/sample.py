@@ -17,7 +17,8 @@ example, after `python -m train --config configs/llama.py:tiny --workdir
 Prefill and decode run the decoder's own embeddings, blocks and head
 (`model.Decoder.hidden_states(..., cache=, chunk=)`); each layer keeps its own
 cache (`model.kv_cache`: ring buffers for sliding-window layers, StreamingLLM
-sinks, memory tokens). A prefill runs the memory tokens and the (left-padded)
+sinks, memory tokens; an MLA layer keeps only its latent and rope key, a
+`LatentCache`, and decodes in the absorbed form, `model.mla`). A prefill runs the memory tokens and the (left-padded)
 prompts in one call, exactly the training forward, and writes into each ring
 the tokens it will still need (the last `sliding_window` of a long prompt on
 a window layer). Each new token is then one call of a `jax.jit`-compiled step
@@ -34,6 +35,10 @@ each token came, as in the paper). A window layer keeps its own window over
 cache positions, so it sees the sinks only while they are inside it. In
 streaming mode a prompt longer than N + W is prefilled up to N + W tokens and
 then fed token by token, so it is streamed exactly as a generated text.
+
+`--stats` prints the cache's bytes per token (summed over layers, in the
+cache dtype: `model.cache_numbers_per_token` x layers x bytes), its total for
+the run and the decode tokens/s (`cache_stats`, `stats_lines`).
 
 Decoding: greedy (temperature 0), or temperature sampling restricted to the
 top-k tokens and/or the top-p nucleus (Holtzman et al. 2019). Generation
