@@ -74,6 +74,28 @@ def test_mla_streaming_equals_plain_cache_until_eviction():
   np.testing.assert_allclose(a.logits, b.logits, rtol=0, atol=1e-4 * np.abs(b.logits).max())
 
 
+def test_mla_streaming_logits_equal_full_forward_on_sinks_and_window():
+  # One layer, past eviction: the latent cache must give exactly the model on
+  # [sinks + last W tokens] at positions 0..N+W-1 (c_kv does not depend on
+  # the position; k_r is rotated by its cache position at each step). The
+  # first prompt (11) is longer than sinks + window, so it is streamed too.
+  cfg, decoder = _decoder(['model.num_layers=1', 'model.mla_q_lora_rank=24'])
+  sinks, window, n = 2, 6, 16
+  rng = np.random.default_rng(1)
+  prompts = [rng.integers(0, 64, size=k).tolist() for k in (11, 3)]
+  got = sample.generate(decoder, cfg.model, prompts, max_new_tokens=n, full_output=True,
+                        temperature=1.0, streaming_sinks=sinks, streaming_window=window)
+  seqs = []
+  for prompt, new in zip(prompts, got.tokens):
+    full = prompt + new
+    for s in range(n):
+      seen = full[:len(prompt) + s]
+      seqs.append(seen[:sinks] + seen[max(sinks, len(seen) - window):])
+  want = plain._last_logits(plain._forward(decoder), seqs, sinks + window).reshape(2, n, -1)
+  np.testing.assert_allclose(got.logits, want, rtol=0, atol=1e-4 * np.abs(want).max())
+  assert all(len(set(new[sinks + window:])) > 3 for new in got.tokens)
+
+
 @pytest.mark.parametrize('overrides', [[], ['model.attention_type=standard',
                                             'model.num_kv_heads=2']])
 def test_stats_bytes_are_numbers_per_token_times_layers_times_bytes(overrides):
