@@ -3,8 +3,9 @@
 A cached decoder call (`Decoder.hidden_states(..., cache=, chunk=)`) runs the
 decoder's own embeddings and blocks on a chunk of new columns; each layer
 reads and returns its own cache object, which the layer chooses
-(`Attention.init_cache` returns a `KVCache`; a layer with another state, a
-latent cache or a recurrent one, returns its own pytree). The `Chunk` says
+(`Attention.init_cache` returns a `KVCache`, `MLAttention.init_cache` a
+`LatentCache` of the latent and the rope key; a layer with another state, a
+recurrent one, returns its own pytree). The `Chunk` says
 which token of each sequence every column is, the same for all layers.
 
 `KVCache` holds K/V of the `num_kv_heads` heads only (GQA/MQA queries are
@@ -114,8 +115,63 @@ class Chunk:
     return jnp.maximum(cache_position(self.tokens, seen, streaming), 0)
 
 
+class _RingSlots:
+  """What every ring-buffered cache shares: where a chunk's columns go and the
+  attention indices of its slots (fields `index`, `ring`, `streaming`)."""
+
+  @property
+  def rotate_late(self) -> bool:
+    """Whether keys are stored before RoPE (their positions change: streaming)."""
+    return self.streaming is not None
+
+  def _put(self, chunk: Chunk, **arrays):
+    """The cache with each named buffer's chunk columns [b, c, ...] in their slots.
+
+    A prefill's columns start with the memory tokens'. Padding is dropped,
+    and so are the tokens a later column of the same chunk overwrites (the
+    start of a prompt longer than a window layer's ring).
+    """
+    ring = self.ring
+    j = chunk.tokens
+    last = j[:, -1:]
+    keep = (j >= 0) & ((j < ring.sinks) | (j > last - ring.rolling))
+    dest = jnp.where(keep, ring.slot(jnp.maximum(j, 0)), ring.size)
+    held = j
+    if chunk.prefill and ring.memory:
+      b = j.shape[0]
+      memory = jnp.broadcast_to(jnp.arange(ring.memory, dtype=dest.dtype), (b, ring.memory))
+      dest = jnp.concatenate([memory, dest], axis=1)
+      held = jnp.concatenate([jnp.zeros((b, ring.memory), j.dtype), j], axis=1)
+    rows = jnp.arange(j.shape[0])[:, None]
+    put = lambda buf, x: buf.at[rows, dest].set(x.astype(buf.dtype), mode='drop')
+    new = {name: put(getattr(self, name), x) for name, x in arrays.items()}
+    return self.replace(index=put(self.index, held), **new)
+
+  def attention_indices(self, chunk: Chunk):
+    """Indices for `reference_attention` of the chunk's queries over the cache.
+
+    Returns q_idx [b, c], kv_idx [b, s], kv_segment_ids [b, s] (0 on empty
+    slots) and kv_positions [b, s] (the slots' cache positions). Indices count
+    the memory tokens first, as `model.masking` does.
+    """
+    m = self.ring.memory
+    seen = chunk.seen()[:, None]
+    q_idx = m + cache_position(chunk.tokens, seen, self.streaming)
+    slots = jnp.arange(self.ring.size)[None, :]
+    is_memory = slots < m
+    kv_pos = jnp.where(is_memory | (self.index < 0), 0,
+                       cache_position(self.index, seen, self.streaming))
+    kv_idx = jnp.where(is_memory, slots, m + kv_pos)
+    kv_seg = (is_memory | (self.index >= 0)).astype(jnp.int32)
+    return q_idx, kv_idx, kv_seg, kv_pos
+
+  def data_bytes(self) -> int:
+    """Bytes of the cached numbers (not the slots' token indices)."""
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in self.data())
+
+
 @struct.dataclass
-class KVCache:
+class KVCache(_RingSlots):
   """One attention layer's keys and values, kept in a `Ring` of slots.
 
   k, v: [b, ring.size, kv_heads, head_dim] in the compute dtype (keys before
@@ -135,47 +191,39 @@ class KVCache:
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                jnp.full((batch, ring.size), -1, jnp.int32), ring, streaming)
 
-  @property
-  def rotate_late(self) -> bool:
-    """Whether keys are stored before RoPE (their positions change: streaming)."""
-    return self.streaming is not None
+  def data(self):
+    return (self.k, self.v)
 
   def write(self, k, v, chunk: Chunk):
-    """The cache with the chunk's k, v [b, c, kv, h] in their slots.
+    """The cache with the chunk's k, v [b, c, kv, h] in their slots (see `_put`)."""
+    return self._put(chunk, k=k, v=v)
 
-    A prefill's k, v start with the memory tokens' columns. Padding is dropped,
-    and so are the tokens a later column of the same chunk overwrites (the
-    start of a prompt longer than a window layer's ring).
-    """
-    ring = self.ring
-    j = chunk.tokens
-    last = j[:, -1:]
-    keep = (j >= 0) & ((j < ring.sinks) | (j > last - ring.rolling))
-    dest = jnp.where(keep, ring.slot(jnp.maximum(j, 0)), ring.size)
-    held = j
-    if chunk.prefill and ring.memory:
-      b = j.shape[0]
-      memory = jnp.broadcast_to(jnp.arange(ring.memory, dtype=dest.dtype), (b, ring.memory))
-      dest = jnp.concatenate([memory, dest], axis=1)
-      held = jnp.concatenate([jnp.zeros((b, ring.memory), j.dtype), j], axis=1)
-    rows = jnp.arange(j.shape[0])[:, None]
-    put = lambda buf, x: buf.at[rows, dest].set(x.astype(buf.dtype), mode='drop')
-    return self.replace(k=put(self.k, k), v=put(self.v, v), index=put(self.index, held))
 
-  def attention_indices(self, chunk: Chunk):
-    """Indices for `reference_attention` of the chunk's queries over the cache.
+@struct.dataclass
+class LatentCache(_RingSlots):
+  """One MLA layer's cache (`model.mla`): the latent and the shared rope key.
 
-    Returns q_idx [b, c], kv_idx [b, s], kv_segment_ids [b, s] (0 on empty
-    slots) and kv_positions [b, s] (the slots' cache positions). Indices count
-    the memory tokens first, as `model.masking` does.
-    """
-    m = self.ring.memory
-    seen = chunk.seen()[:, None]
-    q_idx = m + cache_position(chunk.tokens, seen, self.streaming)
-    slots = jnp.arange(self.ring.size)[None, :]
-    is_memory = slots < m
-    kv_pos = jnp.where(is_memory | (self.index < 0), 0,
-                       cache_position(self.index, seen, self.streaming))
-    kv_idx = jnp.where(is_memory, slots, m + kv_pos)
-    kv_seg = (is_memory | (self.index >= 0)).astype(jnp.int32)
-    return q_idx, kv_idx, kv_seg, kv_pos
+  c_kv: [b, ring.size, kv_lora_rank], the normed latent.
+  k_rope: [b, ring.size, qk_rope_head_dim], rotated (before RoPE in
+    streaming mode, rotated at attention time by the slots' cache positions).
+  index: as `KVCache.index`. The ring is the same as a `KVCache`'s would be
+  (window layers roll, memory tokens first, streaming sinks).
+  """
+  c_kv: jax.Array
+  k_rope: jax.Array
+  index: jax.Array
+  ring: Ring = struct.field(pytree_node=False)
+  streaming: Streaming | None = struct.field(pytree_node=False, default=None)
+
+  @classmethod
+  def empty(cls, batch, ring, rank, rope_dim, dtype, streaming=None):
+    return cls(jnp.zeros((batch, ring.size, rank), dtype),
+               jnp.zeros((batch, ring.size, rope_dim), dtype),
+               jnp.full((batch, ring.size), -1, jnp.int32), ring, streaming)
+
+  def data(self):
+    return (self.c_kv, self.k_rope)
+
+  def write(self, c_kv, k_rope, chunk: Chunk):
+    """The cache with the chunk's c_kv [b, c, r] and k_rope [b, c, d_r] in their slots."""
+    return self._put(chunk, c_kv=c_kv, k_rope=k_rope)

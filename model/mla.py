@@ -34,14 +34,19 @@ output gate and the output projection. The KV-cache form of the paper
 (section 2.1.2, "weight absorption") is `latent` + `absorbed_attend`: the
 cache holds c_kv and the rotated k_r only (r + d_r numbers per token per
 layer), W_uk is absorbed into the query and W_uv into the output, which makes
-decode an MQA of head dim r + d_r over values of dim r.
+decode an MQA of head dim r + d_r over values of dim r. `init_cache` gives
+`train.sample` that cache (`model.kv_cache.LatentCache`): a prefill runs the
+naive form over its own columns and writes c_kv and k_r, each decode step
+runs `absorbed_attend` over the cache.
 """
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from model import attention as attention_lib
 from model import attention_core
+from model import kv_cache as kv_cache_lib
 from model import masking
 from model import mlp as mlp_lib
 from model import mup
@@ -177,11 +182,52 @@ class MLAttention(attention_lib.Attention):
   def project(self, x, positions):
     """q, k [b, t, n, d_n + d_r] and v [b, t, n, d_v] (the naive, training form)."""
     q = self.queries(x, positions)
-    c_kv, k_rope = self.latent(x, positions)
+    return (q, *self.expand(*self.latent(x, positions)))
+
+  def expand(self, c_kv, k_rope):
+    """The per-head k [b, t, n, d_n + d_r] and v [b, t, n, d_v] of a latent
+    c_kv [b, t, r] and rope key k_rope [b, t, d_r] (the naive form)."""
     k_nope = jnp.einsum('btr,rnh->btnh', c_kv, self._w('wk_b'))
     v = jnp.einsum('btr,rnh->btnh', c_kv, self._w('wv_b'))
     k_rope = jnp.broadcast_to(k_rope[:, :, None, :], (*k_nope.shape[:3], self.rope_dim))
-    return q, jnp.concatenate([k_nope, k_rope], axis=-1), v
+    return jnp.concatenate([k_nope, k_rope.astype(k_nope.dtype)], axis=-1), v
+
+  def init_cache(self, batch, length, *, num_memory_tokens=0, streaming=None):
+    """An empty `LatentCache` (c_kv and k_r only) for up to `length` tokens;
+    the same ring as `Attention.init_cache` (this layer's window, memory
+    tokens, streaming sinks)."""
+    ring = kv_cache_lib.ring_for(self.sliding_window, length, num_memory_tokens, streaming)
+    return kv_cache_lib.LatentCache.empty(batch, ring, self.kv_lora_rank, self.rope_dim,
+                                          self.dtype, streaming)
+
+  def _cached(self, x, positions, segment_ids, num_memory_tokens, cache, chunk):
+    """The cached call (`Attention.__call__` with `cache=`): the chunk's latents
+    go into the `LatentCache`; a prefill attends over its own columns in the
+    naive form (the training path), a decode step over the cache in the
+    absorbed form. In streaming mode k_r is cached before RoPE and rotated by
+    the slots' cache positions at each step, as `Attention` does with keys."""
+    late = cache.rotate_late
+    with jax.named_scope('qkv'):
+      q = self.queries(x, positions)
+      c_kv, k_rope = self.latent(x, None if late else positions)
+    cache = cache.write(c_kv, k_rope, chunk)
+    with jax.named_scope('attention'):
+      if chunk.prefill:
+        if late:
+          k_rope = self._rope(k_rope[:, :, None, :], positions)[:, :, 0]
+        k, v = self.expand(c_kv, k_rope)
+        o = self.attend(q, k, v, segment_ids=segment_ids,
+                        num_memory_tokens=num_memory_tokens)
+      else:
+        q_idx, kv_idx, kv_seg, kv_pos = cache.attention_indices(chunk)
+        k_rope = cache.k_rope
+        if late:
+          k_rope = self._rope(k_rope[:, :, None, :], kv_pos)[:, :, 0]
+        o = self.absorbed_attend(q, cache.c_kv, k_rope, q_idx=q_idx, kv_idx=kv_idx,
+                                 segment_ids=jnp.ones_like(q_idx), kv_segment_ids=kv_seg,
+                                 num_memory_tokens=num_memory_tokens)
+    with jax.named_scope('out'):
+      return self.output(o, x), cache
 
   def absorbed_attend(self, q, c_kv, k_rope, *, q_idx=None, kv_idx=None, segment_ids=None,
                       kv_segment_ids=None, num_memory_tokens=0):

@@ -302,13 +302,9 @@ def test_config_refusals_name_the_field(override, names):
     configs.load('configs/base.py', SMALL + [override])
 
 
-def test_sampling_and_export_refuse_mla():
-  """Until the sampler has a latent cache and an HF family has MLA, both say so."""
+def test_export_refuses_mla():
+  """Until an HF family has MLA, export says so (sampling: tests/test_sample_mla.py)."""
   from model import hf  # pylint: disable=import-outside-toplevel
-  from train import sample  # pylint: disable=import-outside-toplevel
   cfg = _cfg()
-  dec = model.Decoder(cfg, rngs=nnx.Rngs(0))
-  with pytest.raises(configs.UserError, match="attention_type='mla'"):
-    sample.generate(dec, cfg, [[1, 2, 3]], max_new_tokens=2)
   with pytest.raises(hf.HFError, match='attention_type'):
     hf.model_config_to_hf(cfg)

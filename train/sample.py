@@ -2,7 +2,7 @@
 
     python -m train.sample --workdir DIR --prompt TEXT [--prompt TEXT ...]
         [--max_new_tokens N --temperature T --top_k K --top_p P --seed S
-         --streaming_sinks N --streaming_window W]
+         --streaming_sinks N --streaming_window W --stats]
 
 Continues each prompt with the newest checkpoint of a training workdir (or of
 one made by `python -m model.hf import`), tokenized with the run's tokenizer.
@@ -17,7 +17,8 @@ example, after `python -m train --config configs/llama.py:tiny --workdir
 Prefill and decode run the decoder's own embeddings, blocks and head
 (`model.Decoder.hidden_states(..., cache=, chunk=)`); each layer keeps its own
 cache (`model.kv_cache`: ring buffers for sliding-window layers, StreamingLLM
-sinks, memory tokens). A prefill runs the memory tokens and the (left-padded)
+sinks, memory tokens; an MLA layer keeps only its latent and rope key, a
+`LatentCache`, and decodes in the absorbed form, `model.mla`). A prefill runs the memory tokens and the (left-padded)
 prompts in one call, exactly the training forward, and writes into each ring
 the tokens it will still need (the last `sliding_window` of a long prompt on
 a window layer). Each new token is then one call of a `jax.jit`-compiled step
@@ -35,6 +36,10 @@ cache positions, so it sees the sinks only while they are inside it. In
 streaming mode a prompt longer than N + W is prefilled up to N + W tokens and
 then fed token by token, so it is streamed exactly as a generated text.
 
+`--stats` prints the cache's bytes per token (summed over layers, in the
+cache dtype: `model.cache_numbers_per_token` x layers x bytes), its total for
+the run and the decode tokens/s (`cache_stats`, `stats_lines`).
+
 Decoding: greedy (temperature 0), or temperature sampling restricted to the
 top-k tokens and/or the top-p nucleus (Holtzman et al. 2019). Generation
 stops at EOS or after `max_new_tokens`; tokens are streamed to a callback
@@ -43,6 +48,7 @@ stops at EOS or after `max_new_tokens`; tokens are streamed to a callback
 
 import functools
 import sys
+import time
 from typing import Any, NamedTuple
 
 import jax
@@ -64,7 +70,26 @@ class Generation(NamedTuple):
   """What `generate(..., full_output=True)` returns."""
   tokens: list          # per prompt, the new token ids (up to and with EOS)
   logits: np.ndarray    # float32 [batch, steps, vocab]: the logits each token was drawn from
-  cache: Any            # the final cache: per layer, its cache (`model.kv_cache.KVCache`)
+  cache: Any            # the final cache: per layer, its cache (`model.kv_cache.KVCache`,
+                        # `LatentCache` for MLA)
+  decode_tokens: int    # tokens timed in decode_seconds (batch x steps after the first)
+  decode_seconds: float  # wall time of those decode steps (the first, compiled, not counted)
+
+
+class CacheStats(NamedTuple):
+  """What `--stats` prints about a run's cache (`cache_stats`)."""
+  bytes_per_token: int   # cached bytes per token, summed over layers
+  total_bytes: int       # bytes of every layer's buffers for the run (all slots, all rows)
+  dtype: str             # the cache dtype
+
+
+def cache_stats(cache) -> CacheStats:
+  """Bytes per token and in all of a cache (a tuple of layer caches); the slots'
+  int32 token indices are bookkeeping and not counted."""
+  per_token = sum(int(np.prod(x.shape[2:])) * x.dtype.itemsize
+                  for layer in cache for x in layer.data())
+  total = sum(layer.data_bytes() for layer in cache)
+  return CacheStats(per_token, total, str(cache[0].data()[0].dtype))
 
 
 def streaming_config(cfg_model, sinks=None, window=None):
@@ -136,10 +161,6 @@ def generate(decoder, cfg_model, prompts, *, max_new_tokens=32, temperature=0.0,
   """
   check_sampling(max_new_tokens=max_new_tokens, temperature=temperature,
                  top_k=top_k, top_p=top_p)
-  if cfg_model.get('attention_type', 'standard') == 'mla':
-    raise UserError("model.attention_type='mla': train.sample has no latent KV cache "
-                    'yet (model/mla.py has its pieces: `latent`, `absorbed_attend`); '
-                    'evaluate the model with train.evaluate')
   streaming = streaming_config(cfg_model, streaming_sinks, streaming_window)
   b = len(prompts)
   t = max(len(p) for p in prompts)
@@ -196,12 +217,15 @@ def generate(decoder, cfg_model, prompts, *, max_new_tokens=32, temperature=0.0,
   out = [[] for _ in range(b)]
   all_logits = []
   done = np.zeros(b, bool)
+  timed_from = None
   for n in range(max_new_tokens):
     rng, key = jax.random.split(rng)
     token = pick(logits, key)
     if full_output:
       all_logits.append(np.asarray(logits, np.float32))
     host = np.asarray(token)
+    if n == 1:   # the first decode step (compilation) is done
+      timed_from = time.perf_counter()
     for i in range(b):
       if not done[i]:
         out[i].append(int(host[i]))
@@ -213,7 +237,9 @@ def generate(decoder, cfg_model, prompts, *, max_new_tokens=32, temperature=0.0,
     logits, cache = step(state, cache, token, j)
     j = j + 1
   if full_output:
-    return Generation(out, np.stack(all_logits, axis=1), cache)
+    seconds = 0.0 if timed_from is None else time.perf_counter() - timed_from
+    timed = 0 if timed_from is None else b * (n - 1)
+    return Generation(out, np.stack(all_logits, axis=1), cache, timed, seconds)
   return out
 
 
@@ -241,6 +267,10 @@ def define_flags():
   flags.DEFINE_integer('streaming_window', None,
                        'The rolling window of --streaming_sinks (default: '
                        'model.sliding_window, else model.max_seq_len - N).')
+  flags.DEFINE_boolean('stats', False,
+                       'After the text, print the KV cache\'s bytes per token (summed '
+                       'over layers, in the cache dtype), its total bytes for this run, '
+                       'and decode tokens/s (the first, compiled, step not counted).')
 
 
 def main(argv):
@@ -282,12 +312,34 @@ def main(argv):
                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                  eos_id=tok.eos_id, seed=args.seed, callback=show,
                  streaming_sinks=args.streaming_sinks,
-                 streaming_window=args.streaming_window)
+                 streaming_window=args.streaming_window, full_output=args.stats)
+  gen = out if args.stats else None
+  if args.stats:
+    out = gen.tokens
   if stream:
     sys.stdout.write('\n')
   else:
     for prompt, new in zip(args.prompt, out):
       print(prompt + tok.decode([x for x in new if x != tok.eos_id]))
+  if gen is not None:
+    print(stats_lines(cfg.model, gen))
+
+
+def stats_lines(cfg_model, gen: Generation) -> str:
+  """The `--stats` report of a `generate(..., full_output=True)` result."""
+  st = cache_stats(gen.cache)
+  kind = cfg_model.get('attention_type', 'standard')
+  rows = gen.cache[0].index.shape[0]
+  slots = sum(layer.ring.size for layer in gen.cache)
+  lines = [f'cache: {st.bytes_per_token} bytes/token ({kind}, {len(gen.cache)} layers, '
+           f'{st.dtype}); {st.total_bytes} bytes in all ({rows} rows x {slots} slots '
+           'over the layers)']
+  if gen.decode_tokens:
+    lines.append(f'decode: {gen.decode_tokens / gen.decode_seconds:.1f} tokens/s '
+                 f'({gen.decode_tokens} tokens in {gen.decode_seconds:.3f} s, batch {rows})')
+  else:
+    lines.append('decode: not timed (needs --max_new_tokens >= 3: the first step compiles)')
+  return '\n'.join(lines)
 
 
 if __name__ == '__main__':
