@@ -37,11 +37,14 @@ layer), W_uk is absorbed into the query and W_uv into the output, which makes
 decode an MQA of head dim r + d_r over values of dim r.
 """
 
+import functools
+
 import jax.numpy as jnp
 from flax import nnx
 
 from model import attention as attention_lib
 from model import attention_core
+from model import differential
 from model import masking
 from model import mlp as mlp_lib
 from model import mup
@@ -236,7 +239,11 @@ def is_mla(cfg_model) -> bool:
   return cfg_model.get('attention_type', 'standard') == 'mla'
 
 
-def attention_class(cfg_model):
-  """The attention layer `model.attention_type` names."""
-  return MLAttention if is_mla(cfg_model) else attention_lib.Attention
+def attention_class(cfg_model, layer_index: int = 0):
+  """The attention layer `model.attention_type` names, for layer `layer_index` (0-based)."""
+  if is_mla(cfg_model):
+    return MLAttention
+  if differential.is_differential(cfg_model):
+    return functools.partial(differential.DifferentialAttention, layer_index=layer_index)
+  return attention_lib.Attention
 
