@@ -234,3 +234,36 @@ def test_config_refusals_name_the_field(override, names):
   extra = ['model.num_kv_heads=1', 'model.d_model=30'] if 'num_heads=3' in override else []
   with pytest.raises(configs.ConfigError, match=names.replace('.', r'\.')):
     configs.load('configs/base.py', SMALL + extra + [override])
+
+
+def test_layer_matches_transformers_diffllama_attention():
+  """A second implementation: transformers' DiffLlamaAttention (torch, eager,
+  float64) with the same weights, GQA, RoPE, a causal mask, layer index 3."""
+  torch = pytest.importorskip('torch')
+  from transformers.models.diffllama import modeling_diffllama as hf_diff  # pylint: disable=import-outside-toplevel
+  from transformers import DiffLlamaConfig  # pylint: disable=import-outside-toplevel
+  cfg = _cfg('model.num_kv_heads=2')
+  layer = _layer(cfg, 3, seed=4)
+  p = _params(layer)
+  hf_cfg = DiffLlamaConfig(hidden_size=D, num_attention_heads=N, num_key_value_heads=2,
+                           intermediate_size=64, vocab_size=64, rms_norm_eps=cfg.norm_eps,
+                           rope_theta=cfg.rope_theta, max_position_embeddings=64)
+  hf_cfg._attn_implementation = 'eager'  # pylint: disable=protected-access
+  attn = hf_diff.DiffLlamaAttention(hf_cfg, layer_idx=3).double()
+  t64 = lambda a: torch.tensor(a, dtype=torch.float64)
+  with torch.no_grad():
+    attn.q_proj.weight.copy_(t64(p['wq'].reshape(D, -1).T))
+    attn.k_proj.weight.copy_(t64(p['wk'].reshape(D, -1).T))
+    attn.v_proj.weight.copy_(t64(p['wv'].reshape(D, -1).T))
+    attn.o_proj.weight.copy_(t64(p['wo'].reshape(-1, D).T))
+    for name in ('lambda_q1', 'lambda_k1', 'lambda_q2', 'lambda_k2'):
+      getattr(attn, name).copy_(t64(p[name]))
+  x = _x(7, t=10)
+  pos = torch.arange(10)[None]
+  rotary = hf_diff.DiffLlamaRotaryEmbedding(hf_cfg)
+  cos, sin = rotary(t64(x), pos)
+  mask = torch.triu(torch.full((10, 10), -torch.inf, dtype=torch.float64), 1)[None, None]
+  want = attn(t64(x), (cos.double(), sin.double()), mask)[0].detach().numpy()[0]
+  got = np.asarray(_call(layer, jnp.asarray(x, jnp.float32),
+                         jnp.arange(10, dtype=jnp.int32)[None]))[0]
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
