@@ -52,6 +52,7 @@ def _layer(cfg_model, layer_index, seed=0):
 
 
 def _call(layer, *args, **kwargs):
+  """layer(*args, **kwargs) under jit (eager dispatch is slow on CPU)."""
   graph, state = nnx.split(layer)
   return jax.jit(lambda state, *a: nnx.merge(graph, state)(*a, **kwargs))(state, *args)
 
@@ -135,8 +136,8 @@ def test_decoder_layers_get_lambda_init_by_depth():
   assert got[0] == pytest.approx(0.2)
 
 
-@pytest.mark.parametrize('extra', [[], ['model.attn_logit_softcap=5.0', 'model.attention_sinks=True',
-                                        'model.sliding_window=8']])
+@pytest.mark.parametrize('extra', [
+    [], ['model.attn_logit_softcap=5.0', 'model.attention_sinks=True', 'model.sliding_window=8']])
 def test_pallas_kernel_matches_xla_through_the_layer(extra):
   """The flash kernel (interpret mode; q/k head dim 8, v head dim 16), forward
   and gradients of every parameter (the lambdas included), vs the XLA path."""
@@ -240,8 +241,9 @@ def test_layer_matches_transformers_diffllama_attention():
   """A second implementation: transformers' DiffLlamaAttention (torch, eager,
   float64) with the same weights, GQA, RoPE, a causal mask, layer index 3."""
   torch = pytest.importorskip('torch')
-  from transformers.models.diffllama import modeling_diffllama as hf_diff  # pylint: disable=import-outside-toplevel
-  from transformers import DiffLlamaConfig  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from transformers import DiffLlamaConfig
+  from transformers.models.diffllama import modeling_diffllama as hf_diff
   cfg = _cfg('model.num_kv_heads=2')
   layer = _layer(cfg, 3, seed=4)
   p = _params(layer)
