@@ -23,7 +23,7 @@ CHOICES = {
     'model.mlp_activation': ('silu', 'gelu', 'gelu_tanh', 'relu'),
     'model.attention_impl': ('auto', 'xla', 'pallas', 'cudnn'),
     'model.attention_gate': ('none', 'headwise', 'elementwise'),
-    'model.attention_type': ('standard', 'mla'),
+    'model.attention_type': ('standard', 'mla', 'differential'),
     'model.remat': ('none', 'full', 'dots'),
     'model.moe_dispatch': ('auto', 'global', 'all_to_all'),
     'model.context_parallel': ('allgather', 'ring'),
@@ -190,6 +190,8 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
   mla = m.get('attention_type', 'standard') == 'mla'
   if mla:
     _validate_mla(m)
+  if m.get('attention_type', 'standard') == 'differential':
+    _validate_differential(m)
   if m.position == 'rope':
     _check(mla or head_dim % 2 == 0, f'model.head_dim={head_dim}: RoPE needs an even head_dim')
     _check(m.rope_theta > 0, f'model.rope_theta={m.rope_theta}: must be positive')
@@ -277,6 +279,20 @@ def _validate_mla(m: ml_collections.ConfigDict) -> None:
   _check(m.attention_impl != 'cudnn', f"model.attention_impl='cudnn' {why}: the cuDNN "
          'path is not set up for a value head dim different from the query/key one; '
          'use model.attention_impl=auto, xla or pallas')
+
+
+def _validate_differential(m: ml_collections.ConfigDict) -> None:
+  """model.attention_type='differential': heads pair up; what it does not take."""
+  why = "with model.attention_type='differential'"
+  _check(m.num_heads % 2 == 0,
+         f'model.num_heads={m.num_heads} {why}: the heads pair up into num_heads/2 '
+         'differential heads; set an even model.num_heads')
+  _check(m.get('attention_gate', 'none') != 'headwise',
+         f"model.attention_gate='headwise' {why}: a gate per head would gate half a "
+         "differential head; use model.attention_gate='elementwise' or 'none'")
+  _check(m.attention_impl != 'cudnn', f"model.attention_impl='cudnn' {why}: the cuDNN "
+         'path is not set up for a value head dim (2 head_dim) different from the '
+         'query/key one; use model.attention_impl=auto, xla or pallas')
 
 
 def eval_task_specs(spec, field: str = 'eval.tasks') -> list[tuple[str, int | None, str | None]]:

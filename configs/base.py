@@ -63,7 +63,11 @@ def model_config() -> ml_collections.ConfigDict:
   # mla_qk_rope_head_dim part whose key all heads share, and the head dims come
   # from the mla_* fields (num_kv_heads must equal num_heads, head_dim None).
   # The defaults below are a tiny model's; DeepSeek-V3 uses 1536, 512, 128, 64, 128.
-  m.attention_type = 'standard'  # standard | mla
+  # differential (issue 17; model/differential.py): Differential Transformer
+  # attention; the num_heads (even) heads pair into num_heads/2 heads whose two
+  # softmax maps are subtracted with a learned lambda (lambda_init by layer),
+  # over values of 2 head_dim; same projections as standard plus 4 head_dim.
+  m.attention_type = 'standard'  # standard | mla | differential
   m.mla_q_lora_rank = 0          # query latent rank; 0 = queries straight from x
   m.mla_kv_lora_rank = 32        # the key/value latent (what the cache stores)
   m.mla_qk_nope_head_dim = 16    # per-head q/k part without rope

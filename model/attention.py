@@ -196,14 +196,19 @@ class Attention(nnx.Module):
       else:
         q_idx, kv_idx, kv_seg, kv_pos = cache.attention_indices(chunk)
         k = self.rotate(cache.k, kv_pos) if late else cache.k
-        slopes = masking.alibi_slopes(self.num_heads) if self.position == 'alibi' else None
-        o = attention_core.reference_attention(
-            q, k, cache.v, segment_ids=jnp.ones_like(q_idx), kv_segment_ids=kv_seg,
-            q_idx=q_idx, kv_idx=kv_idx, causal=True, sliding_window=self.sliding_window,
-            alibi_slopes=slopes, logit_softcap=self.logit_softcap, scale=self.scale,
-            num_memory_tokens=num_memory_tokens, sink_logits=self.sink_logits())
+        o = self.attend_cache(q, k, cache.v, q_idx=q_idx, kv_idx=kv_idx,
+                              kv_segment_ids=kv_seg, num_memory_tokens=num_memory_tokens)
     with jax.named_scope('out'):
       return self.output(o, x), cache
+
+  def attend_cache(self, q, k, v, *, q_idx, kv_idx, kv_segment_ids, num_memory_tokens=0):
+    """A decode step's attention of q over a cache's k, v at its slots' token indices."""
+    slopes = masking.alibi_slopes(self.num_heads) if self.position == 'alibi' else None
+    return attention_core.reference_attention(
+        q, k, v, segment_ids=jnp.ones_like(q_idx), kv_segment_ids=kv_segment_ids,
+        q_idx=q_idx, kv_idx=kv_idx, causal=True, sliding_window=self.sliding_window,
+        alibi_slopes=slopes, logit_softcap=self.logit_softcap, scale=self.scale,
+        num_memory_tokens=num_memory_tokens, sink_logits=self.sink_logits())
 
 
 def attention_params(cfg_model) -> int:

@@ -15,7 +15,8 @@ costs twice the forward, so training = 3 x forward, and a forward matmul with a
   including memory tokens;
 - the output head (2 d_model vocab; an embedding lookup is free);
 - attention scores and the weighted sum of values, 2 num_heads (qk_head_dim +
-  v_head_dim) per (query, visible key) pair (MLA: qk = nope + rope), counting
+  v_head_dim) per (query, visible key) pair (MLA: qk = nope + rope;
+  differential attention: n query heads of qk = head_dim, v = 2 head_dim), counting
   only pairs the causal / sliding-window / memory mask lets through (what a
   block-skipping kernel computes), for one document per row;
 and not the elementwise work (norms, activations, softmax, biases), which is
@@ -24,6 +25,7 @@ small next to the matmuls.
 
 from model import attention as attention_lib
 from model import decoder as decoder_lib
+from model import differential
 from model import mla
 from model import mlp as mlp_lib
 from model import norms
@@ -55,8 +57,12 @@ def count_params(cfg_model) -> int:
     count += cfg_model.max_seq_len * d
   count += cfg_model.num_memory_tokens * d
   for i in range(cfg_model.num_layers):
-    count += (mla.mla_params(cfg_model) if mla.is_mla(cfg_model)
-              else attention_lib.attention_params(cfg_model))
+    if mla.is_mla(cfg_model):
+      count += mla.mla_params(cfg_model)
+    elif differential.is_differential(cfg_model):
+      count += differential.differential_params(cfg_model)
+    else:
+      count += attention_lib.attention_params(cfg_model)
     count += (4 if cfg_model.norm_position == 'sandwich' else 2) * norm
     if decoder_lib.is_moe_layer(cfg_model, i):
       count += moe_params(cfg_model)
@@ -105,6 +111,8 @@ def flops_per_token(cfg_model, seq_len: int) -> float:
     pair_width = cfg_model.num_heads * (cfg_model.mla_qk_nope_head_dim
                                         + cfg_model.mla_qk_rope_head_dim
                                         + cfg_model.mla_v_head_dim)
+  elif differential.is_differential(cfg_model):
+    pair_width = differential.pair_width(cfg_model)
   else:
     pair_width = 2 * cfg_model.num_heads * _head_dim(cfg_model)
   forward = 0.0

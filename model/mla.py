@@ -40,12 +40,15 @@ naive form over its own columns and writes c_kv and k_r, each decode step
 runs `absorbed_attend` over the cache.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from model import attention as attention_lib
 from model import attention_core
+from model import differential
 from model import kv_cache as kv_cache_lib
 from model import masking
 from model import mlp as mlp_lib
@@ -283,7 +286,11 @@ def is_mla(cfg_model) -> bool:
   return cfg_model.get('attention_type', 'standard') == 'mla'
 
 
-def attention_class(cfg_model):
-  """The attention layer `model.attention_type` names."""
-  return MLAttention if is_mla(cfg_model) else attention_lib.Attention
+def attention_class(cfg_model, layer_index: int = 0):
+  """The attention layer `model.attention_type` names, for layer `layer_index` (0-based)."""
+  if is_mla(cfg_model):
+    return MLAttention
+  if differential.is_differential(cfg_model):
+    return functools.partial(differential.DifferentialAttention, layer_index=layer_index)
+  return attention_lib.Attention
 
