@@ -192,22 +192,23 @@ class Decoder(nnx.Module):
         [Block(cfg_model, i, rngs=rngs) for i in range(cfg_model.num_layers)])
     if self.norm_position != 'post':
       self.final_norm = norms.make_norm(cfg_model)
-    self.mtp_depth = cfg_model.get('mtp_depth', 0)
-    if self.mtp_depth:
-      if self.num_memory_tokens:
-        raise ValueError('model.mtp_depth with model.num_memory_tokens: the MTP '
-                         'modules take no memory tokens')
-      # Module k's block is built as layer num_layers + k - 1 would be.
-      self.mtp = nnx.List([
-          mtp_lib.MTPModule(cfg_model, Block(cfg_model, cfg_model.num_layers + k, rngs=rngs),
-                            rngs=rngs)
-          for k in range(self.mtp_depth)])
     if not self.tie_embeddings:
       # Small, like the tied embedding: near-uniform predictions at step 0
       # (loss ln(vocab)) whether or not the embeddings are tied.
       self.head = nnx.Param(
           nnx.initializers.normal(0.02)(rngs.params(), (d, cfg_model.vocab_size), pdt),
           logical_axes=('embed', 'vocab'))
+    self.mtp_depth = cfg_model.get('mtp_depth', 0)
+    if self.mtp_depth:
+      if self.num_memory_tokens:
+        raise ValueError('model.mtp_depth with model.num_memory_tokens: the MTP '
+                         'modules take no memory tokens')
+      # Built last, so the main parameters initialise as without them.
+      # Module k's block is built as layer num_layers + k - 1 would be.
+      self.mtp = nnx.List([
+          mtp_lib.MTPModule(cfg_model, Block(cfg_model, cfg_model.num_layers + k, rngs=rngs),
+                            rngs=rngs)
+          for k in range(self.mtp_depth)])
 
   def embed_tokens(self, tokens, positions):
     """Token embeddings plus additive positions, [b, t, d] in the compute dtype."""
