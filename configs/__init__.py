@@ -378,8 +378,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   rate = t.get('moe_bias_update_rate', 0.0)
   _check(isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate >= 0,
          f'train.moe_bias_update_rate={rate!r}: must be a number >= 0 (0 = off)')
-  _check(not rate or cfg.model.num_experts > 0,
-         f'train.moe_bias_update_rate={rate} needs an MoE model (model.num_experts > 0)')
+  _check(not rate or (cfg.model.num_experts > 0 and cfg.model.get('moe_router') == 'sigmoid'),
+         f'train.moe_bias_update_rate={rate} needs an MoE model with the sigmoid router '
+         "(model.num_experts > 0, model.moe_router='sigmoid'), whose layers carry the "
+         'selection bias; or set it to 0')
   mtp_weight = t.get('mtp_loss_weight', 0.0)
   _check(isinstance(mtp_weight, (int, float)) and not isinstance(mtp_weight, bool)
          and mtp_weight >= 0,

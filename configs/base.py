@@ -138,7 +138,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.train.moe_router_z_loss_weight = 0.001
   # Auxiliary-loss-free load balancing (Wang et al. 2024; DeepSeek-V3): after
   # each optimizer step every MoE layer's selection bias moves by this rate x
-  # sign(mean load - load of the expert). 0 = off (the bias stays 0). The bias
+  # sign(mean load - load of the expert). 0 = off (the bias stays 0). Needs
+  # model.moe_router='sigmoid' (softmax layers have no bias). The bias
   # steers which experts are chosen, not the weights they are combined with;
   # it is saved in checkpoints (the train state's model_state).
   c.train.moe_bias_update_rate = 0.0

@@ -22,8 +22,8 @@ implements
 
 Routing, per token with router logits u [E]:
 - scores s = softmax(u) ('softmax') or s = sigmoid(u) ('sigmoid');
-- selection scores c = s + bias (bias [E], an `ExpertBias` variable, zero
-  until the trainer moves it);
+- selection scores c = s + bias (bias [E]: for 'sigmoid' an `ExpertBias`
+  variable, zero until the trainer moves it; none, i.e. 0, for 'softmax');
 - with G = moe_num_groups > 1 the experts split into G groups of E / G
   consecutive experts; a group scores the sum of its two largest c (one when
   a group holds one expert), the moe_topk_groups best groups are kept and the
@@ -227,9 +227,12 @@ class MoE(nnx.Module):
     w_out = nnx.initializers.normal(mup.hidden_std(m, mlp_lib.out_init_stddev(m)))
     self.router = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (d, e), pdt),
                             logical_axes=('embed', None))
-    # float32 whatever param_dtype: steps of train.moe_bias_update_rate
-    # (1e-3) must not round away.
-    self.bias = ExpertBias(jnp.zeros((e,), jnp.float32))
+    # Sigmoid routers carry the selection bias (DeepSeek-V3's
+    # e_score_correction_bias), float32 whatever param_dtype so steps of
+    # train.moe_bias_update_rate (1e-3) do not round away. Softmax routers
+    # have none: their state stays parameters only.
+    if self.router_type == 'sigmoid':
+      self.bias = ExpertBias(jnp.zeros((e,), jnp.float32))
     if self.gated:
       self.w_gate = nnx.Param(w_in(rngs.params(), (e, d, f), pdt),
                               logical_axes=('experts', 'embed', 'mlp'))
@@ -309,10 +312,19 @@ class MoE(nnx.Module):
       weights = weights * self.routed_scaling
     return logits, probs, weights, experts
 
+  def selection_bias(self):
+    """The bias [E] added to the scores for the choice (zeros without one)."""
+    if hasattr(self, 'bias'):
+      return self.bias[...]
+    return jnp.zeros((self.num_experts,), jnp.float32)
+
   def update_bias(self, load, rate: float):
     """Aux-loss-free balancing (Wang et al. 2024): bias += rate * sign(mean
     load - load), load [E] this layer's routed fractions of the step. Runs
     outside the gradient, after the optimizer step (train/step.py)."""
+    if not hasattr(self, 'bias'):
+      raise ValueError("train.moe_bias_update_rate > 0 needs model.moe_router='sigmoid' "
+                       '(a softmax router has no selection bias)')
     load = load.astype(jnp.float32)
     self.bias[...] = self.bias[...] + rate * jnp.sign(jnp.mean(load) - load)
 
@@ -437,7 +449,8 @@ class MoE(nnx.Module):
     xf = x.reshape(n, d)
 
     with jax.named_scope('moe_router'):
-      logits, probs, weights, experts = self._route(xf, self.router[...], self.bias[...])
+      logits, probs, weights, experts = self._route(xf, self.router[...],
+                                                    self.selection_bias())
       # Assignment a = j * n + t (choice-major rank order, see the docstring).
       expert_ids = experts.T.reshape(big_n)                      # [N]
       combine = weights.T                                        # [k, n] f32
@@ -487,7 +500,7 @@ class MoE(nnx.Module):
         functools.partial(self._dispatch_local, plan),
         mesh=plan.mesh, in_specs=(x_spec, P(), P(), w_specs),
         out_specs=(x_spec, aux_specs), check_vma=True)
-    return local(x, self.router[...], self.bias[...], w)
+    return local(x, self.router[...], self.selection_bias(), w)
 
   def _dispatch_local(self, plan, x, router, bias, w):
     """One device's part of the all-to-all dispatch (inside `shard_map`).

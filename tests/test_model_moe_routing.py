@@ -120,11 +120,14 @@ CASES = {
 @pytest.mark.parametrize('case', list(CASES))
 def test_router_and_layer_match_the_numpy_reference(case):
   cfg = _cfg(**CASES[case])
-  bias = np.random.default_rng(5).standard_normal(8) * 0.05
-  layer = _layer(cfg, bias)
+  # Sigmoid layers carry a selection bias; softmax ones have none (0).
+  bias = np.zeros(8)
+  if cfg.moe_router == 'sigmoid':
+    bias = np.random.default_rng(5).standard_normal(8) * 0.05
+  layer = _layer(cfg, bias if cfg.moe_router == 'sigmoid' else None)
   x = jax.random.normal(jax.random.key(1), (2, 12, 16), jnp.float32)
   xf = x.reshape(-1, 16)
-  _, _, weights, experts = layer._route(xf, layer.router[...], layer.bias[...])
+  _, _, weights, experts = layer._route(xf, layer.router[...], layer.selection_bias())
   want_e, want_w = np_route(
       xf, layer.router[...], bias, kind=cfg.moe_router, groups=cfg.moe_num_groups,
       kept_groups=cfg.moe_topk_groups, k=3, renormalize=cfg.moe_renormalize,
@@ -143,7 +146,7 @@ def test_router_and_layer_match_the_numpy_reference(case):
 
 
 def test_bias_update_follows_its_rule_for_a_hand_made_load():
-  layer = _layer(_cfg(num_experts=4, experts_per_token=2))
+  layer = _layer(_cfg(num_experts=4, experts_per_token=2, moe_router='sigmoid'))
   load = jnp.array([0.5, 0.25, 0.25, 0.0])            # mean 0.25
   layer.update_bias(load, 0.01)
   np.testing.assert_array_equal(np.asarray(layer.bias[...]),
@@ -204,11 +207,17 @@ def test_first_dense_layers_then_the_interval():
   assert [decoder_lib.is_moe_layer(m, i) for i in range(6)] == [
       False, False, False, True, False, True]
   m = _cfg(num_layers=3, moe_first_dense_layers=1, d_model=16, num_heads=2,
-           num_kv_heads=2)
+           num_kv_heads=2, moe_router='sigmoid')
   decoder = nnx.eval_shape(lambda: model.Decoder(m, rngs=nnx.Rngs(0)))
   assert [b.is_moe for b in decoder.blocks] == [False, True, True]
   n = sum(x.size for x in jax.tree.leaves(nnx.state(decoder, nnx.Param)))
   assert n == model.count_params(m)
+  # Only sigmoid routers carry the bias: a softmax model's state is its
+  # parameters alone (code that splits off nnx.Param exhaustively keeps working).
+  assert len(jax.tree.leaves(nnx.state(decoder, moe.ExpertBias))) == 2
+  m.moe_router = 'softmax'
+  softmax = nnx.eval_shape(lambda: model.Decoder(m, rngs=nnx.Rngs(0)))
+  assert not jax.tree.leaves(nnx.state(softmax, nnx.Not(nnx.Param)))
 
 
 @pytest.mark.parametrize('override,message', [
@@ -219,6 +228,7 @@ def test_first_dense_layers_then_the_interval():
     ('model.moe_first_dense_layers=2', 'moe_first_dense_layers=2: must be an integer in [0, num_layers=2)'),
     ('train.moe_bias_update_rate=-1.0', 'train.moe_bias_update_rate=-1.0'),
     ('model.moe_routed_scaling=0.0', 'model.moe_routed_scaling=0.0'),
+    ('model.moe_router=softmax', "needs an MoE model with the sigmoid router"),
 ])
 def test_bad_routing_fields_are_refused(override, message):
   with pytest.raises(configs.ConfigError) as err:
