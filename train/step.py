@@ -272,8 +272,8 @@ def lm_loss(train_cfg) -> LossFn:
         # The MTP blocks' balance losses count with the MTP term's weight.
         objective += mtp_weight * weight * (aux_weight * mtp_aux['moe_aux_loss'] +
                                             router_z_weight * mtp_aux['moe_router_z_loss'])
-        aux = dict(aux, moe_layer_loads=jnp.concatenate(
-            [aux['moe_layer_loads'], mtp_aux['moe_layer_loads']]))
+        loads = [a['moe_layer_loads'] for a in (aux, mtp_aux) if 'moe_layer_loads' in a]
+        aux = dict(aux, moe_layer_loads=jnp.concatenate(loads))
     if z_weight:
       z_sum = jnp.sum(jnp.square(lse) * mask)
       objective += z_weight * z_sum
@@ -285,6 +285,8 @@ def lm_loss(train_cfg) -> LossFn:
       metrics['moe_aux_loss'] = weight * aux['moe_aux_loss']
       metrics['moe_router_z_loss'] = weight * aux['moe_router_z_loss']
       metrics['moe_expert_load'] = weight * aux['moe_expert_load']
+    if 'moe_layer_loads' in aux:
+      # Every MoE layer's own load, main blocks then MTP blocks (the bias update).
       metrics['moe_layer_loads'] = weight * aux['moe_layer_loads']
     metrics['objective'] = objective
     return objective, metrics
