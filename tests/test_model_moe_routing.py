@@ -290,3 +290,13 @@ def test_resume_with_a_moving_bias_is_bitwise_the_straight_run(tmp_path):
   for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
                                   err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize('override', ['model.moe_router=sigmoid', 'model.moe_num_groups=2',
+                                      'model.moe_first_dense_layers=1',
+                                      'model.moe_routed_scaling=2.0'])
+def test_hf_export_refuses_the_deepseek_router_fields(override):
+  from model import hf  # pylint: disable=g-import-not-at-top
+  cfg = configs.load('configs/mixtral.py:tiny', [override])
+  with pytest.raises(hf.HFError, match=override.split('.')[1].split('=')[0]):
+    hf.model_config_to_hf(cfg.model)
