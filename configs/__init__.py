@@ -27,6 +27,7 @@ CHOICES = {
     'model.remat': ('none', 'full', 'dots'),
     'model.moe_dispatch': ('auto', 'global', 'all_to_all'),
     'model.context_parallel': ('allgather', 'ring'),
+    'model.moe_router': ('softmax', 'sigmoid'),
     'model.dtype': ('float32', 'bfloat16', 'float16'),
     'model.param_dtype': ('float32', 'bfloat16', 'float16'),
     'train.lr_schedule': ('cosine', 'linear', 'constant', 'wsd'),
@@ -166,6 +167,24 @@ def _check(ok, message):
     raise ConfigError(message)
 
 
+def _validate_routing(m: ml_collections.ConfigDict) -> None:
+  """The DeepSeek-V3 router fields of an MoE model (model/moe.py)."""
+  e, k = m.num_experts, m.experts_per_token
+  scaling = m.get('moe_routed_scaling', 1.0)
+  _check(isinstance(scaling, (int, float)) and not isinstance(scaling, bool) and scaling > 0,
+         f'model.moe_routed_scaling={scaling!r}: must be a positive number')
+  groups, kept = m.get('moe_num_groups', 1), m.get('moe_topk_groups', 1)
+  _check(isinstance(groups, int) and groups >= 1 and e % groups == 0,
+         f'model.moe_num_groups={groups!r}: must be a positive divisor of '
+         f'num_experts={e}')
+  _check(isinstance(kept, int) and 1 <= kept <= groups,
+         f'model.moe_topk_groups={kept!r}: must be in [1, moe_num_groups={groups}]')
+  _check(k <= kept * (e // groups),
+         f'model.experts_per_token={k}: more than the {kept * (e // groups)} experts '
+         f'of the moe_topk_groups={kept} kept groups of {e // groups}; raise '
+         'moe_topk_groups or lower experts_per_token')
+
+
 def validate_model(m: ml_collections.ConfigDict) -> None:
   """Checks `config.model` alone (layers and tests build only this part)."""
   for path, choices in CHOICES.items():
@@ -238,6 +257,18 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
            f'model.moe_capacity_factor={m.moe_capacity_factor}: must be None or positive')
     _check(m.num_shared_experts >= 0,
            f'model.num_shared_experts={m.num_shared_experts}: must be >= 0')
+    _validate_routing(m)
+  first_dense = m.get('moe_first_dense_layers', 0)
+  _check(isinstance(first_dense, int) and 0 <= first_dense < m.num_layers,
+         f'model.moe_first_dense_layers={first_dense!r}: must be an integer in '
+         f'[0, num_layers={m.num_layers})')
+  depth = m.get('mtp_depth', 0)
+  _check(isinstance(depth, int) and not isinstance(depth, bool) and depth >= 0,
+         f'model.mtp_depth={depth!r}: must be an integer >= 0 (0 = off)')
+  _check(not depth or not m.num_memory_tokens,
+         f'model.mtp_depth={depth} with model.num_memory_tokens='
+         f'{m.num_memory_tokens}: the MTP modules do not take memory tokens; set '
+         'one of them to 0')
   base = m.get('mup_base_width')
   if base is not None:
     _check(isinstance(base, int) and base > 0,
@@ -406,6 +437,17 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   chunk = t.get('loss_chunk_size')
   _check(chunk is None or (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk > 0),
          f'train.loss_chunk_size={chunk!r}: must be None or a positive integer')
+  rate = t.get('moe_bias_update_rate', 0.0)
+  _check(isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate >= 0,
+         f'train.moe_bias_update_rate={rate!r}: must be a number >= 0 (0 = off)')
+  _check(not rate or (cfg.model.num_experts > 0 and cfg.model.get('moe_router') == 'sigmoid'),
+         f'train.moe_bias_update_rate={rate} needs an MoE model with the sigmoid router '
+         "(model.num_experts > 0, model.moe_router='sigmoid'), whose layers carry the "
+         'selection bias; or set it to 0')
+  mtp_weight = t.get('mtp_loss_weight', 0.0)
+  _check(isinstance(mtp_weight, (int, float)) and not isinstance(mtp_weight, bool)
+         and mtp_weight >= 0,
+         f'train.mtp_loss_weight={mtp_weight!r}: must be a number >= 0')
   if t.get('spike_threshold') is not None:
     _check(t.spike_threshold > 0,
            f'train.spike_threshold={t.spike_threshold}: must be None or positive')

@@ -95,6 +95,30 @@ def model_config() -> ml_collections.ConfigDict:
   # model/context_parallel.py): allgather | ring. allgather: each device
   # gathers every K/V block; ring: K/V blocks travel round the context axis.
   m.context_parallel = 'allgather'
+  # --- DeepSeek-V3 routing (issue 16; docs/moe.md) ---
+  # Router scores: softmax over the experts (Switch, Mixtral) or an independent
+  # sigmoid per expert (DeepSeek-V3). The top-k weights are renormalised to sum
+  # to 1 when moe_renormalize is set (DeepSeek-V3 does, for sigmoid).
+  m.moe_router = 'softmax'       # softmax | sigmoid
+  m.moe_routed_scaling = 1.0     # multiplies the routed experts' weights (2.5 in DeepSeek-V3)
+  # Group-limited routing: the experts split into moe_num_groups equal groups;
+  # a group scores the sum of its two best expert scores, the moe_topk_groups
+  # best groups are kept and the top experts_per_token are chosen among their
+  # experts (DeepSeek-V3: 8 groups, 4 kept). 1 and 1 = plain top-k.
+  m.moe_num_groups = 1
+  m.moe_topk_groups = 1
+  # The first k layers use the dense MLP; the others follow moe_layer_interval
+  # (DeepSeek-V3: 3).
+  m.moe_first_dense_layers = 0
+  # --- end DeepSeek-V3 routing ---
+  # --- Multi-token prediction (issue 16; docs/moe.md#multi-token-prediction) ---
+  # D > 0 adds D sequential modules after the decoder: module k joins the
+  # previous depth's hidden state with the embedding of token t+k, runs one
+  # block and predicts token t+k+1 with the shared head (DeepSeek-V3, Gloeckle
+  # et al. 2024). Training only: the plain forward and sampling ignore them;
+  # train.mtp_loss_weight weighs their loss.
+  m.mtp_depth = 0
+  # --- end multi-token prediction ---
   # Numerics.
   m.dtype = 'float32'
   m.param_dtype = 'float32'
@@ -134,6 +158,16 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.train.z_loss_weight = 0.0
   c.train.moe_aux_loss_weight = 0.01
   c.train.moe_router_z_loss_weight = 0.001
+  # Auxiliary-loss-free load balancing (Wang et al. 2024; DeepSeek-V3): after
+  # each optimizer step every MoE layer's selection bias moves by this rate x
+  # sign(mean load - load of the expert). 0 = off (the bias stays 0). Needs
+  # model.moe_router='sigmoid' (softmax layers have no bias). The bias
+  # steers which experts are chosen, not the weights they are combined with;
+  # it is saved in checkpoints (the train state's model_state).
+  c.train.moe_bias_update_rate = 0.0
+  # λ: the mean of the model.mtp_depth multi-token-prediction cross-entropies,
+  # times λ, is added to the loss (train/mtp_loss, train/mtp_loss_<k>).
+  c.train.mtp_loss_weight = 0.3
   c.train.log_every_steps = 10
   c.train.eval_every_steps = 50
   c.train.eval_steps = 4

@@ -29,8 +29,14 @@ Decoding runs the same code: `init_cache` gives each layer its own cache
 the updated caches (`train.sample`). Without a cache nothing changes.
 
 Layer i uses the sliding window unless `global_layer_interval=k` makes it
-global ((i + 1) % k == 0), and uses MoE when `num_experts > 0` and
-(i + 1) % moe_layer_interval == 0.
+global ((i + 1) % k == 0), and uses MoE when `num_experts > 0`,
+i >= moe_first_dense_layers and (i + 1) % moe_layer_interval == 0.
+
+Multi-token prediction (`model.mtp_depth`, model/mtp.py): the modules live
+here and run only through `mtp_hidden_states` / `mtp_logits`, which the
+training loss calls; the plain call ignores them. `update_router_biases`
+moves the MoE layers' aux-loss-free selection biases (train/step.py calls it
+after the optimizer step).
 """
 
 import math
@@ -43,6 +49,7 @@ from model import attention as attention_lib
 from model import mla
 from model import mlp as mlp_lib
 from model import moe
+from model import mtp as mtp_lib
 from model import mup
 from model import norms
 from model import partitioning
@@ -67,7 +74,10 @@ def is_global_layer(cfg_model, layer_index: int) -> bool:
 
 
 def is_moe_layer(cfg_model, layer_index: int) -> bool:
-  """Whether layer `layer_index` uses the MoE layer instead of the dense MLP."""
+  """Whether layer `layer_index` uses the MoE layer instead of the dense MLP
+  (MTP blocks count on from num_layers)."""
+  if layer_index < cfg_model.get('moe_first_dense_layers', 0):
+    return False
   return cfg_model.num_experts > 0 and (layer_index + 1) % cfg_model.moe_layer_interval == 0
 
 
@@ -169,6 +179,10 @@ def _call_block(block, x, positions, segment_ids):
   return block(x, positions, segment_ids)
 
 
+def _call_mtp(module, x, emb, positions, segment_ids):
+  return module(x, emb, positions, segment_ids)
+
+
 class Decoder(nnx.Module):
   """tokens int [b, t] -> (logits float32 [b, t, vocab], aux dict)."""
 
@@ -207,6 +221,17 @@ class Decoder(nnx.Module):
       self.head = nnx.Param(
           nnx.initializers.normal(0.02)(rngs.params(), (d, cfg_model.vocab_size), pdt),
           logical_axes=('embed', 'vocab'))
+    self.mtp_depth = cfg_model.get('mtp_depth', 0)
+    if self.mtp_depth:
+      if self.num_memory_tokens:
+        raise ValueError('model.mtp_depth with model.num_memory_tokens: the MTP '
+                         'modules take no memory tokens')
+      # Built last, so the main parameters initialise as without them.
+      # Module k's block is built as layer num_layers + k - 1 would be.
+      self.mtp = nnx.List([
+          mtp_lib.MTPModule(cfg_model, Block(cfg_model, cfg_model.num_layers + k, rngs=rngs),
+                            rngs=rngs)
+          for k in range(self.mtp_depth)])
 
   def embed_tokens(self, tokens, positions):
     """Token embeddings plus additive positions, [b, t, d] in the compute dtype."""
@@ -222,16 +247,19 @@ class Decoder(nnx.Module):
       x = x + positions_lib.sinusoidal(positions, self.d_model).astype(self.dtype)
     return x
 
-  def logits(self, x):
+  def logits(self, x, final_norm=None):
     """The head: final norm, output projection (tied or not), muP's readout
     multiplier and the soft-cap. Hidden states [b, t, d] (from
-    `hidden_states`) -> float32 logits [b, t, vocab].
+    `hidden_states`) -> float32 logits [b, t, vocab]. `final_norm`: another
+    norm in place of the decoder's (an MTP module's).
 
     Position-wise, so a chunked loss (`train.loss_chunk_size`) applies it to a
     slice of positions at a time and never holds the whole [b, t, vocab].
     """
-    if self.norm_position != 'post':
-      x = self.final_norm(x)
+    if final_norm is None and self.norm_position != 'post':
+      final_norm = self.final_norm
+    if final_norm is not None:
+      x = final_norm(x)
     if self.tie_embeddings:
       logits = self.embed.unembed(x)
     else:
@@ -271,11 +299,7 @@ class Decoder(nnx.Module):
     row) attends over the cache and gets no memory tokens (they are cached).
     """
     b, t = tokens.shape
-    if positions is None:
-      if segment_ids is None:
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-      else:
-        positions = positions_lib.segment_positions(segment_ids)
+    positions = _default_positions(tokens, segment_ids, positions)
     with jax.named_scope('embed'):
       x = self.embed_tokens(tokens, positions)
 
@@ -311,8 +335,76 @@ class Decoder(nnx.Module):
       if aux:
         moe_aux.append(aux)
 
-    # Each MoE statistic is averaged over the MoE layers.
-    aux = {key: sum(a[key] for a in moe_aux) / len(moe_aux) for key in moe_aux[0]} if moe_aux else {}
+    aux = _moe_aux(moe_aux)
     if cache is None:
       return x[:, m:], aux
     return x[:, m:], aux, tuple(new_cache)
+
+  # -- multi-token prediction (training only) -------------------------------
+
+  def mtp_hidden_states(self, x, tokens, segment_ids=None, positions=None):
+    """The MTP modules on the main hidden states (model/mtp.py).
+
+    x: [b, t, d] from `hidden_states`; tokens: the same int [b, t] inputs.
+    Returns ([h^1, ..., h^D] each [b, t, d], aux of the MTP blocks' MoE
+    layers, averaged as in `hidden_states`). Position i of h^k predicts the
+    input token i + k + 1 through `mtp_logits(k, h^k)`; positions with
+    i + k >= t see a 0 token in place of x_{i+k} and are for the loss to mask.
+    """
+    positions = _default_positions(tokens, segment_ids, positions)
+    call = _call_mtp
+    if self.remat != 'none':
+      call = nnx.remat(_call_mtp, policy=REMAT_POLICIES[self.remat])
+    hidden, moe_aux = [], []
+    for k, module in enumerate(self.mtp, start=1):
+      with jax.named_scope(f'mtp_{k}'):
+        emb = self.embed_tokens(mtp_lib.shift_left(tokens, k), positions)
+        x, aux = call(module, x, emb, positions, segment_ids)
+        x = partitioning.constrain(x, ('batch', None, 'embed'))
+      hidden.append(x)
+      if aux:
+        moe_aux.append(aux)
+    return hidden, _moe_aux(moe_aux)
+
+  def mtp_logits(self, k: int, h):
+    """Depth k's (1..D) float32 logits [b, t, vocab] from h^k: its own norm,
+    then the decoder's shared head."""
+    return self.logits(h, final_norm=getattr(self.mtp[k - 1], 'out_norm', None))
+
+  # -- aux-loss-free balancing ---------------------------------------------
+
+  def moe_layers(self):
+    """The MoE layers in the order of aux['moe_layer_loads']: the blocks',
+    then the MTP blocks'."""
+    blocks = list(self.blocks) + [module.block for module in getattr(self, 'mtp', [])]
+    return [block.mlp for block in blocks if block.is_moe]
+
+  def update_router_biases(self, loads, rate: float):
+    """Moves every MoE layer's selection bias by its own load (`MoE.update_bias`).
+
+    loads: [L, E], aux['moe_layer_loads'] of the blocks, optionally followed
+    by the MTP blocks'; L may stop after the main blocks (then the MTP
+    blocks' biases stay).
+    """
+    for layer, load in zip(self.moe_layers(), loads):
+      layer.update_bias(load, rate)
+
+
+def _default_positions(tokens, segment_ids, positions):
+  """0, 1, ... per row, or per document with `segment_ids`, unless given."""
+  if positions is not None:
+    return positions
+  b, t = tokens.shape
+  if segment_ids is None:
+    return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  return positions_lib.segment_positions(segment_ids)
+
+
+def _moe_aux(moe_aux: list[dict]) -> dict:
+  """Each MoE statistic averaged over the MoE layers, plus every layer's own
+  load [L, E] (`moe_layer_loads`, for the bias update)."""
+  if not moe_aux:
+    return {}
+  aux = {key: sum(a[key] for a in moe_aux) / len(moe_aux) for key in moe_aux[0]}
+  aux['moe_layer_loads'] = jnp.stack([a['moe_expert_load'] for a in moe_aux])
+  return aux

@@ -19,6 +19,8 @@ costs twice the forward, so training = 3 x forward, and a forward matmul with a
   differential attention: n query heads of qk = head_dim, v = 2 head_dim), counting
   only pairs the causal / sliding-window / memory mask lets through (what a
   block-skipping kernel computes), for one document per row;
+- with `mtp_depth` D, each MTP module's [2 d_model, d_model] projection, its
+  block (as one more layer) and its pass through the shared head;
 and not the elementwise work (norms, activations, softmax, biases), which is
 small next to the matmuls.
 """
@@ -28,6 +30,7 @@ from model import decoder as decoder_lib
 from model import differential
 from model import mla
 from model import mlp as mlp_lib
+from model import mtp as mtp_lib
 from model import norms
 
 
@@ -57,22 +60,29 @@ def count_params(cfg_model) -> int:
     count += cfg_model.max_seq_len * d
   count += cfg_model.num_memory_tokens * d
   for i in range(cfg_model.num_layers):
-    if mla.is_mla(cfg_model):
-      count += mla.mla_params(cfg_model)
-    elif differential.is_differential(cfg_model):
-      count += differential.differential_params(cfg_model)
-    else:
-      count += attention_lib.attention_params(cfg_model)
-    count += (4 if cfg_model.norm_position == 'sandwich' else 2) * norm
-    if decoder_lib.is_moe_layer(cfg_model, i):
-      count += moe_params(cfg_model)
-    else:
-      count += mlp_lib.mlp_params(cfg_model)
+    count += _block_params(cfg_model, i)
+  for k in range(cfg_model.get('mtp_depth', 0)):
+    count += mtp_lib.mtp_params(cfg_model, _block_params(cfg_model, cfg_model.num_layers + k))
   if cfg_model.norm_position != 'post':
     count += norm
   if not cfg_model.tie_embeddings:
     count += d * cfg_model.vocab_size
   return count
+
+
+def _block_params(cfg_model, layer_index: int) -> int:
+  """Parameters of the block `layer_index` (MTP blocks count on from num_layers)."""
+  norm = norms.norm_params(cfg_model.norm_type, cfg_model.d_model)
+  if mla.is_mla(cfg_model):
+    count = mla.mla_params(cfg_model)
+  elif differential.is_differential(cfg_model):
+    count = differential.differential_params(cfg_model)
+  else:
+    count = attention_lib.attention_params(cfg_model)
+  count += (4 if cfg_model.norm_position == 'sandwich' else 2) * norm
+  if decoder_lib.is_moe_layer(cfg_model, layer_index):
+    return count + moe_params(cfg_model)
+  return count + mlp_lib.mlp_params(cfg_model)
 
 
 def _matmul_weights(cfg_model, layer_index: int) -> int:
@@ -122,6 +132,15 @@ def flops_per_token(cfg_model, seq_len: int) -> float:
     forward += 2 * _matmul_weights(cfg_model, i) * (t + m) / t
     forward += 2 * pair_width * visible_pairs(t, window, m) / t
   forward += 2 * cfg_model.d_model * cfg_model.vocab_size
+  d = cfg_model.d_model
+  for k in range(cfg_model.get('mtp_depth', 0)):
+    # No memory tokens (refused with MTP); global or windowed as that layer.
+    i = cfg_model.num_layers + k
+    window = (None if decoder_lib.is_global_layer(cfg_model, i)
+              else cfg_model.sliding_window)
+    forward += 2 * (2 * d * d + _matmul_weights(cfg_model, i))
+    forward += 2 * pair_width * visible_pairs(t, window, 0) / t
+    forward += 2 * d * cfg_model.vocab_size
   return 3 * forward
 
 

@@ -458,6 +458,11 @@ def model_config_to_hf(m, decoder=None):
     refuse(f'num_shared_experts={m.num_shared_experts}')
   if m.moe_capacity_factor is not None:
     refuse(f'moe_capacity_factor={m.moe_capacity_factor} (HF experts are dropless)')
+  # DeepSeek-V3's router (issue 16) has no exported family yet.
+  for field, plain in (('moe_router', 'softmax'), ('moe_routed_scaling', 1.0),
+                       ('moe_num_groups', 1), ('moe_first_dense_layers', 0)):
+    if m.num_experts and m.get(field, plain) != plain:
+      refuse(f'{field}={m.get(field)!r} (the exported MoE families route with a plain softmax top-k)')
   h = m.head_dim or m.d_model // m.num_heads
   hf = {'vocab_size': m.vocab_size, 'tie_word_embeddings': bool(m.tie_embeddings),
         'dtype': m.param_dtype}

@@ -11,7 +11,30 @@ implements
 - optional capacity-factor dropping (Lepikhin et al. 2020, "GShard"; Fedus et
   al. 2021, "Switch Transformers"),
 - the Switch load-balancing loss and the router z-loss (Zoph et al. 2022,
-  "ST-MoE"), returned in `aux` for the trainer to weight.
+  "ST-MoE"), returned in `aux` for the trainer to weight,
+- DeepSeek-V3's router (DeepSeek-AI 2024, "DeepSeek-V3 Technical Report"):
+  sigmoid scores (`moe_router='sigmoid'`), `moe_routed_scaling`, and
+  group-limited routing (`moe_num_groups`, `moe_topk_groups`),
+- auxiliary-loss-free load balancing (Wang et al. 2024, "Auxiliary-Loss-Free
+  Load Balancing Strategy for Mixture-of-Experts"): a per-expert bias added to
+  the scores for the choice of experts only, moved outside the gradient after
+  each optimizer step (`MoE.update_bias`, `train.moe_bias_update_rate`).
+
+Routing, per token with router logits u [E]:
+- scores s = softmax(u) ('softmax') or s = sigmoid(u) ('sigmoid');
+- selection scores c = s + bias (bias [E]: for 'sigmoid' an `ExpertBias`
+  variable, zero until the trainer moves it; none, i.e. 0, for 'softmax');
+- with G = moe_num_groups > 1 the experts split into G groups of E / G
+  consecutive experts; a group scores the sum of its two largest c (one when
+  a group holds one expert), the moe_topk_groups best groups are kept and the
+  experts of the others are excluded;
+- the k experts with the largest c among those left are chosen;
+- their combine weights are the unbiased s of the chosen experts, divided by
+  their sum when `moe_renormalize`, times `moe_routed_scaling`.
+The load-balancing loss's P_e is the mean of softmax(u) for 'softmax' and of
+s / sum(s) (the normalised sigmoid scores, as DeepSeek-V3's sequence-wise
+balance loss) for 'sigmoid'. With the defaults (softmax, one group, zero bias,
+scaling 1) this is the plain top-k router.
 
 Shapes: n = batch * seq tokens, E experts, k experts per token, N = n * k
 assignments, d = d_model, f = moe_d_ff. Routing sees all n tokens of the call
@@ -82,6 +105,7 @@ from model import mup
 from model import partitioning
 
 GROUPED_MATMULS = ('auto', 'ragged', 'blocked')
+ROUTERS = ('softmax', 'sigmoid')
 DISPATCHES = ('auto', 'global', 'all_to_all')
 # Expert weights: name -> logical axes with `embed` whole (gathered on entry).
 _EXPERT_WEIGHTS = {
@@ -89,6 +113,12 @@ _EXPERT_WEIGHTS = {
     'w_down': ('experts', 'mlp', None), 'b_gate': ('experts', 'mlp'),
     'b_up': ('experts', 'mlp'), 'b_down': ('experts', None),
 }
+
+
+class ExpertBias(nnx.Variable):
+  """The per-expert selection bias of aux-loss-free balancing: not a Param, so
+  it sits in the train state's `model_state` (checkpointed, replicated) and
+  no optimizer or weight decay touches it."""
 
 
 def capacity(num_tokens: int, num_experts: int, experts_per_token: int,
@@ -165,6 +195,22 @@ class MoE(nnx.Module):
     self.dtype = jnp.dtype(m.dtype)
     self.grouped_matmul = grouped_matmul
     self.dispatch = m.get('moe_dispatch', 'auto')
+    self.router_type = m.get('moe_router', 'softmax')
+    if self.router_type not in ROUTERS:
+      raise ValueError(f'model.moe_router={self.router_type!r}: must be one of '
+                       f'{", ".join(ROUTERS)}')
+    self.routed_scaling = float(m.get('moe_routed_scaling', 1.0))
+    self.num_groups = m.get('moe_num_groups', 1)
+    self.topk_groups = m.get('moe_topk_groups', 1)
+    if self.num_groups < 1 or e % self.num_groups:
+      raise ValueError(f'model.moe_num_groups={self.num_groups}: must divide '
+                       f'num_experts={e}')
+    if not 1 <= self.topk_groups <= self.num_groups:
+      raise ValueError(f'model.moe_topk_groups={self.topk_groups}: must be in '
+                       f'[1, moe_num_groups={self.num_groups}]')
+    if k > self.topk_groups * (e // self.num_groups):
+      raise ValueError(f'model.experts_per_token={k}: more than the experts of the '
+                       f'{self.topk_groups} kept groups')
     if self.dispatch not in DISPATCHES:
       raise ValueError(f'model.moe_dispatch={self.dispatch!r}: must be one of '
                        f'{", ".join(DISPATCHES)}')
@@ -181,6 +227,12 @@ class MoE(nnx.Module):
     w_out = nnx.initializers.normal(mup.hidden_std(m, mlp_lib.out_init_stddev(m)))
     self.router = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (d, e), pdt),
                             logical_axes=('embed', None))
+    # Sigmoid routers carry the selection bias (DeepSeek-V3's
+    # e_score_correction_bias), float32 whatever param_dtype so steps of
+    # train.moe_bias_update_rate (1e-3) do not round away. Softmax routers
+    # have none: their state stays parameters only.
+    if self.router_type == 'sigmoid':
+      self.bias = ExpertBias(jnp.zeros((e,), jnp.float32))
     if self.gated:
       self.w_gate = nnx.Param(w_in(rngs.params(), (e, d, f), pdt),
                               logical_axes=('experts', 'embed', 'mlp'))
@@ -235,14 +287,46 @@ class MoE(nnx.Module):
       h = act(proj(x, 'up'))
     return proj(h, 'down')
 
-  def _route(self, xf, router):
-    """Float32 router: logits [n, E], probabilities [n, E], top-k weights/experts [n, k]."""
+  def _route(self, xf, router, bias):
+    """Float32 router (see the module docstring): logits [n, E], the balance
+    loss's probabilities [n, E], combine weights and experts [n, k]."""
     logits = jnp.einsum('nd,de->ne', xf.astype(jnp.float32), router.astype(jnp.float32))
-    probs = jax.nn.softmax(logits, axis=-1)
-    weights, experts = lax.top_k(probs, self.experts_per_token)
+    if self.router_type == 'softmax':
+      scores = probs = jax.nn.softmax(logits, axis=-1)
+    else:
+      scores = jax.nn.sigmoid(logits)
+      probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
+    choice = scores + bias.astype(jnp.float32)                   # selection only
+    if self.num_groups > 1:
+      n, e, g = choice.shape[0], self.num_experts, self.num_groups
+      grouped = choice.reshape(n, g, e // g)
+      group_score = jnp.sum(lax.top_k(grouped, min(2, e // g))[0], axis=-1)   # [n, G]
+      _, kept = lax.top_k(group_score, self.topk_groups)                     # [n, G_k]
+      keep = jnp.any(kept[:, :, None] == jnp.arange(g), axis=1)              # [n, G]
+      choice = jnp.where(jnp.repeat(keep, e // g, axis=1), choice, -jnp.inf)
+    _, experts = lax.top_k(choice, self.experts_per_token)
+    weights = jnp.take_along_axis(scores, experts, axis=-1)
     if self.renormalize:
       weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    if self.routed_scaling != 1.0:
+      weights = weights * self.routed_scaling
     return logits, probs, weights, experts
+
+  def selection_bias(self):
+    """The bias [E] added to the scores for the choice (zeros without one)."""
+    if hasattr(self, 'bias'):
+      return self.bias[...]
+    return jnp.zeros((self.num_experts,), jnp.float32)
+
+  def update_bias(self, load, rate: float):
+    """Aux-loss-free balancing (Wang et al. 2024): bias += rate * sign(mean
+    load - load), load [E] this layer's routed fractions of the step. Runs
+    outside the gradient, after the optimizer step (train/step.py)."""
+    if not hasattr(self, 'bias'):
+      raise ValueError("train.moe_bias_update_rate > 0 needs model.moe_router='sigmoid' "
+                       '(a softmax router has no selection bias)')
+    load = load.astype(jnp.float32)
+    self.bias[...] = self.bias[...] + rate * jnp.sign(jnp.mean(load) - load)
 
   def _batched_experts(self, w, xp, group_expert=None, reduce=None):
     """Experts over [G, r, d] groups of rows, group g on expert `group_expert[g]`
@@ -365,7 +449,8 @@ class MoE(nnx.Module):
     xf = x.reshape(n, d)
 
     with jax.named_scope('moe_router'):
-      logits, probs, weights, experts = self._route(xf, self.router[...])
+      logits, probs, weights, experts = self._route(xf, self.router[...],
+                                                    self.selection_bias())
       # Assignment a = j * n + t (choice-major rank order, see the docstring).
       expert_ids = experts.T.reshape(big_n)                      # [N]
       combine = weights.T                                        # [k, n] f32
@@ -413,14 +498,15 @@ class MoE(nnx.Module):
     aux_specs = {'moe_aux_loss': P(), 'moe_router_z_loss': P(), 'moe_expert_load': P()}
     local = jax.shard_map(
         functools.partial(self._dispatch_local, plan),
-        mesh=plan.mesh, in_specs=(x_spec, P(), w_specs),
+        mesh=plan.mesh, in_specs=(x_spec, P(), P(), w_specs),
         out_specs=(x_spec, aux_specs), check_vma=True)
-    return local(x, self.router[...], w)
+    return local(x, self.router[...], self.selection_bias(), w)
 
-  def _dispatch_local(self, plan, x, router, w):
+  def _dispatch_local(self, plan, x, router, bias, w):
     """One device's part of the all-to-all dispatch (inside `shard_map`).
 
-    x: [b_dev, t, d], this device's tokens; router: [d, E], whole; w: this
+    x: [b_dev, t, d], this device's tokens; router: [d, E] and bias [E],
+    whole; w: this
     device's E / S experts (S = the expert axis size), hidden dimension split
     over `plan.mlp_axes`.
     """
@@ -437,7 +523,7 @@ class MoE(nnx.Module):
       reduce = lambda h: lax.psum(h, plan.mlp_axes)
 
     with jax.named_scope('moe_router'):
-      logits, probs, weights, experts = self._route(xf, router)
+      logits, probs, weights, experts = self._route(xf, router, bias)
       expert_ids = experts.T.reshape(big_n)                      # [N] local, choice-major
       combine = weights.T                                        # [k, n]
       _, counts, position = sort_by_expert(expert_ids, e)

@@ -14,7 +14,7 @@ import configs
 import model
 
 PRESETS = ('gpt2', 'llama', 'mistral', 'mixtral', 'qwen3', 'gemma2', 'mpt', 'deepseek')
-MOE_KEYS = {'moe_aux_loss', 'moe_router_z_loss', 'moe_expert_load'}
+MOE_KEYS = {'moe_aux_loss', 'moe_router_z_loss', 'moe_expert_load', 'moe_layer_loads'}
 
 
 def _n_params(decoder):
@@ -125,10 +125,13 @@ def test_gpt2_tiny_parameter_count_by_hand():
 
 def test_deepseek_tiny_parameter_count_by_hand():
   m = configs.load('configs/deepseek.py').model
-  # 16 routed experts of width 48, 2 shared (one MLP of width 96), router.
+  # 16 routed experts of width 48, 2 shared (one MLP of width 96), router;
+  # the first layer dense (SwiGLU of width 192), as DeepSeek-V3.
   moe = 64 * 16 + 16 * 3 * 64 * 48 + 3 * 64 * 96
-  layer = 4 * 64 * 64 + moe + 2 * 64
-  assert model.count_params(m) == 2 * 320 * 64 + 2 * layer + 64
+  dense = 3 * 64 * 192
+  attention_and_norms = 4 * 64 * 64 + 2 * 64
+  assert model.count_params(m) == (2 * 320 * 64 + 2 * attention_and_norms + dense + moe
+                                   + 64)
 
 
 def test_llama_tiny_training_flops_by_hand():
@@ -159,9 +162,10 @@ def test_moe_flops_scale_with_experts_per_token_not_with_experts():
     overrides = [f'model.{k}={v}' for k, v in kw.items()]
     return model.flops_per_token(configs.load('configs/deepseek.py', overrides).model, 128)
   base = flops(num_experts=16, experts_per_token=4)
-  # More experts: only the router grows (d_model per expert per layer).
+  # More experts: only the router grows (d_model per expert per MoE layer;
+  # one of the two layers, the first being dense).
   assert flops(num_experts=64, experts_per_token=4) - base == pytest.approx(
-      3 * 2 * 2 * 64 * (64 - 16))
+      3 * 2 * 64 * (64 - 16))
   # More experts per token: one expert MLP (3 d moe_d_ff) per extra choice.
   assert flops(num_experts=16, experts_per_token=6) - base == pytest.approx(
-      3 * 2 * 2 * 2 * 3 * 64 * 48)
+      3 * 2 * 2 * 3 * 64 * 48)

@@ -158,6 +158,9 @@ def train_scalars(metrics: dict, *, num_experts: int = 0) -> dict[str, float]:
     load = np.asarray(metrics['moe_expert_load'])
     # 1.0 is perfect balance; num_experts means one expert takes every token.
     out['train/moe_expert_load_max'] = float(load.max() * (num_experts or load.size))
+  for key in metrics:
+    if key.startswith('mtp_loss'):      # mtp_loss and mtp_loss_<k> (model.mtp_depth)
+      out[f'train/{key}'] = metrics[key]
   return {k: float(v) for k, v in out.items()}
 
 

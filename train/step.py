@@ -36,6 +36,20 @@ Zoph et al. 2022), each weighted by the batch's target tokens so they average
 the same way under accumulation. With `train.loss_chunk_size` the head and
 the cross-entropy run a slice of positions at a time, so the whole logits
 [b, t, vocab] are never held (`token_lse_and_target`).
+
+Issue 16 adds two pieces, each in its own function below:
+- `mtp_loss_sums`: with `model.mtp_depth = D`, the multi-token-prediction
+  cross-entropies (DeepSeek-V3): depth k's target at position i is the token
+  k + 1 after the main target, masked where that token is past the row, in
+  another document (segment ids) or outside the loss mask; `lm_loss` adds
+  `train.mtp_loss_weight` x the mean over depths of their token means.
+- `moe_bias_update`: aux-loss-free load balancing. A loss function may carry
+  `loss_fn.update_model_state(model, metric_means)`, which the train step
+  runs after the optimizer step on the model with the new parameters, outside
+  the gradient; `lm_loss` sets it when `train.moe_bias_update_rate > 0` to
+  move each MoE layer's selection bias by its load in this step
+  (`aux['moe_layer_loads']`, token-weighted over microbatches). The biases are
+  the state's `model_state`, so checkpoints hold them.
 """
 
 from collections.abc import Callable
@@ -47,6 +61,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from model import mtp as mtp_lib
 from model import partitioning
 from train import optim
 from train import sharding
@@ -123,8 +138,9 @@ def _lse_and_target(logits, targets):
   return lse, target
 
 
-def _chunked_lse_and_target(model, x, targets, chunk_size: int):
-  """`_lse_and_target(model.logits(x), targets)` without the whole logits.
+def _chunked_lse_and_target(model, x, targets, chunk_size: int, head=None):
+  """`_lse_and_target(head(x), targets)` without the whole logits; `head`
+  defaults to `model.logits`.
 
   The head runs on `chunk_size` positions of every row at a time inside a
   scan whose body is rematerialised, so the forward and the backward pass each
@@ -135,9 +151,10 @@ def _chunked_lse_and_target(model, x, targets, chunk_size: int):
   chunk size of at least the sequence is the unchunked computation.
   """
   b, t, d = x.shape
+  head = head or model.logits
   if chunk_size >= t:
     # One chunk: rematerialising it would only add a second copy of the logits.
-    return _lse_and_target(model.logits(x), targets)
+    return _lse_and_target(head(x), targets)
   c = chunk_size
   n = -(-t // c)
   if n * c != t:
@@ -151,7 +168,7 @@ def _chunked_lse_and_target(model, x, targets, chunk_size: int):
   @jax.checkpoint
   def chunk(xc, tc):
     xc = partitioning.constrain(xc, ('batch', None, 'embed'))
-    return _lse_and_target(model.logits(xc), tc)                     # [b, c, v] lives here only
+    return _lse_and_target(head(xc), tc)                             # [b, c, v] lives here only
 
   _, (lse, target) = jax.lax.scan(lambda carry, xt: (carry, chunk(*xt)), None, (xs, ts))
   unchunk = lambda y: jnp.moveaxis(y, 0, 1).reshape(b, n * c)[:, :t]
@@ -178,21 +195,85 @@ def token_lse_and_target(model, batch: dict, chunk_size: int | None = None):
   return lse, target, aux
 
 
+def mtp_targets(batch: dict, k: int):
+  """Depth k's (targets, mask) [b, t]: position i predicts targets[i + k]
+  (the input token i + k + 1) with weight loss_mask[i + k], zero where i + k
+  is past the row or in another document than i."""
+  targets = mtp_lib.shift_left(batch['targets'], k)
+  mask = mtp_lib.shift_left(batch['loss_mask'].astype(jnp.float32), k)
+  segment_ids = batch.get('segment_ids')
+  if segment_ids is not None:
+    mask = mask * (mtp_lib.shift_left(segment_ids, k, fill=-1) == segment_ids)
+  return targets, mask
+
+
+def mtp_loss_sums(model, batch: dict, x, chunk_size: int | None):
+  """The MTP modules on the main hidden states x [b, t, d] -> ([(ce_sum_k,
+  weight_k)] for k = 1..D, aux of their MoE layers)."""
+  hidden, aux = model.mtp_hidden_states(x, batch['inputs'], batch.get('segment_ids'),
+                                        batch.get('positions'))
+  sums = []
+  for k, h in enumerate(hidden, start=1):
+    targets, mask = mtp_targets(batch, k)
+    with jax.named_scope(f'mtp_{k}_cross_entropy'):
+      lse, target = _chunked_lse_and_target(
+          model, h, targets, chunk_size or h.shape[1],
+          head=lambda y, k=k: model.mtp_logits(k, y))
+    sums.append((jnp.sum((lse - target) * mask), jnp.sum(mask)))
+  return sums, aux
+
+
+def moe_bias_update(rate: float):
+  """`update_model_state(model, metric_means)` for aux-loss-free balancing:
+  each MoE layer's bias += rate * sign(mean load - load) (`Decoder.
+  update_router_biases`), loads from the step's `moe_layer_loads`."""
+  def update(model, means):
+    if 'moe_layer_loads' in means:
+      model.update_router_biases(jax.lax.stop_gradient(means['moe_layer_loads']), rate)
+  return update
+
+
 def lm_loss(train_cfg) -> LossFn:
-  """Cross-entropy + z-loss + MoE losses, as weighted sums (see module doc)."""
+  """Cross-entropy + z-loss + MoE losses (+ MTP), as weighted sums (see module doc)."""
   z_weight = float(train_cfg.get('z_loss_weight', 0.0))
   aux_weight = float(train_cfg.get('moe_aux_loss_weight', 0.0))
   router_z_weight = float(train_cfg.get('moe_router_z_loss_weight', 0.0))
   chunk_size = train_cfg.get('loss_chunk_size')
+  mtp_weight = float(train_cfg.get('mtp_loss_weight', 0.0))
 
   def loss_fn(model, batch, rng):
     del rng                     # the decoder has no dropout
-    lse, target, aux = token_lse_and_target(model, batch, chunk_size)   # [b, t] each
+    depth = getattr(model, 'mtp_depth', 0)
+    if depth:
+      # The head on the hidden states the MTP modules also read: the same
+      # values as `model(...)` (token_lse_and_target's chunked path).
+      x, aux = model.hidden_states(batch['inputs'], segment_ids=batch.get('segment_ids'),
+                                   positions=batch.get('positions'))
+      lse, target = _chunked_lse_and_target(model, x, batch['targets'],
+                                            chunk_size or x.shape[1])
+    else:
+      lse, target, aux = token_lse_and_target(model, batch, chunk_size)   # [b, t] each
     mask = batch['loss_mask'].astype(jnp.float32)             # [b, t]
     ce_sum = jnp.sum((lse - target) * mask)
     weight = jnp.sum(mask)
     objective = ce_sum
     metrics = {'weight': weight, 'loss': ce_sum}
+    if depth:
+      sums, mtp_aux = mtp_loss_sums(model, batch, x, chunk_size)
+      # Each depth's token mean, scaled to this (micro)batch's main weight so
+      # the step's division by the total weight gives back the mean.
+      means = [ce_k * weight / jnp.maximum(w_k, 1e-9) for ce_k, w_k in sums]
+      mtp_sum = sum(means) / depth
+      objective += mtp_weight * mtp_sum
+      metrics['mtp_loss'] = mtp_sum
+      for k, m_k in enumerate(means, start=1):
+        metrics[f'mtp_loss_{k}'] = m_k
+      if 'moe_aux_loss' in mtp_aux:
+        # The MTP blocks' balance losses count with the MTP term's weight.
+        objective += mtp_weight * weight * (aux_weight * mtp_aux['moe_aux_loss'] +
+                                            router_z_weight * mtp_aux['moe_router_z_loss'])
+        loads = [a['moe_layer_loads'] for a in (aux, mtp_aux) if 'moe_layer_loads' in a]
+        aux = dict(aux, moe_layer_loads=jnp.concatenate(loads))
     if z_weight:
       z_sum = jnp.sum(jnp.square(lse) * mask)
       objective += z_weight * z_sum
@@ -204,9 +285,15 @@ def lm_loss(train_cfg) -> LossFn:
       metrics['moe_aux_loss'] = weight * aux['moe_aux_loss']
       metrics['moe_router_z_loss'] = weight * aux['moe_router_z_loss']
       metrics['moe_expert_load'] = weight * aux['moe_expert_load']
+    if 'moe_layer_loads' in aux:
+      # Every MoE layer's own load, main blocks then MTP blocks (the bias update).
+      metrics['moe_layer_loads'] = weight * aux['moe_layer_loads']
     metrics['objective'] = objective
     return objective, metrics
 
+  rate = float(train_cfg.get('moe_bias_update_rate', 0.0))
+  if rate:
+    loss_fn.update_model_state = moe_bias_update(rate)
   return loss_fn
 
 
@@ -268,6 +355,18 @@ def _means(metrics):
   return {k: (v if k == 'weight' else v / denom) for k, v in metrics.items()}
 
 
+def _updated_model_state(loss_fn, graphdef, params, model_state, metrics):
+  """`loss_fn.update_model_state` (if any) run on the model with the new
+  params; pops the per-layer statistics it reads from `metrics`."""
+  means = {k: metrics.pop(k) for k in ('moe_layer_loads',) if k in metrics}
+  update = getattr(loss_fn, 'update_model_state', None)
+  if update is None:
+    return model_state
+  model = nnx.merge(graphdef, params, model_state)
+  update(model, means)
+  return nnx.split(model, nnx.Param, ...)[2]
+
+
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                     graphdef: nnx.GraphDef, state_shardings, mesh: Mesh,
                     grad_accum_steps: int = 1,
@@ -299,6 +398,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     new_params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
     new_params = optim.stored_point(opt_state, new_params)
     metrics = _means(sums)
+    model_state = _updated_model_state(loss_fn, graphdef, new_params,
+                                       state['model_state'], metrics)
     metrics['grad_norm'] = optax.tree.norm(grads)
     # 1.0 if every new parameter is finite: the loop never saves a state
     # whose parameters hold a NaN or inf (the loss is that of the old ones).
@@ -307,7 +408,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     if schedule is not None:
       metrics['learning_rate'] = jnp.asarray(schedule(state['step']), jnp.float32)
     new_state = dict(state, step=state['step'] + 1, params=new_params,
-                     opt_state=opt_state)
+                     opt_state=opt_state, model_state=model_state)
     return new_state, metrics
 
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -325,6 +426,7 @@ def make_eval_step(loss_fn: LossFn, *, graphdef: nnx.GraphDef, state_shardings,
     model = nnx.merge(graphdef, state['params'], state['model_state'])
     with sharding.activation_sharding(mesh):
       _, metrics = loss_fn(model, batch, jax.random.PRNGKey(0))
+    metrics.pop('moe_layer_loads', None)
     return jax.tree.map(lambda x: x.astype(jnp.float32), metrics)
 
   replicated = NamedSharding(mesh, PartitionSpec())
