@@ -38,6 +38,9 @@ def model_config() -> ml_collections.ConfigDict:
   # Linear layers.
   m.use_bias = False
   m.embedding_scale = False
+  # A norm (model.norm_type) on the embedded input, before the first block
+  # (Bloom's word_embeddings_layernorm).
+  m.embedding_norm = False
   m.attn_scale = ml_collections.FieldReference(None, field_type=float)
   # Stability.
   m.qk_norm = False

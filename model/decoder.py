@@ -18,7 +18,8 @@ placement of `model.norm_position`:
 
 Also here: token embeddings (tied to the head through `Embed.unembed`, as GPT-2
 and Gemma, or a separate head), `embedding_scale` (x sqrt(d_model), Gemma),
-additive learned/sinusoidal positions, learned memory tokens (Burtsev et al.
+additive learned/sinusoidal positions, `embedding_norm` (a norm on the
+embedded input, Bloom), learned memory tokens (Burtsev et al.
 2020, "Memory Transformer"; Darcet et al. 2023, "Registers") that are prepended
 to the sequence and stripped before the head, final-logit soft-capping
 (Gemma 2), and per-block rematerialisation.
@@ -205,6 +206,9 @@ class Decoder(nnx.Module):
     pdt = jnp.dtype(cfg_model.param_dtype)
 
     self.embed = Embed(cfg_model, rngs=rngs)
+    self.embedding_norm = cfg_model.get('embedding_norm', False)
+    if self.embedding_norm:
+      self.embed_norm = norms.make_norm(cfg_model)
     if self.position == 'learned':
       self.position_embed = positions_lib.LearnedPositions(cfg_model, rngs=rngs)
     if self.num_memory_tokens:
@@ -245,6 +249,8 @@ class Decoder(nnx.Module):
       x = x + self.position_embed(positions).astype(self.dtype)
     elif self.position == 'sinusoidal':
       x = x + positions_lib.sinusoidal(positions, self.d_model).astype(self.dtype)
+    if self.embedding_norm:
+      x = self.embed_norm(x)       # Bloom's word_embeddings_layernorm
     return x
 
   def logits(self, x, final_norm=None):

@@ -59,6 +59,8 @@ def count_params(cfg_model) -> int:
   if cfg_model.position == 'learned':
     count += cfg_model.max_seq_len * d
   count += cfg_model.num_memory_tokens * d
+  if cfg_model.get('embedding_norm', False):
+    count += norm
   for i in range(cfg_model.num_layers):
     count += _block_params(cfg_model, i)
   for k in range(cfg_model.get('mtp_depth', 0)):

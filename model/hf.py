@@ -24,7 +24,11 @@ scaling), mistral (sliding window), qwen2 (biases on q/k/v only: ablax's
 embedding scale, `query_pre_attn_scalar`; Gemma's RMSNorm multiplies by
 `1 + w`, so norm weights gain 1 on import and lose it on export), gpt2
 (learned positions, LayerNorm, biases, Conv1D [in, out] weights), mixtral and
-qwen3_moe (routed experts onto `model/moe.py`).
+qwen3_moe (routed experts onto `model/moe.py`), mpt (ALiBi, LayerNorm without
+bias, no biases, fused Wqkv; `attn_config.softmax_scale` -> `attn_scale`) and
+bloom (ALiBi, `embedding_norm` for word_embeddings_layernorm, biases, GELU
+tanh, query_key_value fused per head). An ablax ALiBi model exports as bloom
+when `embedding_norm` is set, else as mpt.
 
 The HF `config.json` is read as JSON; neither transformers nor torch is
 needed. Every field is either mapped to an ablax flag, known not to change the
@@ -69,13 +73,14 @@ NEUTRAL_FIELDS = {
     'generation_config', 'is_decoder', 'keys_to_ignore_at_inference',
 }
 DROPOUT_FIELDS = {'attention_dropout', 'attn_pdrop', 'embd_pdrop', 'resid_pdrop',
-                  'hidden_dropout', 'mlp_dropout'}
+                  'hidden_dropout', 'mlp_dropout', 'emb_pdrop'}
 
 ARCHITECTURES = {
     'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
     'qwen2': 'Qwen2ForCausalLM', 'qwen3': 'Qwen3ForCausalLM',
     'gemma2': 'Gemma2ForCausalLM', 'gpt2': 'GPT2LMHeadModel',
     'mixtral': 'MixtralForCausalLM', 'qwen3_moe': 'Qwen3MoeForCausalLM',
+    'mpt': 'MptForCausalLM', 'bloom': 'BloomForCausalLM',
 }
 ACTIVATIONS = {'silu': 'silu', 'swish': 'silu', 'gelu': 'gelu', 'relu': 'relu',
                'gelu_new': 'gelu_tanh', 'gelu_pytorch_tanh': 'gelu_tanh',
@@ -172,8 +177,11 @@ def hf_to_model_config(hf: dict):
   f.expect('is_encoder_decoder', (None, False), 'decoder-only')
   f.expect('add_cross_attention', (None, False), 'no cross-attention')
   f.expect('use_bidirectional_attention', (None, False), 'causal attention only')
-  m.tie_embeddings = bool(f.get('tie_word_embeddings', family in ('gpt2', 'gemma2')))
-  if family == 'gpt2':
+  m.tie_embeddings = bool(f.get('tie_word_embeddings',
+                                family in ('gpt2', 'gemma2', 'mpt', 'bloom')))
+  if family in ('mpt', 'bloom'):
+    act = _alibi_from_hf(f, m)
+  elif family == 'gpt2':
     m.vocab_size = f.require('vocab_size')
     m.d_model = f.require('n_embd')
     m.num_layers = f.require('n_layer')
@@ -256,6 +264,124 @@ def hf_to_model_config(hf: dict):
   return family, m
 
 
+def _alibi_from_hf(f: _Fields, m):
+  """MPT and Bloom: ALiBi, pre-LayerNorm, a 4x plain MLP, full MHA. Returns
+  the HF activation name."""
+  m.norm_type, m.norm_position, m.position = 'layernorm', 'pre', 'alibi'
+  m.norm_eps = float(f.get('layer_norm_epsilon', 1e-5))
+  m.mlp_gated = False
+  m.vocab_size = f.require('vocab_size')
+  if f.family == 'mpt':
+    m.d_model = f.require('d_model')
+    m.num_layers = f.require('n_layers')
+    m.num_heads = m.num_kv_heads = f.require('n_heads')
+    m.max_seq_len = f.require('max_seq_len')
+    f.expect('expansion_ratio', (None, 4), "transformers' MptMLP is 4 x d_model")
+    f.expect('no_bias', (None, True), "transformers' MPT has no biases")
+    f.expect('logit_scale', (None,), 'no logit multiplier')
+    f.expect('embedding_fraction', (None, 1, 1.0), 'no embedding gradient scaling')
+    f.expect('norm_type', (None, 'low_precision_layernorm', 'layernorm'), 'LayerNorm')
+    # transformers' MptModel has no position table whatever learned_pos_emb
+    # says; a `transformer.wpe.weight` tensor would be refused as unmapped.
+    f.get('learned_pos_emb'), f.get('init_device'), f.get('init_config'), f.get('verbose')
+    attn = dict(f.get('attn_config') or {})
+    # transformers writes its generic config fields into the sub-config too.
+    attn = {k: v for k, v in attn.items() if k not in NEUTRAL_FIELDS}
+    def expect(name, allowed, why):
+      value = attn.pop(name, allowed[0])
+      if value not in allowed:
+        raise HFError(f'mpt config.json: attn_config.{name}={value!r} is not supported '
+                      f'by ablax ({why})')
+      return value
+    expect('attn_type', ('multihead_attention',), 'full multi-head attention')
+    expect('is_encoder_decoder', (False,), 'decoder-only')
+    expect('clip_qkv', (None,), 'ablax does not clamp q, k, v')
+    expect('qk_ln', (False,), 'no LayerNorm on q and k in this mapping')
+    expect('prefix_lm', (False,), 'causal attention only')
+    expect('attn_uses_sequence_id', (False,), 'transformers ignores it')
+    expect('alibi', (True,), "transformers' MPT always adds ALiBi")
+    expect('alibi_bias_max', (8, 8.0), "ablax's slopes are Press et al.'s 2^(-8 i / n)")
+    attn.pop('attn_impl', None)   # which kernel, not what it computes
+    if attn.pop('attn_pdrop', 0):
+      logging.warning('HF field attn_config.attn_pdrop dropped: ablax has no dropout')
+    scale = attn.pop('softmax_scale', None)
+    m.attn_scale = None if scale is None else float(scale)
+    if attn:
+      raise HFError(f'mpt config.json: attn_config field(s) {sorted(attn)} have no '
+                    'ablax mapping')
+    m.use_bias = False
+    act = 'gelu'
+  else:
+    m.d_model = f.get('n_embed') or f.require('hidden_size')
+    m.num_layers = f.require('n_layer')
+    m.num_heads = m.num_kv_heads = f.require('n_head')
+    # Bloom has no length limit (ALiBi) and no field for one.
+    m.max_seq_len = 2048
+    f.expect('apply_residual_connection_post_layernorm', (None, False),
+             'the residual is taken before the norm')
+    f.get('slow_but_exact')   # the same sums, in another order
+    m.use_bias = True
+    m.embedding_norm = True
+    act = 'gelu_new'          # bloom_gelu_forward: the tanh approximation
+  m.d_ff = 4 * m.d_model
+  if m.d_model % m.num_heads:
+    raise HFError(f'{f.family} config.json: hidden size {m.d_model} is not a multiple '
+                  f'of {m.num_heads} heads')
+  return act
+
+
+def _alibi_tensor_map(family, m, add):
+  """MPT and Bloom tensors; fused q/k/v go to three ablax paths at once."""
+  d, n = m.d_model, m.num_heads
+  h = d // n
+  t = lambda w: w.T
+  qkv = tuple(f'attn.w{x}' for x in 'qkv')
+  if family == 'mpt':
+    pre, blocks = 'transformer.', 'transformer.blocks.{}.'
+    names = dict(embed='wte', final='norm_f', ln1='norm_1', ln2='norm_2', qkv='attn.Wqkv',
+                 out='attn.out_proj', up='ffn.up_proj', down='ffn.down_proj')
+    # Wqkv rows: [q | k | v], each head-major [n, h].
+    split = lambda w: tuple(x.T.reshape(d, n, h) for x in np.split(w, 3, axis=0))
+    join = lambda ws: np.concatenate([x.reshape(d, n * h).T for x in ws], axis=0)
+    bsplit = bjoin = None
+  else:
+    pre, blocks = 'transformer.', 'transformer.h.{}.'
+    names = dict(embed='word_embeddings', final='ln_f', ln1='input_layernorm',
+                 ln2='post_attention_layernorm', qkv='self_attention.query_key_value',
+                 out='self_attention.dense', up='mlp.dense_h_to_4h', down='mlp.dense_4h_to_h')
+    # query_key_value rows: per head, [q | k | v] of head_dim each.
+    split = lambda w: tuple(np.transpose(w.reshape(n, 3, h, d)[:, j], (2, 0, 1))
+                            for j in range(3))
+    join = lambda ws: np.stack([np.transpose(x, (1, 2, 0)) for x in ws], axis=1).reshape(3 * d, d)
+    bsplit = lambda b: tuple(b.reshape(n, 3, h)[:, j] for j in range(3))
+    bjoin = lambda bs: np.stack(bs, axis=1).reshape(3 * d)
+  add('embed.embedding', pre + names['embed'] + '.weight')
+  if m.get('embedding_norm', False):
+    add('embed_norm.scale', pre + 'word_embeddings_layernorm.weight')
+    add('embed_norm.bias', pre + 'word_embeddings_layernorm.bias')
+  add('final_norm.scale', pre + names['final'] + '.weight')
+  if m.use_bias:
+    add('final_norm.bias', pre + names['final'] + '.bias')
+  if not m.tie_embeddings:
+    add('head', 'lm_head.weight', t, t)
+  for i in range(m.num_layers):
+    p, q = f'blocks.{i}.', blocks.format(i)
+    for norm, key in (('attn_norm', 'ln1'), ('mlp_norm', 'ln2')):
+      add(p + norm + '.scale', q + names[key] + '.weight')
+      if m.use_bias:
+        add(p + norm + '.bias', q + names[key] + '.bias')
+    add(tuple(p + x for x in qkv), q + names['qkv'] + '.weight', split, join)
+    add(p + 'attn.wo', q + names['out'] + '.weight', lambda w: w.T.reshape(n, h, d),
+        lambda w: w.reshape(n * h, d).T)
+    add(p + 'mlp.wi', q + names['up'] + '.weight', t, t)
+    add(p + 'mlp.wo', q + names['down'] + '.weight', t, t)
+    if m.use_bias:
+      add(tuple(p + f'attn.b{x}' for x in 'qkv'), q + names['qkv'] + '.bias', bsplit, bjoin)
+      add(p + 'attn.bo', q + names['out'] + '.bias')
+      add(p + 'mlp.bi', q + names['up'] + '.bias')
+      add(p + 'mlp.bo', q + names['down'] + '.bias')
+
+
 # -- tensor names ---------------------------------------------------------------
 
 
@@ -272,6 +398,9 @@ def _tensor_map(family, m):
   gemma = family == 'gemma2'
   norm_in = (lambda w: (w.astype(np.float64) + 1).astype(w.dtype)) if gemma else None
   norm_out = (lambda w: (w.astype(np.float64) - 1).astype(w.dtype)) if gemma else None
+  if family in ('mpt', 'bloom'):
+    _alibi_tensor_map(family, m, add)
+    return out
   if family == 'gpt2':
     add('embed.embedding', 'transformer.wte.weight')
     add('position_embed.table', 'transformer.wpe.weight')
@@ -405,13 +534,26 @@ def load(hf_dir: str):
       if name not in tensors:
         raise HFError(f'{hf_dir}: tensor {name!r} is missing (needed for {path})')
       used.add(name)
+    if isinstance(path, tuple):
+      # One fused HF tensor (MPT, Bloom q/k/v): check its shape before splitting.
+      want = sum(int(np.prod(params[x].get_value().shape)) for x in path)
+      if tensors[names].size != want:
+        raise HFError(f'{hf_dir}: tensor {names!r} has shape {tensors[names].shape}, '
+                      f'which does not fit ablax {", ".join(path)} of config.json')
     value = fwd([tensors[x] for x in names] if isinstance(names, list) else tensors[names])
-    var = params.pop(path)
-    if tuple(value.shape) != tuple(var.get_value().shape):
-      raise HFError(f'{hf_dir}: tensor {names!r} has shape '
-                    f'{tensors[names].shape if not isinstance(names, list) else value.shape}, '
-                    f'which does not fit ablax {path} {tuple(var.get_value().shape)} of config.json')
-    var.set_value(jnp.asarray(value, dtype=var.get_value().dtype))
+    for one_path, one_value in (zip(path, value) if isinstance(path, tuple)
+                                else [(path, value)]):
+      var = params.pop(one_path)
+      if tuple(one_value.shape) != tuple(var.get_value().shape):
+        raise HFError(f'{hf_dir}: tensor {names!r} has shape '
+                      f'{tensors[names].shape if not isinstance(names, list) else one_value.shape}, '
+                      f'which does not fit ablax {one_path} {tuple(var.get_value().shape)} of config.json')
+      var.set_value(jnp.asarray(one_value, dtype=var.get_value().dtype))
+  if family == 'mpt':
+    # MPT's LayerNorms have no bias; ablax's are zero, which computes the same.
+    for path in [p for p in params if p.endswith('norm.bias')]:
+      var = params.pop(path)
+      var.set_value(jnp.zeros(var.get_value().shape, var.get_value().dtype))
   if family == 'qwen2':
     # Qwen2 has biases on q/k/v only; ablax's use_bias also has output and MLP
     # biases, which stay zero and so compute the same.
@@ -456,6 +598,8 @@ def model_config_to_hf(m, decoder=None):
     refuse(f'attention_type={m.attention_type!r} (no exported HF family has it yet)')
   if m.num_shared_experts:
     refuse(f'num_shared_experts={m.num_shared_experts}')
+  if m.get('embedding_norm', False) and m.position != 'alibi':
+    refuse('embedding_norm=True outside the Bloom layout (position=alibi)')
   if m.moe_capacity_factor is not None:
     refuse(f'moe_capacity_factor={m.moe_capacity_factor} (HF experts are dropless)')
   # DeepSeek-V3's router (issue 16) has no exported family yet.
@@ -477,6 +621,8 @@ def model_config_to_hf(m, decoder=None):
               n_inner=m.d_ff, n_positions=m.max_seq_len, layer_norm_epsilon=m.norm_eps,
               activation_function='gelu_new' if m.mlp_activation == 'gelu_tanh'
               else m.mlp_activation)
+  elif m.position == 'alibi':
+    family = _alibi_to_hf(m, decoder, hf, refuse)
   else:
     if m.position != 'rope':
       refuse(f'position={m.position!r}')
@@ -555,6 +701,46 @@ def model_config_to_hf(m, decoder=None):
   return family, hf
 
 
+def _alibi_to_hf(m, decoder, hf, refuse):
+  """MPT (no biases) or Bloom (embedding_norm, biases) fields into `hf`; the family."""
+  h = m.head_dim or m.d_model // m.num_heads
+  layout = ('layernorm', 'pre', False, m.num_heads, m.d_model, 4 * m.d_model)
+  if (m.norm_type, m.norm_position, m.mlp_gated, m.num_kv_heads, h * m.num_heads,
+      m.d_ff) != layout:
+    refuse('position=alibi outside the MPT/Bloom layout (norm_type=layernorm, '
+           'norm_position=pre, mlp_gated=False, num_kv_heads=num_heads, '
+           'head_dim=d_model/num_heads, d_ff=4*d_model)')
+  for field in ('embedding_scale', 'attn_logit_softcap', 'final_logit_softcap',
+                'global_layer_interval', 'sliding_window', 'num_experts'):
+    if m[field] not in (None, False, 0):
+      refuse(f'{field}={m[field]!r} with position=alibi (MPT/Bloom have none)')
+  if m.qk_norm:
+    refuse('qk_norm=True with position=alibi (MPT/Bloom have none)')
+  if m.get('embedding_norm', False):
+    if not m.use_bias or m.mlp_activation != 'gelu_tanh' or m.attn_scale is not None:
+      refuse('embedding_norm=True with position=alibi exports as Bloom, which needs '
+             'use_bias=True, mlp_activation=gelu_tanh, attn_scale=None')
+    hf.update(hidden_size=m.d_model, n_layer=m.num_layers, n_head=m.num_heads,
+              layer_norm_epsilon=m.norm_eps,
+              apply_residual_connection_post_layernorm=False)
+    return 'bloom'
+  if m.use_bias or m.mlp_activation != 'gelu':
+    refuse('position=alibi without embedding_norm exports as MPT, which needs '
+           'use_bias=False and mlp_activation=gelu (or set embedding_norm=True, '
+           'use_bias=True, mlp_activation=gelu_tanh for Bloom)')
+  if decoder is not None:
+    for key, var in _flat_params(decoder).items():
+      if key.endswith('norm.bias') and np.any(np.asarray(var.get_value()) != 0):
+        refuse(f'position=alibi without embedding_norm exports as MPT, whose LayerNorms '
+               f'have no bias, but {key} is not zero')
+  hf.update(d_model=m.d_model, n_layers=m.num_layers, n_heads=m.num_heads,
+            max_seq_len=m.max_seq_len, expansion_ratio=4, layer_norm_epsilon=m.norm_eps,
+            no_bias=True, learned_pos_emb=False,
+            attn_config={'alibi': True, 'alibi_bias_max': 8, 'clip_qkv': None,
+                         'softmax_scale': m.attn_scale})
+  return 'mpt'
+
+
 def save(cfg, decoder, hf_dir: str) -> None:
   """Writes `config.json` + `model.safetensors` that transformers loads."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
@@ -563,7 +749,10 @@ def save(cfg, decoder, hf_dir: str) -> None:
   params = _flat_params(decoder)
   tensors = {}
   for path, names, _, back in _tensor_map(family, m):
-    value = back(np.asarray(jax.device_get(params[path].get_value())))
+    if isinstance(path, tuple):
+      value = back([np.asarray(jax.device_get(params[x].get_value())) for x in path])
+    else:
+      value = back(np.asarray(jax.device_get(params[path].get_value())))
     if family == 'gpt2' and names.endswith(('c_attn.weight', 'c_attn.bias')):
       # q, k, v concatenated along the output axis (Conv1D weights are [in, out]).
       parts = tensors.setdefault(names, [None] * 3)

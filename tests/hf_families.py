@@ -32,6 +32,11 @@ FAMILIES = {
                                                      num_experts_per_tok=2,
                                                      moe_intermediate_size=16,
                                                      norm_topk_prob=False),
+    # ALiBi families with non-power-of-two head counts (the slopes' second rule).
+    'mpt': lambda: transformers.MptConfig(vocab_size=128, d_model=48, n_heads=6, n_layers=2,
+                                          max_seq_len=64),
+    'bloom': lambda: transformers.BloomConfig(vocab_size=128, hidden_size=48, n_layer=2,
+                                              n_head=12),
 }
 
 

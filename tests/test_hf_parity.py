@@ -5,10 +5,12 @@ import pytest
 import jax.numpy as jnp
 
 from model import hf
+from model import masking
 from tests import hf_families
 
 # The longest sequence (40) runs past the sliding window (8) of Mistral and
-# Gemma 2 and past Llama 3's original_max_position_embeddings (16).
+# Gemma 2 and past Llama 3's original_max_position_embeddings (16). MPT (6
+# heads) and Bloom (12 heads) use ALiBi slopes' non-power-of-two rule.
 SHAPES = [(2, 12), (1, 40)]
 
 
@@ -40,3 +42,46 @@ def test_family_flags():
   assert (m.position, m.norm_type, m.use_bias, m.mlp_gated) == ('learned', 'layernorm', True, False)
   m = hf.hf_to_model_config(hf_families.make_hf_model('qwen3_moe').config.to_dict())[1]
   assert (m.num_experts, m.moe_d_ff, m.moe_renormalize, m.qk_norm) == (4, 16, False, True)
+
+
+def test_family_flags_alibi():
+  m = hf.hf_to_model_config(hf_families.make_hf_model('mpt').config.to_dict())[1]
+  assert (m.position, m.norm_type, m.use_bias, m.mlp_gated, m.mlp_activation,
+          m.embedding_norm, m.tie_embeddings) == ('alibi', 'layernorm', False, False,
+                                                  'gelu', False, True)
+  m = hf.hf_to_model_config(hf_families.make_hf_model('bloom').config.to_dict())[1]
+  assert (m.position, m.use_bias, m.mlp_activation, m.embedding_norm, m.d_ff) == (
+      'alibi', True, 'gelu_tanh', True, 4 * m.d_model)
+
+
+def _published_alibi_slopes(n):
+  """Press et al.'s slopes as Bloom's build_alibi_tensor writes them: for the
+  closest power of two c <= n, base^1..base^c with base = 2^(-8/c); then the
+  odd powers 1, 3, 5, ... of 2^(-4/c) for the n - c remaining heads."""
+  c = 2 ** int(np.floor(np.log2(n)))
+  base = 2.0 ** (-(2.0 ** -(np.log2(c) - 3)))
+  slopes = base ** np.arange(1, 1 + c)
+  if c != n:
+    extra_base = 2.0 ** (-(2.0 ** -(np.log2(2 * c) - 3)))
+    remaining = min(c, n - c)
+    slopes = np.concatenate([slopes, extra_base ** np.arange(1, 1 + 2 * remaining, 2)])
+  return slopes
+
+
+@pytest.mark.parametrize('n', [1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 40, 64])
+def test_alibi_slopes_are_the_published_ones(n):
+  np.testing.assert_allclose(masking.alibi_slopes(n), _published_alibi_slopes(n),
+                             rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize('n', [4, 6, 12, 20])
+def test_alibi_slopes_match_transformers(n):
+  """Both HF implementations (Bloom's and MPT's with alibi_bias_max=8) agree."""
+  from transformers.models.bloom import modeling_bloom
+  from transformers.models.mpt import modeling_mpt
+  torch = hf_families.torch
+  bloom = modeling_bloom.build_alibi_tensor(torch.ones(1, 2, dtype=torch.long), n,
+                                            torch.float32)[:, 0, 1].numpy()
+  mpt = -modeling_mpt.build_mpt_alibi_tensor(n, 2)[:, 0, 0].numpy()
+  np.testing.assert_allclose(masking.alibi_slopes(n), bloom, rtol=1e-6, atol=0)
+  np.testing.assert_allclose(masking.alibi_slopes(n), mpt, rtol=1e-6, atol=0)

@@ -11,7 +11,7 @@ torch = pytest.importorskip(
     'torch', reason='needs torch and transformers (the Hugging Face reference)')
 
 
-@pytest.mark.parametrize('family', ['mistral', 'gemma2'])
+@pytest.mark.parametrize('family', ['mistral', 'gemma2', 'mpt', 'bloom'])
 def test_greedy_matches_transformers_generate(family, tmp_path):
   model = hf_families.make_hf_model(family)
   model.save_pretrained(tmp_path)
