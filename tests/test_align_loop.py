@@ -138,21 +138,21 @@ def _record_reference(monkeypatch):
   """Records, per train step, how many reference arrays the step received
   (`passed`), and every reference the loop loaded (`loaded`)."""
   passed, loaded = [], []
-  real_make_steps, real_load = loop.make_steps, loop.load_reference
+  real_make_step, real_load = step_lib.make_train_step, loop.load_reference
 
-  def recording_make_steps(*args):
-    train_step, eval_step = real_make_steps(*args)
-    def train(state, reference, batch):
-      passed.append(len(jax.tree.leaves(reference)))
-      return train_step(state, reference, batch)
-    return train, eval_step
+  def recording_make_step(*args, **kwargs):
+    train_step = real_make_step(*args, **kwargs)
+    def train(state, batch, frozen):
+      passed.append(len(jax.tree.leaves(frozen)))
+      return train_step(state, batch, frozen)
+    return train
 
   def recording_load(*args):
     params, model_state = real_load(*args)
     loaded.append(params)
     return params, model_state
 
-  monkeypatch.setattr(loop, 'make_steps', recording_make_steps)
+  monkeypatch.setattr(step_lib, 'make_train_step', recording_make_step)
   monkeypatch.setattr(loop, 'load_reference', recording_load)
   return passed, loaded
 
@@ -185,17 +185,17 @@ def _run_steps(cfg, devices, batches):
   reference, model_state = loop.load_reference(cfg, step_dir, init_workdir, mesh,
                                                shardings['params'], model_fn)
   before = jax.tree.map(np.array, reference)
-  state = jax.jit(lambda p, ms: {
-      'step': jax.numpy.zeros((), jax.numpy.int32),
-      'params': jax.tree.map(jax.numpy.copy, p),
-      'opt_state': optimizer.init(p),
-      'rng': jax.random.PRNGKey(1), 'model_state': ms}, out_shardings=shardings)(
+  state = jax.jit(lambda p, ms: step_lib.new_train_state(
+      jax.tree.map(jax.numpy.copy, p), ms, optimizer, 0), out_shardings=shardings)(
           reference, model_state)
-  train_step, _ = loop.make_steps(cfg, mesh, graphdef, shardings, optimizer, schedule)
+  train_step = step_lib.make_train_step(
+      loop.make_loss_fn(cfg, 'step'), optimizer, graphdef=graphdef,
+      state_shardings=shardings, mesh=mesh, grad_accum_steps=cfg.train.grad_accum_steps,
+      schedule=schedule, frozen_shardings={'reference': shardings['params']})
   metrics = []
   for batch in batches:
-    state, m = train_step(state, reference,
-                          loop.device_batch(batch, sharding.batch_sharding(mesh)))
+    state, m = train_step(state, loop.device_batch(batch, sharding.batch_sharding(mesh)),
+                          {'reference': reference})
     metrics.append(jax.device_get(m))
   return metrics, jax.tree.map(np.array, state['params']), before, reference
 
