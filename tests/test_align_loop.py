@@ -26,6 +26,7 @@ from train import metrics as metrics_lib
 from train import optim
 from train import sharding
 from train import step as step_lib
+from tests import kill_resume
 
 MODEL = ['model.d_model=32', 'model.num_layers=1', 'model.num_heads=2',
          'model.num_kv_heads=1', 'model.d_ff=64', 'model.max_seq_len=32']
@@ -114,6 +115,33 @@ def test_dpo_end_to_end_resume_and_train_loads_the_policy(pretrained, tmp_path):
   moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
                        state['params'], ref_state['params'])
   assert max(jax.tree.leaves(moved)) > 0     # the policy did train
+
+
+def test_dpo_killed_and_resumed_is_bitwise_the_straight_run(pretrained, tmp_path):
+  """`python -m align` with the reference in the step and 2 microbatches,
+  SIGKILLed after its step-2 checkpoint and resumed to 6: the losses, the
+  state and the data position are the straight run's, bitwise."""
+  init, _ = pretrained
+  flags = ['--config', 'configs/dpo.py:tiny', *[f'--config.{o}' for o in MODEL + [
+      f'dpo.init_checkpoint={init}', 'dpo.max_prompt_len=16', 'dpo.max_len=32',
+      'train.global_batch_size=8', 'train.grad_accum_steps=2', 'train.warmup_steps=1',
+      'train.lr_schedule=constant', 'train.eval_steps=0', 'train.log_every_steps=1',
+      'train.checkpoint_every_steps=2']]]
+  env = kill_resume.environment(tmp_path / 'jax_cache', devices=2)
+  command = lambda w, steps: kill_resume.command('align', flags, w, steps)
+  straight, killed = tmp_path / 'straight', tmp_path / 'killed'
+  kill_resume.run(command(straight, 6), env)
+  resumed = kill_resume.kill_and_resume(command, killed, kill_after=2, steps=6, env=env,
+                                        log_path=tmp_path / 'killed.log')
+  assert 'resumed from' in resumed and 'reference: ' in resumed
+  losses = kill_resume.scalars(straight, 'dpo/loss')
+  assert sorted(losses) == list(range(1, 7))
+  assert kill_resume.scalars(killed, 'dpo/loss') == losses          # float32, bitwise
+  kill_resume.assert_same_state(kill_resume.saved_state(straight, 6),
+                                kill_resume.saved_state(killed, 6))
+  assert kill_resume.data_positions(straight, 6) == kill_resume.data_positions(killed, 6)
+  with open(killed / 'reference.json') as f:
+    assert json.load(f)['checkpoint'] == os.path.join(init, 'checkpoints', '3')
 
 
 def _abstract_params(init):
