@@ -82,21 +82,25 @@ def saved_steps(workdir) -> list[int]:
 def kill_when(cmd, env, until, log_path, timeout: int = TIMEOUT) -> None:
   """Starts `cmd` (or every command of a job), waits until `until()` is
   true, and SIGKILLs every process."""
-  with open(log_path, 'wb') as log:
-    procs = [subprocess.Popen(c, env=env, cwd=REPO, stdout=log, stderr=log,
-                              start_new_session=True) for c in _commands(cmd)]
-    try:
-      deadline = time.monotonic() + timeout
-      while not until():
-        assert all(p.poll() is None for p in procs), open(log_path).read()[-3000:]
-        assert time.monotonic() < deadline, 'timed out'
-        time.sleep(0.05)
-    finally:
-      for p in procs:
-        p.send_signal(signal.SIGKILL)
+  paths = [str(log_path) + ('' if i == 0 else f'.{i}') for i in range(len(_commands(cmd)))]
+  logs = [open(path, 'wb') for path in paths]
+  procs = [subprocess.Popen(c, env=env, cwd=REPO, stdout=log, stderr=log,
+                            start_new_session=True) for c, log in zip(_commands(cmd), logs)]
+  try:
+    deadline = time.monotonic() + timeout
+    while not until():
+      for p, path in zip(procs, paths):
+        assert p.poll() is None, f'exit {p.returncode}: ' + open(path).read()[-5000:]
+      assert time.monotonic() < deadline, 'timed out'
+      time.sleep(0.05)
+  finally:
     for p in procs:
-      assert p.wait(timeout=60) == -signal.SIGKILL
-      kill_group(p)
+      p.send_signal(signal.SIGKILL)
+    for log in logs:
+      log.close()
+  for p in procs:
+    assert p.wait(timeout=60) == -signal.SIGKILL
+    kill_group(p)
 
 
 def kill_group(proc) -> None:
