@@ -145,9 +145,15 @@ def scalars(workdir, tag: str) -> dict[int, float]:
 
 
 def saved_state(workdir, step: int):
-  """The train state of checkpoint `step`, read with orbax alone (host arrays)."""
-  return ocp.StandardCheckpointer().restore(
-      os.path.join(workdir, 'checkpoints', str(step), 'state'))
+  """The train state of checkpoint `step`, read with orbax alone onto one
+  device (whatever devices and processes wrote it)."""
+  path = os.path.join(workdir, 'checkpoints', str(step), 'state')
+  checkpointer = ocp.StandardCheckpointer()
+  metadata = checkpointer.metadata(path)
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                        getattr(metadata, 'item_metadata', metadata))
+  return checkpointer.restore(path, target)
 
 
 def assert_same_state(a, b) -> None:
