@@ -167,9 +167,8 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   import configs  # pylint: disable=g-import-not-at-top
   import model  # pylint: disable=g-import-not-at-top
-  from train import loop  # pylint: disable=g-import-not-at-top
   from train import metrics  # pylint: disable=g-import-not-at-top
-  loop.configure_logging()
+  metrics.configure_logging()
   cfg = _CONFIG.value
   configs.validate(cfg)
   t = cfg.train

@@ -26,6 +26,7 @@ from train import metrics as metrics_lib
 from train import optim
 from train import sharding
 from train import step as step_lib
+from tests import kill_resume
 
 MODEL = ['model.d_model=32', 'model.num_layers=1', 'model.num_heads=2',
          'model.num_kv_heads=1', 'model.d_ff=64', 'model.max_seq_len=32']
@@ -116,6 +117,33 @@ def test_dpo_end_to_end_resume_and_train_loads_the_policy(pretrained, tmp_path):
   assert max(jax.tree.leaves(moved)) > 0     # the policy did train
 
 
+def test_dpo_killed_and_resumed_is_bitwise_the_straight_run(pretrained, tmp_path):
+  """`python -m align` with the reference in the step and 2 microbatches,
+  SIGKILLed after its step-2 checkpoint and resumed to 6: the losses, the
+  state and the data position are the straight run's, bitwise."""
+  init, _ = pretrained
+  flags = ['--config', 'configs/dpo.py:tiny', *[f'--config.{o}' for o in MODEL + [
+      f'dpo.init_checkpoint={init}', 'dpo.max_prompt_len=16', 'dpo.max_len=32',
+      'train.global_batch_size=8', 'train.grad_accum_steps=2', 'train.warmup_steps=1',
+      'train.lr_schedule=constant', 'train.eval_steps=0', 'train.log_every_steps=1',
+      'train.checkpoint_every_steps=2']]]
+  env = kill_resume.environment(tmp_path / 'jax_cache', devices=2)
+  command = lambda w, steps: kill_resume.command('align', flags, w, steps)
+  straight, killed = tmp_path / 'straight', tmp_path / 'killed'
+  kill_resume.run(command(straight, 6), env)
+  resumed = kill_resume.kill_and_resume(command, killed, kill_after=2, steps=6, env=env,
+                                        log_path=tmp_path / 'killed.log')
+  assert 'resumed from' in resumed and 'reference: ' in resumed
+  losses = kill_resume.scalars(straight, 'dpo/loss')
+  assert sorted(losses) == list(range(1, 7))
+  assert kill_resume.scalars(killed, 'dpo/loss') == losses          # float32, bitwise
+  kill_resume.assert_same_state(kill_resume.saved_state(straight, 6),
+                                kill_resume.saved_state(killed, 6))
+  assert kill_resume.data_positions(straight, 6) == kill_resume.data_positions(killed, 6)
+  with open(killed / 'reference.json') as f:
+    assert json.load(f)['checkpoint'] == os.path.join(init, 'checkpoints', '3')
+
+
 def _abstract_params(init):
   cfg = _dpo_cfg(init)
   mesh = mesh_lib.make_mesh(cfg.mesh)
@@ -138,21 +166,21 @@ def _record_reference(monkeypatch):
   """Records, per train step, how many reference arrays the step received
   (`passed`), and every reference the loop loaded (`loaded`)."""
   passed, loaded = [], []
-  real_make_steps, real_load = loop.make_steps, loop.load_reference
+  real_make_step, real_load = step_lib.make_train_step, loop.load_reference
 
-  def recording_make_steps(*args):
-    train_step, eval_step = real_make_steps(*args)
-    def train(state, reference, batch):
-      passed.append(len(jax.tree.leaves(reference)))
-      return train_step(state, reference, batch)
-    return train, eval_step
+  def recording_make_step(*args, **kwargs):
+    train_step = real_make_step(*args, **kwargs)
+    def train(state, batch, frozen):
+      passed.append(len(jax.tree.leaves(frozen)))
+      return train_step(state, batch, frozen)
+    return train
 
   def recording_load(*args):
     params, model_state = real_load(*args)
     loaded.append(params)
     return params, model_state
 
-  monkeypatch.setattr(loop, 'make_steps', recording_make_steps)
+  monkeypatch.setattr(step_lib, 'make_train_step', recording_make_step)
   monkeypatch.setattr(loop, 'load_reference', recording_load)
   return passed, loaded
 
@@ -185,17 +213,17 @@ def _run_steps(cfg, devices, batches):
   reference, model_state = loop.load_reference(cfg, step_dir, init_workdir, mesh,
                                                shardings['params'], model_fn)
   before = jax.tree.map(np.array, reference)
-  state = jax.jit(lambda p, ms: {
-      'step': jax.numpy.zeros((), jax.numpy.int32),
-      'params': jax.tree.map(jax.numpy.copy, p),
-      'opt_state': optimizer.init(p),
-      'rng': jax.random.PRNGKey(1), 'model_state': ms}, out_shardings=shardings)(
+  state = jax.jit(lambda p, ms: step_lib.new_train_state(
+      jax.tree.map(jax.numpy.copy, p), ms, optimizer, 0), out_shardings=shardings)(
           reference, model_state)
-  train_step, _ = loop.make_steps(cfg, mesh, graphdef, shardings, optimizer, schedule)
+  train_step = step_lib.make_train_step(
+      loop.make_loss_fn(cfg, 'step'), optimizer, graphdef=graphdef,
+      state_shardings=shardings, mesh=mesh, grad_accum_steps=cfg.train.grad_accum_steps,
+      schedule=schedule, frozen_shardings={'reference': shardings['params']})
   metrics = []
   for batch in batches:
-    state, m = train_step(state, reference,
-                          loop.device_batch(batch, sharding.batch_sharding(mesh)))
+    state, m = train_step(state, loop.device_batch(batch, sharding.batch_sharding(mesh)),
+                          {'reference': reference})
     metrics.append(jax.device_get(m))
   return metrics, jax.tree.map(np.array, state['params']), before, reference
 

@@ -10,24 +10,19 @@ import json
 import os
 import random
 import re
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from tensorboard.backend.event_processing import event_accumulator
 
 import configs
 from data import pipeline
 from data import prepare
 from data import sources
 from data import train_tokenizer
+from tests import kill_resume
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALPHABETS = {'a': 'abcdefghij', 'b': '0123456789'}
 BASE = ['train.seq_len=64', 'train.global_batch_size=8']
 
@@ -155,44 +150,19 @@ FLAGS = ['--config', 'configs/llama.py:tiny', '--config.model.num_layers=1',
          '--config.train.warmup_steps=2', '--config.train.log_every_steps=1',
          '--config.train.eval_steps=1', '--config.train.eval_every_steps=4',
          '--config.train.checkpoint_every_steps=4']
-TIMEOUT = 600
-
-
-def scalars(workdir, tag):
-  acc = event_accumulator.EventAccumulator(str(workdir), size_guidance={'scalars': 0})
-  acc.Reload()
-  return {e.step: e.value for e in acc.Scalars(tag)}
 
 
 def test_killed_and_resumed_mixture_run_is_bitwise_the_straight_run(folders, tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', ABLAX_NO_BAR='1',
-             XLA_FLAGS='--xla_force_host_platform_device_count=1',
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  env = kill_resume.environment(tmp_path / 'jax_cache', devices=1)
   mix = f'--config.data.mixture=a:{folders["a"]}:0.7,b:{folders["b"]}:0.3'
-  command = lambda w, steps: [sys.executable, '-m', 'train', *FLAGS, mix, '--workdir',
-                              str(w), f'--config.train.steps={steps}']
+  command = lambda w, steps: kill_resume.command('train', FLAGS, w, steps, mix)
   straight, killed = tmp_path / 'straight', tmp_path / 'killed'
-  subprocess.run(command(straight, 12), env=env, cwd=REPO, check=True,
-                 timeout=TIMEOUT, capture_output=True)
+  kill_resume.run(command(straight, 12), env)
+  resumed = kill_resume.kill_and_resume(command, killed, kill_after=8, steps=12, env=env,
+                                        log_path=tmp_path / 'killed.log')
+  assert re.search(r'resumed from .*checkpoints/(8|12)\b', resumed)
 
-  log = open(tmp_path / 'killed.log', 'wb')
-  proc = subprocess.Popen(command(killed, 100000), env=env, cwd=REPO, stdout=log, stderr=log)
-  deadline = time.monotonic() + TIMEOUT
-  done = lambda: os.path.isdir(killed / 'checkpoints' / '8')
-  while not done():
-    assert proc.poll() is None, (tmp_path / 'killed.log').read_text()[-3000:]
-    assert time.monotonic() < deadline
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  assert proc.wait(timeout=60) == -signal.SIGKILL
-  log.close()
-  resumed = subprocess.run(command(killed, 12), env=env, cwd=REPO, timeout=TIMEOUT,
-                           capture_output=True)
-  assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
-  assert re.search(r'resumed from .*checkpoints/(8|12)\b', resumed.stderr.decode())
-
+  scalars = kill_resume.scalars
   for tag in ('train/loss', 'data/tokens/a', 'data/tokens/b', 'eval/a/loss',
               'eval/b/loss', 'eval/loss'):
     want, got = scalars(straight, tag), scalars(killed, tag)
@@ -202,8 +172,8 @@ def test_killed_and_resumed_mixture_run_is_bitwise_the_straight_run(folders, tmp
   a, b = scalars(straight, 'eval/a/loss'), scalars(straight, 'eval/b/loss')
   for step in ev:
     assert ev[step] == pytest.approx(0.7 * a[step] + 0.3 * b[step], rel=1e-6)
-  read = lambda w: json.load(open(w / 'checkpoints' / '12' / 'data' / 'process_0-of-1.json'))
-  assert read(straight) == read(killed)
+  assert (kill_resume.data_positions(straight, 12) ==
+          kill_resume.data_positions(killed, 12))
   seen = scalars(straight, 'data/tokens/a')
   assert seen[12] > seen[4] > 0
 

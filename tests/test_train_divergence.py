@@ -3,7 +3,7 @@ checkpoint that really is finite, `train.on_divergence=rollback` survives a
 poisoned batch, and the spike detector matches its NumPy definition.
 
 The faults are injected: a poisoned batch (NaN in its loss mask) through
-`loop.global_batch`, and an optimizer whose update turns every parameter into
+`sharding.global_batch`, and an optimizer whose update turns every parameter into
 NaN at one step while that step's loss and gradient are finite (the case of
 issue 10: the loss is that of the parameters before the update).
 """
@@ -20,6 +20,7 @@ import pytest
 import configs
 from train import loop
 from train import optim
+from train import sharding
 
 RUN = ['model.num_layers=1', 'train.seq_len=32', 'train.log_every_steps=1',
        'train.eval_steps=0', 'train.warmup_steps=1', 'train.lr_schedule=constant']
@@ -39,7 +40,7 @@ def saved_params(workdir):
 def poison_batch(monkeypatch, bad: int):
   """The real batches, with a NaN loss mask in the `bad`-th fetched; returns
   the list of fetch counts."""
-  real = loop.global_batch
+  real = sharding.global_batch
   calls = []
 
   def poisoned(batch, batch_sharding):
@@ -48,7 +49,7 @@ def poison_batch(monkeypatch, bad: int):
       batch = dict(batch, loss_mask=batch['loss_mask'] * np.float32('nan'))
     return real(batch, batch_sharding)
 
-  monkeypatch.setattr(loop, 'global_batch', poisoned)
+  monkeypatch.setattr(sharding, 'global_batch', poisoned)
   return calls
 
 
@@ -142,7 +143,7 @@ def test_spike_detector_matches_its_definition():
 
 def test_spike_rolls_back_a_rollback_run(tmp_path, monkeypatch):
   bad = 24
-  real = loop.global_batch
+  real = sharding.global_batch
   calls = []
 
   def spiked(batch, batch_sharding):
@@ -153,7 +154,7 @@ def test_spike_rolls_back_a_rollback_run(tmp_path, monkeypatch):
       batch = dict(batch, targets=targets.astype(batch['targets'].dtype))
     return real(batch, batch_sharding)
 
-  monkeypatch.setattr(loop, 'global_batch', spiked)
+  monkeypatch.setattr(sharding, 'global_batch', spiked)
   cfg = configs.load('configs/llama.py:tiny', RUN + [
       'train.steps=26', 'train.checkpoint_every_steps=5', 'train.on_divergence="rollback"',
       'train.spike_threshold=3.0', 'train.learning_rate=0.01'])

@@ -28,6 +28,7 @@ from train import loop
 from train import mesh as mesh_lib
 from train import metrics as metrics_lib
 from train import optim
+from train import sharding
 from train import step as step_lib
 
 CONTRACT_TAGS = {
@@ -222,7 +223,7 @@ def test_config_with_a_different_model_is_refused(moe_run):
 
 def test_nan_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch):
   bad_step = 4
-  real = loop.global_batch
+  real = sharding.global_batch
   calls = []
 
   def poisoned(batch, batch_sharding):
@@ -232,7 +233,7 @@ def test_nan_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch):
       batch = dict(batch, loss_mask=batch['loss_mask'] * np.float32('nan'))
     return real(batch, batch_sharding)
 
-  monkeypatch.setattr(loop, 'global_batch', poisoned)
+  monkeypatch.setattr(sharding, 'global_batch', poisoned)
   cfg = configs.load('configs/llama.py:tiny', [
       'model.num_layers=1', 'train.seq_len=32', 'train.steps=8',
       'train.checkpoint_every_steps=1', 'train.keep_checkpoints=10',

@@ -43,7 +43,8 @@ def main(argv):
                                _PROCESS_ID.value)
   import configs  # pylint: disable=g-import-not-at-top
   from train import loop  # pylint: disable=g-import-not-at-top
-  loop.configure_logging()
+  from train import metrics  # pylint: disable=g-import-not-at-top
+  metrics.configure_logging()
   cfg = _CONFIG.value
   configs.validate(cfg)
   summary = loop.train_and_evaluate(cfg, _WORKDIR.value)

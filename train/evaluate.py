@@ -58,8 +58,7 @@ from configs import errors
 from data import pipeline
 from data import sources
 from data import tokenizers
-from train import loop
-from train import mesh as mesh_lib
+from train import metrics
 from train import sharding
 from train import step as step_lib
 from train import tasks
@@ -124,7 +123,7 @@ def evaluate(workdir: str, checkpoint: int | None = None, eval_steps: int | None
     batches = [next(train_iter) for _ in range(cfg.train.eval_steps)]
     train_iter.close()
   means = step_lib.eval_metrics(
-      eval_step, state, (loop.global_batch(b, batch_sharding) for b in batches))
+      eval_step, state, (sharding.global_batch(b, batch_sharding) for b in batches))
   return {'step': step, 'loss': means['loss'], 'perplexity': means['perplexity'],
           'tokens': int(means['weight'])}
 
@@ -279,7 +278,7 @@ def make_score_fn(graphdef, state, state_shardings, mesh) -> Callable[[dict], np
     rows = batch['inputs'].shape[0] // jax.process_count()
     lo = jax.process_index() * rows
     local = {k: v[lo:lo + rows] for k, v in batch.items()}
-    out = jitted(state, loop.global_batch(local, batch_sharding))
+    out = jitted(state, sharding.global_batch(local, batch_sharding))
     return np.asarray(out.addressable_data(0))
 
   return score
@@ -424,7 +423,7 @@ def main(argv):
     raise app.UsageError('--eval_steps is for the packed evaluation, not --stride')
   from train import distributed  # pylint: disable=g-import-not-at-top
   distributed.maybe_initialize()
-  loop.configure_logging()
+  metrics.configure_logging()
   if _TASKS.value is not None:
     if strided or _EVAL_STEPS.value is not None:
       raise app.UsageError('--tasks scores tasks alone: drop --stride, --context, --eval_steps')

@@ -1,11 +1,16 @@
-"""The training loop: `train_and_evaluate(cfg, workdir)`.
+"""The training loop of every stage: `run(cfg, workdir, objective, stage)`.
 
-Reads top to bottom in sections, like big_vision's `train.py`: mesh, workdir,
-data, state, steps, checkpoint (resume), metrics, loop. All the work of a
-step happens in one jitted `train_step` (`train/step.py`); the loop only
-feeds batches, keeps time, and decides when to log, evaluate and save.
+`python -m train` (`train_and_evaluate`, the `LanguageModel` objective) and
+`python -m align` (`align.loop`, the DPO objective) run this one loop body;
+a stage plugs in an `Objective`: its data iterators, its loss function, its
+extra frozen inputs (DPO's reference), its tags and console fields. The loop
+reads top to bottom in sections, like big_vision's `train.py`: mesh,
+workdir, state, objective (data), checkpoint (resume), steps, metrics, loop.
+All the work of a step happens in one jitted `train_step` (`train/step.py`);
+the loop only feeds batches, keeps time, and decides when to log, evaluate
+and save.
 
-Safety (docs/training.md, "Stopping, locking and diverging"):
+Safety (docs/training.md, "Stopping, locking and diverging"), for every stage:
 - one run per workdir: `DIR/LOCK` (host, PID) while it runs; a second run is
   refused, a stale lock (its process gone) taken over with a warning;
 - the loss, gradient norm and finiteness of the updated parameters of every
@@ -39,6 +44,7 @@ import os
 import signal
 import threading
 import time
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -172,44 +178,6 @@ class SpikeDetector:
     return None
 
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class _OwnInfoOnly:
-  """A log filter: INFO from ablax's own files, WARNING and up from libraries
-  (orbax alone logs a dozen INFO lines per checkpoint)."""
-
-  PACKAGES = ('configs', 'model', 'train', 'data', 'align', 'launch', 'bench')
-
-  def filter(self, record) -> bool:
-    if record.levelno >= 30:
-      return True
-    path = os.path.abspath(record.pathname)
-    return path.startswith(_REPO + os.sep) and (
-        os.path.relpath(path, _REPO).split(os.sep)[0] in self.PACKAGES)
-
-
-def configure_logging() -> None:
-  """Keeps the console readable: see `_OwnInfoOnly`."""
-  import logging as std_logging  # pylint: disable=g-import-not-at-top
-  handler = logging.get_absl_handler()
-  if not any(isinstance(f, _OwnInfoOnly) for f in handler.filters):
-    handler.addFilter(_OwnInfoOnly())
-  for name in ('orbax', 'jax', 'grain'):
-    std_logging.getLogger(name).addFilter(_OwnInfoOnly())
-
-
-def global_batch(batch: dict, batch_sharding) -> dict:
-  """This process's rows -> global arrays split over the batch mesh axes."""
-  if jax.process_count() == 1:
-    return jax.device_put(batch, batch_sharding)    # one call for all fields
-  def one(local):
-    local = np.asarray(local)
-    shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
-    return jax.make_array_from_process_local_data(batch_sharding, local, shape)
-  return {k: one(v) for k, v in batch.items()}
-
-
 def _is_finite(x) -> bool:
   return bool(np.all(np.isfinite(x)))
 
@@ -236,6 +204,138 @@ def _scaled(train_cfg, scale: float):
   return scaled
 
 
+# ----------------------------------------------------------------------------
+# The objective: what a stage plugs into the loop.
+
+
+class Setup(NamedTuple):
+  """What the loop has made before the objective: the run's mesh and state spec."""
+  cfg: Any
+  workdir: str
+  mesh: Any
+  batch_sharding: Any
+  graphdef: nnx.GraphDef
+  abstract_state: dict
+  state_shardings: dict
+
+
+class Start(NamedTuple):
+  """Parameters a fresh run starts from instead of a random init."""
+  params: Any
+  model_state: Any
+  source: str                   # where they come from, for the log
+
+
+class Objective:
+  """A stage's part of the loop: its data, loss, frozen inputs, tags and lines.
+
+  The loop (`run`) does everything else the same way for every stage: the
+  mesh and state, the lock, resuming, the jitted steps, finiteness checks,
+  rollback and spikes, checkpoints, SIGTERM/SIGINT, throughput and MFU,
+  TensorBoard and the console. A stage sets, in `__init__(setup)`:
+
+  - `train_iter`: its checkpointed grain iterator of host batches;
+  - `loss_fn`: a `train.step.LossFn` (sums and a `weight`); with `frozen`
+    not None it also takes the frozen inputs (`make_train_step`);
+  - `tokens_per_step`, `flops_per_token`: for `PREFIX/tokens_per_second` and
+    `PREFIX/mfu` (the model FLOPs the step spends per token it reads);
+  - `prefix`, `eval_prefix`, `line`, `eval_line`: its tags and console fields;
+  - `do_eval`: whether the run evaluates.
+
+  and `start(resumed)` may load frozen inputs (`frozen`, `frozen_shardings`:
+  sharded arrays passed to every step, never trained nor donated) and the
+  parameters a fresh run starts from.
+  """
+
+  prefix, eval_prefix = 'train', 'eval'
+  line, eval_line = metrics_lib.TRAIN_LINE, metrics_lib.EVAL_LINE
+  frozen = frozen_shardings = None   # None: the steps take no frozen argument
+  train_iter = loss_fn = None
+  tokens_per_step = flops_per_token = 0
+  do_eval = False
+
+  def batch(self, host_batch: dict) -> dict:
+    """A host batch of `train_iter` -> the step's global device batch."""
+    raise NotImplementedError
+
+  def start(self, resumed: bool) -> Start | None:
+    """Called once the newest checkpoint is restored (or none was)."""
+    del resumed
+    return None
+
+  def first_step_done(self) -> None:
+    """Writes what the workdir records once the run started (config.json is
+    the loop's)."""
+
+  def scalars(self, host: dict, step: int) -> dict[str, float]:
+    """A logged step's metrics (host values) under their tags."""
+    raise NotImplementedError
+
+  def evaluate(self, state, eval_step) -> dict[str, float]:
+    """Eval scalars; `eval_step(state, batch)` returns a device batch's sums."""
+    raise NotImplementedError
+
+  def close(self) -> None:
+    self.train_iter.close()
+
+
+class LanguageModel(Objective):
+  """Pretraining and SFT: `lm_loss` on `data.pipeline` batches; `train/`,
+  `eval/` tags, eval sources of a mixture, bits/byte and eval tasks, and
+  `train.init_checkpoint`."""
+
+  def __init__(self, setup: Setup):
+    cfg, t = setup.cfg, setup.cfg.train
+    self.cfg, self.setup = cfg, setup
+    self.process = (jax.process_index(), jax.process_count())
+    self.train_iter = pipeline.make_iterator(cfg, 'train', *self.process)
+    self.do_eval = t.eval_steps > 0 and pipeline.has_eval(cfg)
+    self.loss_fn = step_lib.lm_loss(t)
+    self.tokens_per_step = t.global_batch_size * t.seq_len
+    self.flops_per_token = model_lib.flops_per_token(cfg.model, t.seq_len)
+    self.eval_extra = tasks_lib.loop_hook(cfg, setup.graphdef, setup.state_shardings,
+                                          setup.mesh)
+
+  def batch(self, host_batch):
+    return sharding.global_batch(host_batch, self.setup.batch_sharding)
+
+  def start(self, resumed):
+    init_checkpoint = self.cfg.train.get('init_checkpoint') or ''
+    if resumed or not init_checkpoint:
+      if resumed and init_checkpoint:
+        logging.info('train.init_checkpoint is ignored on resume')
+      return None
+    # Fine-tuning (e.g. SFT after pretraining): another run's parameters, a
+    # fresh optimizer, step and schedule.
+    init_workdir, step_dir = checkpoint_lib.resolve_init_checkpoint(
+        init_checkpoint, 'train.init_checkpoint')
+    params, model_state = checkpoint_lib.load_init_params(
+        self.cfg, step_dir, init_workdir, self.setup.abstract_state,
+        field='train.init_checkpoint')
+    return Start(params, model_state, step_dir)
+
+  def scalars(self, host, step):
+    out = metrics_lib.train_scalars(host, num_experts=self.cfg.model.num_experts)
+    out.update(metrics_lib.source_token_scalars(   # data.mixture only
+        pipeline.tokens_seen(self.train_iter, step), jax.process_count()))
+    return out
+
+  def _eval_batches(self, source):
+    for batch in pipeline.make_iterator(self.cfg, 'eval', *self.process, source=source):
+      yield self.batch(batch)
+
+  def evaluate(self, state, eval_step):
+    out = metrics_lib.eval_scalars(   # per source for a mixture
+        lambda source: step_lib.eval_metrics(eval_step, state, self._eval_batches(source)),
+        pipeline.eval_sources(self.cfg))
+    out.update(self.eval_extra(state, out))   # bits/byte (per source), eval.tasks
+    return out
+
+
+# ----------------------------------------------------------------------------
+# The loop.
+
+
 def train_and_evaluate(cfg, workdir: str) -> dict:
   """Trains `cfg` in `workdir` (resuming if it holds checkpoints).
 
@@ -245,10 +345,18 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   the last step), `eval` (the last eval's scalars) and `rollbacks` (the
   rollbacks of this invocation, see `train.on_divergence`).
   """
-  return run_locked(workdir, 'train', lambda started: _train(cfg, workdir, started))
+  return run(cfg, workdir, LanguageModel, 'train')
 
 
-def _train(cfg, workdir: str, started) -> dict:
+def run(cfg, workdir: str, make_objective, stage: str) -> dict:
+  """The loop of every stage: trains `make_objective(setup)` (an `Objective`)
+  in `workdir` under the workdir lock; `stage` names the run in `DIR/LOCK`
+  and `start_failed.json`. Returns the summary of `train_and_evaluate`."""
+  return run_locked(workdir, stage,
+                    lambda started: _run(cfg, workdir, make_objective, started))
+
+
+def _run(cfg, workdir: str, make_objective, started) -> dict:
   t = cfg.train
   on_divergence = t.get('on_divergence', 'stop')
   max_rollbacks = t.get('max_rollbacks', 0)
@@ -260,7 +368,6 @@ def _train(cfg, workdir: str, started) -> dict:
   # ---------------------------------------------------------------- Mesh.
   mesh = mesh_lib.make_mesh(cfg.mesh)
   sharding.check_batch(mesh, t.global_batch_size, t.grad_accum_steps)
-  batch_sharding = sharding.batch_sharding(mesh)
   logging.info('mesh %s over %d devices (%d processes)', dict(mesh.shape),
                mesh.size, jax.process_count())
 
@@ -269,15 +376,6 @@ def _train(cfg, workdir: str, started) -> dict:
   checkpoint_lib.check_config(workdir, cfg)
   rollbacks = _read_rollbacks(workdir)
   lr_scale = rollback_lr_scale ** len(rollbacks)
-
-  # ---------------------------------------------------------------- Data.
-  process = (jax.process_index(), jax.process_count())
-  train_iter = pipeline.make_iterator(cfg, 'train', *process)
-  do_eval = t.eval_steps > 0 and pipeline.has_eval(cfg)
-
-  def eval_batches(source=None):
-    for batch in pipeline.make_iterator(cfg, 'eval', *process, source=source):
-      yield global_batch(batch, batch_sharding)
 
   # --------------------------------------------------------------- State.
   optimizer, schedule = optim.make_optimizer(_scaled(t, lr_scale), cfg.model)
@@ -290,75 +388,75 @@ def _train(cfg, workdir: str, started) -> dict:
   for line in sharding.describe(mesh, abstract_state['params']):
     logging.debug('param %s', line)
 
-  # --------------------------------------------------------------- Steps.
-  loss_fn = step_lib.lm_loss(t)
-
-  def make_step(optimizer, schedule):
-    return step_lib.make_train_step(
-        loss_fn, optimizer, graphdef=graphdef, state_shardings=state_shardings,
-        mesh=mesh, grad_accum_steps=t.grad_accum_steps, schedule=schedule)
-
-  train_step = make_step(optimizer, schedule)
-  eval_step = step_lib.make_eval_step(
-      loss_fn, graphdef=graphdef, state_shardings=state_shardings, mesh=mesh)
-  eval_extra = tasks_lib.loop_hook(cfg, graphdef, state_shardings, mesh)
-
-  # ---------------------------------------------------------- Checkpoint.
-  ckpt = checkpoint_lib.Checkpointer(workdir, every_steps=t.checkpoint_every_steps,
-                                     keep=t.keep_checkpoints)
-  writer = console = None
+  # ----------------------------------------------------- Objective, data.
+  objective = make_objective(Setup(cfg, workdir, mesh, sharding.batch_sharding(mesh),
+                                   graphdef, abstract_state, state_shardings))
+  writer = console = ckpt = None
   try:
-    state, step = ckpt.restore_latest(abstract_state, train_iter)
-    init_checkpoint = t.get('init_checkpoint') or ''
-    if state is None and init_checkpoint:
-      # Fine-tuning (e.g. SFT after pretraining): another run's parameters, a
-      # fresh optimizer, step and schedule.
-      init_workdir, step_dir = checkpoint_lib.resolve_init_checkpoint(
-          init_checkpoint, 'train.init_checkpoint')
-      params, model_state = checkpoint_lib.load_init_params(
-          cfg, step_dir, init_workdir, abstract_state, field='train.init_checkpoint')
-
-      def init_from(params, model_state):
-        # init()'s random parameters are unused here, so XLA never computes them.
-        return dict(init(), params=params, model_state=model_state,
-                    opt_state=optimizer.init(jax.tree.map(
-                        lambda x: x.astype(jnp.float32), params)))
-
-      state = jax.jit(init_from, out_shardings=state_shardings)(params, model_state)
+    # -------------------------------------------------------- Checkpoint.
+    ckpt = checkpoint_lib.Checkpointer(workdir, every_steps=t.checkpoint_every_steps,
+                                       keep=t.keep_checkpoints)
+    state, step = ckpt.restore_latest(abstract_state, objective.train_iter)
+    summary = {'step': step, 'status': 'done', 'losses': {}, 'train': {}, 'eval': {},
+               'rollbacks': []}
+    if state is not None:
+      logging.info('resumed from %s/%d', ckpt.directory, step)
+      if step >= t.steps:
+        started()
+        print(f'nothing to do: {workdir} is already at step {step} and '
+              f'train.steps={t.steps}; set --config.train.steps higher to train on')
+        summary['status'] = 'nothing_to_do'
+        return summary
+    start = objective.start(resumed=state is not None)   # frozen inputs too
+    if state is None and start is not None:
+      # A copy: the state is donated to the step, and the objective may keep
+      # the arrays it started from (DPO's reference).
+      state = jax.jit(lambda params, model_state: step_lib.new_train_state(
+          jax.tree.map(jnp.copy, params), model_state, optimizer, t.seed),
+                      out_shardings=state_shardings)(start.params, start.model_state)
       step = 0
       logging.info('initialised %s parameters from %s',
-                   f'{model_lib.count_params(cfg.model):,}', step_dir)
+                   f'{model_lib.count_params(cfg.model):,}', start.source)
     elif state is None:
       state, step = jax.jit(init, out_shardings=state_shardings)(), 0
       logging.info('initialised %s parameters', f'{model_lib.count_params(cfg.model):,}')
-    else:
-      logging.info('resumed from %s/%d%s', ckpt.directory, step,
-                   ' (train.init_checkpoint is ignored on resume)' if init_checkpoint else '')
-    summary = {'step': step, 'status': 'done', 'losses': {}, 'train': {}, 'eval': {},
-               'rollbacks': []}
-    if step >= t.steps:
-      started()
-      print(f'nothing to do: {workdir} is already at step {step} and '
-            f'train.steps={t.steps}; set --config.train.steps higher to train on')
-      summary['status'] = 'nothing_to_do'
-      return summary
+    if start is not None:
+      # Only what the steps read stays on the devices.
+      kept = {id(x) for x in jax.tree.leaves(objective.frozen)}
+      for x in jax.tree.leaves(start.params):
+        if id(x) not in kept:
+          x.delete()
+      del start
+
+    # ------------------------------------------------------------- Steps.
+    frozen = () if objective.frozen is None else (objective.frozen,)
+
+    def make_step(optimizer, schedule):
+      return step_lib.make_train_step(
+          objective.loss_fn, optimizer, graphdef=graphdef,
+          state_shardings=state_shardings, mesh=mesh,
+          grad_accum_steps=t.grad_accum_steps, schedule=schedule,
+          frozen_shardings=objective.frozen_shardings)
+
+    train_step = make_step(optimizer, schedule)
+    jitted_eval = step_lib.make_eval_step(
+        objective.loss_fn, graphdef=graphdef, state_shardings=state_shardings,
+        mesh=mesh, frozen_shardings=objective.frozen_shardings)
+    eval_step = lambda state, batch: jitted_eval(state, batch, *frozen)
 
     # ----------------------------------------------------------- Metrics.
     writer = metrics_lib.SummaryWriter(workdir)
     console = metrics_lib.Console(t.steps, step)
-    tokens_per_step = t.global_batch_size * t.seq_len
-    flops_per_token = model_lib.flops_per_token(cfg.model, t.seq_len)
     peak = metrics_lib.peak_flops(mesh.devices.flat)
+    prefix = objective.prefix
     if step == 0:
       writer.text(0, 'config', '```\n' + checkpoint_lib.config_json(cfg) + '\n```')
 
     def evaluate(at_step):
-      summary['eval'] = metrics_lib.eval_scalars(   # per source for a mixture
-          lambda source: step_lib.eval_metrics(eval_step, state, eval_batches(source)),
-          pipeline.eval_sources(cfg))
-      summary['eval'].update(eval_extra(state, summary['eval']))   # bits/byte, eval.tasks
+      summary['eval'] = objective.evaluate(state, eval_step)
       writer.scalars(at_step, summary['eval'])
-      console.eval_line(at_step, summary['eval'])
+      console.eval_line(at_step, summary['eval'], objective.eval_prefix,
+                        objective.eval_line)
 
     # -------------------------------------------------------------- Loop.
     pending = []                # (step, device metrics) not yet checked
@@ -392,24 +490,24 @@ def _train(cfg, workdir: str, started) -> dict:
           # throughput from its end.
           clock['time'], clock['step'] = time.perf_counter(), s
         if s % t.log_every_steps == 0 or s == t.steps:
-          scalars = metrics_lib.train_scalars(host, num_experts=cfg.model.num_experts)
-          scalars.update(metrics_lib.source_token_scalars(   # data.mixture only
-              pipeline.tokens_seen(train_iter, s), jax.process_count()))
+          scalars = objective.scalars(host, s)
           if spikes.threshold is not None:
-            scalars['train/spikes'] = float(spikes.count)
+            scalars[f'{prefix}/spikes'] = float(spikes.count)
           now = time.perf_counter()
           if s > clock['step']:
-            tokens_per_second = tokens_per_step * (s - clock['step']) / (now - clock['time'])
-            scalars['train/tokens_per_second'] = tokens_per_second
-            scalars['train/mfu'] = metrics_lib.mfu(tokens_per_second, flops_per_token, peak)
+            tokens_per_second = (objective.tokens_per_step * (s - clock['step']) /
+                                 (now - clock['time']))
+            scalars[f'{prefix}/tokens_per_second'] = tokens_per_second
+            scalars[f'{prefix}/mfu'] = metrics_lib.mfu(
+                tokens_per_second, objective.flops_per_token, peak)
             clock['time'], clock['step'] = now, s
           summary['train'] = scalars
           writer.scalars(s, scalars)
-          console.train_line(s, scalars)
+          console.train_line(s, scalars, prefix, objective.line)
 
     def save(at_step, force=False):
       check(at_step)            # never checkpoint a step whose metrics are not finite
-      if ckpt.save(at_step, state, train_iter, force=force):
+      if ckpt.save(at_step, state, objective.train_iter, force=force):
         logging.info('saving checkpoint %d', at_step)
 
     def roll_back(d: Diverged):
@@ -460,25 +558,26 @@ def _train(cfg, workdir: str, started) -> dict:
       return f'{d.reason}; stopping: {where}{hint}'
 
     with Preemption() as preemption:
-      if do_eval and step == 0:
+      if objective.do_eval and step == 0:
         evaluate(0)
       while True:
         try:
           while step < t.steps:
-            with jax.profiler.StepTraceAnnotation('train', step_num=step + 1):
-              batch = global_batch(next(train_iter), batch_sharding)
-              state, device_metrics = train_step(state, batch)
+            with jax.profiler.StepTraceAnnotation(prefix, step_num=step + 1):
+              batch = objective.batch(next(objective.train_iter))
+              state, device_metrics = train_step(state, batch, *frozen)
             step += 1
             if not config_written:
               # The first step compiled and ran: the run has started.
               started()
               checkpoint_lib.write_config(workdir, cfg)
+              objective.first_step_done()
               config_written = True
             pending.append((step, device_metrics))
             console.step(step)
             # Check the previous step while this one runs.
             check(step - 1)
-            if do_eval and (step % t.eval_every_steps == 0 or step == t.steps):
+            if objective.do_eval and (step % t.eval_every_steps == 0 or step == t.steps):
               check(step)
               evaluate(step)
             if step % t.checkpoint_every_steps == 0 or step == t.steps:
@@ -505,9 +604,10 @@ def _train(cfg, workdir: str, started) -> dict:
                     f'(tensorboard --logdir {workdir})')
     return summary
   finally:
-    ckpt.close()
+    if ckpt is not None:
+      ckpt.close()
     if writer is not None:
       writer.close()
     if console is not None:
       console.close()
-    train_iter.close()
+    objective.close()

@@ -1,4 +1,5 @@
-"""Metrics: TensorBoard event files, the console line and progress bar, and MFU.
+"""Metrics: TensorBoard event files, the console line and progress bar, MFU,
+and the console's log filter.
 
 - `SummaryWriter` writes scalar summaries into `DIR/events.out.tfevents.*` with
   the `tensorboard` package alone (its `EventFileWriter` and protos; no
@@ -17,6 +18,8 @@
   the peak is a float32 matmul rate measured once per process on the host (all
   of a host's fake CPU devices share its cores, so the peak counts once per
   process, not once per fake device).
+- `configure_logging()`: INFO lines from ablax's own files only (orbax alone
+  logs a dozen per checkpoint), WARNING and up from the libraries.
 """
 
 import datetime
@@ -32,6 +35,32 @@ import numpy as np
 from absl import logging
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _OwnInfoOnly:
+  """A log filter: INFO from ablax's own files, WARNING and up from libraries."""
+
+  PACKAGES = ('configs', 'model', 'train', 'data', 'align', 'launch', 'bench')
+
+  def filter(self, record) -> bool:
+    if record.levelno >= 30:
+      return True
+    path = os.path.abspath(record.pathname)
+    return path.startswith(_REPO + os.sep) and (
+        os.path.relpath(path, _REPO).split(os.sep)[0] in self.PACKAGES)
+
+
+def configure_logging() -> None:
+  """Keeps the console readable: see `_OwnInfoOnly`. Entry points call it."""
+  import logging as std_logging  # pylint: disable=g-import-not-at-top
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _OwnInfoOnly) for f in handler.filters):
+    handler.addFilter(_OwnInfoOnly())
+  for name in ('orbax', 'jax', 'grain'):
+    std_logging.getLogger(name).addFilter(_OwnInfoOnly())
+
 
 # Dense bf16 peak FLOP/s per device, matched as substrings of
 # `device.device_kind` in this order (the more specific names first).
@@ -164,6 +193,19 @@ def train_scalars(metrics: dict, *, num_experts: int = 0) -> dict[str, float]:
   return {k: float(v) for k, v in out.items()}
 
 
+# The console lines' fields: (name under the tag prefix, format), shown when
+# logged. Another stage (DPO) passes its own.
+TRAIN_LINE = (('loss', 'loss {:.4f}'), ('learning_rate', 'lr {:.2e}'),
+              ('grad_norm', 'grad_norm {:.3f}'), ('tokens_per_second', '{:,.0f} tok/s'),
+              ('mfu', 'mfu {:.1%}'), ('moe_expert_load_max', 'load_max {:.2f}'))
+EVAL_LINE = (('loss', 'loss {:.4f}'), ('perplexity', 'perplexity {:.2f}'))
+
+
+def _fields(scalars: dict[str, float], prefix: str, fields) -> list[str]:
+  return [form.format(scalars[f'{prefix}/{name}']) for name, form in fields
+          if f'{prefix}/{name}' in scalars]
+
+
 def _duration(seconds: float) -> str:
   if not math.isfinite(seconds):
     return '?'
@@ -208,23 +250,19 @@ class Console:
     else:
       print(line, flush=True)
 
-  def train_line(self, step: int, scalars: dict[str, float]) -> None:
-    parts = [f'step {step:>{len(str(self.total))}d}/{self.total}',
-             f'loss {scalars["train/loss"]:.4f}',
-             f'lr {scalars["train/learning_rate"]:.2e}',
-             f'grad_norm {scalars["train/grad_norm"]:.3f}']
-    if 'train/tokens_per_second' in scalars:
-      parts.append(f'{scalars["train/tokens_per_second"]:,.0f} tok/s')
-    if 'train/mfu' in scalars:
-      parts.append(f'mfu {100 * scalars["train/mfu"]:.1f}%')
-    if 'train/moe_expert_load_max' in scalars:
-      parts.append(f'load_max {scalars["train/moe_expert_load_max"]:.2f}')
+  def train_line(self, step: int, scalars: dict[str, float], prefix: str = 'train',
+                 fields=None) -> None:
+    """`step 120/200 | loss 2.8312 | ... | eta 0:00:10`: the `fields` ((tag
+    name, format) pairs, default `TRAIN_LINE`) of `scalars` under `prefix/`."""
+    parts = [f'step {step:>{len(str(self.total))}d}/{self.total}']
+    parts += _fields(scalars, prefix, TRAIN_LINE if fields is None else fields)
     parts.append(f'eta {_duration(self.eta(step))}')
     self.print(' | '.join(parts))
 
-  def eval_line(self, step: int, scalars: dict[str, float]) -> None:
-    self.print(f'eval @ step {step}: loss {scalars["eval/loss"]:.4f} | '
-               f'perplexity {scalars["eval/perplexity"]:.2f}')
+  def eval_line(self, step: int, scalars: dict[str, float], prefix: str = 'eval',
+                fields=None) -> None:
+    self.print(f'eval @ step {step}: ' + ' | '.join(
+        _fields(scalars, prefix, EVAL_LINE if fields is None else fields)))
 
   def close(self) -> None:
     if self._bar is not None:

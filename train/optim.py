@@ -76,7 +76,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 from optax import contrib
 
 import configs
@@ -444,8 +443,3 @@ def stored_point(opt_state, params):
   x = contrib.schedule_free_eval_params(sf, jax.tree.map(
       lambda p: p.astype(jnp.float32), params))
   return jax.tree.map(lambda p, v: v.astype(p.dtype), params, x)
-
-
-def trainable(model) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-  """Splits a model into (graphdef, params, other state); only Params train."""
-  return nnx.split(model, nnx.Param, ...)

@@ -27,6 +27,7 @@ import math
 from collections.abc import Sequence
 
 import jax
+import numpy as np
 from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -182,3 +183,18 @@ def describe(mesh: Mesh, abstract_state) -> list[str]:
     return leaf
   jax.tree_util.tree_map_with_path(one, abstract_state, is_leaf=is_variable)
   return lines
+
+
+def global_batch(batch: dict, batch_sharding) -> dict:
+  """This process's rows of a batch (host arrays) -> global arrays split over
+  the batch mesh axes (`batch_sharding`). Every process passes its own rows,
+  in process order, as `data.pipeline.make_iterator` reads them."""
+  if jax.process_count() == 1:
+    return jax.device_put(batch, batch_sharding)    # one call for all fields
+
+  def one(local):
+    local = np.asarray(local)
+    shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
+    return jax.make_array_from_process_local_data(batch_sharding, local, shape)
+
+  return {k: one(v) for k, v in batch.items()}

@@ -16,6 +16,7 @@ and it is created directly sharded by a jitted init.
 Losses are pluggable. A loss function has the signature
 
     loss_fn(model, batch, rng) -> (loss_sum, metrics)
+    loss_fn(model, batch, rng, frozen) -> ...     # steps made with frozen_shardings
 
 and returns *sums* over its (micro)batch: `loss_sum` is the objective summed
 with the weights it wants, and `metrics` is a dict of weighted sums that must
@@ -23,9 +24,11 @@ hold `'weight'` (the count the sums are over: target tokens for a language
 model, pairs for DPO). The step adds sums over microbatches and divides by the
 total weight, so gradient accumulation is exact: 4 microbatches of 2 rows give
 the gradient of the same 8 rows in one (up to float rounding), even when the
-microbatches hold different numbers of target tokens. DPO (`align/`) passes its
-own loss to `make_train_step` and keeps the state, shardings, optimizer and
-checkpoints of this module.
+microbatches hold different numbers of target tokens. `frozen` is a pytree of
+extra inputs every step reads and never trains, passed to the jitted step as
+its own, undonated argument (`make_train_step(..., frozen_shardings=...)`):
+DPO's reference parameters (`align/loop.py`), whose forward pass then runs in
+the loss, one microbatch at a time like the policy's.
 
 The language-model loss (`lm_loss`) is token-mean cross-entropy over
 `loss_mask`, plus `z_loss_weight` times the mean of logsumexp(logits)^2 over the
@@ -79,6 +82,23 @@ def _to_f32(tree):
 # State.
 
 
+def new_train_state(params, model_state, optimizer: optax.GradientTransformation,
+                    seed: int) -> dict:
+  """The train state at step 0 of `params`: fresh optimizer moments, step and RNG.
+
+  The one constructor of the state dict: a random init (`train_state_spec`),
+  a fine-tuning start (`train.init_checkpoint`) and DPO's policy (a copy of
+  the reference) all go through it, so their states have one structure.
+  """
+  return {
+      'step': jnp.zeros((), jnp.int32),
+      'params': params,
+      'opt_state': optimizer.init(_to_f32(params)),
+      'rng': jax.random.fold_in(jax.random.PRNGKey(seed), 1),
+      'model_state': model_state,
+  }
+
+
 def train_state_spec(model_fn: Callable[[], nnx.Module],
                      optimizer: optax.GradientTransformation, mesh: Mesh,
                      seed: int):
@@ -97,15 +117,8 @@ def train_state_spec(model_fn: Callable[[], nnx.Module],
   graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
 
   def init():
-    model = model_fn()
-    _, params, model_state = nnx.split(model, nnx.Param, ...)
-    return {
-        'step': jnp.zeros((), jnp.int32),
-        'params': params,
-        'opt_state': optimizer.init(_to_f32(params)),
-        'rng': jax.random.fold_in(jax.random.PRNGKey(seed), 1),
-        'model_state': model_state,
-    }
+    _, params, model_state = nnx.split(model_fn(), nnx.Param, ...)
+    return new_train_state(params, model_state, optimizer, seed)
 
   shapes = jax.eval_shape(init)
   shardings = sharding.state_shardings(mesh, shapes)
@@ -367,11 +380,19 @@ def _updated_model_state(loss_fn, graphdef, params, model_state, metrics):
   return nnx.split(model, nnx.Param, ...)[2]
 
 
+def _bind(loss_fn: LossFn, frozen) -> LossFn:
+  """`loss_fn` with the step's frozen inputs (no gradient flows into them)."""
+  if frozen is None:
+    return loss_fn
+  frozen = jax.lax.stop_gradient(frozen)
+  return lambda model, batch, rng: loss_fn(model, batch, rng, frozen)
+
+
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                     graphdef: nnx.GraphDef, state_shardings, mesh: Mesh,
                     grad_accum_steps: int = 1,
                     schedule: optax.Schedule | None = None,
-                    donate: bool = True):
+                    donate: bool = True, frozen_shardings=None):
   """`train_step(state, batch) -> (state, metrics)`, jitted and sharded.
 
   `batch` is a dict of [global_batch, ...] arrays sharded over the batch mesh
@@ -379,16 +400,21 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
   (vectors for `moe_expert_load`): the weighted means of the loss function's
   metrics, plus `grad_norm` (before clipping), `learning_rate`, `weight` and
   `params_finite` (1.0 if every updated parameter is finite, else 0.0).
+
+  With `frozen_shardings` (a pytree of shardings, `{}` for none) the step is
+  `train_step(state, batch, frozen)` and calls `loss_fn(model, batch, rng,
+  frozen)`: `frozen` is never donated and gets no gradient.
   """
   accum = int(grad_accum_steps)
 
-  def train_step(state, batch):
+  def train_step(state, batch, frozen=None):
+    loss = _bind(loss_fn, frozen)
     rng = jax.random.fold_in(state['rng'], state['step'])
     # Schedule-free optimizers store their averaged weights and take the
     # gradient elsewhere (`optim.train_point`); for the others it is params.
     params = optim.train_point(state['opt_state'], state['params'])
     with sharding.activation_sharding(mesh):
-      grads, sums = _summed_grads(loss_fn, graphdef, params,
+      grads, sums = _summed_grads(loss, graphdef, params,
                                   state['model_state'], batch, rng, accum, mesh)
     # The gradient of the weighted mean: divide the summed gradient once.
     weight = jnp.maximum(sums['weight'], 1e-9)
@@ -413,25 +439,32 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
 
   replicated = NamedSharding(mesh, PartitionSpec())
   return jax.jit(train_step,
-                 in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                 in_shardings=_in_shardings(state_shardings, mesh, frozen_shardings),
                  out_shardings=(state_shardings, replicated),
                  donate_argnums=(0,) if donate else ())
 
 
+def _in_shardings(state_shardings, mesh: Mesh, frozen_shardings):
+  """(state, batch[, frozen]) shardings of a step."""
+  shardings = (state_shardings, sharding.batch_sharding(mesh))
+  return shardings if frozen_shardings is None else (*shardings, frozen_shardings)
+
+
 def make_eval_step(loss_fn: LossFn, *, graphdef: nnx.GraphDef, state_shardings,
-                   mesh: Mesh):
-  """`eval_step(state, batch) -> metric sums` (add over batches, then divide
-  by `weight`; `eval_metrics` does it)."""
-  def eval_step(state, batch):
+                   mesh: Mesh, frozen_shardings=None):
+  """`eval_step(state, batch[, frozen]) -> metric sums` (add over batches,
+  then divide by `weight`; `eval_metrics` does it). `frozen_shardings` as in
+  `make_train_step`."""
+  def eval_step(state, batch, frozen=None):
     model = nnx.merge(graphdef, state['params'], state['model_state'])
     with sharding.activation_sharding(mesh):
-      _, metrics = loss_fn(model, batch, jax.random.PRNGKey(0))
+      _, metrics = _bind(loss_fn, frozen)(model, batch, jax.random.PRNGKey(0))
     metrics.pop('moe_layer_loads', None)
     return jax.tree.map(lambda x: x.astype(jnp.float32), metrics)
 
   replicated = NamedSharding(mesh, PartitionSpec())
   return jax.jit(eval_step,
-                 in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                 in_shardings=_in_shardings(state_shardings, mesh, frozen_shardings),
                  out_shardings=replicated)
 
 

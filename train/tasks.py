@@ -353,7 +353,6 @@ class Scorer:
 
   def __call__(self, state, rows, tokens_per_call: int | None = None):
     """(logprob float64 [R], greedy bool [R]) of rows [R, L]."""
-    from train import loop  # pylint: disable=g-import-not-at-top  (loop imports us)
     state = {'params': state['params'], 'model_state': state['model_state']}
     total, length = rows['inputs'].shape
     step = self.rows_per_call
@@ -369,7 +368,7 @@ class Scorer:
       for k, v in rows.items():
         batch[k][:n] = v[start:start + n]
       local = {k: v[lo:lo + per_process] for k, v in batch.items()}
-      lp, g = self._jitted(state, loop.global_batch(local, self.batch_sharding))
+      lp, g = self._jitted(state, sharding.global_batch(local, self.batch_sharding))
       logprob[start:start + n] = np.asarray(lp.addressable_data(0))[:n]
       greedy[start:start + n] = np.asarray(g.addressable_data(0))[:n]
     return logprob, greedy
