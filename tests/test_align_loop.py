@@ -4,7 +4,6 @@ One tiny pretraining run (a few steps of `train.loop.train_and_evaluate`) is
 shared by the tests; each DPO run is a few steps.
 """
 
-import glob
 import json
 import math
 import os
