@@ -78,7 +78,9 @@ def bare_step(cfg):
       optax.adamw(t.learning_rate, b1=t.adam_b1, b2=t.adam_b2,
                   weight_decay=t.weight_decay))
   abstract = nnx.eval_shape(lambda: model.Decoder(cfg.model, rngs=nnx.Rngs(0)))
-  graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+  graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
+  # Non-parameter state (e.g. the sigmoid router's selection bias): constant here.
+  rest = nnx.split(model.Decoder(cfg.model, rngs=nnx.Rngs(0)), nnx.Param, ...)[2]
 
   def init():
     params = nnx.state(model.Decoder(cfg.model, rngs=nnx.Rngs(0)), nnx.Param)
@@ -89,7 +91,7 @@ def bare_step(cfg):
 
   def step(params, opt_state, batch):
     def loss_fn(p):
-      logits, _ = nnx.merge(graphdef, p)(batch['inputs'], segment_ids=batch['segment_ids'],
+      logits, _ = nnx.merge(graphdef, p, rest)(batch['inputs'], segment_ids=batch['segment_ids'],
                                          positions=batch['positions'])
       target = jnp.take_along_axis(logits, batch['targets'][..., None], -1)[..., 0]
       nll = jax.nn.logsumexp(logits, axis=-1) - target
