@@ -18,12 +18,16 @@ costs twice the forward, so training = 3 x forward, and a forward matmul with a
   v_head_dim) per (query, visible key) pair (MLA: qk = nope + rope), counting
   only pairs the causal / sliding-window / memory mask lets through (what a
   block-skipping kernel computes), for one document per row;
+- Gated DeltaNet layers (`model.layer_pattern` L): their projections, and
+  the chunked delta rule's matmuls (`model.gdn.gdn_mixing_flops`: linear in
+  the sequence length, chunk 64) instead of attention pairs;
 and not the elementwise work (norms, activations, softmax, biases), which is
 small next to the matmuls.
 """
 
 from model import attention as attention_lib
 from model import decoder as decoder_lib
+from model import gdn
 from model import mla
 from model import mlp as mlp_lib
 from model import norms
@@ -55,8 +59,12 @@ def count_params(cfg_model) -> int:
     count += cfg_model.max_seq_len * d
   count += cfg_model.num_memory_tokens * d
   for i in range(cfg_model.num_layers):
-    count += (mla.mla_params(cfg_model) if mla.is_mla(cfg_model)
-              else attention_lib.attention_params(cfg_model))
+    if mla.is_linear_layer(cfg_model, i):
+      count += gdn.gdn_params(cfg_model)
+    elif mla.is_mla(cfg_model):
+      count += mla.mla_params(cfg_model)
+    else:
+      count += attention_lib.attention_params(cfg_model)
     count += (4 if cfg_model.norm_position == 'sandwich' else 2) * norm
     if decoder_lib.is_moe_layer(cfg_model, i):
       count += moe_params(cfg_model)
@@ -73,7 +81,9 @@ def _matmul_weights(cfg_model, layer_index: int) -> int:
   """Weights one position multiplies through in layer `layer_index`."""
   d, n, kv, h = (cfg_model.d_model, cfg_model.num_heads, cfg_model.num_kv_heads,
                  _head_dim(cfg_model))
-  if mla.is_mla(cfg_model):
+  if mla.is_linear_layer(cfg_model, layer_index):
+    count = gdn.gdn_matmul_weights(cfg_model)
+  elif mla.is_mla(cfg_model):
     count = mla.mla_matmul_weights(cfg_model)
   else:
     count = 2 * d * n * h + 2 * d * kv * h + attention_lib.gate_params(cfg_model)
@@ -112,7 +122,10 @@ def flops_per_token(cfg_model, seq_len: int) -> float:
     window = (None if decoder_lib.is_global_layer(cfg_model, i)
               else cfg_model.sliding_window)
     forward += 2 * _matmul_weights(cfg_model, i) * (t + m) / t
-    forward += 2 * pair_width * visible_pairs(t, window, m) / t
+    if mla.is_linear_layer(cfg_model, i):
+      forward += gdn.gdn_mixing_flops(cfg_model, t)
+    else:
+      forward += 2 * pair_width * visible_pairs(t, window, m) / t
   forward += 2 * cfg_model.d_model * cfg_model.vocab_size
   return 3 * forward
 

@@ -42,6 +42,7 @@ from flax import nnx
 
 from model import attention as attention_lib
 from model import attention_core
+from model import gdn
 from model import masking
 from model import mlp as mlp_lib
 from model import mup
@@ -236,7 +237,16 @@ def is_mla(cfg_model) -> bool:
   return cfg_model.get('attention_type', 'standard') == 'mla'
 
 
-def attention_class(cfg_model):
-  """The attention layer `model.attention_type` names."""
+def is_linear_layer(cfg_model, layer_index: int) -> bool:
+  """Whether `model.layer_pattern` makes layer `layer_index` a Gated DeltaNet (L)."""
+  pattern = cfg_model.get('layer_pattern', '') or 'A'
+  return pattern[layer_index % len(pattern)] == 'L'
+
+
+def attention_class(cfg_model, layer_index: int | None = None):
+  """The token mixer of layer `layer_index`: `model.gdn.GatedDeltaNet` where
+  `model.layer_pattern` says L, else the attention `model.attention_type` names."""
+  if layer_index is not None and is_linear_layer(cfg_model, layer_index):
+    return gdn.GatedDeltaNet
   return MLAttention if is_mla(cfg_model) else attention_lib.Attention
 
