@@ -313,3 +313,34 @@ def test_layer_pattern_is_checked():
       _cfg(f'model.layer_pattern={bad}')
   with pytest.raises(configs.UserError, match='num_memory_tokens'):
     _cfg('model.layer_pattern=LA', 'model.num_memory_tokens=2')
+
+
+def test_flops_per_token_by_hand():
+  cfg = _cfg('model.layer_pattern=L', 'model.num_layers=1')
+  # Projections: W_q, W_k, W_v 16x2x(8+8+6) = 704, W_a + W_b 64, W_g 192,
+  # W_o 192 -> 1152; gated MLP 3x16x32 = 1536; 2 FLOPs per weight.
+  proj = 2 * (1152 + 1536)
+  # Chunked delta rule per token and head, chunk c = 64 (seq 128): k k^T and
+  # q k^T 4 c dk = 2048, the solve and the two products with (q k^T)
+  # 3 c (dv + dk) = 2688, the three state matmuls 6 dk dv = 288; 2 heads.
+  mixing = 2 * (2048 + 2688 + 288)
+  head = 2 * 16 * 64
+  assert flops.flops_per_token(cfg, 128) == 3 * (proj + mixing + head)
+
+
+def test_padding_columns_leave_the_cache_alone():
+  # A cached call whose column is padding (token index -1) for row 0 leaves
+  # row 0's state and conv buffer as they were; row 1's change.
+  cfg = _cfg('model.layer_pattern=L')
+  layer = _layer(cfg)
+  rng = np.random.default_rng(4)
+  cache = layer.init_cache(2, 8)
+  cache = cache.replace(state=jnp.asarray(rng.normal(size=cache.state.shape), jnp.float32),
+                        conv=jnp.asarray(rng.normal(size=cache.conv.shape), jnp.float32))
+  x = jnp.asarray(rng.normal(size=(2, 1, D)), jnp.float32)
+  chunk = kv_cache.Chunk(jnp.asarray([[-1], [5]], jnp.int32))
+  _, new = _call(layer, x, None, None, cache=cache, chunk=chunk)
+  np.testing.assert_array_equal(np.asarray(new.state[0]), np.asarray(cache.state[0]))
+  np.testing.assert_array_equal(np.asarray(new.conv[0]), np.asarray(cache.conv[0]))
+  assert np.abs(np.asarray(new.state[1] - cache.state[1])).max() > 1e-3
+  assert np.abs(np.asarray(new.conv[1] - cache.conv[1])).max() > 1e-3
