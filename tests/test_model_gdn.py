@@ -345,3 +345,16 @@ def test_padding_columns_leave_the_cache_alone():
   np.testing.assert_array_equal(np.asarray(new.conv[0]), np.asarray(cache.conv[0]))
   assert np.abs(np.asarray(new.state[1] - cache.state[1])).max() > 1e-3
   assert np.abs(np.asarray(new.conv[1] - cache.conv[1])).max() > 1e-3
+
+
+def test_qwen3_next_preset_builds_and_counts():
+  cfg = configs.load('configs/qwen3_next.py:tiny', ['model.num_layers=4'])
+  assert cfg.model.layer_pattern == 'LLLA'
+  decoder = model_lib.Decoder(cfg.model, rngs=nnx.Rngs(0))
+  kinds = [isinstance(b.attn, gdn.GatedDeltaNet) for b in decoder.blocks]
+  assert kinds == [True, True, True, False]
+  n_params = sum(x.size for x in jax.tree.leaves(nnx.state(decoder, nnx.Param)))
+  assert n_params == flops.count_params(cfg.model)
+  graph, state = nnx.split(decoder)
+  logits = jax.jit(lambda t: nnx.merge(graph, state)(t)[0])(jnp.ones((1, 8), jnp.int32))
+  assert np.all(np.isfinite(np.asarray(logits)))
