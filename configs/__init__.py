@@ -269,6 +269,7 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
          f'model.mtp_depth={depth} with model.num_memory_tokens='
          f'{m.num_memory_tokens}: the MTP modules do not take memory tokens; set '
          'one of them to 0')
+  _validate_layer_pattern(m)
   base = m.get('mup_base_width')
   if base is not None:
     _check(isinstance(base, int) and base > 0,
@@ -279,6 +280,29 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
   for field in ('mup_input_mult', 'mup_output_mult'):
     if field in m:
       _check(m[field] > 0, f'model.{field}={m[field]}: must be positive')
+
+
+def _validate_layer_pattern(m: ml_collections.ConfigDict) -> None:
+  """model.layer_pattern and the Gated DeltaNet fields (model/gdn.py)."""
+  pattern = m.get('layer_pattern', '') or ''
+  _check(isinstance(pattern, str) and set(pattern) <= {'A', 'L'},
+         f'model.layer_pattern={pattern!r}: must be a string of A (attention) and '
+         "L (Gated DeltaNet) letters, e.g. 'LLLA'; '' means all attention")
+  if 'L' not in pattern:
+    return
+  for field in ('gdn_num_heads', 'gdn_head_dim', 'gdn_v_head_dim'):
+    _check(m[field] is None or m[field] > 0,
+           f'model.{field}={m[field]}: must be None or positive')
+  heads = m.gdn_num_heads or m.num_heads
+  if m.gdn_head_dim is None:
+    _check(m.d_model % heads == 0,
+           f'model.d_model={m.d_model}, Gated DeltaNet heads={heads}: d_model must be a '
+           'multiple of the heads when model.gdn_head_dim is None')
+  _check(m.gdn_conv_width >= 1, f'model.gdn_conv_width={m.gdn_conv_width}: must be >= 1')
+  _check(m.num_memory_tokens == 0,
+         f'model.num_memory_tokens={m.num_memory_tokens} with Gated DeltaNet layers '
+         f'(model.layer_pattern={pattern!r}): memory tokens are an attention '
+         'feature; set model.num_memory_tokens=0 or drop the L letters')
 
 
 def _validate_mla(m: ml_collections.ConfigDict) -> None:

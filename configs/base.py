@@ -77,6 +77,20 @@ def model_config() -> ml_collections.ConfigDict:
   m.mla_qk_rope_head_dim = 8     # per-head q part and shared k part with rope
   m.mla_v_head_dim = 16          # per-head value dim
   # --- end multi-head latent attention ---
+  # --- Linear-attention hybrids (issue 17; docs/attention.md, model/gdn.py) ---
+  # A string of A (attention, every attention flag above) and L (Gated
+  # DeltaNet) letters repeated over the depth: layer i is
+  # layer_pattern[i % len]. '' or 'A': all attention; 'LLLA': Qwen3-Next's
+  # three linear layers per attention layer.
+  m.layer_pattern = ''
+  # Gated DeltaNet (Yang et al. 2024): heads (None: num_heads), q/k head dim
+  # (None: d_model // heads), value head dim (None: the q/k head dim) and the
+  # width of the causal depthwise convolution on q/k/v (Qwen3-Next: 4).
+  m.gdn_num_heads = ml_collections.FieldReference(None, field_type=int)
+  m.gdn_head_dim = ml_collections.FieldReference(None, field_type=int)
+  m.gdn_v_head_dim = ml_collections.FieldReference(None, field_type=int)
+  m.gdn_conv_width = 4
+  # --- end linear-attention hybrids ---
   # Pallas block sizes; None picks per backend and head_dim.
   m.attention_block_q = ml_collections.FieldReference(None, field_type=int)
   m.attention_block_kv = ml_collections.FieldReference(None, field_type=int)

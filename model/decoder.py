@@ -115,8 +115,9 @@ class Block(nnx.Module):
     self.norm_position = cfg_model.norm_position
     self.num_memory_tokens = cfg_model.num_memory_tokens
     window = None if is_global_layer(cfg_model, layer_index) else cfg_model.sliding_window
-    self.attn = mla.attention_class(cfg_model, layer_index)(cfg_model, sliding_window=window,
-                                                         rngs=rngs)
+    # The token mixer: attention, or a Gated DeltaNet where model.layer_pattern says L.
+    mixer = mla.attention_class(cfg_model, layer_index)
+    self.attn = mixer(cfg_model, sliding_window=window, rngs=rngs)
     self.is_moe = is_moe_layer(cfg_model, layer_index)
     if self.is_moe:
       self.mlp = moe.MoE(cfg_model, rngs=rngs)

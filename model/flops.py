@@ -21,6 +21,9 @@ costs twice the forward, so training = 3 x forward, and a forward matmul with a
   block-skipping kernel computes), for one document per row;
 - with `mtp_depth` D, each MTP module's [2 d_model, d_model] projection, its
   block (as one more layer) and its pass through the shared head;
+- Gated DeltaNet layers (`model.layer_pattern` L): their projections, and
+  the chunked delta rule's matmuls (`model.gdn.gdn_mixing_flops`: linear in
+  the sequence length, chunk 64) instead of attention pairs;
 and not the elementwise work (norms, activations, softmax, biases), which is
 small next to the matmuls.
 """
@@ -28,6 +31,7 @@ small next to the matmuls.
 from model import attention as attention_lib
 from model import decoder as decoder_lib
 from model import differential
+from model import gdn
 from model import mla
 from model import mlp as mlp_lib
 from model import mtp as mtp_lib
@@ -75,7 +79,9 @@ def count_params(cfg_model) -> int:
 def _block_params(cfg_model, layer_index: int) -> int:
   """Parameters of the block `layer_index` (MTP blocks count on from num_layers)."""
   norm = norms.norm_params(cfg_model.norm_type, cfg_model.d_model)
-  if mla.is_mla(cfg_model):
+  if mla.is_linear_layer(cfg_model, layer_index):
+    count = gdn.gdn_params(cfg_model)
+  elif mla.is_mla(cfg_model):
     count = mla.mla_params(cfg_model)
   elif differential.is_differential(cfg_model):
     count = differential.differential_params(cfg_model)
@@ -91,7 +97,9 @@ def _matmul_weights(cfg_model, layer_index: int) -> int:
   """Weights one position multiplies through in layer `layer_index`."""
   d, n, kv, h = (cfg_model.d_model, cfg_model.num_heads, cfg_model.num_kv_heads,
                  _head_dim(cfg_model))
-  if mla.is_mla(cfg_model):
+  if mla.is_linear_layer(cfg_model, layer_index):
+    count = gdn.gdn_matmul_weights(cfg_model)
+  elif mla.is_mla(cfg_model):
     count = mla.mla_matmul_weights(cfg_model)
   else:
     count = 2 * d * n * h + 2 * d * kv * h + attention_lib.gate_params(cfg_model)
@@ -132,7 +140,10 @@ def flops_per_token(cfg_model, seq_len: int) -> float:
     window = (None if decoder_lib.is_global_layer(cfg_model, i)
               else cfg_model.sliding_window)
     forward += 2 * _matmul_weights(cfg_model, i) * (t + m) / t
-    forward += 2 * pair_width * visible_pairs(t, window, m) / t
+    if mla.is_linear_layer(cfg_model, i):
+      forward += gdn.gdn_mixing_flops(cfg_model, t)
+    else:
+      forward += 2 * pair_width * visible_pairs(t, window, m) / t
   forward += 2 * cfg_model.d_model * cfg_model.vocab_size
   d = cfg_model.d_model
   for k in range(cfg_model.get('mtp_depth', 0)):
@@ -141,7 +152,10 @@ def flops_per_token(cfg_model, seq_len: int) -> float:
     window = (None if decoder_lib.is_global_layer(cfg_model, i)
               else cfg_model.sliding_window)
     forward += 2 * (2 * d * d + _matmul_weights(cfg_model, i))
-    forward += 2 * pair_width * visible_pairs(t, window, 0) / t
+    if mla.is_linear_layer(cfg_model, i):
+      forward += gdn.gdn_mixing_flops(cfg_model, t)
+    else:
+      forward += 2 * pair_width * visible_pairs(t, window, 0) / t
     forward += 2 * d * cfg_model.vocab_size
   return 3 * forward
 

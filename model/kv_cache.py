@@ -227,3 +227,30 @@ class LatentCache(_RingSlots):
   def write(self, c_kv, k_rope, chunk: Chunk):
     """The cache with the chunk's c_kv [b, c, r] and k_rope [b, c, d_r] in their slots."""
     return self._put(chunk, c_kv=c_kv, k_rope=k_rope)
+
+
+@struct.dataclass
+class RecurrentCache:
+  """One Gated DeltaNet layer's decoding state (`model.gdn`): constant size.
+
+  state: float32 [b, heads, dk, dv], the delta-rule state H = S^T.
+  conv: [b, conv_width - 1, channels] in the compute dtype, the last conv
+    inputs (pre-convolution q|k|v projections) of each sequence; zeros before
+    its first token.
+  Padding columns (token index -1) change neither.
+  """
+  state: jax.Array
+  conv: jax.Array
+
+  @classmethod
+  def empty(cls, batch, heads, dk, dv, conv_width, channels, dtype):
+    return cls(jnp.zeros((batch, heads, dk, dv), jnp.float32),
+               jnp.zeros((batch, conv_width - 1, channels), dtype))
+
+  def after_prefill(self, state, conv_inputs, chunk: Chunk):
+    """The cache after a prefill: its final state and the last conv inputs
+    [b, c, channels] of the chunk, zero on padding columns."""
+    keep = self.conv.shape[1]
+    x = jnp.where((chunk.tokens >= 0)[..., None], conv_inputs, 0).astype(self.conv.dtype)
+    x = jnp.concatenate([self.conv, x], axis=1)[:, -keep:] if keep else self.conv
+    return self.replace(state=state.astype(jnp.float32), conv=x)

@@ -50,6 +50,7 @@ from model import attention as attention_lib
 from model import attention_core
 from model import differential
 from model import kv_cache as kv_cache_lib
+from model import gdn
 from model import masking
 from model import mlp as mlp_lib
 from model import mup
@@ -286,11 +287,21 @@ def is_mla(cfg_model) -> bool:
   return cfg_model.get('attention_type', 'standard') == 'mla'
 
 
-def attention_class(cfg_model, layer_index: int = 0):
-  """The attention layer `model.attention_type` names, for layer `layer_index` (0-based)."""
+def is_linear_layer(cfg_model, layer_index: int) -> bool:
+  """Whether `model.layer_pattern` makes layer `layer_index` a Gated DeltaNet (L)."""
+  pattern = cfg_model.get('layer_pattern', '') or 'A'
+  return pattern[layer_index % len(pattern)] == 'L'
+
+
+def attention_class(cfg_model, layer_index: int | None = None):
+  """The token mixer of layer `layer_index` (0-based): `model.gdn.GatedDeltaNet`
+  where `model.layer_pattern` says L, else the attention `model.attention_type`
+  names (differential attention needs the layer index for its lambda_init)."""
+  if layer_index is not None and is_linear_layer(cfg_model, layer_index):
+    return gdn.GatedDeltaNet
   if is_mla(cfg_model):
     return MLAttention
   if differential.is_differential(cfg_model):
-    return functools.partial(differential.DifferentialAttention, layer_index=layer_index)
+    return functools.partial(differential.DifferentialAttention, layer_index=layer_index or 0)
   return attention_lib.Attention
 
