@@ -106,3 +106,20 @@ def test_export_refuses_mup(tmp_path):
   with pytest.raises(hf.HFError, match='mup_base_width=32'):
     hf.save(cfg, decoder, str(tmp_path))
   assert not os.path.exists(os.path.join(tmp_path, 'config.json'))
+
+
+@pytest.mark.parametrize('override, text', [
+    ("model.layer_pattern='LA'", "layer_pattern='LA'"),
+    ('model.mtp_depth=1', 'mtp_depth=1'),
+])
+def test_export_refuses_layers_no_family_holds(tmp_path, override, text):
+  """A Gated DeltaNet hybrid or MTP modules: refused, nothing written (an
+  export that dropped them would compute another function)."""
+  import configs
+  import model as model_lib
+  from flax import nnx
+  cfg = configs.load('configs/llama.py:tiny', [override])
+  decoder = model_lib.Decoder(cfg.model, rngs=nnx.Rngs(0))
+  with pytest.raises(hf.HFError, match=text):
+    hf.save(cfg, decoder, str(tmp_path))
+  assert not os.path.exists(os.path.join(tmp_path, 'config.json'))
