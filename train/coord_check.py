@@ -75,21 +75,42 @@ def width_config(cfg, width: int, base: int, parametrisation: str):
   return c
 
 
+class _Recorder:
+  """Stands in for a block's sublayer during one eager forward: calls it and
+  adds the RMS of its output (the first element of a tuple) to `sums[key]`."""
+
+  def __init__(self, layer, sums: dict, key: str):
+    self.layer, self.sums, self.key = layer, sums, key
+
+  def __call__(self, *args, **kwargs):
+    out = self.layer(*args, **kwargs)
+    y = out[0] if isinstance(out, tuple) else out
+    self.sums[self.key] += jnp.sqrt(jnp.mean(jnp.square(y.astype(jnp.float32))))
+    return out
+
+
 def activation_rms(decoder, tokens) -> dict:
-  """RMS of each layer type's output on tokens [b, t] (see module docstring)."""
+  """RMS of each layer type's output on tokens [b, t] (see module docstring).
+
+  The decoder runs its own forward (eagerly); each block's attention and MLP
+  are wrapped by a `_Recorder` for the call, then put back.
+  """
+  rms = lambda x: jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))))
   b, t = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  rms = lambda x: jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))))
-  x = decoder.embed_tokens(tokens, positions)
-  out = {'embedding': rms(x), 'attention': 0.0, 'mlp': 0.0}
-  for block in decoder.blocks:
-    a = block.attn(block.attn_norm(x), positions)
-    x = x + a.astype(x.dtype)
-    f, _ = block._ffn(block.mlp_norm(x))  # pylint: disable=protected-access
-    x = x + f.astype(x.dtype)
-    out['attention'] += rms(a) / len(decoder.blocks)
-    out['mlp'] += rms(f) / len(decoder.blocks)
-  logits = decoder.logits(x)
+  sums = {'attention': 0.0, 'mlp': 0.0}
+  layers = [(block, block.attn, block.mlp) for block in decoder.blocks]
+  try:
+    for block, attn, mlp in layers:
+      object.__setattr__(block, 'attn', _Recorder(attn, sums, 'attention'))
+      object.__setattr__(block, 'mlp', _Recorder(mlp, sums, 'mlp'))
+    logits, _ = decoder(tokens)
+  finally:
+    for block, attn, mlp in layers:
+      object.__setattr__(block, 'attn', attn)
+      object.__setattr__(block, 'mlp', mlp)
+  out = {'embedding': rms(decoder.embed_tokens(tokens, positions))}
+  out.update({key: value / len(layers) for key, value in sums.items()})
   out['logits'] = rms(logits)
   return out, logits
 
