@@ -27,8 +27,12 @@ embedding scale, `query_pre_attn_scalar`; Gemma's RMSNorm multiplies by
 qwen3_moe (routed experts onto `model/moe.py`), mpt (ALiBi, LayerNorm without
 bias, no biases, fused Wqkv; `attn_config.softmax_scale` -> `attn_scale`) and
 bloom (ALiBi, `embedding_norm` for word_embeddings_layernorm, biases, GELU
-tanh, query_key_value fused per head). An ablax ALiBi model exports as bloom
-when `embedding_norm` is set, else as mpt.
+tanh, query_key_value fused per head), and deepseek_v3 (MLA with DeepSeek's
+interleaved rope columns permuted to ablax's half-split layout, the sigmoid
+group-limited router with its `e_score_correction_bias` as the MoE selection
+bias, shared experts, first dense layers; its MTP layers are dropped with a
+warning). An ablax ALiBi model exports as bloom when `embedding_norm` is set,
+else as mpt; an MLA model exports as deepseek_v3.
 
 The HF `config.json` is read as JSON; neither transformers nor torch is
 needed. Every field is either mapped to an ablax flag, known not to change the
