@@ -651,7 +651,10 @@ def load(hf_dir: str):
     hf = json.load(fh)
   family, m = hf_to_model_config(hf)
   tensors = _read_tensors(hf_dir)
-  dtypes = {str(tensors[k].dtype) for k in tensors}
+  # DeepSeek-V3's e_score_correction_bias is float32 in bfloat16 checkpoints
+  # (ablax's selection bias is float32 whatever param_dtype).
+  dtypes = {str(tensors[k].dtype) for k in tensors
+            if not k.endswith('e_score_correction_bias')}
   if len(dtypes) == 1 and dtypes != {'float32'}:
     m.param_dtype = m.dtype = dtypes.pop()
   decoder = _abstract_decoder(m)
