@@ -27,8 +27,12 @@ embedding scale, `query_pre_attn_scalar`; Gemma's RMSNorm multiplies by
 qwen3_moe (routed experts onto `model/moe.py`), mpt (ALiBi, LayerNorm without
 bias, no biases, fused Wqkv; `attn_config.softmax_scale` -> `attn_scale`) and
 bloom (ALiBi, `embedding_norm` for word_embeddings_layernorm, biases, GELU
-tanh, query_key_value fused per head). An ablax ALiBi model exports as bloom
-when `embedding_norm` is set, else as mpt.
+tanh, query_key_value fused per head), and deepseek_v3 (MLA with DeepSeek's
+interleaved rope columns permuted to ablax's half-split layout, the sigmoid
+group-limited router with its `e_score_correction_bias` as the MoE selection
+bias, shared experts, first dense layers; its MTP layers are dropped with a
+warning). An ablax ALiBi model exports as bloom when `embedding_norm` is set,
+else as mpt; an MLA model exports as deepseek_v3.
 
 The HF `config.json` is read as JSON; neither transformers nor torch is
 needed. Every field is either mapped to an ablax flag, known not to change the
@@ -52,6 +56,7 @@ from flax import nnx
 import configs
 from configs import base as base_config
 from model import decoder as decoder_lib
+from model import moe as moe_lib
 
 
 class HFError(configs.UserError):
@@ -81,6 +86,7 @@ ARCHITECTURES = {
     'gemma2': 'Gemma2ForCausalLM', 'gpt2': 'GPT2LMHeadModel',
     'mixtral': 'MixtralForCausalLM', 'qwen3_moe': 'Qwen3MoeForCausalLM',
     'mpt': 'MptForCausalLM', 'bloom': 'BloomForCausalLM',
+    'deepseek_v3': 'DeepseekV3ForCausalLM',
 }
 ACTIVATIONS = {'silu': 'silu', 'swish': 'silu', 'gelu': 'gelu', 'relu': 'relu',
                'gelu_new': 'gelu_tanh', 'gelu_pytorch_tanh': 'gelu_tanh',
@@ -181,6 +187,8 @@ def hf_to_model_config(hf: dict):
                                 family in ('gpt2', 'gemma2', 'mpt', 'bloom')))
   if family in ('mpt', 'bloom'):
     act = _alibi_from_hf(f, m)
+  elif family == 'deepseek_v3':
+    act = _deepseek_v3_from_hf(f, m)
   elif family == 'gpt2':
     m.vocab_size = f.require('vocab_size')
     m.d_model = f.require('n_embd')
@@ -330,6 +338,121 @@ def _alibi_from_hf(f: _Fields, m):
   return act
 
 
+def _deepseek_v3_from_hf(f: _Fields, m):
+  """DeepSeek-V3: MLA, the sigmoid group-limited router with its selection
+  bias, shared experts, the first layers dense. Returns the HF activation name.
+
+  The multi-token-prediction layers (`num_nextn_predict_layers`, stored as
+  `model.layers.{num_hidden_layers + k}.*`) are not imported: `load` drops
+  their tensors with a warning and the model gets `mtp_depth=0`."""
+  m.vocab_size = f.require('vocab_size')
+  m.d_model = f.require('hidden_size')
+  m.num_layers = f.require('num_hidden_layers')
+  m.num_heads = m.num_kv_heads = f.require('num_attention_heads')
+  f.expect('num_key_value_heads', (None, m.num_heads), 'MLA has one key/value head per query head')
+  m.head_dim = None
+  m.d_ff = f.require('intermediate_size')
+  m.max_seq_len = f.require('max_position_embeddings')
+  m.norm_type, m.norm_position = 'rmsnorm', 'pre'
+  m.norm_eps = float(f.get('rms_norm_eps', 1e-6))
+  m.mlp_gated, m.use_bias = True, False
+  f.expect('attention_bias', (None, False), 'MLA projections have no biases')
+  _rope(f, m)
+  m.attention_type = 'mla'
+  m.mla_q_lora_rank = f.get('q_lora_rank') or 0
+  m.mla_kv_lora_rank = f.require('kv_lora_rank')
+  m.mla_qk_nope_head_dim = f.require('qk_nope_head_dim')
+  m.mla_qk_rope_head_dim = f.require('qk_rope_head_dim')
+  m.mla_v_head_dim = f.require('v_head_dim')
+  # Derived by DeepseekV3Config itself; accepted when consistent.
+  f.expect('qk_head_dim', (None, m.mla_qk_nope_head_dim + m.mla_qk_rope_head_dim),
+           'qk_nope_head_dim + qk_rope_head_dim')
+  f.expect('head_dim', (None, m.mla_qk_rope_head_dim), 'qk_rope_head_dim (the RoPE width)')
+  f.get('rope_interleave')          # a permutation of the rope columns: _tensor_map
+  m.num_experts = f.require('n_routed_experts')
+  m.experts_per_token = f.require('num_experts_per_tok')
+  m.num_shared_experts = f.require('n_shared_experts')
+  m.moe_d_ff = f.require('moe_intermediate_size')
+  m.moe_first_dense_layers = f.get('first_k_dense_replace') or 0
+  m.moe_layer_interval = 1
+  m.moe_capacity_factor = None
+  m.moe_router = 'sigmoid'
+  m.moe_renormalize = bool(f.get('norm_topk_prob', True))
+  m.moe_routed_scaling = float(f.get('routed_scaling_factor', 1.0))
+  m.moe_num_groups = f.get('n_group') or 1
+  m.moe_topk_groups = f.get('topk_group') or 1
+  depth = f.get('num_nextn_predict_layers')
+  if depth:
+    logging.warning('deepseek_v3 config.json: num_nextn_predict_layers=%d: the '
+                    'multi-token-prediction layers are not imported (mtp_depth=0)', depth)
+  m.mtp_depth = 0
+  return f.get('hidden_act', 'silu')
+
+
+def _deepseek_v3_rope_order(d_r):
+  """DeepSeek's interleaved rope pairs (2i, 2i+1) -> ablax's half-split pairs
+  (i, i + d_r/2): the columns [0, 2, 4, ..., 1, 3, 5, ...], and its inverse."""
+  order = np.concatenate([np.arange(0, d_r, 2), np.arange(1, d_r, 2)])
+  return order, np.argsort(order)
+
+
+def _deepseek_v3_tensor_map(m, add, out, interleave=True):
+  """DeepSeek-V3 tensors (transformers' names). With `rope_interleave` (the
+  released checkpoints) the rope columns of the query and of the shared rope
+  key are permuted to ablax's half-split layout; q . k is unchanged."""
+  d, n = m.d_model, m.num_heads
+  r_q, r = m.mla_q_lora_rank, m.mla_kv_lora_rank
+  d_n, d_r, d_v = m.mla_qk_nope_head_dim, m.mla_qk_rope_head_dim, m.mla_v_head_dim
+  t = lambda w: w.T
+  order, inverse = _deepseek_v3_rope_order(d_r)
+  if not interleave:
+    order = inverse = np.arange(d_r)
+  q_cols = np.concatenate([np.arange(d_n), d_n + order])
+  q_back = np.concatenate([np.arange(d_n), d_n + inverse])
+  kv_cols = np.concatenate([np.arange(r), r + order])
+  kv_back = np.concatenate([np.arange(r), r + inverse])
+  q_in = lambda rows: (lambda w: w.T.reshape(rows, n, d_n + d_r)[..., q_cols])
+  q_out = lambda rows: (lambda w: w[..., q_back].reshape(rows, n * (d_n + d_r)).T)
+  add('embed.embedding', 'model.embed_tokens.weight')
+  add('final_norm.scale', 'model.norm.weight')
+  if not m.tie_embeddings:
+    add('head', 'lm_head.weight', t, t)
+  for i in range(m.num_layers):
+    p, q = f'blocks.{i}.', f'model.layers.{i}.'
+    a, s = p + 'attn.', q + 'self_attn.'
+    if r_q:
+      add(a + 'wq_a', s + 'q_a_proj.weight', t, t)
+      add(a + 'q_a_norm.scale', s + 'q_a_layernorm.weight')
+      add(a + 'wq_b', s + 'q_b_proj.weight', q_in(r_q), q_out(r_q))
+    else:
+      add(a + 'wq', s + 'q_proj.weight', q_in(d), q_out(d))
+    add(a + 'wkv_a', s + 'kv_a_proj_with_mqa.weight', lambda w: w.T[:, kv_cols],
+        lambda w: w[:, kv_back].T)
+    add(a + 'kv_a_norm.scale', s + 'kv_a_layernorm.weight')
+    # kv_b_proj rows: per head, [k_nope | v].
+    add((a + 'wk_b', a + 'wv_b'), s + 'kv_b_proj.weight',
+        lambda w: tuple(np.split(w.T.reshape(r, n, d_n + d_v), [d_n], axis=-1)),
+        lambda ws: np.concatenate(ws, axis=-1).reshape(r, n * (d_n + d_v)).T)
+    add(a + 'wo', s + 'o_proj.weight', lambda w: w.T.reshape(n, d_v, d),
+        lambda w: w.reshape(n * d_v, d).T)
+    add(p + 'attn_norm.scale', q + 'input_layernorm.weight')
+    add(p + 'mlp_norm.scale', q + 'post_attention_layernorm.weight')
+    mlp_names = (('wi_gate', 'gate_proj'), ('wi_up', 'up_proj'), ('wo', 'down_proj'))
+    if decoder_lib.is_moe_layer(m, i):
+      add(p + 'mlp.router', q + 'mlp.gate.weight', t, t)
+      add(p + 'mlp.bias', q + 'mlp.gate.e_score_correction_bias')
+      for name, hf_name in zip(('w_gate', 'w_up', 'w_down'), ('gate_proj', 'up_proj', 'down_proj')):
+        out.append((p + 'mlp.' + name,
+                    [q + f'mlp.experts.{e}.{hf_name}.weight' for e in range(m.num_experts)],
+                    lambda ws: np.stack([w.T for w in ws]),
+                    lambda w: [x.T for x in w]))
+      for name, hf_name in mlp_names:
+        add(p + 'mlp.shared.' + name, q + f'mlp.shared_experts.{hf_name}.weight', t, t)
+    else:
+      for name, hf_name in mlp_names:
+        add(p + 'mlp.' + name, q + f'mlp.{hf_name}.weight', t, t)
+
+
 def _alibi_tensor_map(family, m, add):
   """MPT and Bloom tensors; fused q/k/v go to three ablax paths at once."""
   d, n = m.d_model, m.num_heads
@@ -385,7 +508,7 @@ def _alibi_tensor_map(family, m, add):
 # -- tensor names ---------------------------------------------------------------
 
 
-def _tensor_map(family, m):
+def _tensor_map(family, m, rope_interleave=True):
   """[(ablax path, hf name, to_ablax, to_hf)] for every parameter."""
   d, n, kv = m.d_model, m.num_heads, m.num_kv_heads
   h = m.head_dim or d // n
@@ -400,6 +523,9 @@ def _tensor_map(family, m):
   norm_out = (lambda w: (w.astype(np.float64) - 1).astype(w.dtype)) if gemma else None
   if family in ('mpt', 'bloom'):
     _alibi_tensor_map(family, m, add)
+    return out
+  if family == 'deepseek_v3':
+    _deepseek_v3_tensor_map(m, add, out, rope_interleave)
     return out
   if family == 'gpt2':
     add('embed.embedding', 'transformer.wte.weight')
@@ -505,8 +631,10 @@ def _abstract_decoder(m):
 
 
 def _flat_params(decoder):
+  # With the MoE selection bias (DeepSeek-V3's e_score_correction_bias), a
+  # variable but not a Param; only sigmoid routers have one.
   return {'.'.join(map(str, path)): var
-          for path, var in nnx.to_flat_state(nnx.state(decoder, nnx.Param))}
+          for path, var in nnx.to_flat_state(nnx.state(decoder, (nnx.Param, moe_lib.ExpertBias)))}
 
 
 def load(hf_dir: str):
@@ -523,13 +651,16 @@ def load(hf_dir: str):
     hf = json.load(fh)
   family, m = hf_to_model_config(hf)
   tensors = _read_tensors(hf_dir)
-  dtypes = {str(tensors[k].dtype) for k in tensors}
+  # DeepSeek-V3's e_score_correction_bias is float32 in bfloat16 checkpoints
+  # (ablax's selection bias is float32 whatever param_dtype).
+  dtypes = {str(tensors[k].dtype) for k in tensors
+            if not k.endswith('e_score_correction_bias')}
   if len(dtypes) == 1 and dtypes != {'float32'}:
     m.param_dtype = m.dtype = dtypes.pop()
   decoder = _abstract_decoder(m)
   params = _flat_params(decoder)
   used = set()
-  for path, names, fwd, _ in _tensor_map(family, m):
+  for path, names, fwd, _ in _tensor_map(family, m, bool(hf.get('rope_interleave', True))):
     for name in names if isinstance(names, list) else [names]:
       if name not in tensors:
         raise HFError(f'{hf_dir}: tensor {name!r} is missing (needed for {path})')
@@ -565,6 +696,13 @@ def load(hf_dir: str):
   # Bias-free families under use_bias (qwen2): the other biases are zero.
   left = set(tensors) - used - {'lm_head.weight'}
   left = {k for k in left if not k.endswith(('attn.bias', 'attn.masked_bias', 'rotary_emb.inv_freq'))}
+  if family == 'deepseek_v3':
+    mtp = {k for k in left if k.startswith('model.layers.') and
+           int(k.split('.')[2]) >= m.num_layers}
+    if mtp:
+      logging.warning('%s: %d multi-token-prediction tensors (model.layers.%d and up) '
+                      'not imported', hf_dir, len(mtp), m.num_layers)
+    left -= mtp
   if left:
     raise HFError(f'{hf_dir}: tensors with no ablax mapping: {sorted(left)[:8]}')
   return ml_collections.ConfigDict({'model': m}), decoder
@@ -594,6 +732,9 @@ def model_config_to_hf(m, decoder=None):
     refuse(f'attention_gate={m.attention_gate!r} (no exported HF family has an output gate)')
   if m.get('attention_sinks', False):
     refuse('attention_sinks=True (no exported HF family has sink logits)')
+  if m.get('attention_type', 'standard') == 'mla':
+    hf = _deepseek_v3_to_hf(m, refuse)
+    return 'deepseek_v3', hf
   if m.get('attention_type', 'standard') != 'standard':
     refuse(f'attention_type={m.attention_type!r} (no exported HF family has it yet)')
   if 'L' in (m.get('layer_pattern', '') or ''):
@@ -703,6 +844,80 @@ def model_config_to_hf(m, decoder=None):
   hf['model_type'] = family
   hf['architectures'] = [ARCHITECTURES[family]]
   return family, hf
+
+
+def _deepseek_v3_to_hf(m, refuse):
+  """The DeepseekV3 config dict of an MLA model (attention_type='mla').
+
+  DeepSeek-V3's layout only: RMSNorm pre-norm, RoPE, gated MLPs without
+  biases, and a sigmoid-routed MoE in every layer from moe_first_dense_layers
+  on, with at least one shared expert. The rope columns are written in
+  DeepSeek's interleaved order (`rope_interleave=True`). MTP modules
+  (`mtp_depth`) are not exported: transformers' DeepseekV3ForCausalLM does not
+  run them (a warning says so)."""
+  if m.position != 'rope' or m.norm_type != 'rmsnorm' or m.norm_position != 'pre':
+    refuse(f"attention_type='mla' with position={m.position!r}, norm_type={m.norm_type!r}, "
+           f'norm_position={m.norm_position!r} (DeepSeek-V3 is rope, rmsnorm, pre)')
+  if not m.mlp_gated or m.use_bias:
+    refuse("attention_type='mla' with mlp_gated=False or use_bias=True (DeepSeek-V3's "
+           'MLPs are gated, without biases)')
+  for field in ('embedding_scale', 'attn_logit_softcap', 'final_logit_softcap',
+                'attn_scale', 'global_layer_interval', 'sliding_window', 'embedding_norm'):
+    if m.get(field) not in (None, False, 0):
+      refuse(f"{field}={m.get(field)!r} with attention_type='mla' (DeepSeek-V3 has none)")
+  if not m.num_experts or m.get('moe_router', 'softmax') != 'sigmoid':
+    refuse(f"attention_type='mla' with num_experts={m.num_experts}, "
+           f"moe_router={m.get('moe_router', 'softmax')!r} (DeepSeek-V3, the exported "
+           "MLA family, has a sigmoid-routed MoE)")
+  if m.moe_layer_interval != 1:
+    refuse(f'moe_layer_interval={m.moe_layer_interval} (DeepSeek-V3: every layer after '
+           'the first dense ones is MoE)')
+  if m.moe_capacity_factor is not None:
+    refuse(f'moe_capacity_factor={m.moe_capacity_factor} (HF experts are dropless)')
+  if not m.num_shared_experts:
+    refuse('num_shared_experts=0 (DeepSeek-V3 always has shared experts)')
+  groups = m.get('moe_num_groups', 1)
+  if m.num_experts // groups < 2:
+    refuse(f'moe_num_groups={groups} with {m.num_experts} experts (transformers scores '
+           'a group by its two best experts: groups need 2 or more)')
+  if m.get('mtp_depth', 0):
+    logging.warning('model.mtp_depth=%d: the MTP modules are not exported '
+                    '(transformers DeepseekV3ForCausalLM does not run them)', m.mtp_depth)
+  act = {'silu': 'silu', 'gelu': 'gelu', 'gelu_tanh': 'gelu_pytorch_tanh', 'relu': 'relu'}
+  hf = {'vocab_size': m.vocab_size, 'tie_word_embeddings': bool(m.tie_embeddings),
+        'dtype': m.param_dtype, 'hidden_size': m.d_model, 'num_hidden_layers': m.num_layers,
+        'num_attention_heads': m.num_heads, 'num_key_value_heads': m.num_heads,
+        'intermediate_size': m.d_ff, 'max_position_embeddings': m.max_seq_len,
+        'rms_norm_eps': m.norm_eps, 'hidden_act': act[m.mlp_activation],
+        'attention_bias': False,
+        'q_lora_rank': m.mla_q_lora_rank or None, 'kv_lora_rank': m.mla_kv_lora_rank,
+        'qk_nope_head_dim': m.mla_qk_nope_head_dim,
+        'qk_rope_head_dim': m.mla_qk_rope_head_dim, 'v_head_dim': m.mla_v_head_dim,
+        'rope_interleave': True,
+        'n_routed_experts': m.num_experts, 'num_experts_per_tok': m.experts_per_token,
+        'n_shared_experts': m.num_shared_experts,
+        'moe_intermediate_size': m.moe_d_ff or m.d_ff,
+        'first_k_dense_replace': m.get('moe_first_dense_layers', 0),
+        'norm_topk_prob': bool(m.moe_renormalize),
+        'routed_scaling_factor': float(m.get('moe_routed_scaling', 1.0)),
+        'n_group': groups, 'topk_group': m.get('moe_topk_groups', 1),
+        'num_nextn_predict_layers': 0,
+        'model_type': 'deepseek_v3', 'architectures': [ARCHITECTURES['deepseek_v3']]}
+  rope = {'rope_type': 'default', 'rope_theta': m.rope_theta}
+  if m.rope_scaling is not None:
+    s = dict(m.rope_scaling)
+    if s['type'] == 'linear':
+      rope.update(rope_type='linear', factor=s['factor'])
+    elif s['type'] == 'llama3':
+      rope.update(rope_type='llama3', factor=s['factor'],
+                  low_freq_factor=s.get('low_freq_factor', 1.0),
+                  high_freq_factor=s.get('high_freq_factor', 4.0),
+                  original_max_position_embeddings=s['original_max_seq_len'])
+    else:
+      refuse(f'rope_scaling.type={s["type"]!r} (the DeepSeek-V3 export writes default, '
+             'linear, llama3)')
+  hf['rope_parameters'] = rope
+  return hf
 
 
 def _alibi_to_hf(m, decoder, hf, refuse):

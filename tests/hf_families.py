@@ -11,6 +11,11 @@ transformers = pytest.importorskip(
 COMMON = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 
+DSV3 = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+            kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+            n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16)
+
 FAMILIES = {
     'llama': lambda: transformers.LlamaConfig(**COMMON, rope_parameters=dict(
         rope_type='llama3', rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
@@ -32,6 +37,21 @@ FAMILIES = {
                                                      num_experts_per_tok=2,
                                                      moe_intermediate_size=16,
                                                      norm_topk_prob=False),
+    # DeepSeek-V3: MLA with query compression, 8 experts in 2 groups (1 kept),
+    # the first layer dense, one shared expert, DeepSeek's interleaved rope.
+    'deepseek_v3': lambda: transformers.DeepseekV3Config(**DSV3, q_lora_rank=24,
+                                                         n_group=2, topk_group=1,
+                                                         first_k_dense_replace=1,
+                                                         n_shared_experts=1),
+    # No query compression, one group, every layer MoE, two shared experts,
+    # unnormalised weights, rope in the half-split layout.
+    'deepseek_v3_noq': lambda: transformers.DeepseekV3Config(**DSV3, q_lora_rank=None,
+                                                             n_group=1, topk_group=1,
+                                                             first_k_dense_replace=0,
+                                                             n_shared_experts=2,
+                                                             norm_topk_prob=False,
+                                                             routed_scaling_factor=1.5,
+                                                             rope_interleave=False),
     # ALiBi families with non-power-of-two head counts (the slopes' second rule).
     'mpt': lambda: transformers.MptConfig(vocab_size=128, d_model=48, n_heads=6, n_layers=2,
                                           max_seq_len=64),
@@ -64,6 +84,10 @@ def make_hf_model(family: str, seed: int = 0, quantize_norms: bool = False, **ov
         p.copy_(torch.randn_like(p))        # router: spread the expert choices
       else:
         p.copy_(torch.randn_like(p) * 0.15)
+    for name, b in model.named_buffers():
+      if name.endswith('e_score_correction_bias'):
+        # DeepSeek-V3's selection bias: large enough to change the choice.
+        b.copy_(torch.randn_like(b) * 0.5)
   return model
 
 

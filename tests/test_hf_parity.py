@@ -85,3 +85,40 @@ def test_alibi_slopes_match_transformers(n):
   mpt = -modeling_mpt.build_mpt_alibi_tensor(n, 2)[:, 0, 0].numpy()
   np.testing.assert_allclose(masking.alibi_slopes(n), bloom, rtol=1e-6, atol=0)
   np.testing.assert_allclose(masking.alibi_slopes(n), mpt, rtol=1e-6, atol=0)
+
+
+def test_deepseek_v3_flags():
+  """DeepSeek-V3's fields land on MLA and the sigmoid group-limited router."""
+  m = hf.hf_to_model_config(hf_families.make_hf_model('deepseek_v3').config.to_dict())[1]
+  assert (m.attention_type, m.mla_q_lora_rank, m.mla_kv_lora_rank, m.mla_qk_nope_head_dim,
+          m.mla_qk_rope_head_dim, m.mla_v_head_dim) == ('mla', 24, 16, 8, 8, 12)
+  assert (m.moe_router, m.num_experts, m.experts_per_token, m.moe_num_groups,
+          m.moe_topk_groups, m.moe_first_dense_layers, m.num_shared_experts, m.moe_d_ff,
+          m.d_ff, m.moe_renormalize, m.moe_routed_scaling, m.mtp_depth) == (
+              'sigmoid', 8, 2, 2, 1, 1, 1, 16, 64, True, 2.5, 0)
+  m = hf.hf_to_model_config(hf_families.make_hf_model('deepseek_v3_noq').config.to_dict())[1]
+  assert (m.mla_q_lora_rank, m.moe_num_groups, m.moe_first_dense_layers,
+          m.num_shared_experts, m.moe_renormalize, m.moe_routed_scaling) == (
+              0, 1, 0, 2, False, 1.5)
+
+
+def test_deepseek_v3_mtp_tensors_are_dropped_with_a_warning(tmp_path, caplog):
+  """A checkpoint with its MTP layer (model.layers.{num_hidden_layers}.*, as
+  DeepSeek's releases) imports without it and computes the same logits."""
+  from safetensors.numpy import load_file, save_file
+  model = hf_families.make_hf_model('deepseek_v3')
+  model.save_pretrained(tmp_path)
+  path = str(tmp_path / 'model.safetensors')
+  tensors = load_file(path)
+  last = model.config.num_hidden_layers - 1
+  for name in [k for k in tensors if k.startswith(f'model.layers.{last}.')]:
+    tensors[name.replace(f'layers.{last}.', f'layers.{last + 1}.')] = tensors[name]
+  tensors[f'model.layers.{last + 1}.eh_proj.weight'] = np.zeros((32, 64), np.float32)
+  save_file(tensors, path, metadata={'format': 'pt'})
+  with caplog.at_level('WARNING'):
+    cfg, decoder = hf.load(str(tmp_path))
+  assert 'multi-token-prediction tensors' in caplog.text
+  assert cfg.model.mtp_depth == 0
+  tokens = hf_families.random_tokens(0, (2, 12))
+  got, _ = decoder(jnp.asarray(tokens))
+  _assert_close(np.asarray(got), hf_families.hf_logits(model, tokens))

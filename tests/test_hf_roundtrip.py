@@ -9,16 +9,21 @@ from safetensors.numpy import load_file
 import configs
 import model as model_lib
 from model import hf
+from model import moe as moe_lib
 from tests import hf_families
 
 transformers = pytest.importorskip(
     'transformers', reason='needs transformers (the Hugging Face reference)')
 
 
-@pytest.mark.parametrize('family', ['llama', 'qwen2', 'gemma2', 'gpt2', 'qwen3_moe',
-                                    'mpt', 'bloom'])
-def test_hf_ablax_hf_is_bitwise_identical(family, tmp_path):
-  model = hf_families.make_hf_model(family, quantize_norms=True)
+# deepseek_v3_noq keeps DeepSeek's interleaved rope here: the export always
+# writes rope_interleave=True, so a half-split checkpoint comes back permuted.
+@pytest.mark.parametrize('family,overrides', [
+    ('llama', {}), ('qwen2', {}), ('gemma2', {}), ('gpt2', {}), ('qwen3_moe', {}),
+    ('mpt', {}), ('bloom', {}), ('deepseek_v3', {}),
+    ('deepseek_v3_noq', {'rope_interleave': True})])
+def test_hf_ablax_hf_is_bitwise_identical(family, overrides, tmp_path):
+  model = hf_families.make_hf_model(family, quantize_norms=True, **overrides)
   model.save_pretrained(tmp_path / 'in')
   cfg, decoder = hf.load(str(tmp_path / 'in'))
   hf.save(cfg, decoder, str(tmp_path / 'out'))
@@ -118,4 +123,52 @@ def test_mpt_export_refuses_layernorm_bias(tmp_path):
   decoder = model_lib.Decoder(cfg.model, rngs=nnx.Rngs(0))
   decoder.blocks[1].mlp_norm.bias.set_value(decoder.blocks[1].mlp_norm.bias[...] + 0.1)
   with pytest.raises(hf.HFError, match='blocks.1.mlp_norm.bias is not zero'):
+    hf.save(cfg, decoder, str(tmp_path))
+
+
+def _dsv3_decoder(overrides=()):
+  cfg = configs.load('configs/deepseek_v3.py:tiny', ['model.vocab_size=128', *overrides])
+  decoder = model_lib.Decoder(cfg.model, rngs=nnx.Rngs(3))
+  rng = np.random.RandomState(0)
+  for path, var in nnx.to_flat_state(nnx.state(decoder, (nnx.Param, moe_lib.ExpertBias))):
+    key = '.'.join(map(str, path))
+    shape = var.get_value().shape
+    if key.endswith('norm.scale'):
+      var.set_value(1.0 + 0.3 * rng.randn(*shape).astype(np.float32))
+    elif key.endswith('mlp.bias'):      # the selection bias: moves the choice
+      var.set_value(0.5 * rng.randn(*shape).astype(np.float32))
+    elif key.endswith('mlp.router'):
+      var.set_value(rng.randn(*shape).astype(np.float32))
+  return cfg, decoder
+
+
+def test_deepseek_v3_preset_exports_to_transformers(tmp_path, caplog):
+  """The MLA + sigmoid-router preset loads as DeepseekV3ForCausalLM with the
+  same logits (interleaved rope columns, selection bias, groups, first dense
+  layer, shared expert); its MTP module is left out with a warning."""
+  cfg, decoder = _dsv3_decoder()
+  with caplog.at_level('WARNING'):
+    hf.save(cfg, decoder, str(tmp_path))
+  assert 'MTP modules are not exported' in caplog.text
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path, attn_implementation='eager').float().eval()
+  assert type(reloaded).__name__ == 'DeepseekV3ForCausalLM'
+  tokens = hf_families.random_tokens(5, (2, 20))
+  want = np.asarray(decoder(jnp.asarray(tokens))[0])
+  got = hf_families.hf_logits(reloaded, tokens)
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.max(np.abs(want)))
+
+
+@pytest.mark.parametrize('overrides,match', [
+    (['model.moe_router="softmax"', 'train.moe_bias_update_rate=0.0'], "moe_router='softmax'"),
+    (['model.num_shared_experts=0'], 'num_shared_experts=0'),
+    (['model.moe_capacity_factor=1.5'], 'moe_capacity_factor=1.5'),
+    (['model.moe_layer_interval=2'], 'moe_layer_interval=2'),
+    (['model.moe_num_groups=16', 'model.moe_topk_groups=4'], 'groups need 2'),
+    (['model.sliding_window=8'], 'sliding_window=8'),
+])
+def test_deepseek_v3_export_refusals(overrides, match, tmp_path):
+  cfg = configs.load('configs/deepseek_v3.py:tiny', overrides)
+  decoder = model_lib.Decoder(cfg.model, rngs=nnx.Rngs(0))
+  with pytest.raises(hf.HFError, match=match):
     hf.save(cfg, decoder, str(tmp_path))

@@ -13,7 +13,8 @@ from flax import nnx
 import configs
 import model
 
-PRESETS = ('gpt2', 'llama', 'mistral', 'mixtral', 'qwen3', 'gemma2', 'mpt', 'deepseek')
+PRESETS = ('gpt2', 'llama', 'mistral', 'mixtral', 'qwen3', 'gemma2', 'mpt', 'deepseek',
+           'deepseek_v3')
 MOE_KEYS = {'moe_aux_loss', 'moe_router_z_loss', 'moe_expert_load', 'moe_layer_loads'}
 
 
