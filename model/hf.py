@@ -732,13 +732,13 @@ def model_config_to_hf(m, decoder=None):
     refuse(f'attention_gate={m.attention_gate!r} (no exported HF family has an output gate)')
   if m.get('attention_sinks', False):
     refuse('attention_sinks=True (no exported HF family has sink logits)')
+  if 'L' in (m.get('layer_pattern', '') or ''):
+    refuse(f'layer_pattern={m.layer_pattern!r} (Gated DeltaNet layers: no exported HF family has them yet)')
   if m.get('attention_type', 'standard') == 'mla':
     hf = _deepseek_v3_to_hf(m, refuse)
     return 'deepseek_v3', hf
   if m.get('attention_type', 'standard') != 'standard':
     refuse(f'attention_type={m.attention_type!r} (no exported HF family has it yet)')
-  if 'L' in (m.get('layer_pattern', '') or ''):
-    refuse(f'layer_pattern={m.layer_pattern!r} (Gated DeltaNet layers: no exported HF family has them yet)')
   if m.get('mtp_depth', 0):
     refuse(f'mtp_depth={m.mtp_depth} (no exported HF family holds MTP modules)')
   if m.num_shared_experts:

@@ -303,7 +303,8 @@ def test_config_refusals_name_the_field(override, names):
 
 
 def test_export_refuses_mla():
-  """Until an HF family has MLA, export says so (sampling: tests/test_sample_mla.py)."""
+  """MLA exports only as DeepSeek-V3, which needs its MoE: a dense MLA model is
+  refused, naming attention_type (tests/test_hf_parity.py has the DeepSeek-V3 export)."""
   from model import hf  # pylint: disable=import-outside-toplevel
   cfg = _cfg()
   with pytest.raises(hf.HFError, match='attention_type'):
