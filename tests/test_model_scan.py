@@ -196,3 +196,19 @@ def test_checkpoint_restores_in_the_other_layout(tmp_path, saved_scanned):
   # as saved); the message names the field.
   with pytest.raises(configs.ConfigError, match='scan_layers'):
     checkpoint_lib.check_config(workdir, run_cfg)
+
+
+def test_hf_export_of_a_scanned_decoder_loads_back(tmp_path):
+  from model import hf  # pylint: disable=import-outside-toplevel
+  cfg = configs.load('configs/gemma2.py:tiny', ['model.vocab_size=64', 'model.num_layers=4',
+                                                'model.sliding_window=3',
+                                                'model.scan_layers=true'])
+  scanned = model.Decoder(cfg.model, rngs=nnx.Rngs(3))
+  hf.save(cfg, scanned, str(tmp_path))
+  loaded_cfg, loaded = hf.load(str(tmp_path))     # unrolled
+  assert loaded.scan_period is None
+  tokens = jax.random.randint(jax.random.key(4), (1, 8), 0, 64)
+  np.testing.assert_allclose(loaded(tokens)[0], scanned(tokens)[0], rtol=1e-5, atol=1e-5)
+  # ... and into the scanned layout again, exactly
+  back = scan_lib.convert(params(loaded), cfg.model, scanned=True)
+  assert_trees_close(back, params(scanned), 0)
