@@ -82,13 +82,14 @@ def activation_rms(decoder, tokens) -> dict:
   rms = lambda x: jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))))
   x = decoder.embed_tokens(tokens, positions)
   out = {'embedding': rms(x), 'attention': 0.0, 'mlp': 0.0}
-  for block in decoder.blocks:
+  blocks = decoder.layers()       # model.scan_layers: sliced out of the stacks
+  for block in blocks:
     a = block.attn(block.attn_norm(x), positions)
     x = x + a.astype(x.dtype)
     f, _ = block._ffn(block.mlp_norm(x))  # pylint: disable=protected-access
     x = x + f.astype(x.dtype)
-    out['attention'] += rms(a) / len(decoder.blocks)
-    out['mlp'] += rms(f) / len(decoder.blocks)
+    out['attention'] += rms(a) / len(blocks)
+    out['mlp'] += rms(f) / len(blocks)
   logits = decoder.logits(x)
   out['logits'] = rms(logits)
   return out, logits
