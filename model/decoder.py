@@ -55,6 +55,7 @@ from model import mup
 from model import norms
 from model import partitioning
 from model import positions as positions_lib
+from model import scan as scan_lib
 
 REMAT_POLICIES = {
     # Keep only the block's inputs; recompute everything in the backward pass.
@@ -216,8 +217,20 @@ class Decoder(nnx.Module):
       self.memory = nnx.Param(
           nnx.initializers.normal(0.02)(rngs.params(), (self.num_memory_tokens, d), pdt),
           logical_axes=(None, 'embed'))
-    self.blocks = nnx.List(
-        [Block(cfg_model, i, rngs=rngs) for i in range(cfg_model.num_layers)])
+    blocks = [Block(cfg_model, i, rngs=rngs) for i in range(cfg_model.num_layers)]
+    self.num_layers = cfg_model.num_layers
+    # model.scan_layers: the blocks after an unrolled prefix, stacked per
+    # position in their repeating group (`model.scan`); built from the
+    # unrolled blocks, so the same seed gives the same weights.
+    self.scan_prefix, self.scan_period = len(blocks), None
+    if cfg_model.get('scan_layers', False):
+      self.scan_prefix, self.scan_period = scan_lib.find_layout(
+          [scan_lib.block_key(b) for b in blocks])
+    self.blocks = nnx.List(blocks[:self.scan_prefix])
+    if self.scan_period is not None:
+      p, start = self.scan_period, self.scan_prefix
+      self.scan_blocks = nnx.List([scan_lib.stack_blocks(blocks[start + j::p])
+                                   for j in range(p)])
     if self.norm_position != 'post':
       self.final_norm = norms.make_norm(cfg_model)
     if not self.tie_embeddings:
@@ -290,7 +303,16 @@ class Decoder(nnx.Module):
   def init_cache(self, batch, length, streaming=None):
     """Empty decoding caches, one per layer, each chosen by its layer, for up to
     `length` tokens per sequence; `streaming` a `model.kv_cache.Streaming`."""
-    return tuple(block.init_cache(batch, length, streaming) for block in self.blocks)
+    return tuple(block.init_cache(batch, length, streaming) for block in self.layers())
+
+  def layers(self) -> list:
+    """Every block in layer order; scanned blocks sliced out of their stacks."""
+    if self.scan_period is None:
+      return list(self.blocks)
+    stacked = [scan_lib.split_stacked(s) for s in self.scan_blocks]
+    groups = (self.num_layers - self.scan_prefix) // self.scan_period
+    return list(self.blocks) + [scan_lib.slice_layer(graphdef, state, g)
+                                for g in range(groups) for graphdef, state in stacked]
 
   def hidden_states(self, tokens, segment_ids=None, positions=None, *, cache=None,
                     chunk=None):
@@ -331,7 +353,10 @@ class Decoder(nnx.Module):
       call = nnx.remat(_call_block, policy=REMAT_POLICIES[self.remat])
     moe_aux = []
     new_cache = []
-    for i, block in enumerate(self.blocks):
+    scanned = self.scan_period is not None
+    # With a cache (decoding) the scanned blocks run unrolled, one slice each.
+    blocks = self.layers() if scanned and cache is not None else self.blocks
+    for i, block in enumerate(blocks):
       with jax.named_scope(f'layer_{i}'):
         if cache is None:
           x, aux = call(block, x, positions, segment_ids)
@@ -342,7 +367,19 @@ class Decoder(nnx.Module):
       if aux:
         moe_aux.append(aux)
 
-    aux = _moe_aux(moe_aux)
+    count = len(moe_aux)
+    scanned_moe = False
+    if scanned and cache is None:
+      x, stacked_aux = self._scan(x, positions, segment_ids, residual_axes)
+      for a in stacked_aux:
+        if a:
+          moe_aux.append({key: v.sum(0) for key, v in a.items()})
+          count += (self.num_layers - self.scan_prefix) // self.scan_period
+          scanned_moe = True
+    # Each MoE statistic is averaged over the MoE layers; per-layer loads
+    # (the bias update's) only for unrolled layers (configs refuse
+    # train.moe_bias_update_rate with model.scan_layers).
+    aux = _moe_aux(moe_aux, count, layer_loads=not scanned_moe)
     if cache is None:
       return x[:, m:], aux
     return x[:, m:], aux, tuple(new_cache)
@@ -407,11 +444,37 @@ def _default_positions(tokens, segment_ids, positions):
   return positions_lib.segment_positions(segment_ids)
 
 
-def _moe_aux(moe_aux: list[dict]) -> dict:
-  """Each MoE statistic averaged over the MoE layers, plus every layer's own
-  load [L, E] (`moe_layer_loads`, for the bias update)."""
+def _moe_aux(moe_aux: list[dict], count: int | None = None,
+             layer_loads: bool = True) -> dict:
+  """Each MoE statistic averaged over the `count` MoE layers (default: one
+  per entry; a scanned group's entry sums its layers), plus every layer's own
+  load [L, E] (`moe_layer_loads`, for the bias update) when `layer_loads`."""
   if not moe_aux:
     return {}
-  aux = {key: sum(a[key] for a in moe_aux) / len(moe_aux) for key in moe_aux[0]}
-  aux['moe_layer_loads'] = jnp.stack([a['moe_expert_load'] for a in moe_aux])
+  count = len(moe_aux) if count is None else count
+  aux = {key: sum(a[key] for a in moe_aux) / count for key in moe_aux[0]}
+  if layer_loads:
+    aux['moe_layer_loads'] = jnp.stack([a['moe_expert_load'] for a in moe_aux])
   return aux
+
+
+  def _scan(self, x, positions, segment_ids, residual_axes):
+    """The scanned blocks: one `jax.lax.scan` over the groups, each step the
+    `scan_period` blocks of a group (rematerialised as `model.remat` says).
+    Returns (x, per group position: its aux dict with a leading group axis)."""
+    stacked = [scan_lib.split_stacked(s) for s in self.scan_blocks]
+    graphdefs = [g for g, _ in stacked]
+
+    def body(x, states):
+      auxes = []
+      for j, (graphdef, state) in enumerate(zip(graphdefs, states)):
+        block = scan_lib.merge_layer(graphdef, state)
+        with jax.named_scope(f'scan_{j}'):
+          x, aux = block(x, positions, segment_ids)
+        x = partitioning.constrain(x, residual_axes)
+        auxes.append(aux)
+      return x, auxes
+
+    if self.remat != 'none':
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+    return jax.lax.scan(body, x, [s for _, s in stacked])

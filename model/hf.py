@@ -960,10 +960,25 @@ def _alibi_to_hf(m, decoder, hf, refuse):
   return 'mpt'
 
 
+def _unrolled(m, decoder):
+  """`decoder` with its blocks unrolled (`model.scan_layers`: the per-layer
+  tensors map to the unrolled layout), and its config."""
+  if getattr(decoder, 'scan_period', None) is None:
+    return m, decoder
+  from model import scan as scan_lib  # pylint: disable=g-import-not-at-top
+  m = m.copy_and_resolve_references()
+  params = scan_lib.convert(nnx.to_pure_dict(nnx.state(decoder, nnx.Param)), m,
+                            scanned=False)
+  m.scan_layers = False
+  unrolled = _abstract_decoder(m)
+  nnx.update(unrolled, params)
+  return m, unrolled
+
+
 def save(cfg, decoder, hf_dir: str) -> None:
   """Writes `config.json` + `model.safetensors` that transformers loads."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  m = cfg.model
+  m, decoder = _unrolled(cfg.model, decoder)
   family, hf = model_config_to_hf(m, decoder)
   params = _flat_params(decoder)
   tensors = {}

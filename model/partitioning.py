@@ -9,6 +9,9 @@ stream and then undo it with an all-to-all or a full rematerialisation (the
 Pinning the residual stream to batch sharding is what GSPMD-style trainers
 (MaxText's `activation_*` rules) do as well.
 
+Stacked blocks (`model.scan_layers`, `model.scan`) carry the logical name
+`layers` on their leading axis; the trainer maps it to no mesh axis.
+
 The model does not know the mesh: the trainer maps names to shardings
 (`train.sharding`) and installs that mapping with `constrain_with(fn, mesh)`
 inside the function it jits (`jax.jit` caches traces without looking at this

@@ -55,6 +55,7 @@ WorkdirLock = workdir_lib.WorkdirLock
 config_json = workdir_lib.config_json
 write_config = workdir_lib.write_config
 restore_params = workdir_lib.restore_params
+restore_params_in_layout = workdir_lib.restore_params_in_layout
 mark_start_failed = workdir_lib.mark_start_failed
 clear_start_failed = workdir_lib.clear_start_failed
 
@@ -62,6 +63,12 @@ clear_start_failed = workdir_lib.clear_start_failed
 # parameters: a run may resume with other values (a warning says so).
 RUNTIME_MODEL_FIELDS = ('attention_impl', 'attention_block_q', 'attention_block_kv',
                         'remat', 'dtype', 'moe_dispatch', 'context_parallel')
+
+
+# Model fields that change the parameters' layout, not their values: a resume
+# with another value is refused (the optimizer state has the saved layout),
+# but `train.init_checkpoint` converts the parameters (`model.scan`).
+LAYOUT_MODEL_FIELDS = ('scan_layers',)
 
 
 def _resolved_model(fields: dict) -> dict:
@@ -358,6 +365,8 @@ def load_init_params(cfg, step_dir: str, init_workdir: str, abstract_state, *,
     saved, shape, runtime = _saved_differences(init_workdir, cfg)
   except configs.ConfigError as e:
     raise configs.ConfigError(f'{field}: {e}') from None
+  layout = tuple(f'model.{name}:' for name in LAYOUT_MODEL_FIELDS)
+  shape = [line for line in shape if not line.startswith(layout)]
   if shape:
     raise configs.ConfigError(
         f'{field}: {init_workdir} holds a different model; differing fields:\n  '
@@ -373,5 +382,14 @@ def load_init_params(cfg, step_dir: str, init_workdir: str, abstract_state, *,
   # An empty model_state (the decoder's) has nothing to read.
   keys = ['params'] + (['model_state'] if jax.tree.leaves(abstract_state['model_state'])
                        else [])
+  saved_scan = saved.get('model', {}).get('scan_layers', False)
+  if bool(saved_scan) != bool(cfg.model.get('scan_layers', False)):
+    params, _ = workdir_lib.restore_params_in_layout(
+        step_dir, cfg.model, saved_scan, abstract_state['params'])
+    keys.remove('params')
+    if not keys:
+      return params, abstract_state['model_state']
+    restored, _ = workdir_lib.restore(step_dir, {k: abstract_state[k] for k in keys})
+    return params, restored['model_state']
   restored, _ = workdir_lib.restore(step_dir, {k: abstract_state[k] for k in keys})
   return restored['params'], restored.get('model_state', abstract_state['model_state'])

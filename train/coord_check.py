@@ -121,6 +121,10 @@ def check_supported(cfg) -> None:
         'train.coord_check walks pre-norm decoders without memory tokens: set '
         f'model.norm_position=pre (now {cfg.model.norm_position!r}) and '
         f'model.num_memory_tokens=0 (now {cfg.model.num_memory_tokens})')
+  if cfg.model.get('scan_layers', False):
+    raise configs.ConfigError(
+        'train.coord_check records each block of an unrolled decoder: set '
+        'model.scan_layers=False (a performance switch; the same weights and losses)')
 
 
 def run_width(cfg, batches, steps: int) -> list[dict]:

@@ -137,7 +137,7 @@ def _is_lookup(path, axes, ndim):
 def _is_bias(path, axes, ndim):
   # Vectors, per-head (heads, head_dim) and per-expert (experts, embed|mlp) biases:
   # nothing that maps the model width to another space.
-  others = [a for a in axes if a not in ('embed', 'experts')]
+  others = [a for a in axes if a not in ('embed', 'experts', 'layers')]
   return ndim < 2 or 'embed' not in axes or not others
 
 
@@ -264,7 +264,7 @@ def muon_dims(logical_axes, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]
   orthogonalised as the one d_model x (heads * head_dim) matrix it is.
   """
   axes = tuple(logical_axes) if logical_axes is not None else (None,) * ndim
-  batch = tuple(i for i, a in enumerate(axes) if a == 'experts')
+  batch = tuple(i for i, a in enumerate(axes) if a in ('experts', 'layers'))
   rest = [i for i in range(ndim) if i not in batch]
   if 'embed' in axes and axes.index('embed') == rest[-1] and len(rest) > 1:
     return batch, tuple(rest[:-1]), (rest[-1],)

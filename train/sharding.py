@@ -47,6 +47,9 @@ RULES: dict[str, tuple[str, ...] | None] = {
     'mlp': ('tensor',),
     'experts': ('expert',),
     'norm': None,
+    # The stacked blocks' leading axis (model.scan_layers): every device holds
+    # every layer's slice of its shard, so the scan reads locally.
+    'layers': None,
 }
 
 

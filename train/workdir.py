@@ -209,6 +209,33 @@ def restore_params(path: str, abstract_params, step: int | None = None):
   return restored['params'], at
 
 
+def restore_params_in_layout(path: str, cfg_model, saved_scan_layers: bool,
+                             abstract_params, step: int | None = None):
+  """(params, step) like `restore_params`, from a checkpoint saved with
+  `model.scan_layers=saved_scan_layers` into the layout of `cfg_model`
+  (`abstract_params` is in that layout): the tree is converted exactly
+  between the unrolled and the scanned layouts (`model.scan`)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  import model as model_lib  # pylint: disable=g-import-not-at-top
+  from model import scan as scan_lib  # pylint: disable=g-import-not-at-top
+  scanned = bool(cfg_model.get('scan_layers', False))
+  if bool(saved_scan_layers) == scanned:
+    return restore_params(path, abstract_params, step)
+  saved_model = cfg_model.copy_and_resolve_references()
+  saved_model.scan_layers = bool(saved_scan_layers)
+  leaf = jax.tree.leaves(abstract_params)[0]
+  mesh = leaf.sharding.mesh
+  _, saved_abstract, _ = abstract_model_state(
+      lambda: model_lib.Decoder(saved_model, rngs=nnx.Rngs(0)), mesh)
+  restored, at = restore_params(path, saved_abstract['params'], step)
+  pure = scan_lib.convert(nnx.to_pure_dict(restored), cfg_model, scanned=scanned)
+  params = jax.tree.map(lambda x: x, abstract_params)
+  nnx.replace_by_pure_dict(params, pure)
+  params = jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), params, abstract_params)
+  return params, at
+
+
 def abstract_model_state(model_fn, mesh):
   """(graphdef, abstract {'params', 'model_state'}, their shardings) of the
   model `model_fn()` builds, placed by the sharding rules on `mesh`; built
