@@ -434,6 +434,27 @@ class Decoder(nnx.Module):
       layer.update_bias(load, rate)
 
 
+  def _scan(self, x, positions, segment_ids, residual_axes):
+    """The scanned blocks: one `jax.lax.scan` over the groups, each step the
+    `scan_period` blocks of a group (rematerialised as `model.remat` says).
+    Returns (x, per group position: its aux dict with a leading group axis)."""
+    stacked = [scan_lib.split_stacked(s) for s in self.scan_blocks]
+    graphdefs = [g for g, _ in stacked]
+
+    def body(x, states):
+      auxes = []
+      for j, (graphdef, state) in enumerate(zip(graphdefs, states)):
+        block = scan_lib.merge_layer(graphdef, state)
+        with jax.named_scope(f'scan_{j}'):
+          x, aux = block(x, positions, segment_ids)
+        x = partitioning.constrain(x, residual_axes)
+        auxes.append(aux)
+      return x, auxes
+
+    if self.remat != 'none':
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+    return jax.lax.scan(body, x, [s for _, s in stacked])
+
 def _default_positions(tokens, segment_ids, positions):
   """0, 1, ... per row, or per document with `segment_ids`, unless given."""
   if positions is not None:
@@ -456,25 +477,3 @@ def _moe_aux(moe_aux: list[dict], count: int | None = None,
   if layer_loads:
     aux['moe_layer_loads'] = jnp.stack([a['moe_expert_load'] for a in moe_aux])
   return aux
-
-
-  def _scan(self, x, positions, segment_ids, residual_axes):
-    """The scanned blocks: one `jax.lax.scan` over the groups, each step the
-    `scan_period` blocks of a group (rematerialised as `model.remat` says).
-    Returns (x, per group position: its aux dict with a leading group axis)."""
-    stacked = [scan_lib.split_stacked(s) for s in self.scan_blocks]
-    graphdefs = [g for g, _ in stacked]
-
-    def body(x, states):
-      auxes = []
-      for j, (graphdef, state) in enumerate(zip(graphdefs, states)):
-        block = scan_lib.merge_layer(graphdef, state)
-        with jax.named_scope(f'scan_{j}'):
-          x, aux = block(x, positions, segment_ids)
-        x = partitioning.constrain(x, residual_axes)
-        auxes.append(aux)
-      return x, auxes
-
-    if self.remat != 'none':
-      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-    return jax.lax.scan(body, x, [s for _, s in stacked])
