@@ -26,8 +26,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHI2_CRITICAL_0_001 = {4: 18.467, 7: 24.322}
 
 
-def _decoder(overrides, seed=1, scale=8.0):
-  cfg = configs.load('configs/llama.py:tiny', [
+def _decoder(overrides, seed=1, scale=8.0, spec='configs/llama.py:tiny'):
+  cfg = configs.load(spec, [
       'model.vocab_size=64', 'model.d_model=32', 'model.num_heads=4', 'model.d_ff=64',
       'model.max_seq_len=64', 'train.seq_len=16'] + overrides)
   decoder = model_lib.Decoder(cfg.model, rngs=nnx.Rngs(seed))
@@ -38,9 +38,11 @@ def _decoder(overrides, seed=1, scale=8.0):
   return cfg, decoder
 
 
-@pytest.mark.parametrize('depth', [1, 2])
-def test_greedy_speculative_is_token_identical_to_plain_greedy(depth):
-  cfg, decoder = _decoder([f'model.mtp_depth={depth}'])
+@pytest.mark.parametrize('depth,spec', [(1, 'configs/llama.py:tiny'),
+                                        (2, 'configs/llama.py:tiny'),
+                                        (1, 'configs/deepseek.py:tiny')])   # MLA + MoE
+def test_greedy_speculative_is_token_identical_to_plain_greedy(depth, spec):
+  cfg, decoder = _decoder([f'model.mtp_depth={depth}'], spec=spec)
   rng = np.random.default_rng(depth)
   drafted = accepted = 0
   for n in range(6):
