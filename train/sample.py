@@ -2,7 +2,7 @@
 
     python -m train.sample --workdir DIR --prompt TEXT [--prompt TEXT ...]
         [--max_new_tokens N --temperature T --top_k K --top_p P --seed S
-         --streaming_sinks N --streaming_window W --stats]
+         --streaming_sinks N --streaming_window W --speculative --stats]
 
 Continues each prompt with the newest checkpoint of a training workdir (or of
 one made by `python -m model.hf import`), tokenized with the run's tokenizer.
@@ -39,6 +39,20 @@ then fed token by token, so it is streamed exactly as a generated text.
 `--stats` prints the cache's bytes per token (summed over layers, in the
 cache dtype: `model.cache_numbers_per_token` x layers x bytes), its total for
 the run and the decode tokens/s (`cache_stats`, `stats_lines`).
+
+Self-speculative decoding (`--speculative`, `generate_speculative`; one
+prompt, no streaming, no window layers shorter than the run): the model's
+MTP modules (model.mtp_depth = D, `model.mtp`) draft D tokens after the
+last accepted one, module k chaining on module k-1's hidden state and the
+token drafted before; one cached forward of the main model over D + 1 new
+columns (a multi-token chunk attending over the cache and itself by token
+index) verifies them. Greedy keeps the longest prefix equal to the main
+model's argmax, then its argmax (token-identical to plain greedy); with
+temperature > 0, Leviathan et al. 2023's rule (`speculative_accept`) keeps
+the main model's distribution. Rejected columns leave the cache
+(`KVCache.truncate`). The MTP blocks keep no cache: each round reruns them
+over the sequence so far (exact; D block passes per round). `--stats` then
+adds the acceptance rate and tokens per main-model forward.
 
 Decoding: greedy (temperature 0), or temperature sampling restricted to the
 top-k tokens and/or the top-p nucleus (Holtzman et al. 2019). Generation
