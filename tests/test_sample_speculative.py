@@ -147,6 +147,9 @@ def test_refusals():
     sample.generate(decoder, cfg.model, [[1, 2], [3]], speculative=True)
   with pytest.raises(UserError, match='streaming'):
     sample.generate(decoder, cfg.model, [[1, 2]], speculative=True, streaming_sinks=1)
+  cfg, decoder = _decoder(['model.mtp_depth=1', 'model.sliding_window=4'])
+  with pytest.raises(UserError, match='sliding-window'):
+    sample.generate(decoder, cfg.model, [[1, 2]], max_new_tokens=8, speculative=True)
 
 
 def test_stats_line_is_consistent_with_the_counts():
