@@ -101,6 +101,11 @@ class Chunk:
   prefill: the first call, from an empty cache: the decoder prepends its
     memory tokens and each layer attends over the chunk itself (the training
     path, any `attention_impl`). Later calls attend over the cache.
+    A later chunk may hold several new columns per row (speculative
+    decoding's verification): each attends over the cache and the chunk's
+    earlier columns by token index, causally. On a global ring that is exact;
+    a rolling ring smaller than the chunk's span would lose keys a column
+    still needs, so speculative decoding refuses window layers.
   """
   tokens: jax.Array
   prefill: bool = struct.field(pytree_node=False, default=False)
@@ -164,6 +169,12 @@ class _RingSlots:
     kv_idx = jnp.where(is_memory, slots, m + kv_pos)
     kv_seg = (is_memory | (self.index >= 0)).astype(jnp.int32)
     return q_idx, kv_idx, kv_seg, kv_pos
+
+  def truncate(self, seen):
+    """The cache with the slots of token indices >= seen [b] marked empty (-1):
+    speculative decoding's rollback of rejected draft tokens. Memory slots
+    (index 0) stay; the buffers keep their stale numbers, never read again."""
+    return self.replace(index=jnp.where(self.index >= seen[:, None], -1, self.index))
 
   def data_bytes(self) -> int:
     """Bytes of the cached numbers (not the slots' token indices)."""

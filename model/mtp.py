@@ -16,8 +16,10 @@ projection shared, and a block built from the same flags as the decoder's
 paper's equation 21. Positions i + k past the row's end have no token: the
 decoder feeds a 0 there and the loss masks those targets (train/step.py).
 
-The modules are used by the training loss only: `Decoder.__call__` and
-sampling never run them.
+The training loss runs them; `Decoder.__call__` never does. Sampling runs
+them only as the draft of self-speculative decoding (`python -m train.sample
+--speculative`, `train.sample.generate_speculative`), recomputed over the
+sequence so far without a cache.
 """
 
 import jax

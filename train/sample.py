@@ -2,7 +2,7 @@
 
     python -m train.sample --workdir DIR --prompt TEXT [--prompt TEXT ...]
         [--max_new_tokens N --temperature T --top_k K --top_p P --seed S
-         --streaming_sinks N --streaming_window W --stats]
+         --streaming_sinks N --streaming_window W --speculative --stats]
 
 Continues each prompt with the newest checkpoint of a training workdir (or of
 one made by `python -m model.hf import`), tokenized with the run's tokenizer.
@@ -40,6 +40,20 @@ then fed token by token, so it is streamed exactly as a generated text.
 cache dtype: `model.cache_numbers_per_token` x layers x bytes), its total for
 the run and the decode tokens/s (`cache_stats`, `stats_lines`).
 
+Self-speculative decoding (`--speculative`, `generate_speculative`; one
+prompt, no streaming, no window layers shorter than the run): the model's
+MTP modules (model.mtp_depth = D, `model.mtp`) draft D tokens after the
+last accepted one, module k chaining on module k-1's hidden state and the
+token drafted before; one cached forward of the main model over D + 1 new
+columns (a multi-token chunk attending over the cache and itself by token
+index) verifies them. Greedy keeps the longest prefix equal to the main
+model's argmax, then its argmax (token-identical to plain greedy); with
+temperature > 0, Leviathan et al. 2023's rule (`speculative_accept`) keeps
+the main model's distribution. Rejected columns leave the cache
+(`KVCache.truncate`). The MTP blocks keep no cache: each round reruns them
+over the sequence so far (exact; D block passes per round). `--stats` then
+adds the acceptance rate and tokens per main-model forward.
+
 Decoding: greedy (temperature 0), or temperature sampling restricted to the
 top-k tokens and/or the top-p nucleus (Holtzman et al. 2019). Generation
 stops at EOS or after `max_new_tokens`; tokens are streamed to a callback
@@ -60,6 +74,7 @@ from configs import errors
 from configs.errors import UserError
 from model import decoder as decoder_lib
 from model import kv_cache
+from model import mtp as mtp_lib
 
 Ring = kv_cache.Ring
 Streaming = kv_cache.Streaming
@@ -74,6 +89,9 @@ class Generation(NamedTuple):
                         # `LatentCache` for MLA)
   decode_tokens: int    # tokens timed in decode_seconds (batch x steps after the first)
   decode_seconds: float  # wall time of those decode steps (the first, compiled, not counted)
+  drafted: int = 0       # speculative: draft tokens proposed by the MTP modules
+  accepted: int = 0      # speculative: of those, accepted by the main model
+  forwards: int = 0      # speculative: main-model forwards (the prefill included)
 
 
 class CacheStats(NamedTuple):
@@ -123,6 +141,13 @@ def sample_logits(logits, rng, temperature=0.0, top_k=0, top_p=1.0):
   """Next tokens int32 [b] from logits [b, vocab]."""
   if temperature <= 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = filtered_logits(logits, temperature, top_k, top_p)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def filtered_logits(logits, temperature, top_k=0, top_p=1.0):
+  """float32 logits [b, vocab] of the distribution `sample_logits` draws from
+  (temperature > 0): scaled by 1/T, -inf outside the top-k / top-p set."""
   logits = logits.astype(jnp.float32) / temperature
   if top_k:
     kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
@@ -134,7 +159,7 @@ def sample_logits(logits, rng, temperature=0.0, top_k=0, top_p=1.0):
     keep = cum - jax.nn.softmax(sorted_logits, axis=-1) < top_p
     threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits < threshold, -jnp.inf, logits)
-  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+  return logits
 
 
 def check_sampling(*, max_new_tokens, temperature, top_k, top_p) -> None:
@@ -151,14 +176,24 @@ def check_sampling(*, max_new_tokens, temperature, top_k, top_p) -> None:
 
 def generate(decoder, cfg_model, prompts, *, max_new_tokens=32, temperature=0.0,
              top_k=0, top_p=1.0, eos_id=None, seed=0, callback=None,
-             streaming_sinks=None, streaming_window=None, full_output=False):
+             streaming_sinks=None, streaming_window=None, full_output=False,
+             speculative=False):
   """Continues each prompt (a list of token ids); returns the new token lists.
 
   callback(step, tokens [b]) is called with each generated token as it comes.
   streaming_sinks=N (N >= 0) turns on StreamingLLM mode with a window of
   `streaming_window` tokens (see the module docstring). full_output=True
   returns a `Generation` (tokens, the logits of every step, the final cache).
+  speculative=True: self-speculative decoding with the MTP modules
+  (`generate_speculative`; one prompt, no streaming).
   """
+  if speculative:
+    if streaming_sinks is not None or streaming_window is not None:
+      raise UserError('--speculative with --streaming_sinks is not supported: drop one of them')
+    return generate_speculative(
+        decoder, cfg_model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_k=top_k, top_p=top_p, eos_id=eos_id, seed=seed, callback=callback,
+        full_output=full_output)
   check_sampling(max_new_tokens=max_new_tokens, temperature=temperature,
                  top_k=top_k, top_p=top_p)
   streaming = streaming_config(cfg_model, streaming_sinks, streaming_window)
@@ -243,6 +278,222 @@ def generate(decoder, cfg_model, prompts, *, max_new_tokens=32, temperature=0.0,
   return out
 
 
+def speculative_accept(p, q, drafts, rng):
+  """Leviathan et al. 2023's rejection rule for one row.
+
+  p: float [D+1, vocab], the main model's probabilities at the D draft
+  positions and one past them; q: float [D, vocab], the draft's; drafts:
+  int [D], drawn from q. Draft k is accepted with probability
+  min(1, p_k(x)/q_k(x)); at the first rejection the token comes from
+  norm(max(0, p_k - q_k)); if all are accepted, from p_D. Returns
+  (n accepted, the next token): the emitted tokens drafts[:n] + [next] are
+  distributed as the main model's own samples. rng: a `np.random.Generator`.
+  """
+  p = np.asarray(p, np.float64)
+  q = np.asarray(q, np.float64)
+  vocab = p.shape[-1]
+  for k, x in enumerate(np.asarray(drafts)):
+    if rng.random() * q[k, x] < p[k, x]:       # u < p/q, without dividing by 0
+      continue
+    residual = np.maximum(p[k] - q[k], 0.0)
+    total = residual.sum()
+    residual = residual / total if total > 0 else p[k]
+    return k, int(rng.choice(vocab, p=residual))
+  return len(drafts), int(rng.choice(vocab, p=p[len(drafts)] / p[len(drafts)].sum()))
+
+
+def greedy_accept(p_logits, drafts):
+  """Greedy verification: (n, next) with n the longest prefix of drafts equal to
+  the main model's argmax at their positions, next the argmax after it."""
+  best = np.argmax(np.asarray(p_logits), axis=-1)
+  n = 0
+  while n < len(drafts) and drafts[n] == best[n]:
+    n += 1
+  return n, int(best[n])
+
+
+def _softmax64(logits):
+  x = np.asarray(logits, np.float64)
+  x = np.exp(x - x.max(axis=-1, keepdims=True))
+  return x / x.sum(axis=-1, keepdims=True)
+
+
+def check_speculative(cfg_model, batch: int, length: int, streaming_sinks=None):
+  """Refuses what self-speculative decoding does not handle (UserError)."""
+  depth = cfg_model.get('mtp_depth', 0)
+  if not depth:
+    raise UserError('--speculative drafts with the model\'s MTP modules, and this model has '
+                    'none (model.mtp_depth=0): train with --config.model.mtp_depth=D '
+                    '(and train.mtp_loss_weight > 0), or drop --speculative')
+  if batch != 1:
+    raise UserError(f'--speculative decodes one prompt at a time; got {batch} --prompt flags')
+  if streaming_sinks is not None:
+    raise UserError('--speculative with --streaming_sinks is not supported: drop one of them')
+  window = cfg_model.sliding_window
+  if window and window < length and not all(
+      decoder_lib.is_global_layer(cfg_model, i) for i in range(cfg_model.num_layers)):
+    raise UserError(f'--speculative with sliding-window layers (model.sliding_window={window} '
+                    f'< prompt + max_new_tokens + mtp_depth = {length}) is not supported: '
+                    'their rolling caches cannot take a multi-token verification chunk')
+
+
+@functools.lru_cache(maxsize=8)
+def _speculative_fns(graphdef, temperature, top_k, top_p):
+  """The jitted steps of `generate_speculative`, kept across calls (tests and
+  repeated prompts reuse the compilations)."""
+  greedy = temperature <= 0
+  filt = functools.partial(filtered_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+
+  @functools.partial(jax.jit, donate_argnums=(1,))
+  def prefill(state, cache, tokens):
+    model = nnx.merge(graphdef, state)
+    index = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    chunk = kv_cache.Chunk(index, prefill=True)
+    x, _, cache = model.hidden_states(tokens, None, index, cache=cache, chunk=chunk)
+    return model.logits(x[:, -1:])[:, 0], x, cache
+
+  @functools.partial(jax.jit, donate_argnums=(1,))
+  def verify(state, cache, tokens, start):
+    """tokens [1, D+1] at token indices start.. -> (logits [D+1, vocab], x, cache)."""
+    model = nnx.merge(graphdef, state)
+    index = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    chunk = kv_cache.Chunk(index)
+    x, _, cache = model.hidden_states(tokens, None, index, cache=cache, chunk=chunk)
+    return model.logits(x)[0], x, cache
+
+  @jax.jit
+  def draft(state, hidden, tokens, i, key):
+    """MTP drafts after position i: hidden [1, L, d] main states (valid up to
+    i), tokens [1, L] (valid up to i + 1) -> (drafts [D], draft logits [D, vocab])."""
+    model = nnx.merge(graphdef, state)
+    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    h = hidden
+    drafts, logits = [], []
+    for k, module in enumerate(model.mtp, start=1):
+      emb = model.embed_tokens(mtp_lib.shift_left(tokens, k), positions)
+      h, _ = module(h, emb, positions)
+      row = model.mtp_logits(k, jax.lax.dynamic_slice_in_dim(h, i, 1, axis=1))[:, 0]
+      if greedy:
+        x = jnp.argmax(row, axis=-1).astype(jnp.int32)
+      else:
+        key, sub = jax.random.split(key)
+        row = filt(row)
+        x = jax.random.categorical(sub, row, axis=-1).astype(jnp.int32)
+      tokens = jax.lax.dynamic_update_slice_in_dim(tokens, x[:, None], i + k + 1, axis=1)
+      drafts.append(x[0])
+      logits.append(row[0])
+    return jnp.stack(drafts), jnp.stack(logits)
+
+  rollback = jax.jit(lambda cache, seen: tuple(layer.truncate(seen) for layer in cache),
+                     donate_argnums=(0,))
+  pick = jax.jit(functools.partial(
+      sample_logits, temperature=temperature, top_k=top_k, top_p=top_p))
+  main_filter = jax.jit(filt)
+
+  return prefill, verify, draft, rollback, pick, main_filter
+
+
+def generate_speculative(decoder, cfg_model, prompts, *, max_new_tokens=32, temperature=0.0,
+                         top_k=0, top_p=1.0, eos_id=None, seed=0, callback=None,
+                         full_output=False, draft_fn=None):
+  """Self-speculative decoding of one prompt with the model's MTP modules.
+
+  Each round the D = model.mtp_depth modules draft D tokens after the last
+  accepted one (module k chains on module k-1's hidden state and the
+  embedding of the token drafted before), and one cached forward of the
+  main model over D + 1 new columns (the pending token and the drafts)
+  verifies them: greedy keeps the longest prefix equal to the main model's
+  argmax, temperature > 0 uses `speculative_accept`. Rejected columns are
+  dropped from the cache (`truncate`). The output is that of `generate`:
+  token-identical when greedy, the same distribution otherwise.
+
+  The MTP blocks have no cache: each round reruns them over the whole
+  sequence so far (right-padded to a fixed length, causal), which is exact
+  and simple, and costs D block passes over the sequence per round.
+  draft_fn (tests): replaces the MTP draft, called as
+  draft_fn(sequence so far (list), D) -> D tokens (greedy only).
+  """
+  check_sampling(max_new_tokens=max_new_tokens, temperature=temperature,
+                 top_k=top_k, top_p=top_p)
+  depth = cfg_model.get('mtp_depth', 0)
+  t = len(prompts[0]) if prompts else 0
+  length = t + max_new_tokens + depth + 1
+  check_speculative(cfg_model, len(prompts), length)
+  if t < 1:
+    raise ValueError('every prompt needs at least one token (e.g. BOS)')
+  if cfg_model.position == 'learned' and length - 1 > cfg_model.max_seq_len:
+    raise ValueError(
+        f'prompt ({t}) + max_new_tokens ({max_new_tokens}) + mtp_depth ({depth}) needs '
+        f'learned positions past model.max_seq_len={cfg_model.max_seq_len}')
+  greedy = temperature <= 0
+  cache = decoder.init_cache(1, length)
+  graphdef, state = nnx.split(decoder)
+  prefill, verify, draft, rollback, pick, main_filter = _speculative_fns(
+      graphdef, temperature, top_k, top_p)
+  seq = list(prompts[0])
+  logits, x, cache = prefill(state, cache, jnp.asarray([seq], jnp.int32))
+  hidden = jnp.zeros((1, length, cfg_model.d_model), x.dtype).at[:, :t].set(x)
+  key = jax.random.PRNGKey(seed)
+  rng = np.random.default_rng(seed)
+  key, sub = jax.random.split(key)
+  pending = int(np.asarray(pick(logits, sub))[0])
+  out, all_logits = [pending], [np.asarray(logits[0], np.float32)]
+  i = t - 1                # the last position whose main hidden state is known
+  drafted = accepted = 0
+  forwards = 1
+  timed_from = timed_tokens = None
+
+  def emit(tokens):
+    for tok in tokens:
+      if len(out) >= max_new_tokens or (eos_id is not None and out[-1] == eos_id):
+        return
+      out.append(tok)
+      if callback is not None:
+        callback(len(out) - 1, np.asarray([tok], np.int32))
+
+  if callback is not None:
+    callback(0, np.asarray([pending], np.int32))
+  while len(out) < max_new_tokens and not (eos_id is not None and out[-1] == eos_id):
+    if forwards == 2:                # the first round (compilation) is done
+      timed_from, timed_tokens = time.perf_counter(), len(out)
+    buf = np.zeros((1, length), np.int32)
+    buf[0, :i + 2] = seq + [pending]
+    key, sub = jax.random.split(key)
+    if draft_fn is not None:
+      drafts = np.asarray(draft_fn(seq + [pending], depth), np.int32)
+      q_logits = None
+    else:
+      drafts, q_logits = draft(state, hidden, jnp.asarray(buf), i, sub)
+      drafts = np.asarray(drafts)
+    chunk = jnp.asarray([[pending] + drafts.tolist()], jnp.int32)
+    p_logits, x, cache = verify(state, cache, chunk, jnp.int32(i + 1))
+    forwards += 1
+    hidden = jax.lax.dynamic_update_slice_in_dim(hidden, x, i + 1, axis=1)
+    if greedy:
+      n, nxt = greedy_accept(p_logits, drafts)
+    else:
+      p = _softmax64(main_filter(p_logits))
+      q = _softmax64(q_logits)
+      n, nxt = speculative_accept(p, q, drafts, rng)
+    drafted += depth
+    accepted += n
+    cache = rollback(cache, jnp.asarray([i + 2 + n], jnp.int32))
+    seq = seq + [pending] + drafts[:n].tolist()
+    i += n + 1
+    before = len(out)
+    emit(drafts[:n].tolist() + [nxt])
+    p_host = np.asarray(p_logits, np.float32)
+    all_logits.extend(p_host[k] for k in range(len(out) - before))
+    pending = nxt
+  gen_tokens = [out]
+  if full_output:
+    seconds = 0.0 if timed_from is None else time.perf_counter() - timed_from
+    timed = 0 if timed_from is None else len(out) - timed_tokens
+    return Generation(gen_tokens, np.stack(all_logits)[None], cache, timed, seconds,
+                      drafted, accepted, forwards)
+  return gen_tokens
+
+
 def define_flags():
   """The command line's flags (absl), defined only when run as a program."""
   from absl import flags  # pylint: disable=g-import-not-at-top
@@ -267,6 +518,11 @@ def define_flags():
   flags.DEFINE_integer('streaming_window', None,
                        'The rolling window of --streaming_sinks (default: '
                        'model.sliding_window, else model.max_seq_len - N).')
+  flags.DEFINE_boolean('speculative', False,
+                       'Self-speculative decoding: the model\'s MTP modules (model.mtp_depth '
+                       '= D) draft D tokens, one forward of the main model verifies them; '
+                       'same output as without (greedy: token for token; sampling: the same '
+                       'distribution, Leviathan et al. 2023). One --prompt, no streaming.')
   flags.DEFINE_boolean('stats', False,
                        'After the text, print the KV cache\'s bytes per token (summed '
                        'over layers, in the cache dtype), its total bytes for this run, '
@@ -295,6 +551,8 @@ def main(argv):
     streaming_config(cfg.model, args.streaming_sinks, args.streaming_window)
   except ValueError as e:
     raise UserError(str(e)) from None
+  if args.speculative:
+    check_speculative(cfg.model, len(args.prompt), 1, args.streaming_sinks)
   tok = tokenizers.get_tokenizer(cfg.data.tokenizer)
   prompts = [tok.encode(p) for p in args.prompt]
   if tok.bos_id is not None:
@@ -312,7 +570,8 @@ def main(argv):
                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                  eos_id=tok.eos_id, seed=args.seed, callback=show,
                  streaming_sinks=args.streaming_sinks,
-                 streaming_window=args.streaming_window, full_output=args.stats)
+                 streaming_window=args.streaming_window, full_output=args.stats,
+                 speculative=args.speculative)
   gen = out if args.stats else None
   if args.stats:
     out = gen.tokens
@@ -339,6 +598,12 @@ def stats_lines(cfg_model, gen: Generation) -> str:
                  f'({gen.decode_tokens} tokens in {gen.decode_seconds:.3f} s, batch {rows})')
   else:
     lines.append('decode: not timed (needs --max_new_tokens >= 3: the first step compiles)')
+  if gen.forwards:
+    rate = gen.accepted / gen.drafted if gen.drafted else 0.0
+    new = len(gen.tokens[0])
+    lines.append(f'speculative: acceptance rate {rate:.3f} ({gen.accepted} of {gen.drafted} '
+                 f'draft tokens); {new / gen.forwards:.2f} tokens per main-model forward '
+                 f'({new} tokens in {gen.forwards} forwards, the prefill included)')
   return '\n'.join(lines)
 
 
