@@ -35,7 +35,8 @@ i >= moe_first_dense_layers and (i + 1) % moe_layer_interval == 0.
 
 Multi-token prediction (`model.mtp_depth`, model/mtp.py): the modules live
 here and run only through `mtp_hidden_states` / `mtp_logits`, which the
-training loss calls; the plain call ignores them. `update_router_biases`
+training loss and `train.sample --speculative` (their drafts) call; the
+plain call ignores them. `update_router_biases`
 moves the MoE layers' aux-loss-free selection biases (train/step.py calls it
 after the optimizer step).
 """
@@ -384,7 +385,7 @@ class Decoder(nnx.Module):
       return x[:, m:], aux
     return x[:, m:], aux, tuple(new_cache)
 
-  # -- multi-token prediction (training only) -------------------------------
+  # -- multi-token prediction (the loss; speculative drafts) ----------------
 
   def mtp_hidden_states(self, x, tokens, segment_ids=None, positions=None):
     """The MTP modules on the main hidden states (model/mtp.py).
