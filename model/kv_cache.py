@@ -180,6 +180,10 @@ class _RingSlots:
     """Bytes of the cached numbers (not the slots' token indices)."""
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in self.data())
 
+  def bytes_per_token(self) -> int:
+    """Bytes one more cached token adds (per row)."""
+    return sum(int(np.prod(x.shape[2:])) * x.dtype.itemsize for x in self.data())
+
 
 @struct.dataclass
 class KVCache(_RingSlots):
@@ -257,6 +261,17 @@ class RecurrentCache:
   def empty(cls, batch, heads, dk, dv, conv_width, channels, dtype):
     return cls(jnp.zeros((batch, heads, dk, dv), jnp.float32),
                jnp.zeros((batch, conv_width - 1, channels), dtype))
+
+  def data(self):
+    return (self.state, self.conv)
+
+  def data_bytes(self) -> int:
+    """Bytes of the state and the conv buffer: the same at every length."""
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in self.data())
+
+  def bytes_per_token(self) -> int:
+    """0: the recurrent state does not grow with the sequence."""
+    return 0
 
   def after_prefill(self, state, conv_inputs, chunk: Chunk):
     """The cache after a prefill: its final state and the last conv inputs

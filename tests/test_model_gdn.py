@@ -358,3 +358,21 @@ def test_qwen3_next_preset_builds_and_counts():
   graph, state = nnx.split(decoder)
   logits = jax.jit(lambda t: nnx.merge(graph, state)(t)[0])(jnp.ones((1, 8), jnp.int32))
   assert np.all(np.isfinite(np.asarray(logits)))
+
+
+def test_stats_count_the_recurrent_state_once_whatever_the_length():
+  # --stats: a Gated DeltaNet layer adds nothing per token; its state
+  # (b x heads x dk x dv float32) and conv buffer (b x (width - 1) x q|k|v
+  # channels) are counted once, the same for a short and a long generation.
+  cfg, decoder = _tiny_hybrid('LA')
+  prompts = [[5, 17], [9, 2, 60]]
+  heads, dk, dv = 4, 8, 8                      # gdn defaults: d_model / head_dim heads
+  recurrent = 2 * heads * dk * dv * 4 + 2 * (4 - 1) * heads * (dk + dk + dv) * 4
+  per_token = model_lib.cache_numbers_per_token(cfg.model) * 4     # the one A layer
+  for new in (3, 9):
+    gen = sample.generate(decoder, cfg.model, prompts, max_new_tokens=new, full_output=True)
+    st = sample.cache_stats(gen.cache)
+    slots = gen.cache[1].ring.size
+    assert st.bytes_per_token == per_token
+    assert st.total_bytes == recurrent + 2 * slots * per_token
+    assert f'{recurrent} bytes of recurrent state' in sample.stats_lines(cfg.model, gen)

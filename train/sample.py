@@ -104,8 +104,7 @@ class CacheStats(NamedTuple):
 def cache_stats(cache) -> CacheStats:
   """Bytes per token and in all of a cache (a tuple of layer caches); the slots'
   int32 token indices are bookkeeping and not counted."""
-  per_token = sum(int(np.prod(x.shape[2:])) * x.dtype.itemsize
-                  for layer in cache for x in layer.data())
+  per_token = sum(layer.bytes_per_token() for layer in cache)
   total = sum(layer.data_bytes() for layer in cache)
   return CacheStats(per_token, total, str(cache[0].data()[0].dtype))
 
@@ -588,11 +587,17 @@ def stats_lines(cfg_model, gen: Generation) -> str:
   """The `--stats` report of a `generate(..., full_output=True)` result."""
   st = cache_stats(gen.cache)
   kind = cfg_model.get('attention_type', 'standard')
-  rows = gen.cache[0].index.shape[0]
-  slots = sum(layer.ring.size for layer in gen.cache)
+  rows = gen.cache[0].data()[0].shape[0]
+  rings = [layer for layer in gen.cache if hasattr(layer, 'ring')]
+  recurrent = len(gen.cache) - len(rings)
+  slots = sum(layer.ring.size for layer in rings)
+  where = f'{rows} rows x {slots} slots over the attention layers'
+  if recurrent:
+    state = sum(layer.data_bytes() for layer in gen.cache if not hasattr(layer, 'ring'))
+    where += (f'; {state} bytes of recurrent state and conv buffers in {recurrent} '
+              'Gated DeltaNet layers, constant in the length')
   lines = [f'cache: {st.bytes_per_token} bytes/token ({kind}, {len(gen.cache)} layers, '
-           f'{st.dtype}); {st.total_bytes} bytes in all ({rows} rows x {slots} slots '
-           'over the layers)']
+           f'{st.dtype}); {st.total_bytes} bytes in all ({where})']
   if gen.decode_tokens:
     lines.append(f'decode: {gen.decode_tokens / gen.decode_seconds:.1f} tokens/s '
                  f'({gen.decode_tokens} tokens in {gen.decode_seconds:.3f} s, batch {rows})')
