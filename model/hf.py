@@ -86,7 +86,7 @@ ARCHITECTURES = {
     'gemma2': 'Gemma2ForCausalLM', 'gpt2': 'GPT2LMHeadModel',
     'mixtral': 'MixtralForCausalLM', 'qwen3_moe': 'Qwen3MoeForCausalLM',
     'mpt': 'MptForCausalLM', 'bloom': 'BloomForCausalLM',
-    'deepseek_v3': 'DeepseekV3ForCausalLM',
+    'deepseek_v3': 'DeepseekV3ForCausalLM', 'diffllama': 'DiffLlamaForCausalLM',
 }
 ACTIVATIONS = {'silu': 'silu', 'swish': 'silu', 'gelu': 'gelu', 'relu': 'relu',
                'gelu_new': 'gelu_tanh', 'gelu_pytorch_tanh': 'gelu_tanh',
@@ -231,7 +231,7 @@ def hf_to_model_config(hf: dict):
         raise HFError('llama config.json: attention_bias and mlp_bias must be equal '
                       '(ablax use_bias puts biases on every projection)')
       m.use_bias = bias
-    if family in ('llama', 'mistral', 'mixtral', 'qwen2', 'qwen3', 'qwen3_moe'):
+    if family in ('llama', 'mistral', 'mixtral', 'qwen2', 'qwen3', 'qwen3_moe', 'diffllama'):
       _layer_types(f, m.num_layers, lambda i: 'full_attention'
                    if family not in ('mistral', 'mixtral') or hf.get('sliding_window') is None
                    else 'sliding_attention')
@@ -242,6 +242,8 @@ def hf_to_model_config(hf: dict):
       f.get('sliding_window'), f.get('max_window_layers')
     if family in ('qwen3', 'qwen3_moe'):
       m.qk_norm = True
+    if family == 'diffllama':
+      _diffllama_from_hf(f, m)
     if family == 'gemma2':
       m.norm_position, m.embedding_scale = 'sandwich', True
       m.sliding_window = f.require('sliding_window')
@@ -270,6 +272,21 @@ def hf_to_model_config(hf: dict):
   f.finish()
   configs.validate_model(m)
   return family, m
+
+
+def _diffllama_from_hf(f: _Fields, m):
+  """DiffLlama: Llama with differential attention (model/differential.py).
+
+  Its attention is ablax's layout (q/k/v/o of the usual shapes, the four
+  lambda vectors, the per-head RMSNorm over 2 head_dim without a gain with
+  eps `rms_norm_eps`, lambda_init from the 0-based layer index); its MLP has
+  no biases, and `attention_bias` (biases on q/k/v/o only) is refused above.
+  """
+  m.attention_type = 'differential'
+  f.get('lambda_std_dev')   # the lambda vectors' initialiser only
+  if m.num_kv_heads % 2:
+    raise HFError(f'diffllama config.json: num_key_value_heads={m.num_kv_heads} must be '
+                  'even (DiffLlama splits the key/value heads in two halves)')
 
 
 def _alibi_from_hf(f: _Fields, m):
@@ -567,6 +584,9 @@ def _tensor_map(family, m, rope_interleave=True):
         lambda w: w.reshape(n * h, d).T)
     if m.use_bias and family != 'qwen2':
       add(p + 'attn.bo', q + 'self_attn.o_proj.bias')
+    if family == 'diffllama':
+      for name in ('lambda_q1', 'lambda_k1', 'lambda_q2', 'lambda_k2'):
+        add(p + 'attn.' + name, q + 'self_attn.' + name)
     if m.qk_norm:
       add(p + 'attn.q_norm.scale', q + 'self_attn.q_norm.weight')
       add(p + 'attn.k_norm.scale', q + 'self_attn.k_norm.weight')

@@ -52,6 +52,16 @@ FAMILIES = {
                                                              norm_topk_prob=False,
                                                              routed_scaling_factor=1.5,
                                                              rope_interleave=False),
+    # Differential attention: GQA (4 query heads over 2 key/value heads) with
+    # Llama 3 rope, and MHA with head_dim 16 != hidden/heads, 4 layers (lambda_init
+    # 0.2 .. 0.58) and tied embeddings. make_hf_model draws the lambda vectors
+    # N(0, 0.4^2) so that lambda differs from lambda_init.
+    'diffllama': lambda: transformers.DiffLlamaConfig(**COMMON, rope_parameters=dict(
+        rope_type='llama3', rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
+        high_freq_factor=4.0, original_max_position_embeddings=16)),
+    'diffllama_mha': lambda: transformers.DiffLlamaConfig(
+        **dict(COMMON, num_key_value_heads=4, num_hidden_layers=4), head_dim=16,
+        tie_word_embeddings=True),
     # ALiBi families with non-power-of-two head counts (the slopes' second rule).
     'mpt': lambda: transformers.MptConfig(vocab_size=128, d_model=48, n_heads=6, n_layers=2,
                                           max_seq_len=64),
@@ -80,6 +90,8 @@ def make_hf_model(family: str, seed: int = 0, quantize_norms: bool = False, **ov
         if quantize_norms:
           w = torch.round(w * 256) / 256
         p.copy_(w)
+      elif '.lambda_' in name:
+        p.copy_(torch.randn_like(p) * 0.4)  # DiffLlama: lambda away from lambda_init
       elif 'gate.weight' in name and p.shape[0] <= 8:
         p.copy_(torch.randn_like(p))        # router: spread the expert choices
       else:
