@@ -757,8 +757,12 @@ def model_config_to_hf(m, decoder=None):
   if m.get('attention_type', 'standard') == 'mla':
     hf = _deepseek_v3_to_hf(m, refuse)
     return 'deepseek_v3', hf
-  if m.get('attention_type', 'standard') != 'standard':
+  differential = m.get('attention_type', 'standard') == 'differential'
+  if m.get('attention_type', 'standard') not in ('standard', 'differential'):
     refuse(f'attention_type={m.attention_type!r} (no exported HF family has it yet)')
+  if differential and m.position != 'rope':
+    refuse(f"attention_type='differential' with position={m.position!r} "
+           '(DiffLlama, the HF differential family, uses RoPE)')
   if m.get('mtp_depth', 0):
     refuse(f'mtp_depth={m.mtp_depth} (no exported HF family holds MTP modules)')
   if m.num_shared_experts:
@@ -861,9 +865,25 @@ def model_config_to_hf(m, decoder=None):
         refuse(f'use_bias with {family}')
       if m.qk_norm and family not in ('qwen3', 'qwen3_moe'):
         refuse('qk_norm outside Qwen3')
+      if differential:
+        family = _diffllama_to_hf(m, family, hf, refuse)
   hf['model_type'] = family
   hf['architectures'] = [ARCHITECTURES[family]]
   return family, hf
+
+
+def _diffllama_to_hf(m, family, hf, refuse):
+  """'diffllama' for a differential-attention model whose rest is Llama's."""
+  if m.use_bias:
+    refuse("use_bias with attention_type='differential' (DiffLlama's MLP has no biases)")
+  if family != 'llama':
+    refuse(f"attention_type='differential' with a {family} layout (DiffLlama is Llama's: "
+           'no sliding_window, qk_norm, experts)')
+  if m.num_kv_heads % 2:
+    refuse(f"num_kv_heads={m.num_kv_heads} with attention_type='differential' "
+           '(DiffLlama splits the key/value heads in two halves: it needs an even count)')
+  del hf['mlp_bias']
+  return 'diffllama'
 
 
 def _deepseek_v3_to_hf(m, refuse):

@@ -20,7 +20,7 @@ transformers = pytest.importorskip(
 # writes rope_interleave=True, so a half-split checkpoint comes back permuted.
 @pytest.mark.parametrize('family,overrides', [
     ('llama', {}), ('qwen2', {}), ('gemma2', {}), ('gpt2', {}), ('qwen3_moe', {}),
-    ('mpt', {}), ('bloom', {}), ('deepseek_v3', {}),
+    ('mpt', {}), ('bloom', {}), ('deepseek_v3', {}), ('diffllama', {}), ('diffllama_mha', {}),
     ('deepseek_v3_noq', {'rope_interleave': True})])
 def test_hf_ablax_hf_is_bitwise_identical(family, overrides, tmp_path):
   model = hf_families.make_hf_model(family, quantize_norms=True, **overrides)
@@ -43,6 +43,10 @@ def test_hf_ablax_hf_is_bitwise_identical(family, overrides, tmp_path):
     ('configs/gemma2.py:tiny', ['model.vocab_size=128', 'model.num_layers=2',
                                 'model.sliding_window=8']),
     ('configs/mixtral.py:tiny', ['model.vocab_size=128', 'model.num_layers=2']),
+    # Differential attention exports as DiffLlama (its lambda vectors random,
+    # as every parameter of the fresh decoder).
+    ('configs/llama.py:tiny', ['model.vocab_size=128', 'model.num_layers=3',
+                               "model.attention_type='differential'"]),
     # ALiBi exports: MPT without embedding_norm, Bloom with it; 6 heads (the
     # slopes' non-power-of-two rule) and an MPT softmax_scale.
     ('configs/mpt.py:tiny', ['model.vocab_size=128', 'model.d_model=48', 'model.num_heads=6',
@@ -172,3 +176,22 @@ def test_deepseek_v3_export_refusals(overrides, match, tmp_path):
   decoder = model_lib.Decoder(cfg.model, rngs=nnx.Rngs(0))
   with pytest.raises(hf.HFError, match=match):
     hf.save(cfg, decoder, str(tmp_path))
+
+
+@pytest.mark.parametrize('overrides,match', [
+    (['model.sliding_window=8'], "'differential' with a mistral layout"),
+    (['model.qk_norm=True'], "'differential' with a qwen3 layout"),
+    (['model.num_kv_heads=1'], 'num_kv_heads=1'),
+    (['model.use_bias=True'], 'use_bias'),
+    (['model.position="alibi"'], "position='alibi'"),
+])
+def test_diffllama_export_refusals(overrides, match, tmp_path):
+  cfg = configs.load('configs/llama.py:tiny', ["model.attention_type='differential'"] + overrides)
+  decoder = model_lib.Decoder(cfg.model, rngs=nnx.Rngs(0))
+  with pytest.raises(hf.HFError, match=match):
+    hf.save(cfg, decoder, str(tmp_path))
+
+
+def test_diffllama_import_refuses_attention_bias():
+  with pytest.raises(hf.HFError, match='attention_bias'):
+    hf.hf_to_model_config(_hf_config('diffllama', attention_bias=True))
