@@ -59,11 +59,21 @@ def test_ablax_to_transformers_logits(preset, overrides, tmp_path):
   decoder = model_lib.Decoder(cfg.model, rngs=nnx.Rngs(3))
   # Random norm scales (and, where the HF family has them, norm biases and
   # projection biases) too, so that their mapping is checked.
+  differential = cfg.model.attention_type == 'differential'
   for path, var in nnx.to_flat_state(nnx.state(decoder, nnx.Param)):
     key = '.'.join(map(str, path))
     rng = np.random.RandomState(len(key))
     if 'norm' in key and key.endswith('scale'):
       var.set_value(1.0 + 0.3 * rng.randn(*var.get_value().shape).astype(np.float32))
+    elif '.lambda_' in key:   # differential: lambda away from lambda_init
+      # (seeded by the whole name: the four lambda names have one length)
+      rng = np.random.RandomState(sum(map(ord, key)))
+      var.set_value(0.4 * rng.randn(*var.get_value().shape).astype(np.float32))
+    elif differential and key.endswith(('attn.wq', 'attn.wk')):
+      # Sharp softmaxes: with near-uniform maps A1 ~ A2 the per-head norm
+      # cancels lambda, and a wrong lambda map would go unseen.
+      shape = var.get_value().shape
+      var.set_value(1.5 * rng.randn(*shape).astype(np.float32) / np.sqrt(shape[0]))
     elif cfg.model.use_bias and (key.endswith('bias') or '.b' in key):
       var.set_value(0.3 * rng.randn(*var.get_value().shape).astype(np.float32))
   hf.save(cfg, decoder, str(tmp_path))
