@@ -31,8 +31,11 @@ tanh, query_key_value fused per head), and deepseek_v3 (MLA with DeepSeek's
 interleaved rope columns permuted to ablax's half-split layout, the sigmoid
 group-limited router with its `e_score_correction_bias` as the MoE selection
 bias, shared experts, first dense layers; its MTP layers are dropped with a
-warning). An ablax ALiBi model exports as bloom when `embedding_norm` is set,
-else as mpt; an MLA model exports as deepseek_v3.
+warning), and diffllama (Llama with differential attention,
+`attention_type='differential'`, lambda vectors mapped by name). An ablax
+ALiBi model exports as bloom when `embedding_norm` is set, else as mpt; an MLA
+model exports as deepseek_v3; a differential model with Llama's layout as
+diffllama.
 
 The HF `config.json` is read as JSON; neither transformers nor torch is
 needed. Every field is either mapped to an ablax flag, known not to change the
