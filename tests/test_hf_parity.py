@@ -95,29 +95,122 @@ def test_deepseek_v3_flags():
   assert (m.moe_router, m.num_experts, m.experts_per_token, m.moe_num_groups,
           m.moe_topk_groups, m.moe_first_dense_layers, m.num_shared_experts, m.moe_d_ff,
           m.d_ff, m.moe_renormalize, m.moe_routed_scaling, m.mtp_depth) == (
-              'sigmoid', 8, 2, 2, 1, 1, 1, 16, 64, True, 2.5, 0)
+              'sigmoid', 8, 2, 2, 1, 1, 1, 16, 64, True, 2.5, 1)
   m = hf.hf_to_model_config(hf_families.make_hf_model('deepseek_v3_noq').config.to_dict())[1]
   assert (m.mla_q_lora_rank, m.moe_num_groups, m.moe_first_dense_layers,
           m.num_shared_experts, m.moe_renormalize, m.moe_routed_scaling) == (
               0, 1, 0, 2, False, 1.5)
 
 
-def test_deepseek_v3_mtp_tensors_are_dropped_with_a_warning(tmp_path, caplog):
-  """A checkpoint with its MTP layer (model.layers.{num_hidden_layers}.*, as
-  DeepSeek's releases) imports without it and computes the same logits."""
+def _with_mtp_layer(model, path, seed=1):
+  """Adds DeepSeek's MTP layer (model.layers.{L}.*, L = num_hidden_layers) to
+  a saved checkpoint: a decoder layer's weights (MoE) plus enorm, hnorm,
+  eh_proj, shared_head.norm, and copies of the embedding and the head; all
+  drawn at random. Returns the tensors."""
   from safetensors.numpy import load_file, save_file
+  rng = np.random.RandomState(seed)
+  tensors = load_file(path)
+  L, d = model.config.num_hidden_layers, model.config.hidden_size
+  for name in [k for k in tensors if k.startswith(f'model.layers.{L - 1}.')]:
+    w = tensors[name]
+    tensors[name.replace(f'layers.{L - 1}.', f'layers.{L}.')] = (
+        (1 + 0.1 * rng.randn(*w.shape)) if name.endswith('norm.weight') or 'layernorm' in name
+        else w.std() * rng.randn(*w.shape)).astype(np.float32)
+  for name in ('enorm', 'hnorm', 'shared_head.norm'):
+    tensors[f'model.layers.{L}.{name}.weight'] = (1 + 0.1 * rng.randn(d)).astype(np.float32)
+  tensors[f'model.layers.{L}.eh_proj.weight'] = (0.1 * rng.randn(d, 2 * d)).astype(np.float32)
+  tensors[f'model.layers.{L}.embed_tokens.weight'] = tensors['model.embed_tokens.weight'].copy()
+  tensors[f'model.layers.{L}.shared_head.head.weight'] = tensors['lm_head.weight'].copy()
+  save_file(tensors, path, metadata={'format': 'pt'})
+  return tensors
+
+
+def _mtp_reference_logits(model, tensors, tokens):
+  """Depth 1's logits computed from the HF tensors (DeepSeek-V3 report,
+  section 2.2, in DeepSeek's layout): h = the main model's last hidden state
+  before its final norm; e = Emb(x_{i+1}) (0 past the end);
+  x = eh_proj [RMSNorm_enorm(e); RMSNorm_hnorm(h)] (embedding first);
+  x = the MTP decoder layer (transformers' own layer class, its weights
+  loaded); logits = shared_head.head(RMSNorm_shared_head.norm(x))."""
+  torch = hf_families.torch
+  from transformers.models.deepseek_v3 import modeling_deepseek_v3 as ds
+  cfg = model.config
+  L, eps = cfg.num_hidden_layers, cfg.rms_norm_eps
+  q = f'model.layers.{L}.'
+  w = lambda name: torch.tensor(tensors[q + name])
+  rms = lambda x, g: g * x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+  seen = {}
+  hook = model.model.layers[-1].register_forward_hook(
+      lambda mod, args, out: seen.setdefault('h', out[0] if isinstance(out, tuple) else out))
+  tok = torch.tensor(tokens, dtype=torch.long)
+  with torch.no_grad():
+    model(tok)
+    hook.remove()
+    h = seen['h']
+    shifted = torch.cat([tok[:, 1:], torch.zeros_like(tok[:, :1])], dim=1)
+    e = torch.nn.functional.embedding(shifted, w('embed_tokens.weight'))
+    x = torch.cat([rms(e, w('enorm.weight')), rms(h, w('hnorm.weight'))], -1) @ w('eh_proj.weight').T
+    layer = ds.DeepseekV3DecoderLayer(cfg, layer_idx=L).eval()
+    state = {k[len(q):]: torch.tensor(v) for k, v in tensors.items() if k.startswith(q)}
+    # The layer class holds its experts fused: gate_up_proj [E, 2 f, d] (gate
+    # rows first), down_proj [E, d, f]; the checkpoint stores them per expert.
+    e_range = range(cfg.n_routed_experts)
+    state['mlp.experts.gate_up_proj'] = torch.stack([torch.cat(
+        [state.pop(f'mlp.experts.{e}.gate_proj.weight'),
+         state.pop(f'mlp.experts.{e}.up_proj.weight')]) for e in e_range])
+    state['mlp.experts.down_proj'] = torch.stack(
+        [state.pop(f'mlp.experts.{e}.down_proj.weight') for e in e_range])
+    missing, _ = layer.load_state_dict(state, strict=False)
+    assert not missing, missing
+    b, t = tok.shape
+    pos = torch.arange(t)[None].expand(b, t)
+    cos_sin = model.model.rotary_emb(x, pos)
+    mask = torch.full((t, t), float('-inf')).triu(1)[None, None].expand(b, 1, t, t)
+    x = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)
+    x = x[0] if isinstance(x, tuple) else x
+    return (rms(x, w('shared_head.norm.weight')) @ w('shared_head.head.weight').T).numpy()
+
+
+def test_deepseek_v3_mtp_layer_imports_and_matches_a_reference(tmp_path):
+  """DeepSeek's MTP layer becomes ablax's depth-1 MTP module: its logits equal
+  the computation above written from DeepSeek's layout (transformers does not
+  run MTP), and the main logits still equal transformers'."""
+  model = hf_families.make_hf_model('deepseek_v3')
+  model.save_pretrained(tmp_path)
+  tensors = _with_mtp_layer(model, str(tmp_path / 'model.safetensors'))
+  cfg, decoder = hf.load(str(tmp_path))
+  assert cfg.model.mtp_depth == 1
+  tokens = hf_families.random_tokens(0, (2, 12))
+  x = jnp.asarray(tokens)
+  got, _ = decoder(x)
+  _assert_close(np.asarray(got), hf_families.hf_logits(model, tokens))
+  h, _ = decoder.hidden_states(x)
+  hidden, _ = decoder.mtp_hidden_states(h, x)
+  got = np.asarray(decoder.mtp_logits(1, hidden[0]))
+  _assert_close(got, _mtp_reference_logits(model, tensors, tokens))
+
+
+def test_deepseek_v3_mtp_copies_must_equal_the_main_ones(tmp_path):
+  from safetensors.numpy import save_file
   model = hf_families.make_hf_model('deepseek_v3')
   model.save_pretrained(tmp_path)
   path = str(tmp_path / 'model.safetensors')
-  tensors = load_file(path)
-  last = model.config.num_hidden_layers - 1
-  for name in [k for k in tensors if k.startswith(f'model.layers.{last}.')]:
-    tensors[name.replace(f'layers.{last}.', f'layers.{last + 1}.')] = tensors[name]
-  tensors[f'model.layers.{last + 1}.eh_proj.weight'] = np.zeros((32, 64), np.float32)
+  tensors = _with_mtp_layer(model, path)
+  L = model.config.num_hidden_layers
+  tensors[f'model.layers.{L}.shared_head.head.weight'] += 1
   save_file(tensors, path, metadata={'format': 'pt'})
+  with pytest.raises(hf.HFError, match='shared_head.head.weight differs from lm_head'):
+    hf.load(str(tmp_path))
+
+
+def test_deepseek_v3_without_mtp_tensors_imports_with_depth_0(tmp_path, caplog):
+  """transformers' save_pretrained writes no MTP layer whatever
+  num_nextn_predict_layers says: the import warns and sets mtp_depth=0."""
+  model = hf_families.make_hf_model('deepseek_v3', num_nextn_predict_layers=1)
+  model.save_pretrained(tmp_path)
   with caplog.at_level('WARNING'):
     cfg, decoder = hf.load(str(tmp_path))
-  assert 'multi-token-prediction tensors' in caplog.text
+  assert 'no multi-token-prediction tensors' in caplog.text
   assert cfg.model.mtp_depth == 0
   tokens = hf_families.random_tokens(0, (2, 12))
   got, _ = decoder(jnp.asarray(tokens))
