@@ -98,3 +98,26 @@ def random_tokens(seed: int, shape, vocab=128):
 def hf_logits(model, tokens):
   with torch.no_grad():
     return model(torch.tensor(tokens, dtype=torch.long)).logits.float().numpy()
+
+
+def with_deepseek_mtp_layer(model, path, seed=1):
+  """Adds DeepSeek's MTP layer (model.layers.{L}.*, L = num_hidden_layers) to
+  a saved checkpoint: a decoder layer's weights (MoE) plus enorm, hnorm,
+  eh_proj, shared_head.norm, and copies of the embedding and the head; all
+  drawn at random. Returns the tensors."""
+  from safetensors.numpy import load_file, save_file
+  rng = np.random.RandomState(seed)
+  tensors = load_file(path)
+  L, d = model.config.num_hidden_layers, model.config.hidden_size
+  for name in [k for k in tensors if k.startswith(f'model.layers.{L - 1}.')]:
+    w = tensors[name]
+    tensors[name.replace(f'layers.{L - 1}.', f'layers.{L}.')] = (
+        (1 + 0.1 * rng.randn(*w.shape)) if name.endswith('norm.weight') or 'layernorm' in name
+        else w.std() * rng.randn(*w.shape)).astype(np.float32)
+  for name in ('enorm', 'hnorm', 'shared_head.norm'):
+    tensors[f'model.layers.{L}.{name}.weight'] = (1 + 0.1 * rng.randn(d)).astype(np.float32)
+  tensors[f'model.layers.{L}.eh_proj.weight'] = (0.1 * rng.randn(d, 2 * d)).astype(np.float32)
+  tensors[f'model.layers.{L}.embed_tokens.weight'] = tensors['model.embed_tokens.weight'].copy()
+  tensors[f'model.layers.{L}.shared_head.head.weight'] = tensors['lm_head.weight'].copy()
+  save_file(tensors, path, metadata={'format': 'pt'})
+  return tensors

@@ -102,29 +102,6 @@ def test_deepseek_v3_flags():
               0, 1, 0, 2, False, 1.5)
 
 
-def _with_mtp_layer(model, path, seed=1):
-  """Adds DeepSeek's MTP layer (model.layers.{L}.*, L = num_hidden_layers) to
-  a saved checkpoint: a decoder layer's weights (MoE) plus enorm, hnorm,
-  eh_proj, shared_head.norm, and copies of the embedding and the head; all
-  drawn at random. Returns the tensors."""
-  from safetensors.numpy import load_file, save_file
-  rng = np.random.RandomState(seed)
-  tensors = load_file(path)
-  L, d = model.config.num_hidden_layers, model.config.hidden_size
-  for name in [k for k in tensors if k.startswith(f'model.layers.{L - 1}.')]:
-    w = tensors[name]
-    tensors[name.replace(f'layers.{L - 1}.', f'layers.{L}.')] = (
-        (1 + 0.1 * rng.randn(*w.shape)) if name.endswith('norm.weight') or 'layernorm' in name
-        else w.std() * rng.randn(*w.shape)).astype(np.float32)
-  for name in ('enorm', 'hnorm', 'shared_head.norm'):
-    tensors[f'model.layers.{L}.{name}.weight'] = (1 + 0.1 * rng.randn(d)).astype(np.float32)
-  tensors[f'model.layers.{L}.eh_proj.weight'] = (0.1 * rng.randn(d, 2 * d)).astype(np.float32)
-  tensors[f'model.layers.{L}.embed_tokens.weight'] = tensors['model.embed_tokens.weight'].copy()
-  tensors[f'model.layers.{L}.shared_head.head.weight'] = tensors['lm_head.weight'].copy()
-  save_file(tensors, path, metadata={'format': 'pt'})
-  return tensors
-
-
 def _mtp_reference_logits(model, tensors, tokens):
   """Depth 1's logits computed from the HF tensors (DeepSeek-V3 report,
   section 2.2, in DeepSeek's layout): h = the main model's last hidden state
@@ -177,7 +154,7 @@ def test_deepseek_v3_mtp_layer_imports_and_matches_a_reference(tmp_path):
   run MTP), and the main logits still equal transformers'."""
   model = hf_families.make_hf_model('deepseek_v3')
   model.save_pretrained(tmp_path)
-  tensors = _with_mtp_layer(model, str(tmp_path / 'model.safetensors'))
+  tensors = hf_families.with_deepseek_mtp_layer(model, str(tmp_path / 'model.safetensors'))
   cfg, decoder = hf.load(str(tmp_path))
   assert cfg.model.mtp_depth == 1
   tokens = hf_families.random_tokens(0, (2, 12))
@@ -195,7 +172,7 @@ def test_deepseek_v3_mtp_copies_must_equal_the_main_ones(tmp_path):
   model = hf_families.make_hf_model('deepseek_v3')
   model.save_pretrained(tmp_path)
   path = str(tmp_path / 'model.safetensors')
-  tensors = _with_mtp_layer(model, path)
+  tensors = hf_families.with_deepseek_mtp_layer(model, path)
   L = model.config.num_hidden_layers
   tensors[f'model.layers.{L}.shared_head.head.weight'] += 1
   save_file(tensors, path, metadata={'format': 'pt'})

@@ -38,6 +38,25 @@ def test_hf_ablax_hf_is_bitwise_identical(family, overrides, tmp_path):
   assert type(reloaded).__name__ == type(model).__name__
 
 
+def test_deepseek_v3_mtp_layer_round_trips_bitwise(tmp_path):
+  """HF -> ablax -> HF with DeepSeek's MTP layer present (its own tensors and
+  the embedding/head copies): every tensor comes back bit for bit, and
+  num_nextn_predict_layers = mtp_depth."""
+  import json
+  model = hf_families.make_hf_model('deepseek_v3', num_nextn_predict_layers=1)
+  model.save_pretrained(tmp_path / 'in')
+  before = hf_families.with_deepseek_mtp_layer(model, str(tmp_path / 'in' / 'model.safetensors'))
+  cfg, decoder = hf.load(str(tmp_path / 'in'))
+  assert cfg.model.mtp_depth == 1
+  hf.save(cfg, decoder, str(tmp_path / 'out'))
+  after = load_file(str(tmp_path / 'out' / 'model.safetensors'))
+  assert sorted(before) == sorted(after)
+  for name in before:
+    np.testing.assert_array_equal(before[name], after[name], err_msg=name)
+  with open(tmp_path / 'out' / 'config.json') as fh:
+    assert json.load(fh)['num_nextn_predict_layers'] == 1
+
+
 @pytest.mark.parametrize('preset,overrides', [
     ('configs/llama.py:tiny', ['model.vocab_size=128', 'model.num_layers=2']),
     ('configs/gemma2.py:tiny', ['model.vocab_size=128', 'model.num_layers=2',
