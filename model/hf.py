@@ -45,6 +45,7 @@ whenever `1 + w` is representable, e.g. for the zero-initialised weights).
 
 import json
 import logging
+import math
 import os
 
 import jax
@@ -358,7 +359,7 @@ def _deepseek_v3_from_hf(f: _Fields, m):
   m.norm_eps = float(f.get('rms_norm_eps', 1e-6))
   m.mlp_gated, m.use_bias = True, False
   f.expect('attention_bias', (None, False), 'MLA projections have no biases')
-  _rope(f, m)
+  _deepseek_v3_rope(f, m)
   m.attention_type = 'mla'
   m.mla_q_lora_rank = f.get('q_lora_rank') or 0
   m.mla_kv_lora_rank = f.require('kv_lora_rank')
@@ -386,6 +387,54 @@ def _deepseek_v3_from_hf(f: _Fields, m):
   # own save_pretrained writes none).
   m.mtp_depth = f.get('num_nextn_predict_layers') or 0
   return f.get('hidden_act', 'silu')
+
+
+def _deepseek_v3_rope(f: _Fields, m):
+  """DeepSeek-V3's rope fields; YaRN (the released config: factor 40,
+  original_max_position_embeddings 4096, mscale = mscale_all_dim = 1) here,
+  the rest through `_rope`.
+
+  transformers' DeepSeek-V3 multiplies the softmax scale by
+  (0.1 mscale_all_dim ln(factor) + 1)^2 and cos/sin (the rotated part only)
+  by (0.1 mscale ln f + 1) / (0.1 mscale_all_dim ln f + 1). ablax's MLA puts
+  YaRN's attention factor, squared, on the whole softmax scale and leaves
+  cos/sin alone (model/mla.py), so mscale must equal mscale_all_dim; then
+  ablax's `attention_factor` is 0.1 mscale_all_dim ln(factor) + 1."""
+  params = dict(f.get('rope_parameters') or {})
+  legacy = f.get('rope_scaling')
+  if legacy:
+    params.update(legacy)
+  if params.get('rope_type', params.get('type')) != 'yarn':
+    _rope(f, m)
+    return
+  theta = params.pop('rope_theta', None)
+  m.rope_theta = float(f.get('rope_theta', 10000.0) if theta is None else theta)
+  params.pop('rope_type', None)
+  params.pop('type', None)
+  original = int(params.pop('original_max_position_embeddings'))
+  factor = params.pop('factor', None)
+  factor = float(m.max_seq_len / original if factor is None else factor)
+  mscale, all_dim = params.pop('mscale', None), params.pop('mscale_all_dim', None)
+  where = f'{f.family} config.json: rope yarn'
+  if params.pop('attention_factor', None) is not None:
+    raise HFError(f'{where} attention_factor: transformers puts it on the rotated part '
+                  "only; ablax's MLA has no counterpart (set mscale and mscale_all_dim)")
+  if not params.pop('truncate', True):
+    raise HFError(f'{where} truncate=False: ablax rounds the correction range (truncate=True)')
+  beta_fast = float(params.pop('beta_fast', None) or 32)
+  beta_slow = float(params.pop('beta_slow', None) or 1)
+  if params:
+    raise HFError(f'{where}: parameter(s) {sorted(params)} have no ablax mapping')
+  if factor > 1 and (not all_dim or mscale != all_dim):
+    raise HFError(f'{where} mscale={mscale!r}, mscale_all_dim={all_dim!r}: ablax puts '
+                  "YaRN's attention factor on the whole MLA softmax scale, which is "
+                  'transformers\' computation only when mscale == mscale_all_dim (non-zero)')
+  scaling = {'type': 'yarn', 'factor': factor, 'original_max_seq_len': original,
+             'beta_fast': beta_fast, 'beta_slow': beta_slow}
+  if factor > 1:
+    scaling['attention_factor'] = 0.1 * all_dim * math.log(factor) + 1.0
+  m.rope_scaling = scaling
+  m.position = 'rope'
 
 
 def _deepseek_v3_mtp_present(hf_dir, m, tensors):
@@ -957,9 +1006,29 @@ def _deepseek_v3_to_hf(m, refuse):
                   low_freq_factor=s.get('low_freq_factor', 1.0),
                   high_freq_factor=s.get('high_freq_factor', 4.0),
                   original_max_position_embeddings=s['original_max_seq_len'])
+    elif s['type'] == 'yarn':
+      # DeepSeek's mscale = mscale_all_dim, the one that gives ablax's
+      # attention factor 0.1 m ln(factor) + 1 (see _deepseek_v3_rope).
+      factor, attention = float(s['factor']), s.get('attention_factor')
+      if attention is None or factor <= 1:
+        if attention not in (None, 1.0) and factor <= 1:
+          refuse(f'rope_scaling.attention_factor={attention} with factor={factor} '
+                 '(DeepSeek-V3 has no YaRN attention factor without scaling)')
+        all_dim = 1.0
+      else:
+        all_dim = (float(attention) - 1.0) / (0.1 * math.log(factor))
+        if all_dim <= 0:
+          refuse(f'rope_scaling.attention_factor={attention} (DeepSeek-V3 writes it as '
+                 'mscale = mscale_all_dim = (attention_factor - 1) / (0.1 ln factor), '
+                 'which must be positive)')
+      rope.update(rope_type='yarn', factor=factor,
+                  original_max_position_embeddings=s['original_max_seq_len'],
+                  beta_fast=float(s.get('beta_fast', 32.0)),
+                  beta_slow=float(s.get('beta_slow', 1.0)),
+                  mscale=all_dim, mscale_all_dim=all_dim)
     else:
       refuse(f'rope_scaling.type={s["type"]!r} (the DeepSeek-V3 export writes default, '
-             'linear, llama3)')
+             'linear, llama3, yarn)')
   hf['rope_parameters'] = rope
   return hf
 

@@ -16,6 +16,10 @@ DSV3 = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_lay
             kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
             n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16)
 
+YARN = dict(rope_type='yarn', rope_theta=10000.0, factor=4.0,
+            original_max_position_embeddings=16, beta_fast=32.0, beta_slow=1.0,
+            mscale=0.7, mscale_all_dim=0.7)
+
 FAMILIES = {
     'llama': lambda: transformers.LlamaConfig(**COMMON, rope_parameters=dict(
         rope_type='llama3', rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
@@ -52,6 +56,12 @@ FAMILIES = {
                                                              norm_topk_prob=False,
                                                              routed_scaling_factor=1.5,
                                                              rope_interleave=False),
+    # YaRN as DeepSeek-V3's released config writes it (mscale = mscale_all_dim),
+    # scaled: factor 4 over an original 16 positions (the tests run 12 and 40),
+    # mscale 0.7 (not the default 1, so a dropped mscale shows).
+    'deepseek_v3_yarn': lambda: transformers.DeepseekV3Config(
+        **DSV3, q_lora_rank=24, n_group=2, topk_group=1, first_k_dense_replace=1,
+        n_shared_experts=1, rope_parameters=YARN),
     # ALiBi families with non-power-of-two head counts (the slopes' second rule).
     'mpt': lambda: transformers.MptConfig(vocab_size=128, d_model=48, n_heads=6, n_layers=2,
                                           max_seq_len=64),

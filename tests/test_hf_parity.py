@@ -192,3 +192,28 @@ def test_deepseek_v3_without_mtp_tensors_imports_with_depth_0(tmp_path, caplog):
   tokens = hf_families.random_tokens(0, (2, 12))
   got, _ = decoder(jnp.asarray(tokens))
   _assert_close(np.asarray(got), hf_families.hf_logits(model, tokens))
+
+
+@pytest.mark.parametrize('change,field', [
+    (dict(mscale=1.0, mscale_all_dim=0.7), 'mscale=1.0, mscale_all_dim=0.7'),
+    (dict(mscale_all_dim=0), 'mscale_all_dim=0'),
+    (dict(attention_factor=1.2), 'attention_factor'),
+    (dict(truncate=False), 'truncate=False')])
+def test_deepseek_v3_yarn_refusals(change, field):
+  """YaRN variants ablax's MLA cannot compute (model/mla.py puts the attention
+  factor on the whole softmax scale) are refused, naming the field."""
+  hf_cfg = hf_families.make_hf_model('deepseek_v3_yarn').config.to_dict()
+  hf_cfg['rope_parameters'] = {**hf_families.YARN, **change}
+  with pytest.raises(hf.HFError, match=field.replace('.', r'\.')):
+    hf.hf_to_model_config(hf_cfg)
+
+
+def test_deepseek_v3_yarn_fields():
+  m = hf.hf_to_model_config(hf_families.make_hf_model('deepseek_v3_yarn').config.to_dict())[1]
+  assert dict(m.rope_scaling) == pytest.approx(dict(
+      type='yarn', factor=4.0, original_max_seq_len=16, beta_fast=32.0, beta_slow=1.0,
+      attention_factor=0.1 * 0.7 * np.log(4.0) + 1))
+  out = hf.model_config_to_hf(m)[1]['rope_parameters']
+  assert (out['rope_type'], out['factor'], out['original_max_position_embeddings']) == (
+      'yarn', 4.0, 16)
+  assert out['mscale'] == out['mscale_all_dim'] == pytest.approx(0.7)

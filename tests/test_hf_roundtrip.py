@@ -21,7 +21,7 @@ transformers = pytest.importorskip(
 @pytest.mark.parametrize('family,overrides', [
     ('llama', {}), ('qwen2', {}), ('gemma2', {}), ('gpt2', {}), ('qwen3_moe', {}),
     ('mpt', {}), ('bloom', {}), ('deepseek_v3', {}),
-    ('deepseek_v3_noq', {'rope_interleave': True})])
+    ('deepseek_v3_noq', {'rope_interleave': True}), ('deepseek_v3_yarn', {})])
 def test_hf_ablax_hf_is_bitwise_identical(family, overrides, tmp_path):
   model = hf_families.make_hf_model(family, quantize_norms=True, **overrides)
   model.save_pretrained(tmp_path / 'in')
