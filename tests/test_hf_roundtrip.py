@@ -164,11 +164,20 @@ def _dsv3_decoder(overrides=()):
 def test_deepseek_v3_preset_exports_to_transformers(tmp_path, caplog):
   """The MLA + sigmoid-router preset loads as DeepseekV3ForCausalLM with the
   same logits (interleaved rope columns, selection bias, groups, first dense
-  layer, shared expert); its MTP module is left out with a warning."""
+  layer, shared expert); its MTP module goes out as DeepSeek's MTP layer
+  (which transformers does not run) and comes back with the same MTP logits."""
   cfg, decoder = _dsv3_decoder()
-  with caplog.at_level('WARNING'):
-    hf.save(cfg, decoder, str(tmp_path))
-  assert 'MTP modules are not exported' in caplog.text
+  hf.save(cfg, decoder, str(tmp_path))
+  L = cfg.model.num_layers
+  assert f'model.layers.{L}.eh_proj.weight' in load_file(str(tmp_path / 'model.safetensors'))
+  cfg2, decoder2 = hf.load(str(tmp_path))
+  assert cfg2.model.mtp_depth == cfg.model.mtp_depth >= 1
+  x = jnp.asarray(hf_families.random_tokens(6, (2, 12)))
+  mtp = []
+  for d in (decoder, decoder2):
+    hidden, _ = d.mtp_hidden_states(d.hidden_states(x)[0], x)
+    mtp.append(np.asarray(d.mtp_logits(1, hidden[0])))
+  np.testing.assert_allclose(mtp[1], mtp[0], rtol=0, atol=1e-5 * np.max(np.abs(mtp[0])))
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(
       tmp_path, attn_implementation='eager').float().eval()
   assert type(reloaded).__name__ == 'DeepseekV3ForCausalLM'
