@@ -48,6 +48,7 @@ whenever `1 + w` is representable, e.g. for the zero-initialised weights).
 
 import json
 import logging
+import math
 import os
 
 import jax
@@ -363,8 +364,9 @@ def _deepseek_v3_from_hf(f: _Fields, m):
   bias, shared experts, the first layers dense. Returns the HF activation name.
 
   The multi-token-prediction layers (`num_nextn_predict_layers`, stored as
-  `model.layers.{num_hidden_layers + k}.*`) are not imported: `load` drops
-  their tensors with a warning and the model gets `mtp_depth=0`."""
+  `model.layers.{num_hidden_layers + j}.*`) become `mtp_depth` MTP modules
+  (model/mtp.py; `_deepseek_v3_tensor_map`); a checkpoint without their
+  tensors imports with `mtp_depth=0` and a warning."""
   m.vocab_size = f.require('vocab_size')
   m.d_model = f.require('hidden_size')
   m.num_layers = f.require('num_hidden_layers')
@@ -377,7 +379,7 @@ def _deepseek_v3_from_hf(f: _Fields, m):
   m.norm_eps = float(f.get('rms_norm_eps', 1e-6))
   m.mlp_gated, m.use_bias = True, False
   f.expect('attention_bias', (None, False), 'MLA projections have no biases')
-  _rope(f, m)
+  _deepseek_v3_rope(f, m)
   m.attention_type = 'mla'
   m.mla_q_lora_rank = f.get('q_lora_rank') or 0
   m.mla_kv_lora_rank = f.require('kv_lora_rank')
@@ -401,12 +403,93 @@ def _deepseek_v3_from_hf(f: _Fields, m):
   m.moe_routed_scaling = float(f.get('routed_scaling_factor', 1.0))
   m.moe_num_groups = f.get('n_group') or 1
   m.moe_topk_groups = f.get('topk_group') or 1
-  depth = f.get('num_nextn_predict_layers')
-  if depth:
-    logging.warning('deepseek_v3 config.json: num_nextn_predict_layers=%d: the '
-                    'multi-token-prediction layers are not imported (mtp_depth=0)', depth)
-  m.mtp_depth = 0
+  # `load` sets 0 when the checkpoint lacks the MTP tensors (transformers'
+  # own save_pretrained writes none).
+  m.mtp_depth = f.get('num_nextn_predict_layers') or 0
   return f.get('hidden_act', 'silu')
+
+
+def _deepseek_v3_rope(f: _Fields, m):
+  """DeepSeek-V3's rope fields; YaRN (the released config: factor 40,
+  original_max_position_embeddings 4096, mscale = mscale_all_dim = 1) here,
+  the rest through `_rope`.
+
+  transformers' DeepSeek-V3 multiplies the softmax scale by
+  (0.1 mscale_all_dim ln(factor) + 1)^2 and cos/sin (the rotated part only)
+  by (0.1 mscale ln f + 1) / (0.1 mscale_all_dim ln f + 1). ablax's MLA puts
+  YaRN's attention factor, squared, on the whole softmax scale and leaves
+  cos/sin alone (model/mla.py), so mscale must equal mscale_all_dim; then
+  ablax's `attention_factor` is 0.1 mscale_all_dim ln(factor) + 1."""
+  params = dict(f.get('rope_parameters') or {})
+  legacy = f.get('rope_scaling')
+  if legacy:
+    params.update(legacy)
+  if params.get('rope_type', params.get('type')) != 'yarn':
+    _rope(f, m)
+    return
+  theta = params.pop('rope_theta', None)
+  m.rope_theta = float(f.get('rope_theta', 10000.0) if theta is None else theta)
+  params.pop('rope_type', None)
+  params.pop('type', None)
+  original = int(params.pop('original_max_position_embeddings'))
+  factor = params.pop('factor', None)
+  factor = float(m.max_seq_len / original if factor is None else factor)
+  mscale, all_dim = params.pop('mscale', None), params.pop('mscale_all_dim', None)
+  where = f'{f.family} config.json: rope yarn'
+  if params.pop('attention_factor', None) is not None:
+    raise HFError(f'{where} attention_factor: transformers puts it on the rotated part '
+                  "only; ablax's MLA has no counterpart (set mscale and mscale_all_dim)")
+  if not params.pop('truncate', True):
+    raise HFError(f'{where} truncate=False: ablax rounds the correction range (truncate=True)')
+  beta_fast = float(params.pop('beta_fast', None) or 32)
+  beta_slow = float(params.pop('beta_slow', None) or 1)
+  if params:
+    raise HFError(f'{where}: parameter(s) {sorted(params)} have no ablax mapping')
+  if factor > 1 and (not all_dim or mscale != all_dim):
+    raise HFError(f'{where} mscale={mscale!r}, mscale_all_dim={all_dim!r}: ablax puts '
+                  "YaRN's attention factor on the whole MLA softmax scale, which is "
+                  'transformers\' computation only when mscale == mscale_all_dim (non-zero)')
+  scaling = {'type': 'yarn', 'factor': factor, 'original_max_seq_len': original,
+             'beta_fast': beta_fast, 'beta_slow': beta_slow}
+  if factor > 1:
+    scaling['attention_factor'] = 0.1 * all_dim * math.log(factor) + 1.0
+  m.rope_scaling = scaling
+  m.position = 'rope'
+
+
+def _deepseek_v3_mtp_present(hf_dir, m, tensors):
+  """mtp_depth=0 (with a warning) when config.json names MTP layers but the
+  checkpoint holds none of their tensors; a partial set is an error."""
+  if not m.mtp_depth:
+    return
+  names = [f'model.layers.{m.num_layers + j}.eh_proj.weight' for j in range(m.mtp_depth)]
+  have = [x in tensors for x in names]
+  if not any(have):
+    logging.warning('%s: num_nextn_predict_layers=%d but no multi-token-prediction '
+                    'tensors (%s): imported with mtp_depth=0', hf_dir, m.mtp_depth, names[0])
+    m.mtp_depth = 0
+  elif not all(have):
+    raise HFError(f'{hf_dir}: num_nextn_predict_layers={m.mtp_depth} but tensor '
+                  f'{names[have.index(False)]!r} is missing')
+
+
+def _deepseek_v3_mtp_shared(hf_dir, m, tensors, left):
+  """The MTP layers' copies of the embedding and the head
+  (`model.layers.{L + j}.embed_tokens.weight`, `.shared_head.head.weight`):
+  DeepSeek-V3 shares both with the main model, as ablax does, so they are
+  checked equal to the main ones and dropped. Returns the names dropped."""
+  head = 'model.embed_tokens.weight' if m.tie_embeddings else 'lm_head.weight'
+  dropped = set()
+  for j in range(m.mtp_depth):
+    q = f'model.layers.{m.num_layers + j}.'
+    for name, main in ((q + 'embed_tokens.weight', 'model.embed_tokens.weight'),
+                       (q + 'shared_head.head.weight', head)):
+      if name in left:
+        if main not in tensors or not np.array_equal(tensors[name], tensors[main]):
+          raise HFError(f'{hf_dir}: {name} differs from {main}: ablax MTP modules share '
+                        'the main embedding and head')
+        dropped.add(name)
+  return dropped
 
 
 def _deepseek_v3_rope_order(d_r):
@@ -437,8 +520,22 @@ def _deepseek_v3_tensor_map(m, add, out, interleave=True):
   add('final_norm.scale', 'model.norm.weight')
   if not m.tie_embeddings:
     add('head', 'lm_head.weight', t, t)
-  for i in range(m.num_layers):
-    p, q = f'blocks.{i}.', f'model.layers.{i}.'
+  layers = [(f'blocks.{i}.', f'model.layers.{i}.', i) for i in range(m.num_layers)]
+  for j in range(m.get('mtp_depth', 0)):
+    # DeepSeek's MTP layer j: model.layers.{num_hidden_layers + j}; its own
+    # norms and eh_proj, then a decoder layer's weights (the same names).
+    p, q = f'mtp.{j}.', f'model.layers.{m.num_layers + j}.'
+    add(p + 'embed_norm.scale', q + 'enorm.weight')
+    add(p + 'hidden_norm.scale', q + 'hnorm.weight')
+    add(p + 'out_norm.scale', q + 'shared_head.norm.weight')
+    # eh_proj [d, 2d] reads [enorm(embedding); hnorm(hidden)] (DeepSeek's and
+    # vLLM's order); ablax's proj [2d, d] reads [hidden; embedding] (the
+    # paper's equation 21): the two input halves swap.
+    add(p + 'proj', q + 'eh_proj.weight',
+        lambda w: np.concatenate([w.T[d:], w.T[:d]], axis=0),
+        lambda w: np.concatenate([w[d:], w[:d]], axis=0).T)
+    layers.append((p + 'block.', q, m.num_layers + j))
+  for p, q, i in layers:
     a, s = p + 'attn.', q + 'self_attn.'
     if r_q:
       add(a + 'wq_a', s + 'q_a_proj.weight', t, t)
@@ -680,6 +777,8 @@ def load(hf_dir: str):
             if not k.endswith('e_score_correction_bias')}
   if len(dtypes) == 1 and dtypes != {'float32'}:
     m.param_dtype = m.dtype = dtypes.pop()
+  if family == 'deepseek_v3':
+    _deepseek_v3_mtp_present(hf_dir, m, tensors)
   decoder = _abstract_decoder(m)
   params = _flat_params(decoder)
   used = set()
@@ -720,12 +819,7 @@ def load(hf_dir: str):
   left = set(tensors) - used - {'lm_head.weight'}
   left = {k for k in left if not k.endswith(('attn.bias', 'attn.masked_bias', 'rotary_emb.inv_freq'))}
   if family == 'deepseek_v3':
-    mtp = {k for k in left if k.startswith('model.layers.') and
-           int(k.split('.')[2]) >= m.num_layers}
-    if mtp:
-      logging.warning('%s: %d multi-token-prediction tensors (model.layers.%d and up) '
-                      'not imported', hf_dir, len(mtp), m.num_layers)
-    left -= mtp
+    left -= _deepseek_v3_mtp_shared(hf_dir, m, tensors, left)
   if left:
     raise HFError(f'{hf_dir}: tensors with no ablax mapping: {sorted(left)[:8]}')
   return ml_collections.ConfigDict({'model': m}), decoder
@@ -896,8 +990,10 @@ def _deepseek_v3_to_hf(m, refuse):
   biases, and a sigmoid-routed MoE in every layer from moe_first_dense_layers
   on, with at least one shared expert. The rope columns are written in
   DeepSeek's interleaved order (`rope_interleave=True`). MTP modules
-  (`mtp_depth`) are not exported: transformers' DeepseekV3ForCausalLM does not
-  run them (a warning says so)."""
+  (`mtp_depth`) go out as DeepSeek's `num_nextn_predict_layers` layers
+  `model.layers.{num_layers + j}.*`, with copies of the shared embedding and
+  head as in DeepSeek's releases; transformers loads the model without them
+  (it does not run MTP)."""
   if m.position != 'rope' or m.norm_type != 'rmsnorm' or m.norm_position != 'pre':
     refuse(f"attention_type='mla' with position={m.position!r}, norm_type={m.norm_type!r}, "
            f'norm_position={m.norm_position!r} (DeepSeek-V3 is rope, rmsnorm, pre)')
@@ -923,9 +1019,6 @@ def _deepseek_v3_to_hf(m, refuse):
   if m.num_experts // groups < 2:
     refuse(f'moe_num_groups={groups} with {m.num_experts} experts (transformers scores '
            'a group by its two best experts: groups need 2 or more)')
-  if m.get('mtp_depth', 0):
-    logging.warning('model.mtp_depth=%d: the MTP modules are not exported '
-                    '(transformers DeepseekV3ForCausalLM does not run them)', m.mtp_depth)
   act = {'silu': 'silu', 'gelu': 'gelu', 'gelu_tanh': 'gelu_pytorch_tanh', 'relu': 'relu'}
   hf = {'vocab_size': m.vocab_size, 'tie_word_embeddings': bool(m.tie_embeddings),
         'dtype': m.param_dtype, 'hidden_size': m.d_model, 'num_hidden_layers': m.num_layers,
@@ -944,7 +1037,7 @@ def _deepseek_v3_to_hf(m, refuse):
         'norm_topk_prob': bool(m.moe_renormalize),
         'routed_scaling_factor': float(m.get('moe_routed_scaling', 1.0)),
         'n_group': groups, 'topk_group': m.get('moe_topk_groups', 1),
-        'num_nextn_predict_layers': 0,
+        'num_nextn_predict_layers': m.get('mtp_depth', 0),
         'model_type': 'deepseek_v3', 'architectures': [ARCHITECTURES['deepseek_v3']]}
   rope = {'rope_type': 'default', 'rope_theta': m.rope_theta}
   if m.rope_scaling is not None:
@@ -956,9 +1049,29 @@ def _deepseek_v3_to_hf(m, refuse):
                   low_freq_factor=s.get('low_freq_factor', 1.0),
                   high_freq_factor=s.get('high_freq_factor', 4.0),
                   original_max_position_embeddings=s['original_max_seq_len'])
+    elif s['type'] == 'yarn':
+      # DeepSeek's mscale = mscale_all_dim, the one that gives ablax's
+      # attention factor 0.1 m ln(factor) + 1 (see _deepseek_v3_rope).
+      factor, attention = float(s['factor']), s.get('attention_factor')
+      if attention is None or factor <= 1:
+        if attention not in (None, 1.0) and factor <= 1:
+          refuse(f'rope_scaling.attention_factor={attention} with factor={factor} '
+                 '(DeepSeek-V3 has no YaRN attention factor without scaling)')
+        all_dim = 1.0
+      else:
+        all_dim = (float(attention) - 1.0) / (0.1 * math.log(factor))
+        if all_dim <= 0:
+          refuse(f'rope_scaling.attention_factor={attention} (DeepSeek-V3 writes it as '
+                 'mscale = mscale_all_dim = (attention_factor - 1) / (0.1 ln factor), '
+                 'which must be positive)')
+      rope.update(rope_type='yarn', factor=factor,
+                  original_max_position_embeddings=s['original_max_seq_len'],
+                  beta_fast=float(s.get('beta_fast', 32.0)),
+                  beta_slow=float(s.get('beta_slow', 1.0)),
+                  mscale=all_dim, mscale_all_dim=all_dim)
     else:
       refuse(f'rope_scaling.type={s["type"]!r} (the DeepSeek-V3 export writes default, '
-             'linear, llama3)')
+             'linear, llama3, yarn)')
   hf['rope_parameters'] = rope
   return hf
 
@@ -1044,6 +1157,12 @@ def save(cfg, decoder, hf_dir: str) -> None:
   for name, value in list(tensors.items()):
     if isinstance(value, list):
       tensors[name] = np.concatenate(value, axis=-1)
+  if family == 'deepseek_v3':
+    head = 'model.embed_tokens.weight' if m.tie_embeddings else 'lm_head.weight'
+    for j in range(m.get('mtp_depth', 0)):
+      q = f'model.layers.{m.num_layers + j}.'
+      tensors[q + 'embed_tokens.weight'] = tensors['model.embed_tokens.weight']
+      tensors[q + 'shared_head.head.weight'] = tensors[head]
   tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
   os.makedirs(hf_dir, exist_ok=True)
   with open(os.path.join(hf_dir, 'config.json'), 'w') as fh:

@@ -16,6 +16,10 @@ DSV3 = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_lay
             kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
             n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16)
 
+YARN = dict(rope_type='yarn', rope_theta=10000.0, factor=4.0,
+            original_max_position_embeddings=16, beta_fast=32.0, beta_slow=1.0,
+            mscale=0.7, mscale_all_dim=0.7)
+
 FAMILIES = {
     'llama': lambda: transformers.LlamaConfig(**COMMON, rope_parameters=dict(
         rope_type='llama3', rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
@@ -62,6 +66,12 @@ FAMILIES = {
     'diffllama_mha': lambda: transformers.DiffLlamaConfig(
         **dict(COMMON, num_key_value_heads=4, num_hidden_layers=4), head_dim=16,
         tie_word_embeddings=True),
+    # YaRN as DeepSeek-V3's released config writes it (mscale = mscale_all_dim),
+    # scaled: factor 4 over an original 16 positions (the tests run 12 and 40),
+    # mscale 0.7 (not the default 1, so a dropped mscale shows).
+    'deepseek_v3_yarn': lambda: transformers.DeepseekV3Config(
+        **DSV3, q_lora_rank=24, n_group=2, topk_group=1, first_k_dense_replace=1,
+        n_shared_experts=1, rope_parameters=YARN),
     # ALiBi families with non-power-of-two head counts (the slopes' second rule).
     'mpt': lambda: transformers.MptConfig(vocab_size=128, d_model=48, n_heads=6, n_layers=2,
                                           max_seq_len=64),
@@ -110,3 +120,26 @@ def random_tokens(seed: int, shape, vocab=128):
 def hf_logits(model, tokens):
   with torch.no_grad():
     return model(torch.tensor(tokens, dtype=torch.long)).logits.float().numpy()
+
+
+def with_deepseek_mtp_layer(model, path, seed=1):
+  """Adds DeepSeek's MTP layer (model.layers.{L}.*, L = num_hidden_layers) to
+  a saved checkpoint: a decoder layer's weights (MoE) plus enorm, hnorm,
+  eh_proj, shared_head.norm, and copies of the embedding and the head; all
+  drawn at random. Returns the tensors."""
+  from safetensors.numpy import load_file, save_file
+  rng = np.random.RandomState(seed)
+  tensors = load_file(path)
+  L, d = model.config.num_hidden_layers, model.config.hidden_size
+  for name in [k for k in tensors if k.startswith(f'model.layers.{L - 1}.')]:
+    w = tensors[name]
+    tensors[name.replace(f'layers.{L - 1}.', f'layers.{L}.')] = (
+        (1 + 0.1 * rng.randn(*w.shape)) if name.endswith('norm.weight') or 'layernorm' in name
+        else w.std() * rng.randn(*w.shape)).astype(np.float32)
+  for name in ('enorm', 'hnorm', 'shared_head.norm'):
+    tensors[f'model.layers.{L}.{name}.weight'] = (1 + 0.1 * rng.randn(d)).astype(np.float32)
+  tensors[f'model.layers.{L}.eh_proj.weight'] = (0.1 * rng.randn(d, 2 * d)).astype(np.float32)
+  tensors[f'model.layers.{L}.embed_tokens.weight'] = tensors['model.embed_tokens.weight'].copy()
+  tensors[f'model.layers.{L}.shared_head.head.weight'] = tensors['lm_head.weight'].copy()
+  save_file(tensors, path, metadata={'format': 'pt'})
+  return tensors

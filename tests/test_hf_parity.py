@@ -95,30 +95,125 @@ def test_deepseek_v3_flags():
   assert (m.moe_router, m.num_experts, m.experts_per_token, m.moe_num_groups,
           m.moe_topk_groups, m.moe_first_dense_layers, m.num_shared_experts, m.moe_d_ff,
           m.d_ff, m.moe_renormalize, m.moe_routed_scaling, m.mtp_depth) == (
-              'sigmoid', 8, 2, 2, 1, 1, 1, 16, 64, True, 2.5, 0)
+              'sigmoid', 8, 2, 2, 1, 1, 1, 16, 64, True, 2.5, 1)
   m = hf.hf_to_model_config(hf_families.make_hf_model('deepseek_v3_noq').config.to_dict())[1]
   assert (m.mla_q_lora_rank, m.moe_num_groups, m.moe_first_dense_layers,
           m.num_shared_experts, m.moe_renormalize, m.moe_routed_scaling) == (
               0, 1, 0, 2, False, 1.5)
 
 
-def test_deepseek_v3_mtp_tensors_are_dropped_with_a_warning(tmp_path, caplog):
-  """A checkpoint with its MTP layer (model.layers.{num_hidden_layers}.*, as
-  DeepSeek's releases) imports without it and computes the same logits."""
-  from safetensors.numpy import load_file, save_file
+def _mtp_reference_logits(model, tensors, tokens):
+  """Depth 1's logits computed from the HF tensors (DeepSeek-V3 report,
+  section 2.2, in DeepSeek's layout): h = the main model's last hidden state
+  before its final norm; e = Emb(x_{i+1}) (0 past the end);
+  x = eh_proj [RMSNorm_enorm(e); RMSNorm_hnorm(h)] (embedding first);
+  x = the MTP decoder layer (transformers' own layer class, its weights
+  loaded); logits = shared_head.head(RMSNorm_shared_head.norm(x))."""
+  torch = hf_families.torch
+  from transformers.models.deepseek_v3 import modeling_deepseek_v3 as ds
+  cfg = model.config
+  L, eps = cfg.num_hidden_layers, cfg.rms_norm_eps
+  q = f'model.layers.{L}.'
+  w = lambda name: torch.tensor(tensors[q + name])
+  rms = lambda x, g: g * x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+  seen = {}
+  hook = model.model.layers[-1].register_forward_hook(
+      lambda mod, args, out: seen.setdefault('h', out[0] if isinstance(out, tuple) else out))
+  tok = torch.tensor(tokens, dtype=torch.long)
+  with torch.no_grad():
+    model(tok)
+    hook.remove()
+    h = seen['h']
+    shifted = torch.cat([tok[:, 1:], torch.zeros_like(tok[:, :1])], dim=1)
+    e = torch.nn.functional.embedding(shifted, w('embed_tokens.weight'))
+    x = torch.cat([rms(e, w('enorm.weight')), rms(h, w('hnorm.weight'))], -1) @ w('eh_proj.weight').T
+    layer = ds.DeepseekV3DecoderLayer(cfg, layer_idx=L).eval()
+    state = {k[len(q):]: torch.tensor(v) for k, v in tensors.items() if k.startswith(q)}
+    # The layer class holds its experts fused: gate_up_proj [E, 2 f, d] (gate
+    # rows first), down_proj [E, d, f]; the checkpoint stores them per expert.
+    e_range = range(cfg.n_routed_experts)
+    state['mlp.experts.gate_up_proj'] = torch.stack([torch.cat(
+        [state.pop(f'mlp.experts.{e}.gate_proj.weight'),
+         state.pop(f'mlp.experts.{e}.up_proj.weight')]) for e in e_range])
+    state['mlp.experts.down_proj'] = torch.stack(
+        [state.pop(f'mlp.experts.{e}.down_proj.weight') for e in e_range])
+    missing, _ = layer.load_state_dict(state, strict=False)
+    assert not missing, missing
+    b, t = tok.shape
+    pos = torch.arange(t)[None].expand(b, t)
+    cos_sin = model.model.rotary_emb(x, pos)
+    mask = torch.full((t, t), float('-inf')).triu(1)[None, None].expand(b, 1, t, t)
+    x = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)
+    x = x[0] if isinstance(x, tuple) else x
+    return (rms(x, w('shared_head.norm.weight')) @ w('shared_head.head.weight').T).numpy()
+
+
+def test_deepseek_v3_mtp_layer_imports_and_matches_a_reference(tmp_path):
+  """DeepSeek's MTP layer becomes ablax's depth-1 MTP module: its logits equal
+  the computation above written from DeepSeek's layout (transformers does not
+  run MTP), and the main logits still equal transformers'."""
+  model = hf_families.make_hf_model('deepseek_v3')
+  model.save_pretrained(tmp_path)
+  tensors = hf_families.with_deepseek_mtp_layer(model, str(tmp_path / 'model.safetensors'))
+  cfg, decoder = hf.load(str(tmp_path))
+  assert cfg.model.mtp_depth == 1
+  tokens = hf_families.random_tokens(0, (2, 12))
+  x = jnp.asarray(tokens)
+  got, _ = decoder(x)
+  _assert_close(np.asarray(got), hf_families.hf_logits(model, tokens))
+  h, _ = decoder.hidden_states(x)
+  hidden, _ = decoder.mtp_hidden_states(h, x)
+  got = np.asarray(decoder.mtp_logits(1, hidden[0]))
+  _assert_close(got, _mtp_reference_logits(model, tensors, tokens))
+
+
+def test_deepseek_v3_mtp_copies_must_equal_the_main_ones(tmp_path):
+  from safetensors.numpy import save_file
   model = hf_families.make_hf_model('deepseek_v3')
   model.save_pretrained(tmp_path)
   path = str(tmp_path / 'model.safetensors')
-  tensors = load_file(path)
-  last = model.config.num_hidden_layers - 1
-  for name in [k for k in tensors if k.startswith(f'model.layers.{last}.')]:
-    tensors[name.replace(f'layers.{last}.', f'layers.{last + 1}.')] = tensors[name]
-  tensors[f'model.layers.{last + 1}.eh_proj.weight'] = np.zeros((32, 64), np.float32)
+  tensors = hf_families.with_deepseek_mtp_layer(model, path)
+  L = model.config.num_hidden_layers
+  tensors[f'model.layers.{L}.shared_head.head.weight'] += 1
   save_file(tensors, path, metadata={'format': 'pt'})
+  with pytest.raises(hf.HFError, match='shared_head.head.weight differs from lm_head'):
+    hf.load(str(tmp_path))
+
+
+def test_deepseek_v3_without_mtp_tensors_imports_with_depth_0(tmp_path, caplog):
+  """transformers' save_pretrained writes no MTP layer whatever
+  num_nextn_predict_layers says: the import warns and sets mtp_depth=0."""
+  model = hf_families.make_hf_model('deepseek_v3', num_nextn_predict_layers=1)
+  model.save_pretrained(tmp_path)
   with caplog.at_level('WARNING'):
     cfg, decoder = hf.load(str(tmp_path))
-  assert 'multi-token-prediction tensors' in caplog.text
+  assert 'no multi-token-prediction tensors' in caplog.text
   assert cfg.model.mtp_depth == 0
   tokens = hf_families.random_tokens(0, (2, 12))
   got, _ = decoder(jnp.asarray(tokens))
   _assert_close(np.asarray(got), hf_families.hf_logits(model, tokens))
+
+
+@pytest.mark.parametrize('change,field', [
+    (dict(mscale=1.0, mscale_all_dim=0.7), 'mscale=1.0, mscale_all_dim=0.7'),
+    (dict(mscale_all_dim=0), 'mscale_all_dim=0'),
+    (dict(attention_factor=1.2), 'attention_factor'),
+    (dict(truncate=False), 'truncate=False')])
+def test_deepseek_v3_yarn_refusals(change, field):
+  """YaRN variants ablax's MLA cannot compute (model/mla.py puts the attention
+  factor on the whole softmax scale) are refused, naming the field."""
+  hf_cfg = hf_families.make_hf_model('deepseek_v3_yarn').config.to_dict()
+  hf_cfg['rope_parameters'] = {**hf_families.YARN, **change}
+  with pytest.raises(hf.HFError, match=field.replace('.', r'\.')):
+    hf.hf_to_model_config(hf_cfg)
+
+
+def test_deepseek_v3_yarn_fields():
+  m = hf.hf_to_model_config(hf_families.make_hf_model('deepseek_v3_yarn').config.to_dict())[1]
+  assert dict(m.rope_scaling) == pytest.approx(dict(
+      type='yarn', factor=4.0, original_max_seq_len=16, beta_fast=32.0, beta_slow=1.0,
+      attention_factor=0.1 * 0.7 * np.log(4.0) + 1))
+  out = hf.model_config_to_hf(m)[1]['rope_parameters']
+  assert (out['rope_type'], out['factor'], out['original_max_position_embeddings']) == (
+      'yarn', 4.0, 16)
+  assert out['mscale'] == out['mscale_all_dim'] == pytest.approx(0.7)

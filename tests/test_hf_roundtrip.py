@@ -21,7 +21,7 @@ transformers = pytest.importorskip(
 @pytest.mark.parametrize('family,overrides', [
     ('llama', {}), ('qwen2', {}), ('gemma2', {}), ('gpt2', {}), ('qwen3_moe', {}),
     ('mpt', {}), ('bloom', {}), ('deepseek_v3', {}), ('diffllama', {}), ('diffllama_mha', {}),
-    ('deepseek_v3_noq', {'rope_interleave': True})])
+    ('deepseek_v3_noq', {'rope_interleave': True}), ('deepseek_v3_yarn', {})])
 def test_hf_ablax_hf_is_bitwise_identical(family, overrides, tmp_path):
   model = hf_families.make_hf_model(family, quantize_norms=True, **overrides)
   model.save_pretrained(tmp_path / 'in')
@@ -36,6 +36,25 @@ def test_hf_ablax_hf_is_bitwise_identical(family, overrides, tmp_path):
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(
       tmp_path / 'out', attn_implementation='eager')
   assert type(reloaded).__name__ == type(model).__name__
+
+
+def test_deepseek_v3_mtp_layer_round_trips_bitwise(tmp_path):
+  """HF -> ablax -> HF with DeepSeek's MTP layer present (its own tensors and
+  the embedding/head copies): every tensor comes back bit for bit, and
+  num_nextn_predict_layers = mtp_depth."""
+  import json
+  model = hf_families.make_hf_model('deepseek_v3', num_nextn_predict_layers=1)
+  model.save_pretrained(tmp_path / 'in')
+  before = hf_families.with_deepseek_mtp_layer(model, str(tmp_path / 'in' / 'model.safetensors'))
+  cfg, decoder = hf.load(str(tmp_path / 'in'))
+  assert cfg.model.mtp_depth == 1
+  hf.save(cfg, decoder, str(tmp_path / 'out'))
+  after = load_file(str(tmp_path / 'out' / 'model.safetensors'))
+  assert sorted(before) == sorted(after)
+  for name in before:
+    np.testing.assert_array_equal(before[name], after[name], err_msg=name)
+  with open(tmp_path / 'out' / 'config.json') as fh:
+    assert json.load(fh)['num_nextn_predict_layers'] == 1
 
 
 @pytest.mark.parametrize('preset,overrides', [
@@ -159,11 +178,20 @@ def _dsv3_decoder(overrides=()):
 def test_deepseek_v3_preset_exports_to_transformers(tmp_path, caplog):
   """The MLA + sigmoid-router preset loads as DeepseekV3ForCausalLM with the
   same logits (interleaved rope columns, selection bias, groups, first dense
-  layer, shared expert); its MTP module is left out with a warning."""
+  layer, shared expert); its MTP module goes out as DeepSeek's MTP layer
+  (which transformers does not run) and comes back with the same MTP logits."""
   cfg, decoder = _dsv3_decoder()
-  with caplog.at_level('WARNING'):
-    hf.save(cfg, decoder, str(tmp_path))
-  assert 'MTP modules are not exported' in caplog.text
+  hf.save(cfg, decoder, str(tmp_path))
+  L = cfg.model.num_layers
+  assert f'model.layers.{L}.eh_proj.weight' in load_file(str(tmp_path / 'model.safetensors'))
+  cfg2, decoder2 = hf.load(str(tmp_path))
+  assert cfg2.model.mtp_depth == cfg.model.mtp_depth >= 1
+  x = jnp.asarray(hf_families.random_tokens(6, (2, 12)))
+  mtp = []
+  for d in (decoder, decoder2):
+    hidden, _ = d.mtp_hidden_states(d.hidden_states(x)[0], x)
+    mtp.append(np.asarray(d.mtp_logits(1, hidden[0])))
+  np.testing.assert_allclose(mtp[1], mtp[0], rtol=0, atol=1e-5 * np.max(np.abs(mtp[0])))
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(
       tmp_path, attn_implementation='eager').float().eval()
   assert type(reloaded).__name__ == 'DeepseekV3ForCausalLM'
