@@ -368,19 +368,22 @@ class Decoder(nnx.Module):
       if aux:
         moe_aux.append(aux)
 
+    # Per-layer loads in layer order (the bias update's `moe_layer_loads`):
+    # the unrolled blocks', then a scanned group's [groups, E] per period slot.
+    loads = [(i, a['moe_expert_load']) for i, a in
+             zip([i for i, b in enumerate(blocks) if b.is_moe], moe_aux)]
     count = len(moe_aux)
-    scanned_moe = False
     if scanned and cache is None:
       x, stacked_aux = self._scan(x, positions, segment_ids, residual_axes)
-      for a in stacked_aux:
+      for j, a in enumerate(stacked_aux):
         if a:
+          groups = (self.num_layers - self.scan_prefix) // self.scan_period
           moe_aux.append({key: v.sum(0) for key, v in a.items()})
-          count += (self.num_layers - self.scan_prefix) // self.scan_period
-          scanned_moe = True
-    # Each MoE statistic is averaged over the MoE layers; per-layer loads
-    # (the bias update's) only for unrolled layers (configs refuse
-    # train.moe_bias_update_rate with model.scan_layers).
-    aux = _moe_aux(moe_aux, count, layer_loads=not scanned_moe)
+          count += groups
+          loads += [(self.scan_prefix + g * self.scan_period + j, a['moe_expert_load'][g])
+                    for g in range(groups)]
+    # Each MoE statistic is averaged over the MoE layers.
+    aux = _moe_aux(moe_aux, count, [load for _, load in sorted(loads, key=lambda p: p[0])])
     if cache is None:
       return x[:, m:], aux
     return x[:, m:], aux, tuple(new_cache)
@@ -466,15 +469,16 @@ def _default_positions(tokens, segment_ids, positions):
   return positions_lib.segment_positions(segment_ids)
 
 
-def _moe_aux(moe_aux: list[dict], count: int | None = None,
-             layer_loads: bool = True) -> dict:
+def _moe_aux(moe_aux: list[dict], count: int | None = None, loads=None) -> dict:
   """Each MoE statistic averaged over the `count` MoE layers (default: one
   per entry; a scanned group's entry sums its layers), plus every layer's own
-  load [L, E] (`moe_layer_loads`, for the bias update) when `layer_loads`."""
+  load [L, E] in layer order (`moe_layer_loads`, for the bias update; default:
+  each entry's `moe_expert_load`)."""
   if not moe_aux:
     return {}
   count = len(moe_aux) if count is None else count
   aux = {key: sum(a[key] for a in moe_aux) / count for key in moe_aux[0]}
-  if layer_loads:
-    aux['moe_layer_loads'] = jnp.stack([a['moe_expert_load'] for a in moe_aux])
+  if loads is None:
+    loads = [a['moe_expert_load'] for a in moe_aux]
+  aux['moe_layer_loads'] = jnp.stack(loads)
   return aux

@@ -84,7 +84,7 @@ def cases(root: str, trained: str):
   return [
       # Before JAX: the flags.
       ('unknown_field', TRAIN + new('w1') + ['--config.model.num_layerz=4'],
-       'model.num_layerz is not a config field; did you mean model.num_layers?', None),
+       'model.num_layerz is not a config field; did you mean model.num_layers', None),
       ('missing_config', [sys.executable, '-m', 'train', '--config', 'configs/nope.py']
        + new('w2'), "config file 'configs/nope.py' not found", None),
       ('config_syntax', [sys.executable, '-m', 'train', '--config', bad_py] + new('w3'),

@@ -6,7 +6,7 @@ import json
 import numpy as np
 
 from data import tokenizers
-from model import hf
+from train import hf_workdir
 from tests import hf_families
 from train import evaluate
 
@@ -15,7 +15,7 @@ def test_tasks_on_an_imported_hf_model_match_transformers(tmp_path):
   model = hf_families.make_hf_model('llama', vocab_size=320)
   model.save_pretrained(tmp_path / 'hf')
   workdir = str(tmp_path / 'work')
-  hf.main(['import', str(tmp_path / 'hf'), '--workdir', workdir])
+  hf_workdir.import_to_workdir(str(tmp_path / 'hf'), workdir)
   tok = tokenizers.get_tokenizer('bytes')      # an import's default tokenizer
 
   def scores(context, choices):

@@ -362,8 +362,8 @@ def main(argv):
       os.environ.get('XLA_FLAGS', ''):
     jax.config.update('jax_num_cpu_devices', f.devices)
   import configs  # pylint: disable=g-import-not-at-top
-  from train import loop  # pylint: disable=g-import-not-at-top
-  loop.configure_logging()
+  from train import metrics  # pylint: disable=g-import-not-at-top
+  metrics.configure_logging()
   cfg = f.config
   configs.validate(cfg)
   result = plan(cfg, f.devices, f.device_kind, device_memory_gb=f.device_memory_gb,
