@@ -835,6 +835,26 @@ def _qwen2_like(decoder, m):
   return True
 
 
+def _rope_parameters(m):
+  """(HF `rope_parameters`, None) for no, linear or llama3 rope scaling; for
+  another type, (the unscaled parameters, `dict(m.rope_scaling)`): the
+  family's export maps that type or refuses it."""
+  rope = {'rope_type': 'default', 'rope_theta': m.rope_theta}
+  if m.rope_scaling is None:
+    return rope, None
+  s = dict(m.rope_scaling)
+  if s['type'] == 'linear':
+    rope.update(rope_type='linear', factor=s['factor'])
+  elif s['type'] == 'llama3':
+    rope.update(rope_type='llama3', factor=s['factor'],
+                low_freq_factor=s.get('low_freq_factor', 1.0),
+                high_freq_factor=s.get('high_freq_factor', 4.0),
+                original_max_position_embeddings=s['original_max_seq_len'])
+  else:
+    return rope, s
+  return rope, None
+
+
 def model_config_to_hf(m, decoder=None):
   """(family, HF config dict) for an ablax `config.model`; raises HFError."""
   def refuse(what):
@@ -898,18 +918,9 @@ def model_config_to_hf(m, decoder=None):
               num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
               head_dim=h, intermediate_size=m.d_ff, max_position_embeddings=m.max_seq_len,
               rms_norm_eps=m.norm_eps, hidden_act=act[m.mlp_activation])
-    rope = {'rope_type': 'default', 'rope_theta': m.rope_theta}
-    if m.rope_scaling is not None:
-      s = dict(m.rope_scaling)
-      if s['type'] == 'linear':
-        rope.update(rope_type='linear', factor=s['factor'])
-      elif s['type'] == 'llama3':
-        rope.update(rope_type='llama3', factor=s['factor'],
-                    low_freq_factor=s.get('low_freq_factor', 1.0),
-                    high_freq_factor=s.get('high_freq_factor', 4.0),
-                    original_max_position_embeddings=s['original_max_seq_len'])
-      else:
-        refuse(f'rope_scaling.type={s["type"]!r}')
+    rope, other = _rope_parameters(m)
+    if other is not None:
+      refuse(f'rope_scaling.type={other["type"]!r}')
     hf['rope_parameters'] = rope
     if m.norm_position == 'sandwich':
       family = 'gemma2'
@@ -1039,17 +1050,9 @@ def _deepseek_v3_to_hf(m, refuse):
         'n_group': groups, 'topk_group': m.get('moe_topk_groups', 1),
         'num_nextn_predict_layers': m.get('mtp_depth', 0),
         'model_type': 'deepseek_v3', 'architectures': [ARCHITECTURES['deepseek_v3']]}
-  rope = {'rope_type': 'default', 'rope_theta': m.rope_theta}
-  if m.rope_scaling is not None:
-    s = dict(m.rope_scaling)
-    if s['type'] == 'linear':
-      rope.update(rope_type='linear', factor=s['factor'])
-    elif s['type'] == 'llama3':
-      rope.update(rope_type='llama3', factor=s['factor'],
-                  low_freq_factor=s.get('low_freq_factor', 1.0),
-                  high_freq_factor=s.get('high_freq_factor', 4.0),
-                  original_max_position_embeddings=s['original_max_seq_len'])
-    elif s['type'] == 'yarn':
+  rope, s = _rope_parameters(m)
+  if s is not None:
+    if s['type'] == 'yarn':
       # DeepSeek's mscale = mscale_all_dim, the one that gives ablax's
       # attention factor 0.1 m ln(factor) + 1 (see _deepseek_v3_rope).
       factor, attention = float(s['factor']), s.get('attention_factor')

@@ -313,14 +313,7 @@ def _alive(pid: int) -> bool:
 def read_lock(workdir: str) -> dict | None:
   """The LOCK record, {} if unreadable (being written, or garbage), None if
   there is no lock."""
-  try:
-    with open(os.path.join(workdir, LOCK_FILE)) as f:
-      record = json.load(f)
-    return record if isinstance(record, dict) else {}
-  except FileNotFoundError:
-    return None
-  except (OSError, ValueError):
-    return {}
+  return _read_record(os.path.join(workdir, LOCK_FILE))
 
 
 def lock_state(record: dict | None) -> str | None:
@@ -451,16 +444,23 @@ def clear_start_failed(workdir: str) -> None:
     os.remove(path)
 
 
-def read_start_failed(workdir: str) -> dict | None:
-  """The record of `mark_start_failed` ({} if unreadable), None if absent."""
+
+def _read_record(path: str) -> dict | None:
+  """A small JSON record file: the dict, {} if unreadable (being written, or
+  garbage), None if absent."""
   try:
-    with open(os.path.join(workdir, START_FAILED_FILE)) as f:
+    with open(path) as f:
       record = json.load(f)
     return record if isinstance(record, dict) else {}
   except FileNotFoundError:
     return None
   except (OSError, ValueError):
     return {}
+
+
+def read_start_failed(workdir: str) -> dict | None:
+  """The record of `mark_start_failed` ({} if unreadable), None if absent."""
+  return _read_record(os.path.join(workdir, START_FAILED_FILE))
 
 
 @dataclasses.dataclass(frozen=True)
