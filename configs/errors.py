@@ -3,7 +3,7 @@
 A user error is anything the user fixes by changing an argument, a file or a
 flag. Its class derives from `UserError` (`configs.ConfigError`,
 `data.sources.DataError`, `data.tokenizers.TokenizerError`,
-`train.checkpoint.CheckpointError`, `model.hf.HFError`, ...), and its message
+`train.workdir.CheckpointError`, `model.hf.HFError`, ...), and its message
 names what to change. `run(main)` turns one into a single line on stderr,
 
     ablax: model.num_layerz is not a config field; did you mean num_layers?

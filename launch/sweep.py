@@ -374,7 +374,6 @@ def is_done(run: Run, steps: int) -> bool:
 
 
 # A run's saved steps; the name stays for the tests that call it.
-checkpoint_steps = workdir_lib.steps
 
 
 def read_marker(workdir: str, name: str) -> dict | None:

@@ -25,6 +25,7 @@ from train import metrics as metrics_lib
 from train import optim
 from train import sharding
 from train import step as step_lib
+from train import workdir as workdir_lib
 from tests import kill_resume
 
 MODEL = ['model.d_model=32', 'model.num_layers=1', 'model.num_heads=2',
@@ -78,7 +79,7 @@ def test_dpo_end_to_end_resume_and_train_loads_the_policy(pretrained, tmp_path):
       _dpo_cfg(init, 'train.steps=3', 'train.eval_steps=0',
                'train.checkpoint_every_steps=3', constant), str(tmp_path / 'straight'))
   assert second['losses'][3] == straight['losses'][3]
-  a, b = (checkpoint_lib.restore_params(d, _abstract_params(init))[0]
+  a, b = (workdir_lib.restore_params(d, _abstract_params(init))[0]
           for d in (workdir, str(tmp_path / 'straight')))
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
 
@@ -338,7 +339,7 @@ def _init_decoder(cfg, init):
   optimizer, _ = optim.make_optimizer(cfg.train)
   graphdef, _, abstract, _ = step_lib.train_state_spec(
       lambda: model_lib.Decoder(cfg.model, rngs=nnx.Rngs(0)), optimizer, mesh, 0)
-  params, step = checkpoint_lib.restore_params(init, abstract['params'])
+  params, step = workdir_lib.restore_params(init, abstract['params'])
   return nnx.merge(graphdef, jax.device_get(params), abstract['model_state']), step
 
 

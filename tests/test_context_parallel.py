@@ -190,7 +190,8 @@ def test_per_device_temporaries_fall_with_context(mode):
 def test_switching_the_mode_is_a_runtime_change_on_resume():
   import json  # pylint: disable=g-import-not-at-top
   from train import checkpoint  # pylint: disable=g-import-not-at-top
-  saved = json.loads(checkpoint.config_json(configs.load('configs/llama.py:tiny')))
+  from train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  saved = json.loads(workdir_lib.config_json(configs.load('configs/llama.py:tiny')))
   shape, runtime = checkpoint.model_differences(
       saved, configs.load('configs/llama.py:tiny', ['model.context_parallel=ring']))
   assert shape == [] and len(runtime) == 1 and 'context_parallel' in runtime[0]

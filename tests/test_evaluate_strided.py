@@ -53,7 +53,7 @@ def run(tmp_path_factory):
   state = jax.jit(init, out_shardings=shardings)()
   # Sharper attention than the small init: the window's context matters.
   state['params'] = jax.tree.map(lambda x: 6.0 * x, state['params'])
-  checkpoint_lib.write_config(workdir, cfg)
+  workdir_lib.write_config(workdir, cfg)
   ckpt = checkpoint_lib.Checkpointer(workdir, every_steps=1, keep=1)
   ckpt.save(0, state, force=True)
   ckpt.close()

@@ -219,7 +219,7 @@ def test_import_into_an_import_is_refused_unless_overwrite(tmp_path):
 def test_none_defaults_are_resolved_before_comparing_models():
   from train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   cfg = configs.load('configs/llama.py:tiny', ['model.head_dim=16'])
-  saved = json.loads(checkpoint_lib.config_json(cfg))
+  saved = json.loads(workdir_lib.config_json(cfg))
   saved['model']['head_dim'] = None           # 64 // 4 = 16: the same model
   del saved['model']['moe_dispatch']          # a field added after that run
   assert checkpoint_lib.model_differences(saved, cfg) == ([], [])

@@ -26,6 +26,7 @@ from launch import compare
 from launch import fit
 from launch import sweep
 from train import metrics
+from train import workdir as workdir_lib
 
 CONFIG = 'configs/llama.py:tiny'
 TINY = ['model.num_layers=1', 'model.d_model=32', 'model.d_ff=64', 'train.seq_len=16',
@@ -333,13 +334,13 @@ def test_stopping_a_sweep_stops_its_trainer(tmp_path):
   # SIGTERM: passed on; the trainer saves where it is, the sweep exits 143.
   sweep_proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, cwd=REPO)
-  assert _wait(lambda: child_pid() and sweep.checkpoint_steps(run_dir))
+  assert _wait(lambda: child_pid() and workdir_lib.steps(run_dir))
   child = child_pid()
   sweep_proc.send_signal(signal.SIGTERM)
   out = sweep_proc.communicate(timeout=120)[0].decode()
   assert sweep_proc.returncode == 128 + signal.SIGTERM, out
   assert not sweep.pid_alive(child)
-  saved = sweep.checkpoint_steps(run_dir)[-1]
+  saved = workdir_lib.steps(run_dir)[-1]
   assert f'stopped by SIGTERM at checkpoint {saved}' in out
   assert not os.path.exists(os.path.join(run_dir, sweep.RUNNING))
   assert not os.path.exists(os.path.join(run_dir, sweep.FAILED))
@@ -349,7 +350,7 @@ def test_stopping_a_sweep_stops_its_trainer(tmp_path):
   sweep_proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, cwd=REPO)
   assert _wait(lambda: child_pid() and child_pid() != child
-               and sweep.checkpoint_steps(run_dir)[-1] > saved)
+               and workdir_lib.steps(run_dir)[-1] > saved)
   child = child_pid()
   sweep_proc.kill()
   sweep_proc.communicate(timeout=60)

@@ -21,6 +21,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from configs import errors
 from launch import compare
 from launch import sweep
+from train import workdir as workdir_lib
 
 CONFIG = 'configs/llama.py:tiny'
 BASE = ['train.steps=4', 'train.eval_every_steps=2', 'train.checkpoint_every_steps=2',
@@ -115,7 +116,7 @@ def test_sweep_runs_every_run_to_the_end(swept):
   for name in NAMES:
     run_dir = os.path.join(root, name)
     assert json.load(open(os.path.join(run_dir, sweep.DONE)))['step'] == 4
-    assert sweep.checkpoint_steps(run_dir)[-1] == 4
+    assert workdir_lib.steps(run_dir)[-1] == 4
     saved = json.load(open(os.path.join(run_dir, 'config.json')))
     norm, position = (part.split('=')[1] for part in name.split(','))
     assert (saved['model']['norm_type'], saved['model']['position']) == (norm, position)
@@ -153,7 +154,7 @@ def test_interrupted_sweep_finishes_only_the_unfinished_run(swept, tmp_path, cap
   assert f'{NAMES[-1]}: training in' in out
   assert os.path.exists(os.path.join(victim, sweep.DONE))
   assert not os.path.exists(os.path.join(victim, sweep.RUNNING))
-  assert sweep.checkpoint_steps(victim)[-1] == 4
+  assert workdir_lib.steps(victim)[-1] == 4
   # It resumed from checkpoint 2 (the new event file starts at step 3), and
   # the resumed steps reproduce the uninterrupted losses.
   newest = max(glob.glob(os.path.join(victim, 'events.out.tfevents.*')), key=os.path.getmtime)

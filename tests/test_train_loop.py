@@ -30,6 +30,7 @@ from train import metrics as metrics_lib
 from train import optim
 from train import sharding
 from train import step as step_lib
+from train import workdir as workdir_lib
 
 CONTRACT_TAGS = {
     'train/loss', 'train/learning_rate', 'train/grad_norm', 'train/tokens_per_second',
@@ -186,7 +187,7 @@ def test_no_loadable_checkpoint_is_an_error_that_moves_nothing(moe_run, tmp_path
   _, _, abstract, _ = step_lib.train_state_spec(
       lambda: model.Decoder(cfg.model, rngs=nnx.Rngs(0)), optimizer, mesh, 0)
   ckpt = checkpoint_lib.Checkpointer(copy, every_steps=3, keep=5)
-  with pytest.raises(checkpoint_lib.CheckpointError, match=r'steps 6, 3\); the newest, 6'):
+  with pytest.raises(workdir_lib.CheckpointError, match=r'steps 6, 3\); the newest, 6'):
     ckpt.restore_latest(abstract)
   ckpt.close()
   assert sorted(os.listdir(os.path.join(copy, 'checkpoints'))) == ['3', '6']
@@ -257,9 +258,9 @@ def test_restore_params_reads_only_the_parameters(moe_run):
   optimizer, _ = optim.make_optimizer(train_cfg)
   _, _, abstract, _ = step_lib.train_state_spec(
       lambda: model.Decoder(cfg.model, rngs=nnx.Rngs(0)), optimizer, mesh, 0)
-  params, step = checkpoint_lib.restore_params(workdir, abstract['params'])
+  params, step = workdir_lib.restore_params(workdir, abstract['params'])
   assert step == 6
-  earlier = checkpoint_lib.restore_params(
+  earlier = workdir_lib.restore_params(
       os.path.join(workdir, 'checkpoints', '3'), abstract['params'])[0]
   saved = ocp_restore(os.path.join(workdir, 'checkpoints', '6', 'state'))['params']
   for (path, got), want, target in zip(jax.tree_util.tree_flatten_with_path(params)[0],

@@ -48,16 +48,6 @@ from jax.experimental import multihost_utils
 import configs
 from train import workdir as workdir_lib
 
-# Workdir names the loops and tests reach through this module; they live in
-# `train.workdir`.
-CheckpointError = workdir_lib.CheckpointError
-WorkdirLock = workdir_lib.WorkdirLock
-config_json = workdir_lib.config_json
-write_config = workdir_lib.write_config
-restore_params = workdir_lib.restore_params
-restore_params_in_layout = workdir_lib.restore_params_in_layout
-mark_start_failed = workdir_lib.mark_start_failed
-clear_start_failed = workdir_lib.clear_start_failed
 
 # Model fields that change how the same parameters are computed with, not the
 # parameters: a run may resume with other values (a warning says so).
@@ -99,7 +89,7 @@ def model_differences(saved: dict, cfg) -> tuple[list[str], list[str]]:
   """
   from configs import base  # pylint: disable=g-import-not-at-top
   defaults = base.model_config().to_dict()
-  now = json.loads(config_json(cfg))['model']
+  now = json.loads(workdir_lib.config_json(cfg))['model']
   before = dict(saved.get('model', {}))
   for field in set(now) - set(before):
     if field in defaults:
@@ -269,7 +259,7 @@ class Checkpointer:
       if 'manifest.ocdbt' in files:
         data = os.path.join(root, 'd')
         if not (os.path.isdir(data) and os.listdir(data)):
-          raise CheckpointError(f'its array data files are missing (nothing in '
+          raise workdir_lib.CheckpointError(f'its array data files are missing (nothing in '
                                 f'{os.path.relpath(data, self.directory)})')
 
   def restore(self, step: int, abstract_state, data_iterator=None):
@@ -318,7 +308,7 @@ class Checkpointer:
       return state, step
     if failures:
       step, error = failures[0]
-      raise CheckpointError(
+      raise workdir_lib.CheckpointError(
           f'none of the checkpoints in {self.directory} can be loaded into this '
           f'run\'s state (steps {", ".join(str(s) for s, _ in failures)}); the '
           f'newest, {step}, failed with {_reason(error)}') from error

@@ -64,6 +64,7 @@ from train import optim
 from train import sharding
 from train import step as step_lib
 from train import tasks as tasks_lib
+from train import workdir as workdir_lib
 
 
 class Preemption:
@@ -123,25 +124,25 @@ def exit_status(summary: dict) -> int:
 
 
 def run_locked(workdir: str, stage: str, body):
-  """`body(started)` holding the workdir lock (`checkpoint.WorkdirLock`).
+  """`body(started)` holding the workdir lock (`workdir_lib.WorkdirLock`).
 
   `body` calls `started()` once its first step ran; an error before that
-  leaves `DIR/start_failed.json` (`checkpoint.mark_start_failed`) instead of
+  leaves `DIR/start_failed.json` (`workdir_lib.mark_start_failed`) instead of
   a config.json, so the workdir does not look like a stopped run.
   """
-  with checkpoint_lib.WorkdirLock(workdir, stage):
+  with workdir_lib.WorkdirLock(workdir, stage):
     state = {'started': False}
 
     def started():
       if not state['started']:
         state['started'] = True
-        checkpoint_lib.clear_start_failed(workdir)
+        workdir_lib.clear_start_failed(workdir)
 
     try:
       return body(started)
     except Exception as e:
       if not state['started']:
-        checkpoint_lib.mark_start_failed(workdir, stage, e)
+        workdir_lib.mark_start_failed(workdir, stage, e)
       raise
 
 
@@ -450,7 +451,7 @@ def _run(cfg, workdir: str, make_objective, started) -> dict:
     peak = metrics_lib.peak_flops(mesh.devices.flat)
     prefix = objective.prefix
     if step == 0:
-      writer.text(0, 'config', '```\n' + checkpoint_lib.config_json(cfg) + '\n```')
+      writer.text(0, 'config', '```\n' + workdir_lib.config_json(cfg) + '\n```')
 
     def evaluate(at_step):
       summary['eval'] = objective.evaluate(state, eval_step)
@@ -570,7 +571,7 @@ def _run(cfg, workdir: str, make_objective, started) -> dict:
             if not config_written:
               # The first step compiled and ran: the run has started.
               started()
-              checkpoint_lib.write_config(workdir, cfg)
+              workdir_lib.write_config(workdir, cfg)
               objective.first_step_done()
               config_written = True
             pending.append((step, device_metrics))
