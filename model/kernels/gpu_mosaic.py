@@ -338,3 +338,194 @@ def _call(kernel, spec, name, grid, grid_names, outs, scratch, ins):
       kernel_name=name, **_interpret_kwargs(spec))
   results = call(*(ins[key] for key in in_names))
   return tuple(results)
+
+
+# ------------------------------------------------------------------------- backward
+
+
+def _dq(spec, q, k, v, q_seg, kv_seg, slope_rows, dout, lse, delta):
+  b, tp, n, h = q.shape
+  sp, kvh, hv = k.shape[1], k.shape[2], v.shape[3]
+  g = n // kvh
+  bq, bk = spec.bwd_block_q, spec.bwd_block_kv
+  dtype = q.dtype
+  segments, alibi = q_seg is not None, slope_rows is not None
+
+  def kernel(r):
+    qi, bi, hi = lax.axis_index('q'), lax.axis_index('b'), lax.axis_index('h')
+    kv_head = lax.div(hi, jnp.asarray(g, hi.dtype))
+    q_start = qi * bq
+    rows = pl.ds(q_start, bq)
+    bar = r['q_bar'].at[0]
+    plgpu.copy_gmem_to_smem(r['q'].at[bi, rows, hi], r['q_s'], bar)
+    plgpu.copy_gmem_to_smem(r['do'].at[bi, rows, hi], r['do_s'], bar)
+    plgpu.copy_gmem_to_smem(r['lse'].at[bi, hi, rows], r['lse_s'], bar)
+    plgpu.copy_gmem_to_smem(r['delta'].at[bi, hi, rows], r['delta_s'], bar)
+    if segments:
+      plgpu.copy_gmem_to_smem(r['q_seg'].at[bi, rows], r['qseg_s'], bar)
+    if alibi:
+      plgpu.copy_gmem_to_smem(r['slopes'].at[hi], r['slope_s'], bar)
+
+    def sources(j):
+      cols = pl.ds(j * bk, bk)
+      srcs = [r['k'].at[bi, cols, kv_head], r['v'].at[bi, cols, kv_head]]
+      return srcs + ([r['kv_seg'].at[bi, cols]] if segments else [])
+    stream = _Stream(sources, [r['k_s'], r['v_s']] + ([r['kvseg_s']] if segments else []),
+                     r['kv_bar'])
+    mem, lo_b, hi_b, loops = _kv_steps(spec, q_start, bq, bk, sp // bk, segments)
+    if mem:
+      stream.start(0, 0)
+    else:
+      pl.when(lo_b < hi_b)(lambda: stream.start(0, lo_b))
+    plgpu.barrier_wait(bar)
+
+    shape, layout = (bq, bk), plgpu.Layout.WGMMA
+    row = lambda name: _rows(_load(r[name], layout.reduce(1)), shape, 0)
+    q_idx = q_start + _iota(shape, 0)
+    q_seg = row('qseg_s') if segments else None
+    slope = row('slope_s') if alibi else None
+    lse_t, delta_t = row('lse_s'), row('delta_s')
+
+    def body(j, carry, masked):
+      step, dq = carry
+      nxt = jnp.where(j + 1 == mem, lo_b, j + 1)
+      pl.when((j + 1 < mem) | (nxt < hi_b))(lambda: stream.start(step + 1, nxt))
+      bufs = stream.wait(step)
+      kv_idx = j * bk + _iota(shape, 1)
+      kv_seg = None if not segments else _rows(_load(bufs[2], layout.reduce(0)), shape, 1)
+      s = _mma(spec, r['q_s'], _t(bufs[0]), shape)
+      capped, logits, mask = _tile(spec, s, q_idx, kv_idx, q_seg, kv_seg, slope, masked)
+      dp = _mma(spec, r['do_s'], _t(bufs[1]), shape)
+      _, ds = flash.tile_grads(spec, capped, logits, mask, lse_t, delta_t, dp)
+      dq = _mma(spec, _operand(spec, ds.astype(dtype), r.get('p_s')), bufs[0], (bq, h), dq)
+      return step + 1, dq
+
+    carry = (jnp.int32(0), plgpu.layout_cast(jnp.full((bq, h), 0.0, jnp.float32), layout))
+    for lo_, hi_, masked in loops:
+      carry = lax.fori_loop(lo_, hi_, functools.partial(body, masked=masked), carry)
+    r['q_s'][...] = (carry[1] * spec.scale).astype(dtype)    # q's tile is free now
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(r['q_s'], r['dq'].at[bi, rows, hi])
+    plgpu.wait_smem_to_gmem(0)
+
+  scratch = dict(
+      q_s=_smem((bq, h), dtype), do_s=_smem((bq, hv), dtype),
+      lse_s=plgpu.SMEM((bq,), jnp.float32), delta_s=plgpu.SMEM((bq,), jnp.float32),
+      qseg_s=plgpu.SMEM((bq,), jnp.int32) if segments else None,
+      slope_s=plgpu.SMEM((bq,), jnp.float32) if alibi else None,
+      k_s=_smem((_STAGES, bk, h), dtype), v_s=_smem((_STAGES, bk, hv), dtype),
+      kvseg_s=plgpu.SMEM((_STAGES, bk), jnp.int32) if segments else None,
+      p_s=_staging(spec, (bq, bk), dtype),
+      q_bar=plgpu.Barrier(num_arrivals=4 + segments + alibi, num_barriers=1),
+      kv_bar=plgpu.Barrier(num_arrivals=2 + segments, num_barriers=_STAGES),
+  )
+  return _call(kernel, spec, 'ablax_mgpu_dq', (tp // bq, b, n), ('q', 'b', 'h'),
+               dict(dq=jax.ShapeDtypeStruct(q.shape, dtype)), scratch,
+               dict(q=q, k=k, v=v, q_seg=q_seg, kv_seg=kv_seg, slopes=slope_rows,
+                    do=dout, lse=lse, delta=delta))[0]
+
+
+def _dkv(spec, q, k, v, q_seg, kv_seg, slope_rows, dout, lse, delta):
+  b, tp, n, h = q.shape
+  sp, kvh, hv = k.shape[1], k.shape[2], v.shape[3]
+  g = n // kvh
+  bq, bk = spec.bwd_block_q, spec.bwd_block_kv
+  dtype = q.dtype
+  segments, alibi = q_seg is not None, slope_rows is not None
+
+  def kernel(r):
+    ki, bi, kh = lax.axis_index('kv'), lax.axis_index('b'), lax.axis_index('h')
+    kv_start = ki * bk
+    cols = pl.ds(kv_start, bk)
+    bar = r['kv_bar'].at[0]
+    plgpu.copy_gmem_to_smem(r['k'].at[bi, cols, kh], r['k_s'], bar)
+    plgpu.copy_gmem_to_smem(r['v'].at[bi, cols, kh], r['v_s'], bar)
+    if segments:
+      plgpu.copy_gmem_to_smem(r['kv_seg'].at[bi, cols], r['kvseg_s'], bar)
+
+    def sources(step_block):
+      head, i = step_block
+      rows, hi = pl.ds(i * bq, bq), kh * g + head
+      srcs = [r['q'].at[bi, rows, hi], r['do'].at[bi, rows, hi],
+              r['lse'].at[bi, hi, rows], r['delta'].at[bi, hi, rows]]
+      srcs += [r['q_seg'].at[bi, rows]] if segments else []
+      return srcs + ([r['slopes'].at[hi]] if alibi else [])
+    names = ['q_s', 'do_s', 'lse_s', 'delta_s'] + (['qseg_s'] if segments else [])
+    stream = _Stream(sources, [r[x] for x in names + (['slope_s'] if alibi else [])],
+                     r['q_bar'])
+    lo_b, hi_b, loops = _q_loops(spec, kv_start, bk, bq, segments)
+    pl.when(lo_b < hi_b)(lambda: stream.start(0, (0, lo_b)))
+    plgpu.barrier_wait(bar)
+
+    # The score tile transposed, [bk, bq]: its rows are keys, its columns queries.
+    shape, layout = (bk, bq), plgpu.Layout.WGMMA
+    col = lambda ref: _rows(_load(ref, layout.reduce(0)), shape, 1)
+    kv_idx = kv_start + _iota(shape, 0)
+    kv_seg = None if not segments else _rows(_load(r['kvseg_s'], layout.reduce(1)), shape, 0)
+
+    def body(i, carry, head, masked):
+      step, dk, dv = carry
+      last = i + 1 == hi_b
+      nxt = (jnp.where(last, head + 1, head), jnp.where(last, lo_b, i + 1))
+      pl.when((i + 1 < hi_b) | (head + 1 < g))(lambda: stream.start(step + 1, nxt))
+      bufs = dict(zip(names + (['slope_s'] if alibi else []), stream.wait(step)))
+      q_idx = i * bq + _iota(shape, 1)
+      q_seg = col(bufs['qseg_s']) if segments else None
+      slope = col(bufs['slope_s']) if alibi else None
+      s_t = _mma(spec, r['k_s'], _t(bufs['q_s']), shape)
+      capped, logits, mask = _tile(spec, s_t, q_idx, kv_idx, q_seg, kv_seg, slope, masked)
+      dp_t = _mma(spec, r['v_s'], _t(bufs['do_s']), shape)
+      p_t, ds_t = flash.tile_grads(spec, capped, logits, mask, col(bufs['lse_s']),
+                                   col(bufs['delta_s']), dp_t)
+      dv = _mma(spec, _operand(spec, p_t.astype(dtype), r.get('p_s')), bufs['do_s'],
+                (bk, hv), dv)
+      dk = _mma(spec, _operand(spec, ds_t.astype(dtype), r.get('p_s')), bufs['q_s'],
+                (bk, h), dk)
+      return step + 1, dk, dv
+
+    carry = (jnp.int32(0),
+             plgpu.layout_cast(jnp.full((bk, h), 0.0, jnp.float32), layout),
+             plgpu.layout_cast(jnp.full((bk, hv), 0.0, jnp.float32), layout))
+    for head in range(g):     # the GQA group's heads share this K/V tile
+      for lo_, hi_, masked in loops:
+        carry = lax.fori_loop(lo_, hi_, functools.partial(body, head=head, masked=masked),
+                              carry)
+    _, dk, dv = carry
+    r['k_s'][...] = (dk * spec.scale).astype(dtype)     # K/V tiles are free now
+    r['v_s'][...] = dv.astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(r['k_s'], r['dk'].at[bi, cols, kh])
+    plgpu.copy_smem_to_gmem(r['v_s'], r['dv'].at[bi, cols, kh])
+    plgpu.wait_smem_to_gmem(0)
+
+  scratch = dict(
+      k_s=_smem((bk, h), dtype), v_s=_smem((bk, hv), dtype),
+      kvseg_s=plgpu.SMEM((bk,), jnp.int32) if segments else None,
+      q_s=_smem((_STAGES, bq, h), dtype), do_s=_smem((_STAGES, bq, hv), dtype),
+      lse_s=plgpu.SMEM((_STAGES, bq), jnp.float32),
+      delta_s=plgpu.SMEM((_STAGES, bq), jnp.float32),
+      qseg_s=plgpu.SMEM((_STAGES, bq), jnp.int32) if segments else None,
+      slope_s=plgpu.SMEM((_STAGES, bq), jnp.float32) if alibi else None,
+      p_s=_staging(spec, (bk, bq), dtype),
+      kv_bar=plgpu.Barrier(num_arrivals=2 + segments, num_barriers=1),
+      q_bar=plgpu.Barrier(num_arrivals=4 + segments + alibi, num_barriers=_STAGES),
+  )
+  return _call(kernel, spec, 'ablax_mgpu_dkv', (sp // bk, b, kvh), ('kv', 'b', 'h'),
+               dict(dk=jax.ShapeDtypeStruct(k.shape, dtype),
+                    dv=jax.ShapeDtypeStruct(v.shape, dtype)), scratch,
+               dict(q=q, k=k, v=v, q_seg=q_seg, kv_seg=kv_seg, slopes=slope_rows,
+                    do=dout, lse=lse, delta=delta))
+
+
+def backward(spec, q, k, v, q_seg, kv_seg, slopes, out, lse, dout):
+  n = q.shape[2]
+  with jax.named_scope('flash_backward_delta'):
+    delta = jnp.einsum('btnh,btnh->bnt', out.astype(jnp.float32),
+                       dout.astype(jnp.float32))
+  slope_rows = None if slopes is None else jnp.broadcast_to(slopes[:, None],
+                                                           (n, spec.bwd_block_q))
+  with jax.named_scope('flash_backward_dq'):
+    dq = _dq(spec, q, k, v, q_seg, kv_seg, slope_rows, dout, lse, delta)
+  with jax.named_scope('flash_backward_dkv'):
+    dk, dv = _dkv(spec, q, k, v, q_seg, kv_seg, slope_rows, dout, lse, delta)
+  return dq, dk, dv
