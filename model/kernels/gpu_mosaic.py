@@ -58,12 +58,16 @@ _LOAD_TAKES_IDX = 'idx' in inspect.signature(plgpu.load).parameters
 def default_blocks(head_dim):
   """(block_q, block_kv) for the forward and the backward kernels on Hopper.
 
-  One warpgroup holds the [bq, h] float32 accumulator in registers (the
-  forward) or two [bk, h] ones (dK, dV), hence 64-row tiles for the backward
-  and for h = 256.
+  One warpgroup keeps its float32 accumulators in registers (255 per thread,
+  a [64, 128] tile is 64 of them): the forward holds out [bq, hv] and the
+  score tile [bq, bk], the dK/dV kernel dK and dV [bk, h] plus two [bk, bq]
+  tiles. Hence bq = 128 only for head dims <= 64. Untuned: bench/gpu_check.py
+  measures them.
   """
-  if head_dim <= 128:
+  if head_dim <= 64:
     return (128, 64), (64, 64)
+  if head_dim <= 128:
+    return (64, 128), (64, 64)
   return (64, 64), (64, 64)
 
 
