@@ -146,6 +146,8 @@ def test_mosaic_gpu_is_chosen_on_hopper_for_16_bit_inputs_only():
   assert kernels.mosaic_gpu_unavailable(jnp.bfloat16, h200) is None
   assert kernels.mosaic_gpu_unavailable(jnp.float16, h200) is None
   assert 'float32' in kernels.mosaic_gpu_unavailable(jnp.float32, h200)
+  assert kernels.mosaic_gpu_unavailable(jnp.bfloat16, h200, head_dim=256) is None
+  assert '512' in kernels.mosaic_gpu_unavailable(jnp.bfloat16, h200, head_dim=512)
   for kind, capability in (('NVIDIA A100', '8.0'), ('NVIDIA B200', '10.0')):
     assert capability in kernels.mosaic_gpu_unavailable(jnp.bfloat16, _Device(kind, capability))
 

@@ -20,6 +20,7 @@ Files: `flash.py` (shared tile math, padding, custom VJP), `gpu_triton.py`,
 `tpu_mosaic.py`, `gpu_mosaic.py`, `cudnn.py`; docs/attention.md says how they fit.
 """
 
+import importlib.util
 import logging
 import os
 import warnings
@@ -43,12 +44,13 @@ def _warn_once(key, message):
     _log.warning(message)
 
 
-def mosaic_gpu_unavailable(dtype, device=None):
+def mosaic_gpu_unavailable(dtype, device=None, head_dim=None):
   """Why the Mosaic GPU kernel cannot serve this call, or None when it can.
 
   It needs the Mosaic GPU Pallas backend (jax.experimental.pallas.mosaic_gpu),
   a Hopper GPU (wgmma is an sm_90a instruction; Blackwell's tensor cores take
-  tcgen05 instead) and 16-bit inputs (the tiles are laid out for bf16/f16).
+  tcgen05 instead), 16-bit inputs (the tiles are laid out for bf16/f16) and
+  head dims up to 256 (its accumulators live in one warpgroup's registers).
   """
   try:
     from jax.experimental.pallas import mosaic_gpu  # pylint: disable=import-outside-toplevel,unused-import
@@ -61,16 +63,18 @@ def mosaic_gpu_unavailable(dtype, device=None):
             'the kernel uses Hopper (9.x) warpgroup MMAs')
   if jax.numpy.dtype(dtype) not in (jax.numpy.bfloat16, jax.numpy.float16):
     return f'inputs are {jax.numpy.dtype(dtype).name}; the kernel takes bfloat16 or float16'
+  if head_dim is not None and head_dim > 256:
+    return f'head dim {head_dim} > 256 (the kernel keeps its accumulators in registers)'
   return None
 
 
-def _gpu_kernel(dtype):
+def _gpu_kernel(dtype, head_dim=None):
   """'gpu_mosaic' or 'gpu_triton' for a call on this GPU (see the module docstring)."""
   choice = os.environ.get('ABLAX_PALLAS_GPU', 'auto')
   if choice not in ('auto', 'mosaic', 'triton'):
     raise ValueError(f'ABLAX_PALLAS_GPU={choice!r}: must be auto, mosaic or triton')
   if choice != 'triton':
-    reason = mosaic_gpu_unavailable(dtype)
+    reason = mosaic_gpu_unavailable(dtype, head_dim=head_dim)
     if reason is None:
       return 'gpu_mosaic'
     if choice == 'mosaic':
@@ -78,6 +82,9 @@ def _gpu_kernel(dtype):
                        'kernel')
     _warn_once(f'triton:{reason}', f'attention_impl=pallas: Triton kernel, not Mosaic GPU: '
                f'{reason}.')
+  if importlib.util.find_spec('jax.experimental.pallas.triton') is None:
+    raise ValueError(f'attention_impl=pallas: jax {jax.__version__} ships no Pallas Triton '
+                     'backend for this GPU and call; use attention_impl=cudnn or xla')
   if jax.__version_info__ >= (0, 11):
     _warn_once('triton', 'attention_impl=pallas on GPU: using the Pallas Triton '
                'lowering, deprecated since jax 0.11 in favour of Mosaic GPU '
@@ -85,13 +92,13 @@ def _gpu_kernel(dtype):
   return 'gpu_triton'
 
 
-def _backend(dtype=jax.numpy.bfloat16):
+def _backend(dtype=jax.numpy.bfloat16, head_dim=None):
   """(kernel module name, interpret, head_dim multiple) for the default backend."""
   platform = jax.default_backend()
   if platform == 'tpu':
     return 'tpu_mosaic', False, 1
   if platform == 'gpu':
-    if _gpu_kernel(dtype) == 'gpu_mosaic':
+    if _gpu_kernel(dtype, head_dim) == 'gpu_mosaic':
       return 'gpu_mosaic', False, 64     # rows of 64 bf16: one 128-byte swizzle
     return 'gpu_triton', False, 0      # Triton tiles: head dim a power of two
   _warn_once('interpret', f'attention_impl=pallas on {platform}: running the flash '
@@ -148,9 +155,9 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, sliding_window=No
   >= 16 for the Triton kernel (and CPU), multiples of 64 for Mosaic GPU, of
   128 on TPU.
   """
-  backend, interpret, head_dim_multiple = _backend(q.dtype)
   # Tiles sized for the wider of the q/k and v head dims (they differ in MLA).
   head_dim = max(q.shape[-1], v.shape[-1])
+  backend, interpret, head_dim_multiple = _backend(q.dtype, head_dim)
   fwd, bwd = block_sizes(backend, head_dim, q.shape[1], k.shape[1], block_q, block_kv)
   return flash.attention(
       q, k, v, segment_ids=segment_ids, causal=causal, sliding_window=sliding_window,
