@@ -85,6 +85,12 @@ def _case(t, n, kvh, h, hv, dtype, blocks, features, seed=0):
     ('everything', 200, 6, 2, 64, 64, (64, 64, 64, 64),
      dict(segments=True, causal=True, sliding_window=80,
           alibi_slopes=masking.alibi_slopes(6), logit_softcap=20.0, num_memory_tokens=4)),
+    # Causal without segments: the band's interior tiles take the unmasked
+    # path (no mask arithmetic, bias and soft-cap still applied) in all three
+    # kernels; memory tokens, ALiBi and soft-cap on top.
+    ('full_tiles', 256, 2, 1, 64, 64, (64, 64, 64, 64),
+     dict(causal=True, alibi_slopes=masking.alibi_slopes(2), logit_softcap=20.0,
+          num_memory_tokens=4)),
     # Bidirectional window, MQA, q/k head dim 80 (padded to 128) != v head
     # dim 64 as in MLA, forward tiles of 128 rows and backward tiles of 64.
     ('mla_bidirectional', 150, 2, 1, 80, 64, (128, 64, 64, 64),
