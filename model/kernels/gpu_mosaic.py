@@ -35,7 +35,6 @@ registers.
 
 import functools
 import inspect
-import math
 
 import jax
 from jax import lax
@@ -45,10 +44,8 @@ import jax.numpy as jnp
 
 from model import masking
 from model.kernels import flash
+from model.kernels import gpu_triton   # its loop bounds; no Triton import
 
-DTYPES = (jnp.bfloat16, jnp.float16)
-HEAD_DIM_MULTIPLE = 64
-BLOCK_MULTIPLE = 64
 _STAGES = 2      # TMA buffers per streamed operand
 
 # jax 0.10 `plgpu.load(ref, idx, layout=)`; jax >= 0.11 `plgpu.load(ref, layout=)`.
@@ -134,6 +131,9 @@ def _iota(shape, dim):
 
 
 def _params():
+  # Exact exp/log/tanh: the kernel must match the reference to bf16 rounding;
+  # approx_math=True (FlashAttention-3's fast exp2) is a tuning option to
+  # measure, not a default.
   return plgpu.CompilerParams(approx_math=False)
 
 
@@ -147,43 +147,20 @@ def _interpret_kwargs(spec):
 def _kv_steps(spec, q_start, bq, bk, num_kv_blocks, segments):
   """The key blocks a q tile visits: (mem, lo_b, hi_b, loops).
 
-  Blocks [0, mem) (memory keys) then [lo_b, hi_b) (the causal/window band);
-  loops: [(first, end, masked)] over block indices, covering both, as in
-  `gpu_triton._kv_loops`.
+  `gpu_triton._kv_loops` (memory blocks [0, mem), then the causal/window band
+  [lo_b, hi_b) split into masked edges and a fully visible middle), with the
+  bounds the TMA prefetch needs to find each step's successor.
   """
-  lo, hi = masking.kv_span(q_start, q_start + bq, causal=spec.causal,
-                           window=spec.window, kv_len=spec.kv_len)
-  mem = min(-(-spec.num_memory // bk), num_kv_blocks)
-  lo_b = jnp.maximum(lax.div(jnp.asarray(lo, jnp.int32), bk), mem)
-  hi_b = flash.cdiv(jnp.asarray(hi, jnp.int32), bk)
-  loops = [(0, mem, True)] if mem else []
-  if segments:
-    return mem, lo_b, hi_b, loops + [(lo_b, hi_b, True)]
-  full_lo, full_hi = masking.kv_full_span(q_start, q_start + bq, causal=spec.causal,
-                                          window=spec.window, kv_len=spec.kv_len)
-  a = jnp.clip(flash.cdiv(jnp.maximum(full_lo, 0), bk), lo_b, hi_b)
-  b = jnp.clip(lax.div(jnp.maximum(jnp.asarray(full_hi, jnp.int32), 0), bk), a, hi_b)
-  if spec.num_memory:   # memory queries see only memory keys: no full tile
-    a = jnp.where(q_start < spec.num_memory, hi_b, a)
-    b = jnp.where(q_start < spec.num_memory, hi_b, b)
-  return mem, lo_b, hi_b, loops + [(lo_b, a, True), (a, b, False), (b, hi_b, True)]
+  loops = gpu_triton._kv_loops(spec, q_start, bq, bk, num_kv_blocks, segments)  # pylint: disable=protected-access
+  mem = loops[0][1] if spec.num_memory else 0
+  band = loops[1:] if spec.num_memory else loops
+  return mem, band[0][0], band[-1][1], loops
 
 
 def _q_loops(spec, kv_start, bk, bq, segments):
   """The q blocks a kv tile visits: (lo_b, hi_b, loops) (`gpu_triton._q_loops`)."""
-  lo_b, hi_b = flash.q_block_span(spec, kv_start, bk, bq)
-  if segments:
-    return lo_b, hi_b, [(lo_b, hi_b, True)]
-  full_lo, full_hi = masking.q_full_span(kv_start, kv_start + bk, causal=spec.causal,
-                                         window=spec.window, q_len=spec.q_len)
-  full_lo = jnp.maximum(jnp.asarray(full_lo, jnp.int32), spec.num_memory)
-  a = jnp.clip(flash.cdiv(full_lo, bq), lo_b, hi_b)
-  b = jnp.clip(lax.div(jnp.maximum(jnp.asarray(full_hi, jnp.int32), 0), bq), a, hi_b)
-  no_full = kv_start + bk > spec.kv_len
-  if spec.num_memory:
-    no_full = no_full | (kv_start < spec.num_memory)
-  a, b = jnp.where(no_full, hi_b, a), jnp.where(no_full, hi_b, b)
-  return lo_b, hi_b, [(lo_b, a, True), (a, b, False), (b, hi_b, True)]
+  loops = gpu_triton._q_loops(spec, kv_start, bk, bq, segments)  # pylint: disable=protected-access
+  return loops[0][0], loops[-1][1], loops
 
 
 class _Stream:
