@@ -177,3 +177,18 @@ def test_mosaic_gpu_blocks_are_multiples_of_64():
         assert block % 64 == 0 and block >= 64
   with pytest.raises(ValueError, match='multiple of 64'):
     kernels.block_sizes('gpu_mosaic', 64, 1000, 1000, block_q=32)
+
+
+def test_pallas_on_a_gpu_runs_mosaic_gpu_where_it_can(monkeypatch):
+  # What `attention_impl='pallas'` resolves to on a GPU, with the device
+  # faked: Hopper for bf16 (head dims padded to 64), Triton for float32, for
+  # head dims over 256 and on an A100 (head dims padded to a power of two).
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  monkeypatch.delenv('ABLAX_PALLAS_GPU', raising=False)
+  for kind, capability, dtype, head_dim, expected in (
+      ('NVIDIA H200', '9.0', jnp.bfloat16, 128, ('gpu_mosaic', False, 64)),
+      ('NVIDIA H200', '9.0', jnp.float32, 128, ('gpu_triton', False, 0)),
+      ('NVIDIA H200', '9.0', jnp.bfloat16, 512, ('gpu_triton', False, 0)),
+      ('NVIDIA A100', '8.0', jnp.bfloat16, 128, ('gpu_triton', False, 0))):
+    monkeypatch.setattr(jax, 'devices', lambda kind=kind, cap=capability: [_Device(kind, cap)])
+    assert kernels._backend(dtype, head_dim) == expected   # pylint: disable=protected-access
