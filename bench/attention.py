@@ -235,8 +235,8 @@ def main(argv=None):
               fwd_ms, fwd_mib, all_ms, all_mib = measure(fn, b, h, s, d, dtype, args.iters,
                                                          extras)
               summary[(s, d, name, variant)] = all_ms
-              cells = [f'{fwd_ms:.3f}', f'{fwd_flops / fwd_ms / 1e9:.1f}', f'{fwd_mib:.0f}',
-                       f'{all_ms:.3f}', f'{total_flops / all_ms / 1e9:.1f}', f'{all_mib:.0f}']
+              cells = [f'{fwd_ms:.3f}', f'{fwd_flops / fwd_ms / 1e9:.3g}', f'{fwd_mib:.0f}',
+                       f'{all_ms:.3f}', f'{total_flops / all_ms / 1e9:.3g}', f'{all_mib:.0f}']
           except Exception as e:  # pylint: disable=broad-except
             cells = [f'failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}'] + [''] * 5
           line = f'| {s} | {d} | {b} x {h} | {name} | {variant} | ' + ' | '.join(cells) + ' |'
