@@ -4,6 +4,7 @@
     python -m bench.attention --seq 4096 --head_dims 128 --causal   # one cell
     python -m bench.attention --out docs/benchmarks.md               # also as Markdown
     python -m bench.attention --seq 4096 --impls ablax --block_q 64 --block_kv 128  # tuning
+    python -m bench.attention --seq 4096 --head_dims 128 --variants standard,sinks,gate_headwise,gate_elementwise,differential
 
 Run from the repository root. For each sequence length S and head dim D it
 times, forward and forward+backward, in bfloat16 with B = max(1, 16384 / S)
@@ -18,9 +19,25 @@ sequences of H = 2048 / D heads (a 2048-wide model, 16k tokens per step):
   `...ops.tpu.flash_attention` on TPU);
 - `ablax`: `model.kernels.flash_attention`.
 
+`--variants` (default `standard`) adds the issue-17 attention variants, each
+timed as what the layer adds around the attention call (the layer's own
+methods, parameters differentiated too):
+
+- `sinks`: one learned logit per head in every softmax denominator
+  (`sink_logits`; `xla` and `ablax` only: cuDNN and JAX's Pallas kernel have
+  no sink term);
+- `gate_headwise`, `gate_elementwise`: the output times sigmoid(x W_g)
+  (`Attention.apply_gate`), x [B, S, H*D] the layer input, W_g [H*D, H] or
+  [H*D, H, D]; the projection and its gradients are included;
+- `differential`: `DifferentialAttention.differential`, two calls of the impl
+  over the H/2 paired heads with values of dim 2D, the lambda difference and
+  the per-head RMSNorm (an impl that cannot take a value dim of 2D fails).
+
 FLOP convention: forward 4 * B * H * S^2 * D (two matmuls), halved when
 causal; backward 2.5x the forward (five matmuls, one of them recomputing the
-scores); TFLOP/s = FLOPs / median wall time. Memory: XLA's compile-time
+scores); TFLOP/s = FLOPs / median wall time, the same FLOPs for every variant
+(so a variant's lower TFLOP/s is its overhead; the differential variant does
+the same attention FLOPs: half the heads, each map with values of 2D). Memory: XLA's compile-time
 memory analysis of the jitted step (temporaries + outputs, inputs excluded),
 i.e. the peak the program adds on top of q, k, v. A cell that fails (e.g.
 out of memory for `xla` at 16k) prints the error's first words instead.
@@ -39,8 +56,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax import nnx
+
+import configs
+from model import attention as attention_lib
 from model import attention_core
+from model import differential as differential_lib
 from model import kernels
+
+VARIANTS = ('standard', 'sinks', 'gate_headwise', 'gate_elementwise', 'differential')
 
 
 def _flops(b, h, s, d, causal):
@@ -80,6 +104,48 @@ def _impls(causal, block_q=None, block_kv=None):
   return impls
 
 
+def _variant(name, variant, fn, b, s, h, d, dtype):
+  """(fn(q, k, v, *extras), extras) for one variant of impl `name`, or an error string.
+
+  extras are the variant's own inputs (differentiated with q, k, v): the sink
+  logits, the gate's input and weights, the differential layer's lambdas.
+  """
+  if variant == 'standard':
+    return fn, ()
+  if variant == 'sinks':
+    if name not in ('xla', 'ablax'):
+      return f'no sink term in {name}'
+    sinks = jax.random.normal(jax.random.key(5), (h,), jnp.float32)
+    return (lambda q, k, v, sinks: fn(q, k, v, sink_logits=sinks)), (sinks,)
+  if variant not in VARIANTS:
+    return f'unknown variant {variant!r}; one of {", ".join(VARIANTS)}'
+  # The layer the variant lives in, at this width (its other weights unused).
+  cfg = configs.load('configs/base.py', [
+      f'model.d_model={h * d}', f'model.num_heads={h}', f'model.num_kv_heads={h}',
+      f'model.head_dim={d}', f'model.dtype={jnp.dtype(dtype).name}',
+      f'model.param_dtype={jnp.dtype(dtype).name}',
+      'model.attention_gate=' + (variant[len('gate_'):] if variant.startswith('gate_') else 'none'),
+      'model.attention_type=' + ('differential' if variant == 'differential' else 'standard'),
+  ]).model
+  if variant == 'differential':
+    if h % 2:
+      return 'differential needs an even head count'
+    layer = differential_lib.DifferentialAttention(cfg, rngs=nnx.Rngs(0))
+    graph, own, rest = nnx.split(layer, lambda path, _: 'lambda_' in str(path[-1]), ...)
+
+    def differential(q, k, v, own):
+      attend = lambda q, k, v, slopes, sinks: fn(q, k, v)
+      return nnx.merge(graph, own, rest).differential(attend, q, k, v)
+    return differential, (own,)
+  layer = attention_lib.Attention(cfg, rngs=nnx.Rngs(0))
+  graph, own, rest = nnx.split(layer, lambda path, _: path[-1] == 'wg', ...)
+  x = jax.random.normal(jax.random.key(6), (b, s, h * d), dtype)
+
+  def gated(q, k, v, x, own):
+    return nnx.merge(graph, own, rest).apply_gate(fn(q, k, v), x)
+  return gated, (x, own)
+
+
 def _memory_mib(compiled):
   stats = compiled.memory_analysis()
   if stats is None:
@@ -97,17 +163,18 @@ def _time_ms(fn, args, iters):
   return statistics.median(times)
 
 
-def measure(fn, b, h, s, d, dtype, iters):
-  """(fwd ms, fwd MiB, fwd+bwd ms, fwd+bwd MiB) of fn at one size."""
-  keys = jax.random.split(jax.random.key(0), 4)
-  q, k, v, do = (jax.random.normal(key, (b, s, h, d), dtype) for key in keys)
+def measure(fn, b, h, s, d, dtype, iters, extras=()):
+  """(fwd ms, fwd MiB, fwd+bwd ms, fwd+bwd MiB) of fn(q, k, v, *extras) at one size."""
+  keys = jax.random.split(jax.random.key(0), 3)
+  q, k, v = (jax.random.normal(key, (b, s, h, d), dtype) for key in keys)
+  do = jax.random.normal(jax.random.key(4), jax.eval_shape(fn, q, k, v, *extras).shape, dtype)
 
-  def fwd_bwd(q, k, v, do):
-    out, vjp = jax.vjp(fn, q, k, v)
+  def fwd_bwd(q, k, v, do, *extras):
+    out, vjp = jax.vjp(fn, q, k, v, *extras)
     return vjp(do)
 
   row = []
-  for step, args in ((fn, (q, k, v)), (fwd_bwd, (q, k, v, do))):
+  for step, args in ((fn, (q, k, v, *extras)), (fwd_bwd, (q, k, v, do, *extras))):
     compiled = jax.jit(step).lower(*args).compile()
     row += [_time_ms(compiled, args, iters), _memory_mib(compiled)]
   return row
@@ -122,6 +189,8 @@ def main(argv=None):
   parser.add_argument('--tokens', type=int, default=16384, help='B * S per step')
   parser.add_argument('--width', type=int, default=2048, help='H * D')
   parser.add_argument('--impls', default='xla,jax.nn,jax-pallas,ablax')
+  parser.add_argument('--variants', default='standard',
+                      help='comma-separated: ' + ','.join(VARIANTS))
   parser.add_argument('--iters', type=int, default=20)
   parser.add_argument('--block_q', type=int, help='ablax tile (default: per backend)')
   parser.add_argument('--block_kv', type=int, help='ablax tile (default: per backend)')
@@ -139,9 +208,9 @@ def main(argv=None):
       f'{" / 2 (causal)" if args.causal else ""}, backward 2.5x forward. '
       'Memory: XLA memory analysis (temporaries + outputs).',
       '',
-      '| S | D | B x H | impl | fwd ms | fwd TFLOP/s | fwd MiB '
+      '| S | D | B x H | impl | variant | fwd ms | fwd TFLOP/s | fwd MiB '
       '| fwd+bwd ms | fwd+bwd TFLOP/s | fwd+bwd MiB |',
-      '|---|---|---|---|---|---|---|---|---|---|',
+      '|---|---|---|---|---|---|---|---|---|---|---|',
   ]
   print('\n'.join(header), flush=True)
   lines = list(header)
@@ -153,29 +222,41 @@ def main(argv=None):
       b, h = max(1, args.tokens // s), max(1, args.width // d)
       fwd_flops, total_flops = _flops(b, h, s, d, args.causal)
       for name in wanted:
-        fn = impls.get(name, f'unknown impl {name!r}')
-        if isinstance(fn, str):
-          cells = [fn] + [''] * 5
-        else:
+        for variant in args.variants.split(','):
+          fn = impls.get(name, f'unknown impl {name!r}')
+          extras = ()
           try:
-            fwd_ms, fwd_mib, all_ms, all_mib = measure(fn, b, h, s, d, dtype, args.iters)
-            summary[(s, d, name)] = all_ms
-            cells = [f'{fwd_ms:.3f}', f'{fwd_flops / fwd_ms / 1e9:.1f}', f'{fwd_mib:.0f}',
-                     f'{all_ms:.3f}', f'{total_flops / all_ms / 1e9:.1f}', f'{all_mib:.0f}']
+            if not isinstance(fn, str):
+              fn = _variant(name, variant, fn, b, s, h, d, dtype)
+            if isinstance(fn, str):
+              cells = [fn] + [''] * 5
+            else:
+              fn, extras = fn
+              fwd_ms, fwd_mib, all_ms, all_mib = measure(fn, b, h, s, d, dtype, args.iters,
+                                                         extras)
+              summary[(s, d, name, variant)] = all_ms
+              cells = [f'{fwd_ms:.3f}', f'{fwd_flops / fwd_ms / 1e9:.3g}', f'{fwd_mib:.0f}',
+                       f'{all_ms:.3f}', f'{total_flops / all_ms / 1e9:.3g}', f'{all_mib:.0f}']
           except Exception as e:  # pylint: disable=broad-except
             cells = [f'failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}'] + [''] * 5
-        line = f'| {s} | {d} | {b} x {h} | {name} | ' + ' | '.join(cells) + ' |'
-        print(line, flush=True)
-        lines.append(line)
+          line = f'| {s} | {d} | {b} x {h} | {name} | {variant} | ' + ' | '.join(cells) + ' |'
+          print(line, flush=True)
+          lines.append(line)
 
   # The issue's target: at S=4k, D=128 (causal, bf16), ablax >= 0.8x cuDNN
   # and well above JAX's bundled Pallas kernel (forward+backward time).
-  ours = summary.get((4096, 128, 'ablax'))
+  ours = summary.get((4096, 128, 'ablax', 'standard'))
   for other in ('jax.nn', 'jax-pallas'):
-    theirs = summary.get((4096, 128, other))
+    theirs = summary.get((4096, 128, other, 'standard'))
     if ours and theirs:
       lines.append(f'\nS=4096, D=128: ablax fwd+bwd speed = {theirs / ours:.2f}x {other}')
       print(lines[-1].strip())
+  # Each variant's fwd+bwd cost relative to the standard call of the same impl.
+  for (s, d, name, variant), ms in summary.items():
+    base = summary.get((s, d, name, 'standard'))
+    if variant != 'standard' and base:
+      lines.append(f'S={s}, D={d}, {name}: {variant} fwd+bwd = {ms / base:.2f}x standard')
+      print(lines[-1])
   if args.out:
     with open(args.out, 'w') as f:
       f.write('\n'.join(lines) + '\n')

@@ -72,6 +72,36 @@ def causal_conv(x, w, segment_ids=None):
   return out
 
 
+def unit_lower_inverse(a):
+  """(I + a)^-1 for strictly lower-triangular a [..., c, c].
+
+  Block inversion by doubling, [[P, 0], [R, Q]]^-1 = [[P^-1, 0],
+  [-Q^-1 R P^-1, Q^-1]], from 1 x 1 blocks up: matmuls only. Not
+  `lax.linalg.triangular_solve`, whose LAPACK call on CPU parallelises over
+  the batch on XLA's intra-op pool and can deadlock there when two run at once
+  (seen on a 2-core machine: both pool threads waiting inside `strsm`).
+  """
+  c = a.shape[-1]
+  if c & (c - 1):                                         # pad to a power of two with I
+    pad = (1 << c.bit_length()) - c
+    a = jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, pad), (0, pad)])
+    return unit_lower_inverse(a)[..., :c, :c]
+  lead = a.shape[:-2]
+  inv = jnp.ones((*lead, c, 1, 1), a.dtype)             # inverses of the 1 x 1 diagonal blocks
+  s = 1
+  while s < c:
+    m = c // (2 * s)
+    blocks = a.reshape(*lead, m, 2 * s, m, 2 * s)
+    blocks = jnp.moveaxis(jnp.diagonal(blocks, axis1=-4, axis2=-2), -1, -3)  # [.., m, 2s, 2s]
+    r = blocks[..., s:, :s]                               # [.., m, s, s]: the block under P
+    p_inv, q_inv = inv[..., 0::2, :, :], inv[..., 1::2, :, :]
+    low = -jnp.einsum('...ab,...bc,...cd->...ad', q_inv, r, p_inv)
+    top = jnp.concatenate([p_inv, jnp.zeros_like(p_inv)], axis=-1)
+    inv = jnp.concatenate([top, jnp.concatenate([low, q_inv], axis=-1)], axis=-2)
+    s *= 2
+  return inv[..., 0, :, :]
+
+
 def chunked_delta_rule(q, k, v, log_alpha, beta, segment_ids=None, initial_state=None,
                        chunk=CHUNK):
   """The gated delta rule over a sequence, chunk by chunk (float32).
@@ -123,9 +153,7 @@ def chunked_delta_rule(q, k, v, log_alpha, beta, segment_ids=None, initial_state
   a = jnp.where(strict, beta[..., :, None] * kk * decay, 0.0)
   # T = (I + A)^-1 applied to [beta v | beta gamma k]: a unit lower-triangular solve.
   rhs = jnp.concatenate([beta[..., None] * v, (beta * gamma)[..., None] * k], axis=-1)
-  eye = jnp.eye(c, dtype=f32)
-  sol = jax.lax.linalg.triangular_solve(eye + a, rhs, left_side=True, lower=True,
-                                        unit_diagonal=True)
+  sol = jnp.einsum('bncts,bncsx->bnctx', unit_lower_inverse(a), rhs)
   u, w = sol[..., :dv], sol[..., dv:]                      # [.., c, dv], [.., c, dk]
   qk = jnp.einsum('bnctk,bncsk->bncts', q, k) * decay
   o_local = jnp.einsum('bncts,bncsv->bnctv', qk, u)

@@ -43,9 +43,9 @@ def visible(q_idx, kv_idx, q_seg=None, kv_seg=None, *, causal=True, window=None,
   if q_seg is not None and kv_seg is not None:
     mask = mask & (q_seg == kv_seg)
   if num_memory:
-    is_mem_kv = kv_idx < num_memory
-    is_mem_q = q_idx < num_memory
-    mask = jnp.where(is_mem_kv, True, mask & ~is_mem_q)
+    # Written with comparisons and |, & only (no select of a constant, no
+    # logical not): the Mosaic GPU lowering has no 1-bit registers for those.
+    mask = (kv_idx < num_memory) | (mask & (q_idx >= num_memory))
   return mask
 
 

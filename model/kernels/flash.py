@@ -25,9 +25,9 @@ slopes [n]; the value head dim hv may differ from the query/key head dim h
   backward(spec, q, k, v, q_seg, kv_seg, slopes, out, lse, dout)
       -> (dq, dk, dv)
 
-`gpu_triton` (Pallas on the Triton lowering) and `tpu_mosaic` (Pallas Mosaic)
-are the two today; a Mosaic GPU kernel would be a third module with the same
-two functions (see docs/attention.md).
+`gpu_triton` (Pallas on the Triton lowering), `gpu_mosaic` (Pallas on Mosaic
+GPU, Hopper) and `tpu_mosaic` (Pallas Mosaic TPU) are the three today; see
+docs/attention.md.
 """
 
 import dataclasses
@@ -41,7 +41,7 @@ import jax.numpy as jnp
 
 from model import masking
 
-BACKENDS = ('gpu_triton', 'tpu_mosaic')
+BACKENDS = ('gpu_triton', 'gpu_mosaic', 'tpu_mosaic')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,7 +242,7 @@ def attention(q, k, v, *, segment_ids=None, causal=True, sliding_window=None,
               alibi_slopes=None, logit_softcap=None, scale=None, num_memory_tokens=0,
               block_q, block_kv, backend, bwd_block_q=None, bwd_block_kv=None,
               interpret=False, head_dim_multiple=1, sink_logits=None):
-  """Flash attention with `backend` ('gpu_triton' | 'tpu_mosaic'); semantics of
+  """Flash attention with `backend` (one of `BACKENDS`); semantics of
   `model.attention_core.reference_attention`.
 
   block_q, block_kv: the forward tile sizes (chosen and checked by the caller);
