@@ -27,6 +27,7 @@ import warnings
 
 import jax
 
+import configs
 from model.kernels import flash
 
 _log = logging.getLogger(__name__)
@@ -72,18 +73,18 @@ def _gpu_kernel(dtype, head_dim=None):
   """'gpu_mosaic' or 'gpu_triton' for a call on this GPU (see the module docstring)."""
   choice = os.environ.get('ABLAX_PALLAS_GPU', 'auto')
   if choice not in ('auto', 'mosaic', 'triton'):
-    raise ValueError(f'ABLAX_PALLAS_GPU={choice!r}: must be auto, mosaic or triton')
+    raise configs.UserError(f'ABLAX_PALLAS_GPU={choice!r}: must be auto, mosaic or triton')
   if choice != 'triton':
     reason = mosaic_gpu_unavailable(dtype, head_dim=head_dim)
     if reason is None:
       return 'gpu_mosaic'
     if choice == 'mosaic':
-      raise ValueError(f'ABLAX_PALLAS_GPU=mosaic: {reason}; unset it to use the Triton '
+      raise configs.UserError(f'ABLAX_PALLAS_GPU=mosaic: {reason}; unset it to use the Triton '
                        'kernel')
     _warn_once(f'triton:{reason}', f'attention_impl=pallas: Triton kernel, not Mosaic GPU: '
                f'{reason}.')
   if importlib.util.find_spec('jax.experimental.pallas.triton') is None:
-    raise ValueError(f'attention_impl=pallas: jax {jax.__version__} ships no Pallas Triton '
+    raise configs.UserError(f'attention_impl=pallas: jax {jax.__version__} ships no Pallas Triton '
                      'backend for this GPU and call; use attention_impl=cudnn or xla')
   if jax.__version_info__ >= (0, 11):
     _warn_once('triton', 'attention_impl=pallas on GPU: using the Pallas Triton '
@@ -109,14 +110,14 @@ def _backend(dtype=jax.numpy.bfloat16, head_dim=None):
 def _check_block(name, value, backend):
   if backend == 'tpu_mosaic':
     if value < 128 or value % 128:
-      raise ValueError(f'model.attention_{name}={value}: the TPU kernel needs a '
+      raise configs.UserError(f'model.attention_{name}={value}: the TPU kernel needs a '
                        'multiple of 128')
   elif backend == 'gpu_mosaic':
     if value < 64 or value % 64:
-      raise ValueError(f'model.attention_{name}={value}: the Mosaic GPU kernel needs '
+      raise configs.UserError(f'model.attention_{name}={value}: the Mosaic GPU kernel needs '
                        'a multiple of 64')
   elif value < 16 or value & (value - 1):
-    raise ValueError(f'model.attention_{name}={value}: the GPU kernel needs a power '
+    raise configs.UserError(f'model.attention_{name}={value}: the GPU kernel needs a power '
                      'of two >= 16')
 
 
