@@ -489,15 +489,23 @@ def _is_qwen3_next(m) -> bool:
 def _qwen3_next_to_hf(m, refuse):
   """The Qwen3Next config dict of an ablax model (see `_qwen3_next_from_hf`)."""
   why = '(Qwen3-Next has {})'
+  pattern = m.get('layer_pattern', '') or 'A'
+  # What sent the model here, named in the refusals of what Qwen3-Next lacks.
+  trigger = ', '.join(x for x, on in (
+      (f'layer_pattern={m.get("layer_pattern")!r}', 'L' in pattern),
+      (f"attention_gate={m.get('attention_gate')!r}", m.get('attention_gate') == 'elementwise'),
+      ('moe_shared_expert_gate=True', m.get('moe_shared_expert_gate', False)),
+      (f"rope_fraction={m.get('rope_fraction')}", m.get('rope_fraction', 1.0) != 1.0)) if on)
   if (m.position, m.norm_type, m.norm_position, m.mlp_gated, m.use_bias) != (
       'rope', 'rmsnorm', 'pre', True, False):
     refuse(f'position={m.position!r}, norm_type={m.norm_type!r}, norm_position='
            f'{m.norm_position!r}, mlp_gated={m.mlp_gated}, use_bias={m.use_bias} for a '
            'Qwen3-Next export ' + why.format('rope, rmsnorm, pre, gated MLPs, no biases'))
   if not m.qk_norm or m.get('attention_gate', 'none') != 'elementwise':
-    refuse(f"qk_norm={m.qk_norm}, attention_gate={m.get('attention_gate', 'none')!r}: "
-           'Gated DeltaNet layers, partial rotary and gated shared experts export as '
-           "Qwen3-Next, whose attention has QK-norm and attention_gate='elementwise'")
+    refuse(f"{trigger} with qk_norm={m.qk_norm}, attention_gate="
+           f"{m.get('attention_gate', 'none')!r} (Gated DeltaNet layers, partial rotary and "
+           'gated shared experts export as Qwen3-Next, whose attention has QK-norm and '
+           "attention_gate='elementwise')")
   if m.get('attention_type', 'standard') != 'standard' or m.get('attention_sinks', False):
     refuse(f"attention_type={m.get('attention_type')!r} / attention_sinks with a "
            'Qwen3-Next export ' + why.format('standard attention without sinks'))
@@ -506,7 +514,6 @@ def _qwen3_next_to_hf(m, refuse):
                 'sliding_window', 'mtp_depth'):
     if m.get(field) not in (None, False, 0):
       refuse(f'{field}={m.get(field)!r} with a Qwen3-Next export ' + why.format('none'))
-  pattern = m.get('layer_pattern', '') or 'A'
   if 'L' in pattern and m.mlp_activation != 'silu':
     refuse(f'mlp_activation={m.mlp_activation!r} with Gated DeltaNet layers (Qwen3-Next '
            "uses hidden_act for the GDN convolution too, which is SiLU in ablax)")
