@@ -32,10 +32,14 @@ interleaved rope columns permuted to ablax's half-split layout, the sigmoid
 group-limited router with its `e_score_correction_bias` as the MoE selection
 bias, shared experts, first dense layers; its MTP layers are dropped with a
 warning), and diffllama (Llama with differential attention,
-`attention_type='differential'`, lambda vectors mapped by name). An ablax
+`attention_type='differential'`, lambda vectors mapped by name), and
+qwen3_next (Gated DeltaNet layers by `layer_types` with grouped value heads,
+gated attention with partial rotary, MoE with a sigmoid-gated shared expert,
+`1 + w` norms; `_qwen3_next_from_hf`). An ablax
 ALiBi model exports as bloom when `embedding_norm` is set, else as mpt; an MLA
 model exports as deepseek_v3; a differential model with Llama's layout as
-diffllama.
+diffllama; one with Gated DeltaNet layers, an elementwise attention gate, a
+gated shared expert or partial rotary as qwen3_next.
 
 The HF `config.json` is read as JSON; neither transformers nor torch is
 needed. Every field is either mapped to an ablax flag, known not to change the
@@ -328,6 +332,12 @@ def _qwen3_next_from_hf(f: _Fields, m):
   m.mlp_gated, m.use_bias = True, False
   f.expect('attention_bias', (None, False), 'Qwen3-Next projections have no biases')
   m.qk_norm, m.attention_gate = True, 'elementwise'
+  # Qwen's window fields, which transformers' Qwen3-Next ignores: accepted off.
+  f.expect('use_sliding_window', (None, False), "Qwen's max_window_layers windows")
+  f.get('sliding_window'), f.get('max_window_layers')
+  # The release's multi-token-prediction layer (`mtp.*` tensors): transformers
+  # does not load it, nor does ablax (`load` drops the tensors with a warning).
+  f.get('mtp_num_hidden_layers'), f.get('mtp_use_dedicated_embeddings')
   # partial_rotary_factor sits in rope_parameters (transformers 5) or at the
   # top level (the released config.json); `_rope` reads the rest.
   params = dict(f.hf.get('rope_parameters') or {})
@@ -391,6 +401,17 @@ def _qwen3_next_from_hf(f: _Fields, m):
                 'ablax makes the first moe_first_dense_layers layers dense and then '
                 'every moe_layer_interval-th layer MoE; other sets of dense layers '
                 'do not map')
+
+
+def _qwen3_next_mtp_dropped(hf_dir, left):
+  """The `mtp.*` tensors of a Qwen3-Next release (its MTP layer, which
+  transformers skips too), with a warning; returns their names."""
+  dropped = {k for k in left if k.startswith('mtp.')}
+  if dropped:
+    logging.warning('%s: %d multi-token-prediction tensors (mtp.*) dropped: ablax, like '
+                    "transformers' Qwen3NextForCausalLM, does not load Qwen3-Next's MTP "
+                    'layer', hf_dir, len(dropped))
+  return dropped
 
 
 def _shortest_period(letters: str) -> str:
@@ -1094,6 +1115,8 @@ def load(hf_dir: str):
   left = {k for k in left if not k.endswith(('attn.bias', 'attn.masked_bias', 'rotary_emb.inv_freq'))}
   if family == 'deepseek_v3':
     left -= _deepseek_v3_mtp_shared(hf_dir, m, tensors, left)
+  if family == 'qwen3_next':
+    left -= _qwen3_next_mtp_dropped(hf_dir, left)
   if left:
     raise HFError(f'{hf_dir}: tensors with no ablax mapping: {sorted(left)[:8]}')
   return ml_collections.ConfigDict({'model': m}), decoder

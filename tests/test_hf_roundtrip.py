@@ -297,3 +297,29 @@ def test_partial_rotary_alone_is_refused_outside_qwen3_next(tmp_path):
   cfg = configs.load('configs/llama.py:tiny', ['model.rope_fraction=0.5'])
   with pytest.raises(hf.HFError, match='qk_norm=False'):
     hf.model_config_to_hf(cfg.model)
+
+
+def test_qwen3_next_release_extras_import(tmp_path, caplog):
+  """The released checkpoint's extras: an MTP layer (`mtp.*` tensors, which
+  transformers skips) and Qwen's window fields switched off. The tensors are
+  dropped with a warning; the rest imports as without them."""
+  import json
+  from safetensors.numpy import save_file
+  model = hf_families.make_hf_model('qwen3_next')
+  model.save_pretrained(tmp_path)
+  path = str(tmp_path / 'model.safetensors')
+  tensors = load_file(path)
+  tensors['mtp.fc.weight'] = np.ones((32, 64), np.float32)
+  tensors['mtp.norm.weight'] = np.ones((32,), np.float32)
+  save_file(tensors, path, metadata={'format': 'pt'})
+  with open(tmp_path / 'config.json') as fh:
+    hf_cfg = json.load(fh)
+  hf_cfg.update(mtp_num_hidden_layers=1, mtp_use_dedicated_embeddings=False,
+                use_sliding_window=False, sliding_window=None, max_window_layers=48)
+  with open(tmp_path / 'config.json', 'w') as fh:
+    json.dump(hf_cfg, fh)
+  with caplog.at_level('WARNING'):
+    _, decoder = hf.load(str(tmp_path))
+  assert '2 multi-token-prediction tensors (mtp.*) dropped' in caplog.text
+  np.testing.assert_array_equal(np.asarray(decoder.blocks[0].attn.conv.get_value()),
+                                tensors['model.layers.0.linear_attn.conv1d.weight'][:, 0].T)
