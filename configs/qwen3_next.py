@@ -5,6 +5,8 @@ gated-attention layer, MoE with a gated shared expert.
     python -m train --config configs/qwen3_next.py:small --workdir /tmp/ablax_qwen3_next_small
 
 Sizes: `tiny` (default; 571k parameters, 8 experts) and `small` (27.26M).
+With `--config.train.steps=20` the tiny run logs eval loss 5.79 at step 0 (about
+ln 320) and 3.80 at step 20 (about 5 min on a shared 2-core CPU).
 Qwen3-Next-80B-A3B's layout at a small scale: RMSNorm pre-norm, SwiGLU, GQA,
 QK-norm, untied embeddings, RoPE theta 1e7 on the first quarter of each head
 (`rope_fraction=0.25`, partial rotary), and `layer_pattern='LLLA'`: Gated
