@@ -214,6 +214,7 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
   if m.position == 'rope':
     _check(mla or head_dim % 2 == 0, f'model.head_dim={head_dim}: RoPE needs an even head_dim')
     _check(m.rope_theta > 0, f'model.rope_theta={m.rope_theta}: must be positive')
+  _validate_rope_fraction(m, head_dim, mla)
   if m.rope_scaling is not None:
     _check(m.position == 'rope', 'model.rope_scaling is set but model.position '
            f'is {m.position!r}, not rope')
@@ -257,6 +258,9 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
            f'model.moe_capacity_factor={m.moe_capacity_factor}: must be None or positive')
     _check(m.num_shared_experts >= 0,
            f'model.num_shared_experts={m.num_shared_experts}: must be >= 0')
+    _check(not m.get('moe_shared_expert_gate', False) or m.num_shared_experts > 0,
+           'model.moe_shared_expert_gate=True with model.num_shared_experts=0: there is '
+           'no shared expert to gate; set num_shared_experts >= 1 or the gate to False')
     _validate_routing(m)
   first_dense = m.get('moe_first_dense_layers', 0)
   _check(isinstance(first_dense, int) and 0 <= first_dense < m.num_layers,
@@ -282,6 +286,24 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
       _check(m[field] > 0, f'model.{field}={m[field]}: must be positive')
 
 
+def _validate_rope_fraction(m: ml_collections.ConfigDict, head_dim: int, mla: bool) -> None:
+  """model.rope_fraction: partial rotary on standard and differential attention."""
+  fraction = m.get('rope_fraction', 1.0)
+  _check(isinstance(fraction, (int, float)) and 0 < fraction <= 1,
+         f'model.rope_fraction={fraction!r}: must be in (0, 1] (1.0 rotates the whole head)')
+  if fraction == 1:
+    return
+  _check(m.position == 'rope', f'model.rope_fraction={fraction} with model.position='
+         f"{m.position!r}: partial rotary needs position='rope' (or set rope_fraction=1.0)")
+  _check(not mla, f'model.rope_fraction={fraction} with attention_type=\'mla\': MLA sets '
+         'its rotated width with model.mla_qk_rope_head_dim; set rope_fraction=1.0')
+  dim = int(head_dim * fraction)
+  _check(dim > 0 and dim % 2 == 0,
+         f'model.rope_fraction={fraction}: rotates int({head_dim} * {fraction}) = {dim} '
+         'features of each head, which must be a positive even count; pick a fraction '
+         'that gives one')
+
+
 def _validate_layer_pattern(m: ml_collections.ConfigDict) -> None:
   """model.layer_pattern and the Gated DeltaNet fields (model/gdn.py)."""
   pattern = m.get('layer_pattern', '') or ''
@@ -299,6 +321,10 @@ def _validate_layer_pattern(m: ml_collections.ConfigDict) -> None:
            f'model.d_model={m.d_model}, Gated DeltaNet heads={heads}: d_model must be a '
            'multiple of the heads when model.gdn_head_dim is None')
   _check(m.gdn_conv_width >= 1, f'model.gdn_conv_width={m.gdn_conv_width}: must be >= 1')
+  v_heads = m.get('gdn_num_v_heads')
+  _check(v_heads is None or (v_heads > 0 and v_heads % heads == 0),
+         f'model.gdn_num_v_heads={v_heads}: must be None or a positive multiple of the '
+         f'Gated DeltaNet q/k heads ({heads}, model.gdn_num_heads or model.num_heads)')
   _check(m.num_memory_tokens == 0,
          f'model.num_memory_tokens={m.num_memory_tokens} with Gated DeltaNet layers '
          f'(model.layer_pattern={pattern!r}): memory tokens are an attention '

@@ -32,6 +32,11 @@ def model_config() -> ml_collections.ConfigDict:
   m.rope_theta = 10000.0
   # None, or {type: linear | ntk | yarn | llama3, factor, original_max_seq_len, ...}.
   m.rope_scaling = ml_collections.FieldReference(None, field_type=dict)
+  # Share of each head's dims that RoPE rotates (partial rotary, as GPT-NeoX
+  # and Qwen3-Next's 0.25): the first int(head_dim * rope_fraction) features
+  # (an even count) rotate with the frequencies of that width, the rest pass
+  # through. 1.0 = the whole head. Standard and differential attention.
+  m.rope_fraction = 1.0
   # MLP.
   m.mlp_activation = 'silu'      # silu | gelu | gelu_tanh | relu
   m.mlp_gated = True
@@ -89,6 +94,10 @@ def model_config() -> ml_collections.ConfigDict:
   m.gdn_num_heads = ml_collections.FieldReference(None, field_type=int)
   m.gdn_head_dim = ml_collections.FieldReference(None, field_type=int)
   m.gdn_v_head_dim = ml_collections.FieldReference(None, field_type=int)
+  # Value heads (None: gdn_num_heads), a multiple of the q/k heads: each q/k
+  # head serves gdn_num_v_heads / gdn_num_heads consecutive value heads, each
+  # with its own state, decay, write strength and output gate (Qwen3-Next: 2x).
+  m.gdn_num_v_heads = ml_collections.FieldReference(None, field_type=int)
   m.gdn_conv_width = 4
   # --- end linear-attention hybrids ---
   # Pallas block sizes; None picks per backend and head_dim.
@@ -102,6 +111,10 @@ def model_config() -> ml_collections.ConfigDict:
   m.moe_layer_interval = 1
   m.moe_capacity_factor = ml_collections.FieldReference(None, field_type=float)
   m.moe_renormalize = True
+  # The shared experts' output times sigmoid(x . w), w a learned [d_model]
+  # vector per MoE layer (Qwen2-MoE, Qwen3-Next's shared_expert_gate).
+  # Needs num_shared_experts > 0.
+  m.moe_shared_expert_gate = False
   # How tokens reach experts on a mesh: auto | global | all_to_all. global: one
   # sort over the whole batch, collectives left to XLA (gathers every token);
   # all_to_all: expert parallelism, each device routes its own tokens and

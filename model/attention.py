@@ -50,6 +50,7 @@ class Attention(nnx.Module):
     self.sliding_window = sliding_window
     self.position = cfg_model.position
     self.rope_theta = cfg_model.rope_theta
+    self.rope_dim = positions_lib.rotary_dim(h, cfg_model.get('rope_fraction', 1.0))
     scaling = cfg_model.rope_scaling
     # Static module data must be hashable: keep the scaling as sorted items.
     self.rope_scaling = None if scaling is None else tuple(sorted(scaling.items()))
@@ -122,7 +123,7 @@ class Attention(nnx.Module):
     if self.position != 'rope':
       return x
     scaling = None if self.rope_scaling is None else dict(self.rope_scaling)
-    cos, sin = positions_lib.rope_cos_sin(positions, self.head_dim, self.rope_theta, scaling)
+    cos, sin = positions_lib.rope_cos_sin(positions, self.rope_dim, self.rope_theta, scaling)
     return positions_lib.apply_rope(x, cos, sin)
 
   def attend(self, q, k, v, *, segment_ids=None, num_memory_tokens=0):

@@ -52,6 +52,8 @@ def moe_params(cfg_model) -> int:
   count = d * e + e * mlp_lib.mlp_params(cfg_model, f)
   if cfg_model.num_shared_experts:
     count += mlp_lib.mlp_params(cfg_model, f * cfg_model.num_shared_experts)
+    if cfg_model.get('moe_shared_expert_gate', False):
+      count += d                       # the shared expert's gate vector
   return count
 
 
@@ -107,6 +109,8 @@ def _matmul_weights(cfg_model, layer_index: int) -> int:
   if decoder_lib.is_moe_layer(cfg_model, layer_index):
     experts = cfg_model.experts_per_token + cfg_model.num_shared_experts
     count += d * cfg_model.num_experts + experts * (n_in + 1) * d * _moe_d_ff(cfg_model)
+    if cfg_model.num_shared_experts and cfg_model.get('moe_shared_expert_gate', False):
+      count += d
   else:
     count += (n_in + 1) * d * cfg_model.d_ff
   return count

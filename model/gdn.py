@@ -25,6 +25,11 @@ keeps the state transposed, H = S^T in [dk, dv], so that o = H^T q. Packed
 documents (`segment_ids`) reset the state and the convolution at every
 segment boundary.
 
+Value heads (`gdn_num_v_heads`, Qwen3-Next: twice the q/k heads): with n_v =
+r n q/k heads, q/k head j serves the r consecutive value heads j r .. j r + r - 1;
+each value head has its own v, state, decay, write strength and output gate,
+and q, k are repeated to the n_v heads before the delta rule.
+
 Decoding keeps a `model.kv_cache.RecurrentCache` per layer (the state and the
 last conv_width - 1 conv inputs): constant memory whatever the length.
 """
@@ -44,11 +49,16 @@ CHUNK = 64
 
 
 def dims(cfg_model):
-  """(heads, dk, dv, conv_width) of a GDN layer."""
+  """(q/k heads, dk, dv, conv_width) of a GDN layer."""
   n = cfg_model.gdn_num_heads or cfg_model.num_heads
   dk = cfg_model.gdn_head_dim or cfg_model.d_model // n
   dv = cfg_model.gdn_v_head_dim or dk
   return n, dk, dv, cfg_model.gdn_conv_width
+
+
+def num_v_heads(cfg_model) -> int:
+  """Value heads of a GDN layer (`gdn_num_v_heads`; None: the q/k heads)."""
+  return cfg_model.get('gdn_num_v_heads') or dims(cfg_model)[0]
 
 
 def _l2norm(x, eps=1e-6):
@@ -196,7 +206,9 @@ class GatedDeltaNet(nnx.Module):
     del sliding_window                 # a recurrent layer has no window
     d = cfg_model.d_model
     n, dk, dv, kw = dims(cfg_model)
+    nv = num_v_heads(cfg_model)
     self.num_heads, self.dk, self.dv, self.conv_width = n, dk, dv, kw
+    self.num_v_heads = nv
     self.dtype = jnp.dtype(cfg_model.dtype)
     pdt = jnp.dtype(cfg_model.param_dtype)
     w_in = nnx.initializers.normal(mup.hidden_std(cfg_model, 0.02))
@@ -205,32 +217,33 @@ class GatedDeltaNet(nnx.Module):
                         logical_axes=('embed', 'heads', 'head_dim'))
     self.wk = nnx.Param(w_in(rngs.params(), (d, n, dk), pdt),
                         logical_axes=('embed', 'heads', 'head_dim'))
-    self.wv = nnx.Param(w_in(rngs.params(), (d, n, dv), pdt),
+    self.wv = nnx.Param(w_in(rngs.params(), (d, nv, dv), pdt),
                         logical_axes=('embed', 'heads', 'head_dim'))
     # One depthwise filter per q/k/v channel; uniform(+-1/sqrt(K)), PyTorch
     # Conv1d's default, as the reference implementations use.
+    self.channels = n * 2 * dk + nv * dv     # the conv runs over q | k | v
     bound = 1.0 / math.sqrt(kw)
     self.conv = nnx.Param(
-        jax.random.uniform(rngs.params(), (kw, n * (2 * dk + dv)), pdt, -bound, bound),
+        jax.random.uniform(rngs.params(), (kw, self.channels), pdt, -bound, bound),
         logical_axes=(None, None))
-    self.wa = nnx.Param(w_in(rngs.params(), (d, n), pdt), logical_axes=('embed', 'heads'))
-    self.wb = nnx.Param(w_in(rngs.params(), (d, n), pdt), logical_axes=('embed', 'heads'))
+    self.wa = nnx.Param(w_in(rngs.params(), (d, nv), pdt), logical_axes=('embed', 'heads'))
+    self.wb = nnx.Param(w_in(rngs.params(), (d, nv), pdt), logical_axes=('embed', 'heads'))
     # Mamba2's decay init: A in [1, 16], dt log-uniform in [1e-3, 1e-1].
-    a = jax.random.uniform(rngs.params(), (n,), jnp.float32, 1.0, 16.0)
+    a = jax.random.uniform(rngs.params(), (nv,), jnp.float32, 1.0, 16.0)
     self.a_log = nnx.Param(jnp.log(a).astype(pdt), logical_axes=('heads',))
-    dt = jnp.exp(jax.random.uniform(rngs.params(), (n,), jnp.float32,
+    dt = jnp.exp(jax.random.uniform(rngs.params(), (nv,), jnp.float32,
                                     math.log(1e-3), math.log(1e-1)))
     self.dt_bias = nnx.Param((dt + jnp.log(-jnp.expm1(-dt))).astype(pdt),
                              logical_axes=('heads',))
-    self.wg = nnx.Param(w_in(rngs.params(), (d, n, dv), pdt),
+    self.wg = nnx.Param(w_in(rngs.params(), (d, nv, dv), pdt),
                         logical_axes=('embed', 'heads', 'head_dim'))
     # Gated RMSNorm over dv, shared by the heads (Qwen3-Next's norm).
     self.o_norm = norms.RMSNorm(dv, eps=cfg_model.norm_eps, param_dtype=pdt)
-    self.wo = nnx.Param(w_out(rngs.params(), (n, dv, d), pdt),
+    self.wo = nnx.Param(w_out(rngs.params(), (nv, dv, d), pdt),
                         logical_axes=('heads', 'head_dim', 'embed'))
 
   def _inputs(self, x):
-    """The pre-conv q|k|v channels [b, t, n(2dk+dv)], log alpha and beta [b, t, n]."""
+    """The pre-conv q|k|v channels [b, t, 2 n dk + nv dv], log alpha and beta [b, t, nv]."""
     x = x.astype(self.dtype)
     proj = lambda w: jnp.einsum('btd,dnh->btnh', x, w[...].astype(self.dtype))
     b, t, _ = x.shape
@@ -244,17 +257,22 @@ class GatedDeltaNet(nnx.Module):
     return qkv, log_alpha, beta
 
   def _qkv(self, conv_out):
-    """Conv outputs [.., n(2dk+dv)] -> SiLU, split, L2-normalised q (scaled), k; v."""
+    """Conv outputs [.., 2 n dk + nv dv] -> SiLU, split, L2-normalised q (scaled),
+    k, each repeated to the nv value heads; v [.., nv, dv]."""
     y = jax.nn.silu(conv_out.astype(jnp.float32))
     n, dk = self.num_heads, self.dk
     lead = y.shape[:-1]
     q = y[..., :n * dk].reshape(*lead, n, dk)
     k = y[..., n * dk:2 * n * dk].reshape(*lead, n, dk)
-    v = y[..., 2 * n * dk:].reshape(*lead, n, self.dv)
-    return _l2norm(q) / math.sqrt(dk), _l2norm(k), v
+    v = y[..., 2 * n * dk:].reshape(*lead, self.num_v_heads, self.dv)
+    q, k = _l2norm(q) / math.sqrt(dk), _l2norm(k)
+    if self.num_v_heads != n:
+      r = self.num_v_heads // n
+      q, k = jnp.repeat(q, r, axis=-2), jnp.repeat(k, r, axis=-2)
+    return q, k, v
 
   def output(self, o, x):
-    """RMSNorm(o) * SiLU(x W_g), then W_o: o [b, t, n, dv] -> [b, t, d]."""
+    """RMSNorm(o) * SiLU(x W_g), then W_o: o [b, t, nv, dv] -> [b, t, d]."""
     gate = jnp.einsum('btd,dnh->btnh', x.astype(self.dtype), self.wg[...].astype(self.dtype))
     o = self.o_norm(o.astype(jnp.float32)) * jax.nn.silu(gate.astype(jnp.float32))
     return jnp.einsum('btnh,nhd->btd', o.astype(self.dtype), self.wo[...].astype(self.dtype))
@@ -263,8 +281,8 @@ class GatedDeltaNet(nnx.Module):
     """An empty `RecurrentCache`; its size does not depend on `length`."""
     del length, num_memory_tokens, streaming
     return kv_cache_lib.RecurrentCache.empty(
-        batch, self.num_heads, self.dk, self.dv, self.conv_width,
-        self.num_heads * (2 * self.dk + self.dv), self.dtype)
+        batch, self.num_v_heads, self.dk, self.dv, self.conv_width, self.channels,
+        self.dtype)
 
   def __call__(self, x, positions, segment_ids=None, num_memory_tokens=0, *,
                cache=None, chunk=None):
@@ -303,7 +321,7 @@ class GatedDeltaNet(nnx.Module):
 
     xs = tuple(jnp.moveaxis(a, 1, 0) for a in (qkv, log_alpha, beta, valid))
     (h, buf), o = jax.lax.scan(col, (cache.state, cache.conv), xs)
-    o = jnp.moveaxis(o, 0, 1)                                 # [b, c, n, dv]
+    o = jnp.moveaxis(o, 0, 1)                                 # [b, c, nv, dv]
     return self.output(o, x), cache.replace(state=h, conv=buf)
 
 
@@ -311,18 +329,20 @@ def gdn_params(cfg_model) -> int:
   """Parameter count of one `GatedDeltaNet` (for `model.flops`)."""
   d = cfg_model.d_model
   n, dk, dv, kw = dims(cfg_model)
-  return (d * n * (2 * dk + dv)          # W_q, W_k, W_v
-          + kw * n * (2 * dk + dv)       # depthwise conv
-          + 2 * d * n + 2 * n            # W_a, W_b, A_log, dt_bias
-          + d * n * dv + dv              # W_g, the gated norm's scale
-          + n * dv * d)                  # W_o
+  nv = num_v_heads(cfg_model)
+  return (d * (2 * n * dk + nv * dv)     # W_q, W_k, W_v
+          + kw * (2 * n * dk + nv * dv)  # depthwise conv
+          + 2 * d * nv + 2 * nv          # W_a, W_b, A_log, dt_bias
+          + d * nv * dv + dv             # W_g, the gated norm's scale
+          + nv * dv * d)                 # W_o
 
 
 def gdn_matmul_weights(cfg_model) -> int:
   """Weights one position multiplies through in the projections of a GDN layer."""
   d = cfg_model.d_model
   n, dk, dv, _ = dims(cfg_model)
-  return d * n * (2 * dk + dv) + 2 * d * n + d * n * dv + n * dv * d
+  nv = num_v_heads(cfg_model)
+  return d * (2 * n * dk + nv * dv) + 2 * d * nv + d * nv * dv + nv * dv * d
 
 
 def gdn_mixing_flops(cfg_model, seq_len: int, chunk: int = CHUNK) -> float:
@@ -333,7 +353,8 @@ def gdn_mixing_flops(cfg_model, seq_len: int, chunk: int = CHUNK) -> float:
   (2 c^2 (dv + dk)), and against the carried state: w h, q h and the state
   update k^T delta (2 c dk dv each). Divided by c: per token.
   """
-  n, dk, dv, _ = dims(cfg_model)
+  _, dk, dv, _ = dims(cfg_model)
+  n = num_v_heads(cfg_model)           # the rule runs per value head
   c = min(chunk, seq_len)
   per_chunk = 4 * c * c * dk + c * c * (dv + dk) + 2 * c * c * (dv + dk) + 6 * c * dk * dv
   return n * per_chunk / c

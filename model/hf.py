@@ -32,10 +32,14 @@ interleaved rope columns permuted to ablax's half-split layout, the sigmoid
 group-limited router with its `e_score_correction_bias` as the MoE selection
 bias, shared experts, first dense layers; its MTP layers are dropped with a
 warning), and diffllama (Llama with differential attention,
-`attention_type='differential'`, lambda vectors mapped by name). An ablax
+`attention_type='differential'`, lambda vectors mapped by name), and
+qwen3_next (Gated DeltaNet layers by `layer_types` with grouped value heads,
+gated attention with partial rotary, MoE with a sigmoid-gated shared expert,
+`1 + w` norms; `_qwen3_next_from_hf`). An ablax
 ALiBi model exports as bloom when `embedding_norm` is set, else as mpt; an MLA
 model exports as deepseek_v3; a differential model with Llama's layout as
-diffllama.
+diffllama; one with Gated DeltaNet layers, an elementwise attention gate, a
+gated shared expert or partial rotary as qwen3_next.
 
 The HF `config.json` is read as JSON; neither transformers nor torch is
 needed. Every field is either mapped to an ablax flag, known not to change the
@@ -60,6 +64,7 @@ from flax import nnx
 import configs
 from configs import base as base_config
 from model import decoder as decoder_lib
+from model import gdn as gdn_lib
 from model import moe as moe_lib
 
 
@@ -91,6 +96,7 @@ ARCHITECTURES = {
     'mixtral': 'MixtralForCausalLM', 'qwen3_moe': 'Qwen3MoeForCausalLM',
     'mpt': 'MptForCausalLM', 'bloom': 'BloomForCausalLM',
     'deepseek_v3': 'DeepseekV3ForCausalLM', 'diffllama': 'DiffLlamaForCausalLM',
+    'qwen3_next': 'Qwen3NextForCausalLM',
 }
 ACTIVATIONS = {'silu': 'silu', 'swish': 'silu', 'gelu': 'gelu', 'relu': 'relu',
                'gelu_new': 'gelu_tanh', 'gelu_pytorch_tanh': 'gelu_tanh',
@@ -193,6 +199,8 @@ def hf_to_model_config(hf: dict):
     act = _alibi_from_hf(f, m)
   elif family == 'deepseek_v3':
     act = _deepseek_v3_from_hf(f, m)
+  elif family == 'qwen3_next':
+    act = _qwen3_next_from_hf(f, m)
   elif family == 'gpt2':
     m.vocab_size = f.require('vocab_size')
     m.d_model = f.require('n_embd')
@@ -291,6 +299,288 @@ def _diffllama_from_hf(f: _Fields, m):
   if m.num_kv_heads % 2:
     raise HFError(f'diffllama config.json: num_key_value_heads={m.num_kv_heads} must be '
                   'even (DiffLlama splits the key/value heads in two halves)')
+
+
+# -- Qwen3-Next (issue 17) --------------------------------------------------------
+
+
+def _qwen3_next_from_hf(f: _Fields, m):
+  """Qwen3-Next: Gated DeltaNet and gated-attention layers (`layer_types`),
+  MoE with a sigmoid-gated shared expert. Returns the HF activation name.
+
+  Its attention is Qwen3's with QK-norm, partial rotary (`partial_rotary_factor`
+  -> `rope_fraction`; transformers' default 0.25 when absent) and q_proj
+  emitting, per head, the query then an elementwise output gate
+  (`attention_gate='elementwise'`). Its RMSNorms multiply by 1 + w (decoder,
+  final and QK norms; not the GDN's gated norm). GDN layers: linear_num_key_heads
+  q/k heads, linear_num_value_heads value heads (`gdn_num_v_heads`), conv
+  activation `hidden_act` (ablax's is SiLU). MoE layers follow
+  decoder_sparse_step and mlp_only_layers when they match ablax's
+  moe_layer_interval and moe_first_dense_layers; the shared expert's width
+  must be a multiple of moe_intermediate_size (`num_shared_experts`)."""
+  fam = 'qwen3_next config.json'
+  m.vocab_size = f.require('vocab_size')
+  m.d_model = f.require('hidden_size')
+  m.num_layers = layers = f.require('num_hidden_layers')
+  m.num_heads = f.require('num_attention_heads')
+  m.num_kv_heads = f.get('num_key_value_heads') or m.num_heads
+  m.head_dim = f.get('head_dim') or m.d_model // m.num_heads
+  m.d_ff = f.require('intermediate_size')
+  m.max_seq_len = f.require('max_position_embeddings')
+  m.norm_type, m.norm_position = 'rmsnorm', 'pre'
+  m.norm_eps = float(f.get('rms_norm_eps', 1e-6))
+  m.mlp_gated, m.use_bias = True, False
+  f.expect('attention_bias', (None, False), 'Qwen3-Next projections have no biases')
+  m.qk_norm, m.attention_gate = True, 'elementwise'
+  # Qwen's window fields, which transformers' Qwen3-Next ignores: accepted off.
+  f.expect('use_sliding_window', (None, False), "Qwen's max_window_layers windows")
+  f.get('sliding_window'), f.get('max_window_layers')
+  # The release's multi-token-prediction layer (`mtp.*` tensors): transformers
+  # does not load it, nor does ablax (`load` drops the tensors with a warning).
+  f.get('mtp_num_hidden_layers'), f.get('mtp_use_dedicated_embeddings')
+  # partial_rotary_factor sits in rope_parameters (transformers 5) or at the
+  # top level (the released config.json); `_rope` reads the rest.
+  params = dict(f.hf.get('rope_parameters') or {})
+  fraction = params.pop('partial_rotary_factor', None)
+  top = f.get('partial_rotary_factor')
+  fraction = fraction if fraction is not None else (0.25 if top is None else top)
+  f.hf = dict(f.hf, rope_parameters=params)
+  _rope(f, m)
+  m.rope_fraction = float(fraction)
+  # Layer kinds: layer_types, else every full_attention_interval-th is attention.
+  types = f.get('layer_types')
+  interval = f.get('full_attention_interval')
+  if types is None:
+    interval = interval or 4
+    types = ['linear_attention' if (i + 1) % interval else 'full_attention'
+             for i in range(layers)]
+  letters = {'linear_attention': 'L', 'full_attention': 'A'}
+  if len(types) != layers or any(x not in letters for x in types):
+    raise HFError(f'{fam}: layer_types={types!r} must list linear_attention or '
+                  f'full_attention for each of the {layers} layers')
+  m.layer_pattern = _shortest_period(''.join(letters[x] for x in types))
+  m.gdn_num_heads = f.require('linear_num_key_heads')
+  m.gdn_num_v_heads = f.require('linear_num_value_heads')
+  if m.gdn_num_v_heads % m.gdn_num_heads:
+    raise HFError(f'{fam}: linear_num_value_heads={m.gdn_num_v_heads} is not a multiple '
+                  f'of linear_num_key_heads={m.gdn_num_heads}')
+  m.gdn_head_dim = f.require('linear_key_head_dim')
+  m.gdn_v_head_dim = f.require('linear_value_head_dim')
+  m.gdn_conv_width = f.get('linear_conv_kernel_dim') or 4
+  act = f.get('hidden_act', 'silu')
+  if 'L' in m.layer_pattern and ACTIVATIONS.get(act) != 'silu':
+    raise HFError(f'{fam}: hidden_act={act!r} with linear_attention layers (it is also '
+                  "the GDN convolution's activation, which is SiLU in ablax)")
+  m.num_experts = f.get('num_experts') or 0
+  step = f.get('decoder_sparse_step') or 1
+  dense = list(f.get('mlp_only_layers') or [])
+  for name in ('num_experts_per_tok', 'moe_intermediate_size', 'norm_topk_prob',
+               'shared_expert_intermediate_size'):
+    f.get(name)
+  if not m.num_experts:
+    return act
+  m.experts_per_token = f.require('num_experts_per_tok')
+  m.moe_d_ff = f.require('moe_intermediate_size')
+  m.moe_renormalize = bool(f.get('norm_topk_prob', True))
+  m.moe_capacity_factor = None
+  m.moe_router = 'softmax'
+  shared = f.require('shared_expert_intermediate_size')
+  if shared <= 0 or shared % m.moe_d_ff:
+    raise HFError(f'{fam}: shared_expert_intermediate_size={shared} must be a positive '
+                  f'multiple of moe_intermediate_size={m.moe_d_ff} (ablax\'s shared '
+                  'experts are num_shared_experts x moe_d_ff wide)')
+  m.num_shared_experts = shared // m.moe_d_ff
+  m.moe_shared_expert_gate = True
+  want = [i not in dense and (i + 1) % step == 0 for i in range(layers)]
+  m.moe_layer_interval = step
+  for k in range(layers):
+    m.moe_first_dense_layers = k
+    if [decoder_lib.is_moe_layer(m, i) for i in range(layers)] == want:
+      return act
+  raise HFError(f'{fam}: mlp_only_layers={dense!r} with decoder_sparse_step={step}: '
+                'ablax makes the first moe_first_dense_layers layers dense and then '
+                'every moe_layer_interval-th layer MoE; other sets of dense layers '
+                'do not map')
+
+
+def _qwen3_next_mtp_dropped(hf_dir, left):
+  """The `mtp.*` tensors of a Qwen3-Next release (its MTP layer, which
+  transformers skips too), with a warning; returns their names."""
+  dropped = {k for k in left if k.startswith('mtp.')}
+  if dropped:
+    logging.warning('%s: %d multi-token-prediction tensors (mtp.*) dropped: ablax, like '
+                    "transformers' Qwen3NextForCausalLM, does not load Qwen3-Next's MTP "
+                    'layer', hf_dir, len(dropped))
+  return dropped
+
+
+def _shortest_period(letters: str) -> str:
+  """The shortest prefix p with letters[i] == p[i % len(p)] (a layer_pattern)."""
+  for n in range(1, len(letters) + 1):
+    if all(c == letters[i % n] for i, c in enumerate(letters)):
+      return letters[:n]
+  return letters
+
+
+def _qwen3_next_tensor_map(m, add, out, norm_in, norm_out):
+  """Qwen3-Next tensors (transformers' names; experts stored per expert).
+
+  q_proj rows: per head [query (h) | gate (h)]. in_proj_qkvz rows: per q/k
+  head j, [q (dk) | k (dk) | v (r dv) | z (r dv)] with r = n_v / n_k, the r
+  value heads j r .. j r + r - 1; in_proj_ba rows: per q/k head [b (r) | a (r)].
+  conv1d.weight [channels, 1, K] over q | k | v; ablax's conv is [K, channels]."""
+  d, n, kv = m.d_model, m.num_heads, m.num_kv_heads
+  h = m.head_dim or d // n
+  nk, dk, dv, kw = gdn_lib.dims(m)
+  nv = gdn_lib.num_v_heads(m)
+  r = nv // nk
+  t = lambda w: w.T
+  proj_in = lambda heads, dim: ((lambda w: w.T.reshape(d, heads, dim)),
+                                (lambda w: w.reshape(d, heads * dim).T))
+  add('embed.embedding', 'model.embed_tokens.weight')
+  add('final_norm.scale', 'model.norm.weight', norm_in, norm_out)
+  if not m.tie_embeddings:
+    add('head', 'lm_head.weight', t, t)
+  pattern = m.layer_pattern or 'A'
+  for i in range(m.num_layers):
+    p, q = f'blocks.{i}.', f'model.layers.{i}.'
+    if pattern[i % len(pattern)] == 'L':
+      a, s = p + 'attn.', q + 'linear_attn.'
+      qkvz = 2 * dk + 2 * r * dv
+      add((a + 'wq', a + 'wk', a + 'wv', a + 'wg'), s + 'in_proj_qkvz.weight',
+          lambda w: (lambda x: (x[..., :dk], x[..., dk:2 * dk],
+                                x[..., 2 * dk:2 * dk + r * dv].reshape(d, nv, dv),
+                                x[..., 2 * dk + r * dv:].reshape(d, nv, dv)))(
+                                    w.T.reshape(d, nk, qkvz)),
+          lambda ws: np.concatenate([ws[0], ws[1], ws[2].reshape(d, nk, r * dv),
+                                     ws[3].reshape(d, nk, r * dv)], axis=-1)
+          .reshape(d, nk * qkvz).T)
+      add((a + 'wb', a + 'wa'), s + 'in_proj_ba.weight',
+          lambda w: (lambda x: (x[..., :r].reshape(d, nv), x[..., r:].reshape(d, nv)))(
+              w.T.reshape(d, nk, 2 * r)),
+          lambda ws: np.concatenate([ws[0].reshape(d, nk, r), ws[1].reshape(d, nk, r)],
+                                    axis=-1).reshape(d, nk * 2 * r).T)
+      add(a + 'conv', s + 'conv1d.weight', lambda w: w[:, 0, :].T, lambda w: w.T[:, None, :])
+      add(a + 'a_log', s + 'A_log')
+      add(a + 'dt_bias', s + 'dt_bias')
+      add(a + 'o_norm.scale', s + 'norm.weight')      # plain w (RMSNormGated)
+      add(a + 'wo', s + 'out_proj.weight', lambda w: w.T.reshape(nv, dv, d),
+          lambda w: w.reshape(nv * dv, d).T)
+    else:
+      a, s = p + 'attn.', q + 'self_attn.'
+      add((a + 'wq', a + 'wg'), s + 'q_proj.weight',
+          lambda w: tuple(np.split(w.T.reshape(d, n, 2 * h), 2, axis=-1)),
+          lambda ws: np.concatenate(ws, axis=-1).reshape(d, n * 2 * h).T)
+      add(a + 'wk', s + 'k_proj.weight', *proj_in(kv, h))
+      add(a + 'wv', s + 'v_proj.weight', *proj_in(kv, h))
+      add(a + 'wo', s + 'o_proj.weight', lambda w: w.T.reshape(n, h, d),
+          lambda w: w.reshape(n * h, d).T)
+      add(a + 'q_norm.scale', s + 'q_norm.weight', norm_in, norm_out)
+      add(a + 'k_norm.scale', s + 'k_norm.weight', norm_in, norm_out)
+    add(p + 'attn_norm.scale', q + 'input_layernorm.weight', norm_in, norm_out)
+    add(p + 'mlp_norm.scale', q + 'post_attention_layernorm.weight', norm_in, norm_out)
+    mlp_names = (('wi_gate', 'gate_proj'), ('wi_up', 'up_proj'), ('wo', 'down_proj'))
+    if decoder_lib.is_moe_layer(m, i):
+      add(p + 'mlp.router', q + 'mlp.gate.weight', t, t)
+      for name, hf_name in zip(('w_gate', 'w_up', 'w_down'),
+                               ('gate_proj', 'up_proj', 'down_proj')):
+        out.append((p + 'mlp.' + name,
+                    [q + f'mlp.experts.{e}.{hf_name}.weight' for e in range(m.num_experts)],
+                    lambda ws: np.stack([w.T for w in ws]),
+                    lambda w: [x.T for x in w]))
+      for name, hf_name in mlp_names:
+        add(p + 'mlp.shared.' + name, q + f'mlp.shared_expert.{hf_name}.weight', t, t)
+      add(p + 'mlp.shared_gate', q + 'mlp.shared_expert_gate.weight',
+          lambda w: w[0], lambda w: w[None])
+    else:
+      for name, hf_name in mlp_names:
+        add(p + 'mlp.' + name, q + f'mlp.{hf_name}.weight', t, t)
+
+
+def _is_qwen3_next(m) -> bool:
+  """Whether an ablax model exports as Qwen3-Next: Gated DeltaNet layers, an
+  elementwise attention gate, a gated shared expert or partial rotary (the
+  export then refuses what Qwen3-Next does not have)."""
+  return ('L' in (m.get('layer_pattern', '') or '')
+          or m.get('attention_gate', 'none') == 'elementwise'
+          or m.get('moe_shared_expert_gate', False)
+          or m.get('rope_fraction', 1.0) != 1.0)
+
+
+def _qwen3_next_to_hf(m, refuse):
+  """The Qwen3Next config dict of an ablax model (see `_qwen3_next_from_hf`)."""
+  why = '(Qwen3-Next has {})'
+  pattern = m.get('layer_pattern', '') or 'A'
+  # What sent the model here, named in the refusals of what Qwen3-Next lacks.
+  trigger = ', '.join(x for x, on in (
+      (f'layer_pattern={m.get("layer_pattern")!r}', 'L' in pattern),
+      (f"attention_gate={m.get('attention_gate')!r}", m.get('attention_gate') == 'elementwise'),
+      ('moe_shared_expert_gate=True', m.get('moe_shared_expert_gate', False)),
+      (f"rope_fraction={m.get('rope_fraction')}", m.get('rope_fraction', 1.0) != 1.0)) if on)
+  if (m.position, m.norm_type, m.norm_position, m.mlp_gated, m.use_bias) != (
+      'rope', 'rmsnorm', 'pre', True, False):
+    refuse(f'position={m.position!r}, norm_type={m.norm_type!r}, norm_position='
+           f'{m.norm_position!r}, mlp_gated={m.mlp_gated}, use_bias={m.use_bias} for a '
+           'Qwen3-Next export ' + why.format('rope, rmsnorm, pre, gated MLPs, no biases'))
+  if not m.qk_norm or m.get('attention_gate', 'none') != 'elementwise':
+    refuse(f"{trigger} with qk_norm={m.qk_norm}, attention_gate="
+           f"{m.get('attention_gate', 'none')!r} (Gated DeltaNet layers, partial rotary and "
+           'gated shared experts export as Qwen3-Next, whose attention has QK-norm and '
+           "attention_gate='elementwise')")
+  if m.get('attention_type', 'standard') != 'standard' or m.get('attention_sinks', False):
+    refuse(f"attention_type={m.get('attention_type')!r} / attention_sinks with a "
+           'Qwen3-Next export ' + why.format('standard attention without sinks'))
+  for field in ('embedding_scale', 'embedding_norm', 'attn_logit_softcap',
+                'final_logit_softcap', 'attn_scale', 'global_layer_interval',
+                'sliding_window', 'mtp_depth'):
+    if m.get(field) not in (None, False, 0):
+      refuse(f'{field}={m.get(field)!r} with a Qwen3-Next export ' + why.format('none'))
+  if 'L' in pattern and m.mlp_activation != 'silu':
+    refuse(f'mlp_activation={m.mlp_activation!r} with Gated DeltaNet layers (Qwen3-Next '
+           "uses hidden_act for the GDN convolution too, which is SiLU in ablax)")
+  nk, dk, dv, kw = gdn_lib.dims(m)
+  h = m.head_dim or m.d_model // m.num_heads
+  act = {'silu': 'silu', 'gelu': 'gelu', 'gelu_tanh': 'gelu_pytorch_tanh', 'relu': 'relu'}
+  rope, other = _rope_parameters(m)
+  if other is not None:
+    refuse(f'rope_scaling.type={other["type"]!r} (the Qwen3-Next export writes default, '
+           'linear, llama3)')
+  rope['partial_rotary_factor'] = float(m.get('rope_fraction', 1.0))
+  hf = {'vocab_size': m.vocab_size, 'tie_word_embeddings': bool(m.tie_embeddings),
+        'dtype': m.param_dtype, 'hidden_size': m.d_model, 'num_hidden_layers': m.num_layers,
+        'num_attention_heads': m.num_heads, 'num_key_value_heads': m.num_kv_heads,
+        'head_dim': h, 'intermediate_size': m.d_ff,
+        'max_position_embeddings': m.max_seq_len, 'rms_norm_eps': m.norm_eps,
+        'hidden_act': act[m.mlp_activation], 'attention_bias': False,
+        'rope_parameters': rope,
+        'layer_types': ['linear_attention' if pattern[i % len(pattern)] == 'L'
+                        else 'full_attention' for i in range(m.num_layers)],
+        'linear_conv_kernel_dim': kw, 'linear_key_head_dim': dk,
+        'linear_value_head_dim': dv, 'linear_num_key_heads': nk,
+        'linear_num_value_heads': gdn_lib.num_v_heads(m),
+        'num_experts': m.num_experts, 'num_experts_per_tok': m.experts_per_token,
+        'moe_intermediate_size': m.moe_d_ff or m.d_ff,
+        'shared_expert_intermediate_size': (m.moe_d_ff or m.d_ff) * m.num_shared_experts,
+        'norm_topk_prob': bool(m.moe_renormalize),
+        'decoder_sparse_step': m.moe_layer_interval,
+        'mlp_only_layers': list(range(m.get('moe_first_dense_layers', 0))),
+        'model_type': 'qwen3_next', 'architectures': [ARCHITECTURES['qwen3_next']]}
+  if m.num_experts:
+    for field, plain in (('moe_router', 'softmax'), ('moe_routed_scaling', 1.0),
+                         ('moe_num_groups', 1), ('moe_capacity_factor', None)):
+      if m.get(field, plain) != plain:
+        refuse(f'{field}={m.get(field)!r} with a Qwen3-Next export (its experts are '
+               'dropless, routed by a plain softmax top-k)')
+    if not m.num_shared_experts or not m.get('moe_shared_expert_gate', False):
+      refuse(f"num_shared_experts={m.num_shared_experts}, moe_shared_expert_gate="
+             f"{m.get('moe_shared_expert_gate', False)} with a Qwen3-Next export (every "
+             'Qwen3-Next MoE layer has one shared expert with a sigmoid gate)')
+  elif m.get('moe_shared_expert_gate', False):
+    refuse('moe_shared_expert_gate=True without experts')
+  return hf
+
+
+# -- end Qwen3-Next -----------------------------------------------------------------
 
 
 def _alibi_from_hf(f: _Fields, m):
@@ -636,13 +926,18 @@ def _tensor_map(family, m, rope_interleave=True):
   proj_in = lambda heads: ((lambda w: w.T.reshape(d, heads, h)),
                            (lambda w: w.reshape(d, heads * h).T))
   gemma = family == 'gemma2'
-  norm_in = (lambda w: (w.astype(np.float64) + 1).astype(w.dtype)) if gemma else None
-  norm_out = (lambda w: (w.astype(np.float64) - 1).astype(w.dtype)) if gemma else None
+  # Gemma's and Qwen3-Next's RMSNorms multiply by 1 + w.
+  one_plus = family in ('gemma2', 'qwen3_next')
+  norm_in = (lambda w: (w.astype(np.float64) + 1).astype(w.dtype)) if one_plus else None
+  norm_out = (lambda w: (w.astype(np.float64) - 1).astype(w.dtype)) if one_plus else None
   if family in ('mpt', 'bloom'):
     _alibi_tensor_map(family, m, add)
     return out
   if family == 'deepseek_v3':
     _deepseek_v3_tensor_map(m, add, out, rope_interleave)
+    return out
+  if family == 'qwen3_next':
+    _qwen3_next_tensor_map(m, add, out, norm_in, norm_out)
     return out
   if family == 'gpt2':
     add('embed.embedding', 'transformer.wte.weight')
@@ -820,6 +1115,8 @@ def load(hf_dir: str):
   left = {k for k in left if not k.endswith(('attn.bias', 'attn.masked_bias', 'rotary_emb.inv_freq'))}
   if family == 'deepseek_v3':
     left -= _deepseek_v3_mtp_shared(hf_dir, m, tensors, left)
+  if family == 'qwen3_next':
+    left -= _qwen3_next_mtp_dropped(hf_dir, left)
   if left:
     raise HFError(f'{hf_dir}: tensors with no ablax mapping: {sorted(left)[:8]}')
   return ml_collections.ConfigDict({'model': m}), decoder
@@ -865,8 +1162,11 @@ def model_config_to_hf(m, decoder=None):
     # HF models have no logit or attention multipliers: the export would
     # silently compute another function.
     refuse(f'mup_base_width={m.mup_base_width} (muP multipliers)')
+  if _is_qwen3_next(m):
+    return 'qwen3_next', _qwen3_next_to_hf(m, refuse)
   if m.get('attention_gate', 'none') != 'none':
-    refuse(f'attention_gate={m.attention_gate!r} (no exported HF family has an output gate)')
+    refuse(f'attention_gate={m.attention_gate!r} (Qwen3-Next, the exported family with '
+           "an output gate, has the elementwise one)")
   if m.get('attention_sinks', False):
     refuse('attention_sinks=True (no exported HF family has sink logits)')
   if 'L' in (m.get('layer_pattern', '') or ''):

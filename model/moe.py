@@ -4,7 +4,9 @@
 implements
 - top-k softmax routing (Shazeer et al. 2017, "Outrageously Large Neural
   Networks"; top-2 with renormalised weights as in Mixtral, Jiang et al. 2024),
-- always-on shared experts (Dai et al. 2024, "DeepSeekMoE"),
+- always-on shared experts (Dai et al. 2024, "DeepSeekMoE"), optionally
+  scaled by a learned sigmoid gate sigmoid(x . w) (`moe_shared_expert_gate`;
+  Qwen2-MoE, Qwen3-Next),
 - dropless grouped expert computation (Gale et al. 2022, "MegaBlocks"): the
   (token, expert) assignments are sorted by expert and each expert multiplies
   only its own rows, so the FLOPs grow with k, not with the number of experts,
@@ -252,6 +254,13 @@ class MoE(nnx.Module):
     self.num_shared_experts = m.num_shared_experts
     if self.num_shared_experts:
       self.shared = mlp_lib.MLP(m, d_ff=self.num_shared_experts * f, rngs=rngs)
+    # `moe_shared_expert_gate`: the shared output times sigmoid(x . w), one
+    # learned [d] vector (Qwen2-MoE, Qwen3-Next); N(0, 0.02) as the router,
+    # so the gate starts near 1/2.
+    self.shared_gated = bool(self.num_shared_experts and m.get('moe_shared_expert_gate', False))
+    if self.shared_gated:
+      self.shared_gate = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (d,), pdt),
+                                   logical_axes=('embed',))
 
   # -- pieces ---------------------------------------------------------------
 
@@ -438,7 +447,12 @@ class MoE(nnx.Module):
       y, aux = self._expert_parallel(x, plan)
     if self.num_shared_experts:
       with jax.named_scope('moe_shared'):
-        y = y + self.shared(x).astype(self.dtype)
+        shared = self.shared(x).astype(self.dtype)
+        if self.shared_gated:
+          g = jnp.einsum('btd,d->bt', x.astype(self.dtype),
+                         self.shared_gate[...].astype(self.dtype))
+          shared = shared * jax.nn.sigmoid(g.astype(jnp.float32))[..., None].astype(self.dtype)
+        y = y + shared
     return y.astype(x.dtype), aux
 
   def _global(self, x):

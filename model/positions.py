@@ -15,6 +15,10 @@
     cos/sin scaled by the attention factor 0.1 ln(factor) + 1.
   - `llama3`: Llama 3.1's wavelength-banded interpolation (`low_freq_factor`,
     `high_freq_factor`).
+  Partial rotary (`model.rope_fraction` < 1; GPT-NeoX, Qwen3-Next): only the
+  first `rotary_dim` features of each head rotate, with the frequencies of a
+  head of that width (`rope_cos_sin(positions, rotary_dim, ...)`), in the same
+  half-split layout within them; `apply_rope` passes the rest through.
 - `alibi`: a per-head linear distance bias added inside attention (Press et al.
   2021); the slopes are `model.masking.alibi_slopes`, passed by the attention
   layer to the kernel, so nothing here.
@@ -109,13 +113,25 @@ def rope_cos_sin(positions, head_dim: int, theta: float, scaling=None):
   return jnp.cos(angles) * attention_factor, jnp.sin(angles) * attention_factor
 
 
+def rotary_dim(head_dim: int, fraction: float = 1.0) -> int:
+  """Features of a head that RoPE rotates: int(head_dim * fraction)
+  (`model.rope_fraction`; transformers' partial_rotary_factor counts alike)."""
+  return head_dim if fraction == 1 else int(head_dim * fraction)
+
+
 def apply_rope(x, cos, sin):
-  """Rotates x [batch, seq, heads, head_dim] by the angles of cos/sin [batch, seq, head_dim//2]."""
-  half = x.shape[-1] // 2
+  """Rotates x [batch, seq, heads, head_dim] by the angles of cos/sin [batch, seq, r//2]:
+  the first r features in the half-split layout (feature i with i + r/2); the
+  features after r (partial rotary) pass through unchanged."""
+  half = cos.shape[-1]
+  rot = 2 * half
   xf = x.astype(jnp.float32)
-  x1, x2 = xf[..., :half], xf[..., half:]
+  x1, x2 = xf[..., :half], xf[..., half:rot]
   cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
+  if rot < x.shape[-1]:
+    parts.append(xf[..., rot:])
+  out = jnp.concatenate(parts, axis=-1)
   return out.astype(x.dtype)
 
 

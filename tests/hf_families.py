@@ -20,6 +20,13 @@ YARN = dict(rope_type='yarn', rope_theta=10000.0, factor=4.0,
             original_max_position_embeddings=16, beta_fast=32.0, beta_slow=1.0,
             mscale=0.7, mscale_all_dim=0.7)
 
+Q3N = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+           max_position_embeddings=64, linear_num_key_heads=2, linear_num_value_heads=4,
+           linear_key_head_dim=8, linear_value_head_dim=8, num_experts=4,
+           num_experts_per_tok=2, moe_intermediate_size=16,
+           shared_expert_intermediate_size=16)
+
 FAMILIES = {
     'llama': lambda: transformers.LlamaConfig(**COMMON, rope_parameters=dict(
         rope_type='llama3', rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
@@ -72,6 +79,26 @@ FAMILIES = {
     'deepseek_v3_yarn': lambda: transformers.DeepseekV3Config(
         **DSV3, q_lora_rank=24, n_group=2, topk_group=1, first_k_dense_replace=1,
         n_shared_experts=1, rope_parameters=YARN),
+    # Qwen3-Next: 'LLLA' with 2 q/k GDN heads serving 4 value heads (r = 2),
+    # partial rotary 0.25 of head_dim 16, MoE with the gated shared expert.
+    'qwen3_next': lambda: transformers.Qwen3NextConfig(**Q3N),
+    # Other shapes: r = 1 (value heads = q/k heads) with dk != dv, 'LA'
+    # pattern (one of each, repeating), 3 heads of 8 over 1 key/value head,
+    # rope on half the head, MoE every second layer, two shared-expert widths
+    # (num_shared_experts=2), unnormalised top-k.
+    'qwen3_next_b': lambda: transformers.Qwen3NextConfig(**dict(
+        Q3N, num_hidden_layers=4, num_attention_heads=3, num_key_value_heads=1, head_dim=8,
+        linear_num_key_heads=3, linear_num_value_heads=3, linear_key_head_dim=8,
+        linear_value_head_dim=12, layer_types=['linear_attention', 'full_attention'] * 2,
+        decoder_sparse_step=2, shared_expert_intermediate_size=32, norm_topk_prob=False,
+        rope_parameters=dict(rope_type='default', rope_theta=1e6,
+                             partial_rotary_factor=0.5))),
+    # r = 3, pattern 'LAA' over 3 layers, first layer dense (mlp_only_layers),
+    # tied embeddings.
+    'qwen3_next_c': lambda: transformers.Qwen3NextConfig(**dict(
+        Q3N, num_hidden_layers=3, linear_num_key_heads=1, linear_num_value_heads=3,
+        layer_types=['linear_attention', 'full_attention', 'full_attention'],
+        mlp_only_layers=[0], tie_word_embeddings=True)),
     # ALiBi families with non-power-of-two head counts (the slopes' second rule).
     'mpt': lambda: transformers.MptConfig(vocab_size=128, d_model=48, n_heads=6, n_layers=2,
                                           max_seq_len=64),
@@ -96,7 +123,10 @@ def make_hf_model(family: str, seed: int = 0, quantize_norms: bool = False, **ov
   with torch.no_grad():
     for name, p in model.named_parameters():
       if 'norm' in name or '.ln_' in name:
-        w = torch.randn_like(p) * 0.3 + (0.0 if family == 'gemma2' else 1.0)
+        # Gemma's and Qwen3-Next's norms are 1 + w (not Qwen3-Next's gated GDN norm).
+        one_plus = family == 'gemma2' or (family.startswith('qwen3_next')
+                                          and 'linear_attn.norm' not in name)
+        w = torch.randn_like(p) * 0.3 + (0.0 if one_plus else 1.0)
         if quantize_norms:
           w = torch.round(w * 256) / 256
         p.copy_(w)
@@ -104,6 +134,11 @@ def make_hf_model(family: str, seed: int = 0, quantize_norms: bool = False, **ov
         p.copy_(torch.randn_like(p) * 0.4)  # DiffLlama: lambda away from lambda_init
       elif 'gate.weight' in name and p.shape[0] <= 8:
         p.copy_(torch.randn_like(p))        # router: spread the expert choices
+      elif name.endswith('linear_attn.A_log'):
+        # Decays exp(-A softplus(.)) from ~0.1 to ~0.9: state carried and forgotten.
+        p.copy_(torch.randn_like(p) * 0.5 - 1.0)
+      elif name.endswith('linear_attn.conv1d.weight'):
+        p.copy_(torch.randn_like(p) * 0.5)
       else:
         p.copy_(torch.randn_like(p) * 0.15)
     for name, b in model.named_buffers():

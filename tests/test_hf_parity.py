@@ -217,3 +217,14 @@ def test_deepseek_v3_yarn_fields():
   assert (out['rope_type'], out['factor'], out['original_max_position_embeddings']) == (
       'yarn', 4.0, 16)
   assert out['mscale'] == out['mscale_all_dim'] == pytest.approx(0.7)
+
+
+def test_qwen3_next_past_a_delta_rule_chunk(tmp_path):
+  """70 tokens: both sides run the chunked delta rule over two chunks of 64
+  (the state carried across the boundary), with 2 value heads per q/k head."""
+  model = hf_families.make_hf_model('qwen3_next')
+  model.save_pretrained(tmp_path)
+  _, decoder = hf.load(str(tmp_path))
+  tokens = hf_families.random_tokens(7, (1, 70))
+  got, _ = decoder(jnp.asarray(tokens))
+  _assert_close(np.asarray(got), hf_families.hf_logits(model, tokens))

@@ -21,7 +21,8 @@ transformers = pytest.importorskip(
 @pytest.mark.parametrize('family,overrides', [
     ('llama', {}), ('qwen2', {}), ('gemma2', {}), ('gpt2', {}), ('qwen3_moe', {}),
     ('mpt', {}), ('bloom', {}), ('deepseek_v3', {}), ('diffllama', {}), ('diffllama_mha', {}),
-    ('deepseek_v3_noq', {'rope_interleave': True}), ('deepseek_v3_yarn', {})])
+    ('deepseek_v3_noq', {'rope_interleave': True}), ('deepseek_v3_yarn', {}),
+    ('qwen3_next', {}), ('qwen3_next_c', {})])
 def test_hf_ablax_hf_is_bitwise_identical(family, overrides, tmp_path):
   model = hf_families.make_hf_model(family, quantize_norms=True, **overrides)
   model.save_pretrained(tmp_path / 'in')
@@ -72,6 +73,9 @@ def test_deepseek_v3_mtp_layer_round_trips_bitwise(tmp_path):
                              'model.num_kv_heads=6', 'model.d_ff=192', 'model.attn_scale=0.3']),
     ('configs/bloom.py:tiny', ['model.vocab_size=128', 'model.d_model=48', 'model.num_heads=6',
                                'model.num_kv_heads=6', 'model.d_ff=192']),
+    # The Qwen3-Next preset: GDN layers with 2x value heads, partial rotary,
+    # elementwise gate, MoE with the gated shared expert.
+    ('configs/qwen3_next.py:tiny', ['model.vocab_size=128']),
 ])
 def test_ablax_to_transformers_logits(preset, overrides, tmp_path):
   cfg = configs.load(preset, overrides)
@@ -233,3 +237,89 @@ def test_diffllama_export_refusals(overrides, match, tmp_path):
 def test_diffllama_import_refuses_attention_bias():
   with pytest.raises(hf.HFError, match='attention_bias'):
     hf.hf_to_model_config(_hf_config('diffllama', attention_bias=True))
+
+
+# -- Qwen3-Next ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize('changes,match', [
+    ({'mlp_only_layers': [1]}, r'mlp_only_layers=\[1\]'),
+    ({'linear_num_value_heads': 3}, 'linear_num_value_heads=3 is not a multiple'),
+    ({'hidden_act': 'gelu'}, "hidden_act='gelu' with linear_attention"),
+    ({'shared_expert_intermediate_size': 24}, 'shared_expert_intermediate_size=24'),
+    ({'layer_types': ['linear_attention', 'sliding_attention'] * 2}, 'layer_types='),
+    ({'attention_bias': True}, 'attention_bias=True'),
+])
+def test_qwen3_next_import_refusals(changes, match):
+  with pytest.raises(hf.HFError, match=match):
+    hf.hf_to_model_config(_hf_config('qwen3_next', **changes))
+
+
+def test_qwen3_next_import_fields():
+  """The released config.json form (top-level partial_rotary_factor and
+  full_attention_interval, no layer_types) maps like transformers reads it."""
+  hf_cfg = _hf_config('qwen3_next')
+  del hf_cfg['layer_types']
+  hf_cfg['rope_parameters'] = {'rope_type': 'default', 'rope_theta': 1e7}
+  hf_cfg.update(full_attention_interval=2, partial_rotary_factor=0.5)
+  m = hf.hf_to_model_config(hf_cfg)[1]
+  assert (m.layer_pattern, m.rope_fraction, m.rope_theta) == ('LA', 0.5, 1e7)
+  m = hf.hf_to_model_config(_hf_config('qwen3_next'))[1]
+  assert (m.layer_pattern, m.gdn_num_heads, m.gdn_num_v_heads, m.gdn_head_dim,
+          m.gdn_v_head_dim, m.rope_fraction, m.attention_gate, m.qk_norm, m.num_experts,
+          m.num_shared_experts, m.moe_shared_expert_gate, m.moe_renormalize,
+          m.tie_embeddings) == ('LLLA', 2, 4, 8, 8, 0.25, 'elementwise', True, 4, 1,
+                                True, True, False)
+  m = hf.hf_to_model_config(_hf_config('qwen3_next_b'))[1]
+  assert (m.layer_pattern, m.moe_layer_interval, m.num_shared_experts,
+          m.moe_renormalize) == ('LA', 2, 2, False)
+  m = hf.hf_to_model_config(_hf_config('qwen3_next_c'))[1]
+  assert (m.layer_pattern, m.moe_first_dense_layers, m.tie_embeddings) == ('LAA', 1, True)
+
+
+@pytest.mark.parametrize('overrides,match', [
+    (["model.attention_gate='none'"], "attention_gate='none'"),
+    (['model.moe_shared_expert_gate=False'], 'moe_shared_expert_gate=False'),
+    (["model.mlp_activation='gelu'"], "mlp_activation='gelu' with Gated DeltaNet"),
+    (['model.moe_capacity_factor=1.5'], 'moe_capacity_factor=1.5'),
+    (['model.sliding_window=8'], 'sliding_window=8'),
+])
+def test_qwen3_next_export_refusals(overrides, match, tmp_path):
+  cfg = configs.load('configs/qwen3_next.py:tiny', overrides)
+  decoder = model_lib.Decoder(cfg.model, rngs=nnx.Rngs(0))
+  with pytest.raises(hf.HFError, match=match):
+    hf.save(cfg, decoder, str(tmp_path))
+
+
+def test_partial_rotary_alone_is_refused_outside_qwen3_next(tmp_path):
+  """A Llama with rope_fraction < 1 has no HF family that ablax writes (the
+  Qwen3-Next export names what is missing), rather than a silent full rotary."""
+  cfg = configs.load('configs/llama.py:tiny', ['model.rope_fraction=0.5'])
+  with pytest.raises(hf.HFError, match='qk_norm=False'):
+    hf.model_config_to_hf(cfg.model)
+
+
+def test_qwen3_next_release_extras_import(tmp_path, caplog):
+  """The released checkpoint's extras: an MTP layer (`mtp.*` tensors, which
+  transformers skips) and Qwen's window fields switched off. The tensors are
+  dropped with a warning; the rest imports as without them."""
+  import json
+  from safetensors.numpy import save_file
+  model = hf_families.make_hf_model('qwen3_next')
+  model.save_pretrained(tmp_path)
+  path = str(tmp_path / 'model.safetensors')
+  tensors = load_file(path)
+  tensors['mtp.fc.weight'] = np.ones((32, 64), np.float32)
+  tensors['mtp.norm.weight'] = np.ones((32,), np.float32)
+  save_file(tensors, path, metadata={'format': 'pt'})
+  with open(tmp_path / 'config.json') as fh:
+    hf_cfg = json.load(fh)
+  hf_cfg.update(mtp_num_hidden_layers=1, mtp_use_dedicated_embeddings=False,
+                use_sliding_window=False, sliding_window=None, max_window_layers=48)
+  with open(tmp_path / 'config.json', 'w') as fh:
+    json.dump(hf_cfg, fh)
+  with caplog.at_level('WARNING'):
+    _, decoder = hf.load(str(tmp_path))
+  assert '2 multi-token-prediction tensors (mtp.*) dropped' in caplog.text
+  np.testing.assert_array_equal(np.asarray(decoder.blocks[0].attn.conv.get_value()),
+                                tensors['model.layers.0.linear_attn.conv1d.weight'][:, 0].T)

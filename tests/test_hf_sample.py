@@ -11,7 +11,10 @@ torch = pytest.importorskip(
     'torch', reason='needs torch and transformers (the Hugging Face reference)')
 
 
-@pytest.mark.parametrize('family', ['mistral', 'gemma2', 'mpt', 'bloom'])
+# qwen3_next: its 'LLLA' layers decode from ablax's RecurrentCache (delta-rule
+# state + conv buffer) and the A layer from its KV cache, against
+# transformers' Qwen3-Next cache (recurrent steps after a chunked prefill).
+@pytest.mark.parametrize('family', ['mistral', 'gemma2', 'mpt', 'bloom', 'qwen3_next'])
 def test_greedy_matches_transformers_generate(family, tmp_path):
   model = hf_families.make_hf_model(family)
   model.save_pretrained(tmp_path)
