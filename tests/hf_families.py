@@ -20,6 +20,14 @@ YARN = dict(rope_type='yarn', rope_theta=10000.0, factor=4.0,
             original_max_position_embeddings=16, beta_fast=32.0, beta_slow=1.0,
             mscale=0.7, mscale_all_dim=0.7)
 
+# GPT-OSS: YaRN as its released config writes it (truncate=False), scaled
+# down: factor 4 over an original 16 positions (the tests run 12 and 40).
+GPT_OSS_YARN = dict(rope_type='yarn', rope_theta=10000.0, factor=4.0,
+                    original_max_position_embeddings=16, beta_fast=32.0, beta_slow=1.0,
+                    truncate=False)
+GPT_OSS = dict(vocab_size=128, hidden_size=32, intermediate_size=16,
+               max_position_embeddings=64, num_attention_heads=4)
+
 FAMILIES = {
     'llama': lambda: transformers.LlamaConfig(**COMMON, rope_parameters=dict(
         rope_type='llama3', rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
@@ -72,6 +80,24 @@ FAMILIES = {
     'deepseek_v3_yarn': lambda: transformers.DeepseekV3Config(
         **DSV3, q_lora_rank=24, n_group=2, topk_group=1, first_k_dense_replace=1,
         n_shared_experts=1, rope_parameters=YARN),
+    # GPT-OSS: GQA (4 query heads on 2 key/value heads), sliding (window 8)
+    # and full layers alternating (transformers' default layer_types), YaRN
+    # without truncation, 4 experts top-2, swiglu_limit 1 so that the clamps
+    # of the gate and the up projection act on the random weights.
+    'gpt_oss': lambda: transformers.GptOssConfig(
+        **GPT_OSS, num_hidden_layers=2, num_key_value_heads=2, head_dim=8,
+        sliding_window=8, num_local_experts=4, num_experts_per_tok=2,
+        swiglu_limit=1.0, rope_parameters=GPT_OSS_YARN),
+    # MQA with head_dim 16 != hidden/heads, 3 layers full only at index 2
+    # (global_layer_interval 3), window 4, plain rope, 8 experts top-3, another
+    # alpha and limit, tied embeddings.
+    'gpt_oss_mqa': lambda: transformers.GptOssConfig(
+        **GPT_OSS, num_hidden_layers=3, num_key_value_heads=1, head_dim=16,
+        sliding_window=4, layer_types=['sliding_attention', 'sliding_attention',
+                                       'full_attention'],
+        num_local_experts=8, num_experts_per_tok=3, swiglu_alpha=1.2, swiglu_limit=0.8,
+        tie_word_embeddings=True,
+        rope_parameters=dict(rope_type='default', rope_theta=10000.0)),
     # ALiBi families with non-power-of-two head counts (the slopes' second rule).
     'mpt': lambda: transformers.MptConfig(vocab_size=128, d_model=48, n_heads=6, n_layers=2,
                                           max_seq_len=64),
@@ -102,8 +128,10 @@ def make_hf_model(family: str, seed: int = 0, quantize_norms: bool = False, **ov
         p.copy_(w)
       elif '.lambda_' in name:
         p.copy_(torch.randn_like(p) * 0.4)  # DiffLlama: lambda away from lambda_init
-      elif 'gate.weight' in name and p.shape[0] <= 8:
+      elif ('gate.weight' in name and p.shape[0] <= 8) or '.router.' in name:
         p.copy_(torch.randn_like(p))        # router: spread the expert choices
+      elif name.endswith('.sinks'):
+        p.copy_(torch.randn_like(p) * 2.0)  # GPT-OSS: sinks that take real mass
       else:
         p.copy_(torch.randn_like(p) * 0.15)
     for name, b in model.named_buffers():
