@@ -11,7 +11,9 @@ torch = pytest.importorskip(
     'torch', reason='needs torch and transformers (the Hugging Face reference)')
 
 
-@pytest.mark.parametrize('family', ['mistral', 'gemma2', 'mpt', 'bloom'])
+# gpt_oss: sinks with the window's ring cache (window 8; gpt_oss_mqa: 4).
+@pytest.mark.parametrize('family', ['mistral', 'gemma2', 'mpt', 'bloom', 'gpt_oss',
+                                    'gpt_oss_mqa'])
 def test_greedy_matches_transformers_generate(family, tmp_path):
   model = hf_families.make_hf_model(family)
   model.save_pretrained(tmp_path)
