@@ -21,9 +21,11 @@ YARN = dict(rope_type='yarn', rope_theta=10000.0, factor=4.0,
             mscale=0.7, mscale_all_dim=0.7)
 
 # GPT-OSS: YaRN as its released config writes it (truncate=False), scaled
-# down: factor 4 over an original 16 positions (the tests run 12 and 40).
-GPT_OSS_YARN = dict(rope_type='yarn', rope_theta=10000.0, factor=4.0,
-                    original_max_position_embeddings=16, beta_fast=32.0, beta_slow=1.0,
+# down: factor 4 over 64 positions with theta 1000, so that with head_dim 8
+# the correction range ends inside a pair (1.35): rounded out (truncate=True)
+# it would give another ramp.
+GPT_OSS_YARN = dict(rope_type='yarn', rope_theta=1000.0, factor=4.0,
+                    original_max_position_embeddings=64, beta_fast=32.0, beta_slow=1.0,
                     truncate=False)
 GPT_OSS = dict(vocab_size=128, hidden_size=32, intermediate_size=16,
                max_position_embeddings=64, num_attention_heads=4)

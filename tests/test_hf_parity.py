@@ -234,7 +234,7 @@ def test_gpt_oss_flags():
               4, 2, 'softmax', True, True, 1, None, 16)
   assert (m.mlp_activation, m.mlp_gated, m.mlp_swiglu_alpha, m.mlp_swiglu_limit) == (
       'clamped_swiglu', True, 1.702, 1.0)
-  assert dict(m.rope_scaling) == dict(type='yarn', factor=4.0, original_max_seq_len=16,
+  assert dict(m.rope_scaling) == dict(type='yarn', factor=4.0, original_max_seq_len=64,
                                       beta_fast=32.0, beta_slow=1.0, truncate=False)
   m = hf.hf_to_model_config(hf_families.make_hf_model('gpt_oss_mqa').config.to_dict())[1]
   assert (m.num_kv_heads, m.head_dim, m.sliding_window, m.global_layer_interval,
