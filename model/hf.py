@@ -32,10 +32,15 @@ interleaved rope columns permuted to ablax's half-split layout, the sigmoid
 group-limited router with its `e_score_correction_bias` as the MoE selection
 bias, shared experts, first dense layers; its MTP layers are dropped with a
 warning), and diffllama (Llama with differential attention,
-`attention_type='differential'`, lambda vectors mapped by name). An ablax
+`attention_type='differential'`, lambda vectors mapped by name), and gpt_oss
+(biased GQA with learned sinks, sliding/full `layer_types`, YaRN with its
+`truncate`, an MoE in every layer with a router bias, biased experts whose
+fused gate_up_proj interleaves gate and up columns, and the clamped SwiGLU;
+`_gpt_oss_from_hf`). An ablax
 ALiBi model exports as bloom when `embedding_norm` is set, else as mpt; an MLA
 model exports as deepseek_v3; a differential model with Llama's layout as
-diffllama.
+diffllama; a model with attention sinks, the clamped SwiGLU or a router bias
+as gpt_oss.
 
 The HF `config.json` is read as JSON; neither transformers nor torch is
 needed. Every field is either mapped to an ablax flag, known not to change the
