@@ -20,7 +20,7 @@ CHOICES = {
     'model.norm_type': ('rmsnorm', 'layernorm'),
     'model.norm_position': ('pre', 'post', 'sandwich'),
     'model.position': ('rope', 'alibi', 'learned', 'sinusoidal', 'none'),
-    'model.mlp_activation': ('silu', 'gelu', 'gelu_tanh', 'relu'),
+    'model.mlp_activation': ('silu', 'gelu', 'gelu_tanh', 'relu', 'clamped_swiglu'),
     'model.attention_impl': ('auto', 'xla', 'pallas', 'cudnn'),
     'model.attention_gate': ('none', 'headwise', 'elementwise'),
     'model.attention_type': ('standard', 'mla', 'differential'),
@@ -274,6 +274,7 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
          f'{m.num_memory_tokens}: the MTP modules do not take memory tokens; set '
          'one of them to 0')
   _validate_layer_pattern(m)
+  _validate_gpt_oss_mlp(m)
   base = m.get('mup_base_width')
   if base is not None:
     _check(isinstance(base, int) and base > 0,
@@ -302,6 +303,26 @@ def _validate_rope_fraction(m: ml_collections.ConfigDict, head_dim: int, mla: bo
          f'model.rope_fraction={fraction}: rotates int({head_dim} * {fraction}) = {dim} '
          'features of each head, which must be a positive even count; pick a fraction '
          'that gives one')
+def _validate_gpt_oss_mlp(m: ml_collections.ConfigDict) -> None:
+  """The clamped SwiGLU and router-bias fields (GPT-OSS; model/mlp.py, model/moe.py)."""
+  alpha, limit = m.get('mlp_swiglu_alpha', 1.702), m.get('mlp_swiglu_limit', 7.0)
+  for field, value in (('mlp_swiglu_alpha', alpha), ('mlp_swiglu_limit', limit)):
+    _check(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+           f'model.{field}={value!r}: must be a positive number')
+  if m.mlp_activation == 'clamped_swiglu':
+    _check(m.mlp_gated, "model.mlp_activation='clamped_swiglu' with model.mlp_gated=False: "
+           'the clamped SwiGLU is a gated unit (gate and up projections); set '
+           "model.mlp_gated=True or pick another mlp_activation")
+  elif (alpha, limit) != (1.702, 7.0):
+    _check(False, f'model.mlp_swiglu_alpha={alpha!r}, model.mlp_swiglu_limit={limit!r} '
+           f'with model.mlp_activation={m.mlp_activation!r}: they only act with '
+           "mlp_activation='clamped_swiglu'; set it or leave them at 1.702 and 7.0")
+  router_bias = m.get('moe_router_bias', False)
+  _check(isinstance(router_bias, bool),
+         f'model.moe_router_bias={router_bias!r}: must be True or False')
+  _check(not router_bias or m.num_experts > 0,
+         'model.moe_router_bias=True with model.num_experts=0: a dense model has no '
+         'router; set num_experts > 0 or moe_router_bias=False')
 
 
 def _validate_layer_pattern(m: ml_collections.ConfigDict) -> None:

@@ -38,8 +38,16 @@ def model_config() -> ml_collections.ConfigDict:
   # through. 1.0 = the whole head. Standard and differential attention.
   m.rope_fraction = 1.0
   # MLP.
-  m.mlp_activation = 'silu'      # silu | gelu | gelu_tanh | relu
+  m.mlp_activation = 'silu'      # silu | gelu | gelu_tanh | relu | clamped_swiglu
   m.mlp_gated = True
+  # --- Clamped SwiGLU (issue 17, GPT-OSS; docs/moe.md#gpt-oss-experts-and-router) ---
+  # mlp_activation='clamped_swiglu' (needs mlp_gated=True), in the dense MLP
+  # and the experts alike: g = min(x W_gate, limit), u = clip(x W_up, -limit,
+  # limit), h = (u + 1) * g * sigmoid(alpha g). Used only with that activation
+  # (other values of these two are refused with any other activation).
+  m.mlp_swiglu_alpha = 1.702
+  m.mlp_swiglu_limit = 7.0
+  # --- end clamped SwiGLU ---
   # Linear layers.
   m.use_bias = False
   m.embedding_scale = False
@@ -141,6 +149,12 @@ def model_config() -> ml_collections.ConfigDict:
   # (DeepSeek-V3: 3).
   m.moe_first_dense_layers = 0
   # --- end DeepSeek-V3 routing ---
+  # --- Router bias (issue 17, GPT-OSS; docs/moe.md#gpt-oss-experts-and-router) ---
+  # A learned bias [E] added to the router logits (u = x W_r + b) before the
+  # softmax/sigmoid and the top-k; trained like the other biases. Expert
+  # biases are model.use_bias (which also puts biases on the projections).
+  m.moe_router_bias = False
+  # --- end router bias ---
   # --- Multi-token prediction (issue 16; docs/moe.md#multi-token-prediction) ---
   # D > 0 adds D sequential modules after the decoder: module k joins the
   # previous depth's hidden state with the embedding of token t+k, runs one

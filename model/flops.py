@@ -50,6 +50,8 @@ def moe_params(cfg_model) -> int:
   """Parameters of one MoE layer: router, routed experts, shared experts."""
   d, e, f = cfg_model.d_model, cfg_model.num_experts, _moe_d_ff(cfg_model)
   count = d * e + e * mlp_lib.mlp_params(cfg_model, f)
+  if cfg_model.get('moe_router_bias', False):
+    count += e
   if cfg_model.num_shared_experts:
     count += mlp_lib.mlp_params(cfg_model, f * cfg_model.num_shared_experts)
     if cfg_model.get('moe_shared_expert_gate', False):

@@ -32,14 +32,19 @@ interleaved rope columns permuted to ablax's half-split layout, the sigmoid
 group-limited router with its `e_score_correction_bias` as the MoE selection
 bias, shared experts, first dense layers; its MTP layers are dropped with a
 warning), and diffllama (Llama with differential attention,
-`attention_type='differential'`, lambda vectors mapped by name), and
-qwen3_next (Gated DeltaNet layers by `layer_types` with grouped value heads,
+`attention_type='differential'`, lambda vectors mapped by name), qwen3_next
+(Gated DeltaNet layers by `layer_types` with grouped value heads,
 gated attention with partial rotary, MoE with a sigmoid-gated shared expert,
-`1 + w` norms; `_qwen3_next_from_hf`). An ablax
+`1 + w` norms; `_qwen3_next_from_hf`), and gpt_oss
+(biased GQA with learned sinks, sliding/full `layer_types`, YaRN with its
+`truncate`, an MoE in every layer with a router bias, biased experts whose
+fused gate_up_proj interleaves gate and up columns, and the clamped SwiGLU;
+`_gpt_oss_from_hf`). An ablax
 ALiBi model exports as bloom when `embedding_norm` is set, else as mpt; an MLA
 model exports as deepseek_v3; a differential model with Llama's layout as
 diffllama; one with Gated DeltaNet layers, an elementwise attention gate, a
-gated shared expert or partial rotary as qwen3_next.
+gated shared expert or partial rotary as qwen3_next; a model with attention
+sinks, the clamped SwiGLU or a router bias as gpt_oss.
 
 The HF `config.json` is read as JSON; neither transformers nor torch is
 needed. Every field is either mapped to an ablax flag, known not to change the
@@ -97,10 +102,13 @@ ARCHITECTURES = {
     'mpt': 'MptForCausalLM', 'bloom': 'BloomForCausalLM',
     'deepseek_v3': 'DeepseekV3ForCausalLM', 'diffllama': 'DiffLlamaForCausalLM',
     'qwen3_next': 'Qwen3NextForCausalLM',
+    'gpt_oss': 'GptOssForCausalLM',
 }
 ACTIVATIONS = {'silu': 'silu', 'swish': 'silu', 'gelu': 'gelu', 'relu': 'relu',
                'gelu_new': 'gelu_tanh', 'gelu_pytorch_tanh': 'gelu_tanh',
-               'gelu_fast': 'gelu_tanh'}
+               'gelu_fast': 'gelu_tanh',
+               # GPT-OSS's experts (`_gpt_oss_from_hf`; no HF hidden_act names it).
+               'clamped_swiglu': 'clamped_swiglu'}
 
 
 class _Fields:
@@ -201,6 +209,8 @@ def hf_to_model_config(hf: dict):
     act = _deepseek_v3_from_hf(f, m)
   elif family == 'qwen3_next':
     act = _qwen3_next_from_hf(f, m)
+  elif family == 'gpt_oss':
+    act = _gpt_oss_from_hf(f, m)
   elif family == 'gpt2':
     m.vocab_size = f.require('vocab_size')
     m.d_model = f.require('n_embd')
@@ -532,10 +542,10 @@ def _qwen3_next_to_hf(m, refuse):
            'Qwen3-Next export ' + why.format('standard attention without sinks'))
   for field in ('embedding_scale', 'embedding_norm', 'attn_logit_softcap',
                 'final_logit_softcap', 'attn_scale', 'global_layer_interval',
-                'sliding_window', 'mtp_depth'):
+                'sliding_window', 'mtp_depth', 'moe_router_bias'):
     if m.get(field) not in (None, False, 0):
       refuse(f'{field}={m.get(field)!r} with a Qwen3-Next export ' + why.format('none'))
-  if 'L' in pattern and m.mlp_activation != 'silu':
+  if ('L' in pattern and m.mlp_activation != 'silu') or m.mlp_activation == 'clamped_swiglu':
     refuse(f'mlp_activation={m.mlp_activation!r} with Gated DeltaNet layers (Qwen3-Next '
            "uses hidden_act for the GDN convolution too, which is SiLU in ablax)")
   nk, dk, dv, kw = gdn_lib.dims(m)
@@ -912,6 +922,223 @@ def _alibi_tensor_map(family, m, add):
       add(p + 'mlp.bo', q + names['down'] + '.bias')
 
 
+# -- GPT-OSS (issue 17) -----------------------------------------------------------
+
+
+def _gpt_oss_from_hf(f: _Fields, m):
+  """GPT-OSS: GQA with q/k/v/o biases and a learned sink logit per head,
+  sliding-window and full layers by `layer_types`, YaRN, and an MoE in every
+  layer: a router with a bias, top-k of its logits then a softmax over the k
+  chosen (= ablax's softmax router with `moe_renormalize`), experts with
+  biases and the clamped SwiGLU (`swiglu_alpha`, `swiglu_limit`). Returns the
+  activation name (`ACTIVATIONS`)."""
+  f.expect('quantization_config', (None,), 'MXFP4 expert weights are not read; load the '
+           "model with transformers' Mxfp4Config(dequantize=True) and save_pretrained "
+           'it, then import that folder')
+  m.vocab_size = f.require('vocab_size')
+  m.d_model = f.require('hidden_size')
+  m.num_layers = f.require('num_hidden_layers')
+  m.num_heads = f.require('num_attention_heads')
+  m.num_kv_heads = f.get('num_key_value_heads') or m.num_heads
+  m.head_dim = f.get('head_dim') or m.d_model // m.num_heads
+  m.d_ff = f.require('intermediate_size')
+  m.max_seq_len = f.require('max_position_embeddings')
+  m.norm_type, m.norm_position = 'rmsnorm', 'pre'
+  m.norm_eps = float(f.get('rms_norm_eps', 1e-5))
+  _gpt_oss_rope(f, m)
+  f.expect('attention_bias', (None, True), "ablax's use_bias puts biases on the attention "
+           'projections and the experts alike; GPT-OSS without attention biases is not mapped')
+  m.use_bias = True
+  m.attention_sinks = True
+  _gpt_oss_layer_types(f, m)
+  m.num_experts = f.require('num_local_experts')
+  f.get('num_experts')   # transformers' alias of num_local_experts
+  m.experts_per_token = f.require('num_experts_per_tok')
+  m.moe_layer_interval, m.moe_capacity_factor = 1, None
+  m.moe_router, m.moe_renormalize, m.moe_router_bias = 'softmax', True, True
+  m.mlp_gated = True
+  m.mlp_swiglu_alpha = float(f.get('swiglu_alpha', 1.702))
+  m.mlp_swiglu_limit = float(f.get('swiglu_limit', 7.0))
+  f.get('hidden_act')    # transformers' GPT-OSS experts ignore it
+  return 'clamped_swiglu'
+
+
+def _gpt_oss_layer_types(f: _Fields, m):
+  """`sliding_window` and `layer_types` -> ablax's window and
+  global_layer_interval: every layer sliding (None), or full exactly at
+  layers k-1, 2k-1, ... (k; GPT-OSS: 2, transformers' default)."""
+  window = f.get('sliding_window')
+  n = m.num_layers
+  types = f.get('layer_types')
+  if types is None:   # GptOssConfig's default
+    types = ['full_attention' if (i + 1) % 2 == 0 else 'sliding_attention' for i in range(n)]
+  types = list(types)
+  if len(types) != n or not set(types) <= {'sliding_attention', 'full_attention'}:
+    raise HFError(f'gpt_oss config.json: layer_types={types!r} must list '
+                  f"num_hidden_layers={n} of 'sliding_attention' and 'full_attention'")
+  sliding = [t == 'sliding_attention' for t in types]
+  if not any(sliding):
+    m.sliding_window, m.global_layer_interval = None, None
+    return
+  if window is None:
+    raise HFError('gpt_oss config.json: layer_types has sliding_attention layers but '
+                  'sliding_window is None')
+  m.sliding_window = int(window)
+  if all(sliding):
+    m.global_layer_interval = None
+    return
+  k = sliding.index(False) + 1
+  want = [(i + 1) % k != 0 for i in range(n)]
+  if sliding != want:
+    raise HFError(f'gpt_oss config.json: layer_types={types!r} is not supported by ablax '
+                  '(full attention must fall on every k-th layer, indices k-1, 2k-1, ...: '
+                  'model.global_layer_interval)')
+  m.global_layer_interval = k
+
+
+def _gpt_oss_rope(f: _Fields, m):
+  """GPT-OSS's rope (YaRN, factor 32 over 4096, `truncate=False` in the
+  released config) onto ablax's yarn scaling; other rope types through
+  `_rope`. transformers' YaRN attention factor (on cos and sin, so the logits
+  carry its square) is ablax's `attention_factor`: given, or from
+  mscale / mscale_all_dim, or 0.1 ln(factor) + 1 (ablax's default)."""
+  params = dict(f.get('rope_parameters') or {})
+  legacy = f.get('rope_scaling')
+  if legacy:
+    params.update(legacy)
+  if params.get('rope_type', params.get('type')) != 'yarn':
+    _rope(f, m)
+    return
+  theta = params.pop('rope_theta', None)
+  m.rope_theta = float(f.get('rope_theta', 150000.0) if theta is None else theta)
+  params.pop('rope_type', None)
+  params.pop('type', None)
+  where = 'gpt_oss config.json: rope yarn'
+  if 'original_max_position_embeddings' not in params:
+    raise HFError(f'{where}: original_max_position_embeddings is missing')
+  original = int(params.pop('original_max_position_embeddings'))
+  factor = params.pop('factor', None)
+  factor = float(m.max_seq_len / original if factor is None else factor)
+  if factor < 1:
+    raise HFError(f'{where} factor={factor}: ablax needs a factor >= 1')
+  attention = params.pop('attention_factor', None)
+  mscale, all_dim = params.pop('mscale', None), params.pop('mscale_all_dim', None)
+  if attention is None and mscale and all_dim and factor > 1:
+    get = lambda s: 0.1 * s * math.log(factor) + 1.0
+    attention = get(mscale) / get(all_dim)
+  scaling = {'type': 'yarn', 'factor': factor, 'original_max_seq_len': original,
+             'beta_fast': float(params.pop('beta_fast', None) or 32),
+             'beta_slow': float(params.pop('beta_slow', None) or 1)}
+  if not params.pop('truncate', True):
+    scaling['truncate'] = False
+  if attention is not None:
+    scaling['attention_factor'] = float(attention)
+  if params:
+    raise HFError(f'{where}: parameter(s) {sorted(params)} have no ablax mapping')
+  m.rope_scaling = scaling
+  m.position = 'rope'
+
+
+def _gpt_oss_like(m) -> bool:
+  """Whether an ablax model carries a flag only GPT-OSS exports (sinks, the
+  clamped SwiGLU, a router bias)."""
+  return bool(m.get('attention_sinks', False) or m.mlp_activation == 'clamped_swiglu'
+              or m.get('moe_router_bias', False))
+
+
+def _gpt_oss_to_hf(m, refuse):
+  """The GptOss config dict of a model with sinks, the clamped SwiGLU or a
+  router bias; the rest of the model must be GPT-OSS's layout, else refused
+  naming the field."""
+  want = {
+      'attention_sinks': True, 'mlp_activation': 'clamped_swiglu', 'moe_router_bias': True,
+      'position': 'rope', 'norm_type': 'rmsnorm', 'norm_position': 'pre', 'mlp_gated': True,
+      'use_bias': True, 'attention_type': 'standard', 'qk_norm': False,
+      'attn_logit_softcap': None, 'final_logit_softcap': None, 'attn_scale': None,
+      'embedding_scale': False, 'embedding_norm': False, 'mtp_depth': 0,
+      'moe_layer_interval': 1, 'moe_first_dense_layers': 0, 'num_shared_experts': 0,
+      'moe_capacity_factor': None, 'moe_router': 'softmax', 'moe_renormalize': True,
+      'moe_routed_scaling': 1.0, 'moe_num_groups': 1,
+  }
+  for field, value in want.items():
+    if m.get(field, value) != value:
+      refuse(f'{field}={m.get(field)!r} (GPT-OSS, the HF family with attention sinks, '
+             f'the clamped SwiGLU and a router bias, needs {field}={value!r}: its layout '
+             'is rope, rmsnorm pre, biased GQA with sinks, a biased softmax-top-k MoE in '
+             'every layer)')
+  if not m.num_experts:
+    refuse('num_experts=0 (GPT-OSS has an MoE in every layer)')
+  if 'L' in (m.get('layer_pattern', '') or ''):
+    refuse(f'layer_pattern={m.layer_pattern!r} with GPT-OSS flags (GPT-OSS has attention '
+           'layers only)')
+  h = m.head_dim or m.d_model // m.num_heads
+  hf = {'vocab_size': m.vocab_size, 'tie_word_embeddings': bool(m.tie_embeddings),
+        'dtype': m.param_dtype, 'hidden_size': m.d_model, 'num_hidden_layers': m.num_layers,
+        'num_attention_heads': m.num_heads, 'num_key_value_heads': m.num_kv_heads,
+        'head_dim': h, 'intermediate_size': m.moe_d_ff or m.d_ff,
+        'max_position_embeddings': m.max_seq_len, 'rms_norm_eps': m.norm_eps,
+        'attention_bias': True, 'hidden_act': 'silu',
+        'num_local_experts': m.num_experts, 'num_experts_per_tok': m.experts_per_token,
+        'swiglu_alpha': float(m.get('mlp_swiglu_alpha', 1.702)),
+        'swiglu_limit': float(m.get('mlp_swiglu_limit', 7.0)),
+        'sliding_window': m.sliding_window,
+        'layer_types': ['full_attention' if decoder_lib.is_global_layer(m, i)
+                        else 'sliding_attention' for i in range(m.num_layers)],
+        'model_type': 'gpt_oss', 'architectures': [ARCHITECTURES['gpt_oss']]}
+  rope, s = _rope_parameters(m)
+  if s is not None:
+    if s['type'] != 'yarn':
+      refuse(f'rope_scaling.type={s["type"]!r} (the GPT-OSS export writes default, linear, '
+             'llama3, yarn)')
+    rope.update(rope_type='yarn', factor=float(s['factor']),
+                original_max_position_embeddings=s['original_max_seq_len'],
+                beta_fast=float(s.get('beta_fast', 32.0)),
+                beta_slow=float(s.get('beta_slow', 1.0)),
+                truncate=bool(s.get('truncate', True)))
+    if s.get('attention_factor') is not None:
+      rope['attention_factor'] = float(s['attention_factor'])
+  hf['rope_parameters'] = rope
+  return hf
+
+
+def _gpt_oss_tensor_map(m, add):
+  """GPT-OSS tensors (transformers' names). The experts are stored fused:
+  gate_up_proj [E, d, 2f] (and its bias [E, 2f]) with gate and up interleaved
+  along the last axis (columns 0, 2, 4, ... gate; 1, 3, 5, ... up); down_proj
+  [E, f, d] is ablax's w_down as it is."""
+  d, n, kv = m.d_model, m.num_heads, m.num_kv_heads
+  h = m.head_dim or d // n
+  t = lambda w: w.T
+  split = lambda w: (w[..., 0::2], w[..., 1::2])
+  join = lambda ws: np.stack(ws, axis=-1).reshape(*ws[0].shape[:-1], 2 * ws[0].shape[-1])
+  add('embed.embedding', 'model.embed_tokens.weight')
+  add('final_norm.scale', 'model.norm.weight')
+  if not m.tie_embeddings:
+    add('head', 'lm_head.weight', t, t)
+  for i in range(m.num_layers):
+    p, q = f'blocks.{i}.', f'model.layers.{i}.'
+    a, s = p + 'attn.', q + 'self_attn.'
+    for name, heads in (('q', n), ('k', kv), ('v', kv)):
+      add(a + 'w' + name, s + f'{name}_proj.weight',
+          lambda w, heads=heads: w.T.reshape(d, heads, h),
+          lambda w, heads=heads: w.reshape(d, heads * h).T)
+      add(a + 'b' + name, s + f'{name}_proj.bias',
+          lambda w, heads=heads: w.reshape(heads, h), lambda w: w.reshape(-1))
+    add(a + 'wo', s + 'o_proj.weight', lambda w: w.T.reshape(n, h, d),
+        lambda w: w.reshape(n * h, d).T)
+    add(a + 'bo', s + 'o_proj.bias')
+    add(a + 'sinks', s + 'sinks')            # [num_heads], query-head order
+    add(p + 'attn_norm.scale', q + 'input_layernorm.weight')
+    add(p + 'mlp_norm.scale', q + 'post_attention_layernorm.weight')
+    x, e = p + 'mlp.', q + 'mlp.'
+    add(x + 'router', e + 'router.weight', t, t)
+    add(x + 'router_bias', e + 'router.bias')
+    add((x + 'w_gate', x + 'w_up'), e + 'experts.gate_up_proj', split, join)
+    add((x + 'b_gate', x + 'b_up'), e + 'experts.gate_up_proj_bias', split, join)
+    add(x + 'w_down', e + 'experts.down_proj')
+    add(x + 'b_down', e + 'experts.down_proj_bias')
+
+
 # -- tensor names ---------------------------------------------------------------
 
 
@@ -938,6 +1165,8 @@ def _tensor_map(family, m, rope_interleave=True):
     return out
   if family == 'qwen3_next':
     _qwen3_next_tensor_map(m, add, out, norm_in, norm_out)
+  if family == 'gpt_oss':
+    _gpt_oss_tensor_map(m, add)
     return out
   if family == 'gpt2':
     add('embed.embedding', 'transformer.wte.weight')
@@ -1167,8 +1396,8 @@ def model_config_to_hf(m, decoder=None):
   if m.get('attention_gate', 'none') != 'none':
     refuse(f'attention_gate={m.attention_gate!r} (Qwen3-Next, the exported family with '
            "an output gate, has the elementwise one)")
-  if m.get('attention_sinks', False):
-    refuse('attention_sinks=True (no exported HF family has sink logits)')
+  if _gpt_oss_like(m):
+    return 'gpt_oss', _gpt_oss_to_hf(m, refuse)
   if 'L' in (m.get('layer_pattern', '') or ''):
     refuse(f'layer_pattern={m.layer_pattern!r} (Gated DeltaNet layers: no exported HF family has them yet)')
   if m.get('attention_type', 'standard') == 'mla':

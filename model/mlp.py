@@ -5,7 +5,11 @@
   Variants Improve Transformer": SwiGLU (silu, LLaMA) and GeGLU (gelu, Gemma).
 
 Activations: `relu`, `gelu` (exact, erf), `gelu_tanh` (the tanh approximation
-that GPT-2 and Gemma were trained with), `silu`.
+that GPT-2 and Gemma were trained with), `silu`; gated only: `clamped_swiglu`,
+GPT-OSS's unit (OpenAI 2025, "gpt-oss-120b & gpt-oss-20b Model Card"):
+g = min(gate, limit), u = clip(up, -limit, limit), h = (u + 1) * g * sigmoid(alpha g)
+(`mlp_swiglu_alpha`, `mlp_swiglu_limit`; 1.702 and 7.0 in GPT-OSS). The MoE
+experts (model/moe.py) use the same gated units through `gated_unit`.
 """
 
 import math
@@ -24,12 +28,48 @@ ACTIVATIONS = {
 }
 
 
+# Activations that exist only as a gated unit (mlp_gated=True).
+GATED_ONLY = ('clamped_swiglu',)
+
+
 def activation(name: str):
   """The elementwise function of `model.mlp_activation`."""
+  if name in GATED_ONLY:
+    raise ValueError(f'model.mlp_activation={name!r} is a gated unit: it needs '
+                     'model.mlp_gated=True')
   if name not in ACTIVATIONS:
     raise ValueError(f'model.mlp_activation={name!r}: must be one of '
-                     f'{", ".join(ACTIVATIONS)}')
+                     f'{", ".join((*ACTIVATIONS, *GATED_ONLY))}')
   return ACTIVATIONS[name]
+
+
+def check_activation(cfg_model) -> None:
+  """Raises ValueError when `mlp_activation` does not fit `mlp_gated`."""
+  if not (cfg_model.mlp_gated and cfg_model.mlp_activation in GATED_ONLY):
+    activation(cfg_model.mlp_activation)
+
+
+def swiglu_params(cfg_model) -> tuple[float, float]:
+  """(alpha, limit) of the clamped SwiGLU (configs saved before it: the defaults)."""
+  return (float(cfg_model.get('mlp_swiglu_alpha', 1.702)),
+          float(cfg_model.get('mlp_swiglu_limit', 7.0)))
+
+
+def clamped_swiglu(gate, up, alpha: float, limit: float):
+  """GPT-OSS's gated unit: the gate clamped above at `limit`, the up projection
+  to [-limit, limit] (bounded activations for low-precision inference), a swish
+  of slope alpha on the gate, and 1 added to the up projection."""
+  gate = jnp.minimum(gate, limit)
+  up = jnp.clip(up, -limit, limit)
+  return (up + 1) * (gate * jax.nn.sigmoid(alpha * gate))
+
+
+def gated_unit(name: str, gate, up, swiglu=(1.702, 7.0)):
+  """The hidden h of a gated MLP from its gate and up projections [..., f]:
+  act(gate) * up, or `clamped_swiglu` with swiglu = (alpha, limit)."""
+  if name == 'clamped_swiglu':
+    return clamped_swiglu(gate, up, *swiglu)
+  return activation(name)(gate) * up
 
 
 def out_init_stddev(cfg_model) -> float:
@@ -48,6 +88,8 @@ class MLP(nnx.Module):
     d, f = cfg_model.d_model, cfg_model.d_ff if d_ff is None else d_ff
     self.gated = cfg_model.mlp_gated
     self.activation = cfg_model.mlp_activation
+    check_activation(cfg_model)
+    self.swiglu = swiglu_params(cfg_model)
     self.dtype = jnp.dtype(cfg_model.dtype)
     pdt = jnp.dtype(cfg_model.param_dtype)
     w_in = nnx.initializers.normal(mup.hidden_std(cfg_model, 0.02))
@@ -72,13 +114,13 @@ class MLP(nnx.Module):
 
   def __call__(self, x):
     x = x.astype(self.dtype)
-    act = activation(self.activation)
     bias = lambda name: getattr(self, name) if self.use_bias else None
     if self.gated:
-      h = (act(self._dense(x, self.wi_gate, bias('bi_gate'), 'btd,df->btf'))
-           * self._dense(x, self.wi_up, bias('bi_up'), 'btd,df->btf'))
+      h = gated_unit(self.activation,
+                     self._dense(x, self.wi_gate, bias('bi_gate'), 'btd,df->btf'),
+                     self._dense(x, self.wi_up, bias('bi_up'), 'btd,df->btf'), self.swiglu)
     else:
-      h = act(self._dense(x, self.wi, bias('bi'), 'btd,df->btf'))
+      h = activation(self.activation)(self._dense(x, self.wi, bias('bi'), 'btd,df->btf'))
     return self._dense(h, self.wo, bias('bo'), 'btf,fd->btd')
 
 

@@ -17,12 +17,18 @@ implements
 - DeepSeek-V3's router (DeepSeek-AI 2024, "DeepSeek-V3 Technical Report"):
   sigmoid scores (`moe_router='sigmoid'`), `moe_routed_scaling`, and
   group-limited routing (`moe_num_groups`, `moe_topk_groups`),
+- GPT-OSS's router bias (`moe_router_bias`: u = x W_r + b, a trained [E]
+  bias) and experts with biases (`use_bias`) and the clamped SwiGLU
+  (`mlp_activation='clamped_swiglu'`, model/mlp.py) (OpenAI 2025, "gpt-oss
+  Model Card"); its top-k-then-softmax router is 'softmax' with
+  `moe_renormalize` (softmax over the k chosen logits = the renormalised
+  top-k of the full softmax),
 - auxiliary-loss-free load balancing (Wang et al. 2024, "Auxiliary-Loss-Free
   Load Balancing Strategy for Mixture-of-Experts"): a per-expert bias added to
   the scores for the choice of experts only, moved outside the gradient after
   each optimizer step (`MoE.update_bias`, `train.moe_bias_update_rate`).
 
-Routing, per token with router logits u [E]:
+Routing, per token with router logits u [E] (x W_r, plus b with `moe_router_bias`):
 - scores s = softmax(u) ('softmax') or s = sigmoid(u) ('sigmoid');
 - selection scores c = s + bias (bias [E]: for 'sigmoid' an `ExpertBias`
   variable, zero until the trainer moves it; none, i.e. 0, for 'softmax');
@@ -181,7 +187,7 @@ class MoE(nnx.Module):
       raise ValueError(f'model.num_experts={e}: an MoE layer needs at least one expert')
     if not 1 <= k <= e:
       raise ValueError(f'model.experts_per_token={k}: must be in [1, num_experts={e}]')
-    mlp_lib.activation(m.mlp_activation)        # refuses an unknown name
+    mlp_lib.check_activation(m)                 # refuses an unknown name
     if m.moe_capacity_factor is not None and m.moe_capacity_factor <= 0:
       raise ValueError(f'model.moe_capacity_factor={m.moe_capacity_factor}: must be '
                        'None or positive')
@@ -194,6 +200,7 @@ class MoE(nnx.Module):
     self.gated = bool(m.mlp_gated)
     self.use_bias = bool(m.use_bias)
     self.activation = m.mlp_activation
+    self.swiglu = mlp_lib.swiglu_params(m)
     self.dtype = jnp.dtype(m.dtype)
     self.grouped_matmul = grouped_matmul
     self.dispatch = m.get('moe_dispatch', 'auto')
@@ -235,6 +242,9 @@ class MoE(nnx.Module):
     # have none: their state stays parameters only.
     if self.router_type == 'sigmoid':
       self.bias = ExpertBias(jnp.zeros((e,), jnp.float32))
+    # GPT-OSS's router bias: a trained Param on the logits (zero at init).
+    self.router_bias = (nnx.Param(jnp.zeros((e,), pdt), logical_axes=(None,))
+                        if m.get('moe_router_bias', False) else None)
     if self.gated:
       self.w_gate = nnx.Param(w_in(rngs.params(), (e, d, f), pdt),
                               logical_axes=('experts', 'embed', 'mlp'))
@@ -283,7 +293,6 @@ class MoE(nnx.Module):
     `reduce` sums the down projection's partial products when the hidden
     dimension is split over devices (before its bias, which is added once).
     """
-    act = mlp_lib.activation(self.activation)
     def proj(h, name):
       out = matmul(h, w['w_' + name])
       if name == 'down' and reduce is not None:
@@ -291,15 +300,17 @@ class MoE(nnx.Module):
       b = w.get('b_' + name)
       return out if b is None else add_bias(out, b)
     if self.gated:
-      h = act(proj(x, 'gate')) * proj(x, 'up')
+      h = mlp_lib.gated_unit(self.activation, proj(x, 'gate'), proj(x, 'up'), self.swiglu)
     else:
-      h = act(proj(x, 'up'))
+      h = mlp_lib.activation(self.activation)(proj(x, 'up'))
     return proj(h, 'down')
 
-  def _route(self, xf, router, bias):
+  def _route(self, xf, router, bias, router_bias=None):
     """Float32 router (see the module docstring): logits [n, E], the balance
     loss's probabilities [n, E], combine weights and experts [n, k]."""
     logits = jnp.einsum('nd,de->ne', xf.astype(jnp.float32), router.astype(jnp.float32))
+    if router_bias is not None:
+      logits = logits + router_bias.astype(jnp.float32)
     if self.router_type == 'softmax':
       scores = probs = jax.nn.softmax(logits, axis=-1)
     else:
@@ -464,7 +475,8 @@ class MoE(nnx.Module):
 
     with jax.named_scope('moe_router'):
       logits, probs, weights, experts = self._route(xf, self.router[...],
-                                                    self.selection_bias())
+                                                    self.selection_bias(),
+                                                    self._router_bias().get('b'))
       # Assignment a = j * n + t (choice-major rank order, see the docstring).
       expert_ids = experts.T.reshape(big_n)                      # [N]
       combine = weights.T                                        # [k, n] f32
@@ -510,19 +522,25 @@ class MoE(nnx.Module):
                             for a in axes])
     x_spec = P(batch, None, None)
     aux_specs = {'moe_aux_loss': P(), 'moe_router_z_loss': P(), 'moe_expert_load': P()}
+    router_bias = self._router_bias()
     local = jax.shard_map(
         functools.partial(self._dispatch_local, plan),
-        mesh=plan.mesh, in_specs=(x_spec, P(), P(), w_specs),
+        mesh=plan.mesh, in_specs=(x_spec, P(), P(), w_specs, {k: P() for k in router_bias}),
         out_specs=(x_spec, aux_specs), check_vma=True)
-    return local(x, self.router[...], self.selection_bias(), w)
+    return local(x, self.router[...], self.selection_bias(), w, router_bias)
 
-  def _dispatch_local(self, plan, x, router, bias, w):
+  def _router_bias(self):
+    """{'b': the router bias [E]} with `moe_router_bias`, else {} (a pytree
+    that shard_map passes whole)."""
+    return {} if self.router_bias is None else {'b': self.router_bias[...]}
+
+  def _dispatch_local(self, plan, x, router, bias, w, router_bias):
     """One device's part of the all-to-all dispatch (inside `shard_map`).
 
     x: [b_dev, t, d], this device's tokens; router: [d, E] and bias [E],
     whole; w: this
     device's E / S experts (S = the expert axis size), hidden dimension split
-    over `plan.mlp_axes`.
+    over `plan.mlp_axes`; router_bias: `_router_bias()`, whole.
     """
     batch = plan.batch_axes
     s = plan.mesh.shape['expert']
@@ -537,7 +555,7 @@ class MoE(nnx.Module):
       reduce = lambda h: lax.psum(h, plan.mlp_axes)
 
     with jax.named_scope('moe_router'):
-      logits, probs, weights, experts = self._route(xf, router, bias)
+      logits, probs, weights, experts = self._route(xf, router, bias, router_bias.get('b'))
       expert_ids = experts.T.reshape(big_n)                      # [N] local, choice-major
       combine = weights.T                                        # [k, n]
       _, counts, position = sort_by_expert(expert_ids, e)

@@ -11,7 +11,8 @@
     to theta * (factor * L / original - (factor - 1))^(d / (d - 2)), L the
     longest position seen + 1; shorter inputs use plain RoPE.
   - `yarn`: Peng et al. 2023, "YaRN": per-frequency blend of interpolation and
-    extrapolation between the `beta_fast` and `beta_slow` rotation counts, and
+    extrapolation between the `beta_fast` and `beta_slow` rotation counts
+    (rounded out to whole pairs unless `truncate` is False, as in GPT-OSS), and
     cos/sin scaled by the attention factor 0.1 ln(factor) + 1.
   - `llama3`: Llama 3.1's wavelength-banded interpolation (`low_freq_factor`,
     `high_freq_factor`).
@@ -68,8 +69,11 @@ def rope_inv_freq(head_dim: int, theta: float, scaling=None):
       return (head_dim * math.log(original / (rotations * 2 * math.pi))
               / (2 * math.log(theta)))
 
-    low = max(math.floor(correction_dim(beta_fast)), 0)
-    high = min(math.ceil(correction_dim(beta_slow)), head_dim - 1)
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if _scaling_get(scaling, 'truncate', True):
+      # Round the range to whole pairs (YaRN's code); GPT-OSS keeps it exact.
+      low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
     if low == high:
       high += 0.001
     ramp = np.clip((np.arange(head_dim // 2) - low) / (high - low), 0.0, 1.0)

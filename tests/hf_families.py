@@ -26,6 +26,15 @@ Q3N = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_laye
            linear_key_head_dim=8, linear_value_head_dim=8, num_experts=4,
            num_experts_per_tok=2, moe_intermediate_size=16,
            shared_expert_intermediate_size=16)
+# GPT-OSS: YaRN as its released config writes it (truncate=False), scaled
+# down: factor 4 over 64 positions with theta 1000, so that with head_dim 8
+# the correction range ends inside a pair (1.35): rounded out (truncate=True)
+# it would give another ramp.
+GPT_OSS_YARN = dict(rope_type='yarn', rope_theta=1000.0, factor=4.0,
+                    original_max_position_embeddings=64, beta_fast=32.0, beta_slow=1.0,
+                    truncate=False)
+GPT_OSS = dict(vocab_size=128, hidden_size=32, intermediate_size=16,
+               max_position_embeddings=64, num_attention_heads=4)
 
 FAMILIES = {
     'llama': lambda: transformers.LlamaConfig(**COMMON, rope_parameters=dict(
@@ -99,6 +108,24 @@ FAMILIES = {
         Q3N, num_hidden_layers=3, linear_num_key_heads=1, linear_num_value_heads=3,
         layer_types=['linear_attention', 'full_attention', 'full_attention'],
         mlp_only_layers=[0], tie_word_embeddings=True)),
+    # GPT-OSS: GQA (4 query heads on 2 key/value heads), sliding (window 8)
+    # and full layers alternating (transformers' default layer_types), YaRN
+    # without truncation, 4 experts top-2, swiglu_limit 1 so that the clamps
+    # of the gate and the up projection act on the random weights.
+    'gpt_oss': lambda: transformers.GptOssConfig(
+        **GPT_OSS, num_hidden_layers=2, num_key_value_heads=2, head_dim=8,
+        sliding_window=8, num_local_experts=4, num_experts_per_tok=2,
+        swiglu_limit=1.0, rope_parameters=GPT_OSS_YARN),
+    # MQA with head_dim 16 != hidden/heads, 3 layers full only at index 2
+    # (global_layer_interval 3), window 4, plain rope, 8 experts top-3, another
+    # alpha and limit, tied embeddings.
+    'gpt_oss_mqa': lambda: transformers.GptOssConfig(
+        **GPT_OSS, num_hidden_layers=3, num_key_value_heads=1, head_dim=16,
+        sliding_window=4, layer_types=['sliding_attention', 'sliding_attention',
+                                       'full_attention'],
+        num_local_experts=8, num_experts_per_tok=3, swiglu_alpha=1.2, swiglu_limit=0.8,
+        tie_word_embeddings=True,
+        rope_parameters=dict(rope_type='default', rope_theta=10000.0)),
     # ALiBi families with non-power-of-two head counts (the slopes' second rule).
     'mpt': lambda: transformers.MptConfig(vocab_size=128, d_model=48, n_heads=6, n_layers=2,
                                           max_seq_len=64),
@@ -132,13 +159,15 @@ def make_hf_model(family: str, seed: int = 0, quantize_norms: bool = False, **ov
         p.copy_(w)
       elif '.lambda_' in name:
         p.copy_(torch.randn_like(p) * 0.4)  # DiffLlama: lambda away from lambda_init
-      elif 'gate.weight' in name and p.shape[0] <= 8:
+      elif ('gate.weight' in name and p.shape[0] <= 8) or '.router.' in name:
         p.copy_(torch.randn_like(p))        # router: spread the expert choices
       elif name.endswith('linear_attn.A_log'):
         # Decays exp(-A softplus(.)) from ~0.1 to ~0.9: state carried and forgotten.
         p.copy_(torch.randn_like(p) * 0.5 - 1.0)
       elif name.endswith('linear_attn.conv1d.weight'):
         p.copy_(torch.randn_like(p) * 0.5)
+      elif name.endswith('.sinks'):
+        p.copy_(torch.randn_like(p) * 2.0)  # GPT-OSS: sinks that take real mass
       else:
         p.copy_(torch.randn_like(p) * 0.15)
     for name, b in model.named_buffers():

@@ -228,3 +228,74 @@ def test_qwen3_next_past_a_delta_rule_chunk(tmp_path):
   tokens = hf_families.random_tokens(7, (1, 70))
   got, _ = decoder(jnp.asarray(tokens))
   _assert_close(np.asarray(got), hf_families.hf_logits(model, tokens))
+# -- GPT-OSS (issue 17) -----------------------------------------------------------
+
+
+def test_gpt_oss_flags():
+  """GPT-OSS's fields land on the general flags: sinks, biases, the window on
+  even layers (full at odd indices: global_layer_interval 2), the biased
+  softmax top-k router, the clamped SwiGLU's alpha and limit, YaRN untruncated."""
+  m = hf.hf_to_model_config(hf_families.make_hf_model('gpt_oss').config.to_dict())[1]
+  assert (m.attention_sinks, m.use_bias, m.sliding_window, m.global_layer_interval,
+          m.num_kv_heads, m.head_dim) == (True, True, 8, 2, 2, 8)
+  assert (m.num_experts, m.experts_per_token, m.moe_router, m.moe_renormalize,
+          m.moe_router_bias, m.moe_layer_interval, m.moe_d_ff, m.d_ff) == (
+              4, 2, 'softmax', True, True, 1, None, 16)
+  assert (m.mlp_activation, m.mlp_gated, m.mlp_swiglu_alpha, m.mlp_swiglu_limit) == (
+      'clamped_swiglu', True, 1.702, 1.0)
+  assert dict(m.rope_scaling) == dict(type='yarn', factor=4.0, original_max_seq_len=64,
+                                      beta_fast=32.0, beta_slow=1.0, truncate=False)
+  m = hf.hf_to_model_config(hf_families.make_hf_model('gpt_oss_mqa').config.to_dict())[1]
+  assert (m.num_kv_heads, m.head_dim, m.sliding_window, m.global_layer_interval,
+          m.rope_scaling, m.mlp_swiglu_alpha, m.tie_embeddings) == (1, 16, 4, 3, None, 1.2, True)
+
+
+@pytest.mark.parametrize('rope', [
+    dict(hf_families.GPT_OSS_YARN),
+    dict(hf_families.GPT_OSS_YARN, truncate=True),
+    dict(hf_families.GPT_OSS_YARN, mscale=0.7, mscale_all_dim=0.4),
+    dict(hf_families.GPT_OSS_YARN, attention_factor=1.3, beta_fast=8.0, beta_slow=2.0),
+    # The released model's: factor 32 over 4096 positions, theta 150000.
+    dict(rope_type='yarn', rope_theta=150000.0, factor=32.0, beta_fast=32.0, beta_slow=1.0,
+         truncate=False, original_max_position_embeddings=4096),
+], ids=['released_form', 'truncate', 'mscale', 'attention_factor', 'released_values'])
+def test_gpt_oss_yarn_frequencies_match_transformers(rope):
+  """The imported rope_scaling gives transformers' YaRN inverse frequencies and
+  attention factor (head_dim 64, as GPT-OSS)."""
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+  from model import positions
+  hf_cfg = hf_families.transformers.GptOssConfig(
+      **dict(hf_families.GPT_OSS, max_position_embeddings=131072), num_hidden_layers=2,
+      head_dim=64, num_key_value_heads=2, num_local_experts=4, rope_parameters=dict(rope))
+  want_freq, want_factor = ROPE_INIT_FUNCTIONS['yarn'](hf_cfg, 'cpu')
+  m = hf.hf_to_model_config(hf_cfg.to_dict())[1]
+  freq, factor = positions.rope_inv_freq(64, m.rope_theta, dict(m.rope_scaling))
+  np.testing.assert_allclose(freq, want_freq.numpy(), rtol=1e-6)
+  assert factor == pytest.approx(want_factor, rel=1e-6)
+
+
+@pytest.mark.parametrize('changes,match', [
+    (dict(quantization_config={'quant_method': 'mxfp4'}), 'Mxfp4Config\\(dequantize=True\\)'),
+    (dict(attention_bias=False), 'attention_bias=False'),
+    (dict(layer_types=['full_attention', 'sliding_attention']), 'every k-th layer'),
+    (dict(layer_types=['sliding_attention']), "num_hidden_layers=2 of 'sliding_attention'"),
+    (dict(layer_types=['sliding_attention', 'chunked_attention']), 'chunked_attention'),
+    (dict(sliding_window=None), 'sliding_window is None'),
+    (dict(rope_parameters=dict(hf_families.GPT_OSS_YARN, partial_rotary_factor=0.5)),
+     'partial_rotary_factor'),
+    (dict(rope_parameters=dict(rope_type='longrope', rope_theta=1e4)), "'longrope'"),
+])
+def test_gpt_oss_import_refusals(changes, match):
+  """HF GPT-OSS configs that ablax does not compute are refused, naming the field."""
+  hf_cfg = hf_families.make_hf_model('gpt_oss').config.to_dict()
+  hf_cfg.update(changes)
+  with pytest.raises(hf.HFError, match=match):
+    hf.hf_to_model_config(hf_cfg)
+
+
+def test_gpt_oss_all_sliding_and_all_full_layers():
+  hf_cfg = hf_families.make_hf_model('gpt_oss').config.to_dict()
+  m = hf.hf_to_model_config(dict(hf_cfg, layer_types=['sliding_attention'] * 2))[1]
+  assert (m.sliding_window, m.global_layer_interval) == (8, None)
+  m = hf.hf_to_model_config(dict(hf_cfg, layer_types=['full_attention'] * 2))[1]
+  assert (m.sliding_window, m.global_layer_interval) == (None, None)

@@ -22,7 +22,7 @@ transformers = pytest.importorskip(
     ('llama', {}), ('qwen2', {}), ('gemma2', {}), ('gpt2', {}), ('qwen3_moe', {}),
     ('mpt', {}), ('bloom', {}), ('deepseek_v3', {}), ('diffllama', {}), ('diffllama_mha', {}),
     ('deepseek_v3_noq', {'rope_interleave': True}), ('deepseek_v3_yarn', {}),
-    ('qwen3_next', {}), ('qwen3_next_c', {})])
+    ('qwen3_next', {}), ('qwen3_next_c', {}), ('gpt_oss', {}), ('gpt_oss_mqa', {})])
 def test_hf_ablax_hf_is_bitwise_identical(family, overrides, tmp_path):
   model = hf_families.make_hf_model(family, quantize_norms=True, **overrides)
   model.save_pretrained(tmp_path / 'in')
@@ -323,3 +323,84 @@ def test_qwen3_next_release_extras_import(tmp_path, caplog):
   assert '2 multi-token-prediction tensors (mtp.*) dropped' in caplog.text
   np.testing.assert_array_equal(np.asarray(decoder.blocks[0].attn.conv.get_value()),
                                 tensors['model.layers.0.linear_attn.conv1d.weight'][:, 0].T)
+# -- GPT-OSS (issue 17) -----------------------------------------------------------
+
+
+def _gpt_oss_decoder(overrides=()):
+  """The gpt_oss preset with every parameter random: sinks N(0, 1.5^2) so they
+  take real mass, a spread router and its bias, biases N(0, 0.3^2), and
+  swiglu_limit 1 so that the clamps act."""
+  cfg = configs.load('configs/gpt_oss.py:tiny', ['model.vocab_size=128',
+                                                 'model.sliding_window=8',
+                                                 'model.mlp_swiglu_limit=1.0', *overrides])
+  decoder = model_lib.Decoder(cfg.model, rngs=nnx.Rngs(3))
+  rng = np.random.RandomState(0)
+  for path, var in nnx.to_flat_state(nnx.state(decoder, nnx.Param)):
+    key = '.'.join(map(str, path))
+    shape = var.get_value().shape
+    if key.endswith('norm.scale'):
+      var.set_value(1.0 + 0.3 * rng.randn(*shape).astype(np.float32))
+    elif key.endswith(('attn.sinks', 'mlp.router', 'mlp.router_bias')):
+      var.set_value(1.5 * rng.randn(*shape).astype(np.float32))
+    elif key.endswith(('.bq', '.bk', '.bv', '.bo')) or '.b_' in key:
+      var.set_value(0.3 * rng.randn(*shape).astype(np.float32))
+    elif '.w_' in key:   # experts: pre-activations of O(1), past the limit
+      var.set_value(0.3 * rng.randn(*shape).astype(np.float32))
+  return cfg, decoder
+
+
+@pytest.mark.parametrize('overrides', [
+    [],
+    # YaRN as GPT-OSS writes it (truncate=False), scaled to these lengths.
+    ["model.rope_scaling={'type': 'yarn', 'factor': 4.0, 'original_max_seq_len': 8, "
+     "'truncate': False}", 'model.num_layers=3', 'model.global_layer_interval=3'],
+], ids=['preset', 'yarn_3_layers'])
+def test_gpt_oss_preset_exports_to_transformers(overrides, tmp_path):
+  """The preset (sinks, sliding/full layers, biased GQA, router bias, biased
+  experts, clamped SwiGLU) loads as GptOssForCausalLM with the same logits
+  (20 tokens: past the window of 8), and comes back bit for bit."""
+  cfg, decoder = _gpt_oss_decoder(overrides)
+  hf.save(cfg, decoder, str(tmp_path / 'out'))
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path / 'out', attn_implementation='eager').float().eval()
+  assert type(reloaded).__name__ == 'GptOssForCausalLM'
+  assert reloaded.config.layer_types == [
+      'full_attention' if (i + 1) % cfg.model.global_layer_interval == 0
+      else 'sliding_attention' for i in range(cfg.model.num_layers)]
+  tokens = hf_families.random_tokens(5, (2, 20))
+  want = np.asarray(decoder(jnp.asarray(tokens))[0])
+  got = hf_families.hf_logits(reloaded, tokens)
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.max(np.abs(want)))
+  cfg2, decoder2 = hf.load(str(tmp_path / 'out'))
+  for key in ('sliding_window', 'global_layer_interval', 'mlp_swiglu_limit',
+              'mlp_swiglu_alpha', 'num_experts', 'experts_per_token'):
+    assert cfg2.model[key] == cfg.model[key], key
+  if cfg.model.rope_scaling is not None:   # the export writes YaRN's default betas
+    assert dict(cfg2.model.rope_scaling) == dict(beta_fast=32.0, beta_slow=1.0,
+                                                 **cfg.model.rope_scaling)
+  before = nnx.to_flat_state(nnx.state(decoder, nnx.Param))
+  after = dict(nnx.to_flat_state(nnx.state(decoder2, nnx.Param)))
+  for path, var in before:
+    np.testing.assert_array_equal(np.asarray(after[path][...]), np.asarray(var[...]),
+                                  err_msg=str(path))
+
+
+@pytest.mark.parametrize('preset,overrides,match', [
+    ('configs/gpt_oss.py:tiny', ['model.attention_sinks=False'], 'attention_sinks=False'),
+    ('configs/gpt_oss.py:tiny', ['model.qk_norm=True'], 'qk_norm=True'),
+    ('configs/gpt_oss.py:tiny', ['model.moe_layer_interval=2'], 'moe_layer_interval=2'),
+    ('configs/gpt_oss.py:tiny', ['model.num_shared_experts=1'], 'num_shared_experts=1'),
+    ('configs/gpt_oss.py:tiny', ['model.moe_renormalize=False'], 'moe_renormalize=False'),
+    ('configs/gpt_oss.py:tiny', ["model.rope_scaling={'type': 'ntk', 'factor': 2.0, "
+                                 "'original_max_seq_len': 64}"], "rope_scaling.type='ntk'"),
+    ('configs/llama.py:tiny', ['model.attention_sinks=True'], "mlp_activation='silu'"),
+    ('configs/mixtral.py:tiny', ['model.moe_router_bias=True'], 'attention_sinks=False'),
+])
+def test_gpt_oss_export_refusals(preset, overrides, match, tmp_path):
+  """A model with a GPT-OSS-only flag but another layout is refused, naming
+  the field, and nothing is written."""
+  cfg = configs.load(preset, overrides)
+  decoder = model_lib.Decoder(cfg.model, rngs=nnx.Rngs(0))
+  with pytest.raises(hf.HFError, match=match.replace('(', r'\(')):
+    hf.save(cfg, decoder, str(tmp_path))
+  assert not (tmp_path / 'config.json').exists()

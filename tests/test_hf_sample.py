@@ -14,7 +14,9 @@ torch = pytest.importorskip(
 # qwen3_next: its 'LLLA' layers decode from ablax's RecurrentCache (delta-rule
 # state + conv buffer) and the A layer from its KV cache, against
 # transformers' Qwen3-Next cache (recurrent steps after a chunked prefill).
-@pytest.mark.parametrize('family', ['mistral', 'gemma2', 'mpt', 'bloom', 'qwen3_next'])
+# gpt_oss: sinks with the window's ring cache (window 8; gpt_oss_mqa: 4).
+@pytest.mark.parametrize('family', ['mistral', 'gemma2', 'mpt', 'bloom', 'qwen3_next',
+                                    'gpt_oss', 'gpt_oss_mqa'])
 def test_greedy_matches_transformers_generate(family, tmp_path):
   model = hf_families.make_hf_model(family)
   model.save_pretrained(tmp_path)
