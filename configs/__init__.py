@@ -26,7 +26,7 @@ CHOICES = {
     'model.attention_type': ('standard', 'mla', 'differential'),
     'model.remat': ('none', 'full', 'dots'),
     'model.moe_dispatch': ('auto', 'global', 'all_to_all'),
-    'model.context_parallel': ('allgather', 'ring'),
+    'model.context_parallel': ('allgather', 'ring', 'ring_contiguous'),
     'model.moe_router': ('softmax', 'sigmoid'),
     'model.dtype': ('float32', 'bfloat16', 'float16'),
     'model.param_dtype': ('float32', 'bfloat16', 'float16'),

@@ -45,7 +45,7 @@ from model import masking
 from model import partitioning
 
 AXIS = 'context'
-MODES = ('allgather', 'ring')
+MODES = ('allgather', 'ring', 'ring_contiguous')
 
 
 def context_size() -> int:
@@ -82,11 +82,18 @@ def _axes(spec_entry):
 
 
 def _sharded(q, k, v, *, mode, mesh, c, segment_ids, causal, sliding_window,
-             alibi_slopes, logit_softcap, scale, num_memory_tokens, sink_logits):
+             alibi_slopes, logit_softcap, scale, num_memory_tokens, sink_logits,
+             kernel=None, count_folds=False):
+  """Pads, splits and runs `mode` under shard_map.
+
+  kernel: None (the XLA fold) or a `_KernelCall` (the flash kernel per block).
+  count_folds: also return the number of (query chunk, key chunk) pairs each
+    device folded in, [c] (how the tests see the ring's balance).
+  """
   b, t, n, h = q.shape
-  kvh = k.shape[2]
   scale = h ** -0.5 if scale is None else scale
-  pad = (-t) % c
+  parts = 2 if (mode == 'ring' and causal) else 1
+  pad = (-t) % (c * parts)
   seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
   if pad:
     # Padding keys get a segment of their own: no real query sees them.
@@ -108,90 +115,171 @@ def _sharded(q, k, v, *, mode, mesh, c, segment_ids, causal, sliding_window,
   if sink_logits is not None:
     extras['sinks'], extra_specs['sinks'] = jnp.asarray(sink_logits, jnp.float32), P(heads)
 
-  local = functools.partial(
-      _ring_local if mode == 'ring' else _allgather_local, c=c, causal=causal,
-      window=sliding_window, softcap=logit_softcap, scale=scale,
-      num_memory=num_memory_tokens)
-  out = jax.shard_map(
+  mask = dict(causal=causal, window=sliding_window, num_memory=num_memory_tokens)
+  local = functools.partial(_local, c=c, parts=parts, gather=mode == 'allgather', mask=mask,
+                            softcap=logit_softcap, scale=scale, kernel=kernel)
+  out, folds = jax.shard_map(
       local, mesh=mesh,
       in_specs=(x_spec, x_spec, x_spec, P(batch, AXIS), extra_specs),
-      out_specs=x_spec)(q, k, v, seg, extras)
-  return out[:, :t] if pad else out
+      out_specs=(x_spec, P(AXIS)))(q, k, v, seg, extras)
+  out = out[:, :t] if pad else out
+  return (out, folds) if count_folds else out
 
 
-def _allgather_local(q, k, v, seg, extras, *, c, causal, window, softcap, scale,
-                     num_memory):
-  """One device: its queries [b, t/c, n, h] over the gathered K/V [b, t, kv, h]."""
-  del c
-  tl = q.shape[1]
-  start = jax.lax.axis_index(AXIS) * tl
-  gather = lambda x: jax.lax.all_gather(x, AXIS, axis=1, tiled=True)
-  k_all, v_all, seg_all = gather(k), gather(v), gather(seg)
-  return attention_core.reference_attention(
-      q, k_all, v_all, segment_ids=seg, kv_segment_ids=seg_all, causal=causal,
-      sliding_window=window, alibi_slopes=extras.get('slopes'), logit_softcap=softcap,
-      scale=scale, num_memory_tokens=num_memory, q_idx=start + jnp.arange(tl),
-      kv_idx=jnp.arange(k_all.shape[1]), sink_logits=extras.get('sinks'))
+# ------------------------------------------------------------- the zigzag layout
+#
+# The sequence is cut into 2c chunks. The trainer's layout gives device d the
+# contiguous chunks 2d and 2d + 1; the load-balanced one gives it chunks d and
+# 2c - 1 - d, an early and a late one, so under the causal mask every device
+# has the same number of visible (query chunk, key chunk) pairs. Each device
+# holds one even and one odd chunk in both layouts, so the change is two
+# collective-permutes: one of the even chunks, one of the odd ones.
 
 
-def _ring_local(q, k, v, seg, extras, *, c, causal, window, softcap, scale, num_memory):
-  """One device: its queries over the K/V blocks passed round the ring.
+def _zigzag_home(chunk, c):
+  """The device that holds `chunk` in the load-balanced layout."""
+  return chunk if chunk < c else 2 * c - 1 - chunk
 
-  At step s this device holds the block of device (i - s) mod c; it folds
-  that block into a running (max, denominator, weighted sum) per query row,
-  unless no query here can see it, and hands the block on to device i + 1.
+
+def _to_zigzag(x, c):
+  """[b, 2h, ...] contiguous chunks (2d, 2d+1) -> zigzag chunks (d, 2c-1-d)."""
+  hc = x.shape[1] // 2
+  even = jax.lax.ppermute(x[:, :hc], AXIS, [(d, _zigzag_home(2 * d, c)) for d in range(c)])
+  odd = jax.lax.ppermute(x[:, hc:], AXIS, [(d, _zigzag_home(2 * d + 1, c)) for d in range(c)])
+  # Device d's early chunk d is the even one when d is even.
+  d_even = jax.lax.axis_index(AXIS) % 2 == 0
+  return jnp.where(d_even, jnp.concatenate([even, odd], 1), jnp.concatenate([odd, even], 1))
+
+
+def _from_zigzag(x, c):
+  """The inverse of `_to_zigzag`."""
+  hc = x.shape[1] // 2
+  first, second = x[:, :hc], x[:, hc:]
+  d_even = jax.lax.axis_index(AXIS) % 2 == 0
+  even = jnp.where(d_even, first, second)
+  odd = jnp.where(d_even, second, first)
+  even = jax.lax.ppermute(even, AXIS, [(_zigzag_home(2 * d, c), d) for d in range(c)])
+  odd = jax.lax.ppermute(odd, AXIS, [(_zigzag_home(2 * d + 1, c), d) for d in range(c)])
+  return jnp.concatenate([even, odd], 1)
+
+
+def _chunk_ids(d, c, parts):
+  """The global chunk indices (chunk length t / (c * parts)) device d holds."""
+  return (d,) if parts == 1 else (d, 2 * c - 1 - d)
+
+
+# ---------------------------------------------------------------- one device
+
+
+def _local(q, k, v, seg, extras, *, c, parts, gather, mask, softcap, scale, kernel):
+  """One device: its queries over every K/V block, block by block.
+
+  allgather (`gather`): K/V of the whole sequence are all-gathered and the
+  blocks are slices of it; ring: at step s this device holds the block of
+  device (i - s) mod c and hands it on to device i + 1 afterwards. Within a
+  block, each (query chunk, key chunk) pair that may hold a visible pair is
+  folded into a running online softmax per query row (max, denominator,
+  weighted sum, as flash attention); the others are skipped with `lax.cond`
+  (no matmul, no exp).
   """
+  i = jax.lax.axis_index(AXIS)
+  if parts == 2:
+    q, k, v, seg = (_to_zigzag(x, c) for x in (q, k, v, seg))
   b, tl, n, h = q.shape
+  hc = tl // parts
+  own = _chunk_ids(i, c, parts)
+  q_idx = [own[a] * hc + jnp.arange(hc) for a in range(parts)]
+  piece = lambda x, a: x[:, a * hc:(a + 1) * hc]
+  if gather:
+    k_all, v_all, seg_all = (jax.lax.all_gather(x, AXIS, axis=1, tiled=True)
+                             for x in (k, v, seg))
+  block = lambda x_all, src: jax.lax.dynamic_slice_in_dim(x_all, src * tl, tl, axis=1)
+  shift = [(j, (j + 1) % c) for j in range(c)]
+  if kernel is not None:
+    return kernel.run(q, k, v, seg, extras, c=c, parts=parts, gather=gather, mask=mask,
+                      softcap=softcap, scale=scale)
+  if gather:
+    # The XLA path attends the local queries over the gathered sequence at once.
+    out = attention_core.reference_attention(
+        q, k_all, v_all, segment_ids=seg, kv_segment_ids=seg_all, causal=mask['causal'],
+        sliding_window=mask['window'], alibi_slopes=extras.get('slopes'),
+        logit_softcap=softcap, scale=scale, num_memory_tokens=mask['num_memory'],
+        q_idx=q_idx[0], kv_idx=jnp.arange(k_all.shape[1]), sink_logits=extras.get('sinks'))
+    return out, jnp.full((1,), c, jnp.int32)
+
+  fold = functools.partial(_fold, mask=mask, softcap=softcap, scale=scale,
+                           slopes=extras.get('slopes'))
+  states = [_empty_state(b, k.shape[2], n // k.shape[2], hc, v.shape[3]) for _ in range(parts)]
+  folds = jnp.zeros((), jnp.int32)
+  for s in range(c):
+    src = (i - s) % c
+    if gather:
+      kb, vb, segb = block(k_all, src), block(v_all, src), block(seg_all, src)
+    else:
+      if s:
+        kb, vb, segb = (jax.lax.ppermute(x, AXIS, shift) for x in (kb, vb, segb))
+      else:
+        kb, vb, segb = k, v, seg
+    theirs = _chunk_ids(src, c, parts)
+    for a in range(parts):
+      for e in sorted(range(parts), key=lambda e: e != a):     # the diagonal first
+        kv_idx = theirs[e] * hc + jnp.arange(hc)
+        operands = (piece(q, a), q_idx[a], piece(seg, a), piece(kb, e), piece(vb, e),
+                    kv_idx, piece(segb, e))
+        if s == 0 and a == e and not gather:
+          # Each chunk's diagonal pair holds a visible pair (query = key).
+          states[a] = fold(states[a], *operands)
+          folds += 1
+          continue
+        seen = masking.tile_visible(own[a] * hc, (own[a] + 1) * hc, theirs[e] * hc,
+                                    (theirs[e] + 1) * hc, **mask)
+        states[a] = jax.lax.cond(seen, lambda st, *o: fold(st, *o), lambda st, *o: st,
+                                 states[a], *operands)
+        folds += seen.astype(jnp.int32)
+  out = jnp.concatenate([_finish(st, extras.get('sinks'), q.dtype) for st in states], 1)
+  if parts == 2:
+    out = _from_zigzag(out, c)
+  return out, folds[None]
+
+
+def _empty_state(b, kvh, g, rows, hv):
+  """Running max (-inf until a key is seen), its finite stand-in, denominator
+  and weighted sum, per query row."""
+  return (jnp.full((b, kvh, g, rows), -jnp.inf, jnp.float32),
+          jnp.zeros((b, kvh, g, rows), jnp.float32),
+          jnp.zeros((b, kvh, g, rows), jnp.float32),
+          jnp.zeros((b, kvh, g, rows, hv), jnp.float32))
+
+
+def _fold(state, q, q_idx, q_seg, k, v, kv_idx, kv_seg, *, mask, softcap, scale, slopes):
+  """Folds one key chunk into the running softmax of one query chunk."""
+  m_raw, m_ref, denom, acc = state
+  b, rows, n, h = q.shape
   kvh = k.shape[2]
   g = n // kvh
-  i = jax.lax.axis_index(AXIS)
-  q_idx = (i * tl + jnp.arange(tl))[:, None]                        # [tl, 1]
-  qf = q.astype(jnp.float32).reshape(b, tl, kvh, g, h)
-  q_seg = seg[:, None, None, :, None]
-  slopes = extras.get('slopes')
+  qi, ki = q_idx[:, None], kv_idx[None, :]                          # [rows, 1], [1, cols]
+  qf = q.astype(jnp.float32).reshape(b, rows, kvh, g, h)
+  logits = jnp.einsum('btkgh,bskh->bkgts', qf, k.astype(jnp.float32)) * scale
+  logits = masking.softcap(logits, softcap)
   if slopes is not None:
-    slopes = slopes.reshape(kvh, g, 1, 1)
-  shift = [(j, (j + 1) % c) for j in range(c)]
+    logits = logits + masking.alibi_bias(slopes.reshape(kvh, g, 1, 1), qi, ki,
+                                         mask['num_memory'])
+  visible = masking.visible(qi, ki, q_seg[:, None, None, :, None],
+                            kv_seg[:, None, None, None, :], **mask)
+  logits = jnp.where(visible, logits, -jnp.inf)
+  new_raw = jnp.maximum(m_raw, jnp.max(logits, axis=-1))
+  new_ref = jnp.where(jnp.isfinite(new_raw), new_raw, 0.0)
+  alpha = jnp.where(jnp.isfinite(m_raw), jnp.exp(m_ref - new_ref), 0.0)
+  p = jnp.where(visible, jnp.exp(logits - new_ref[..., None]), 0.0)
+  denom = alpha * denom + jnp.sum(p, axis=-1)
+  acc = alpha[..., None] * acc + jnp.einsum('bkgts,bskh->bkgth', p, v.astype(jnp.float32))
+  return new_raw, new_ref, denom, acc
 
-  def fold(state, block):
-    """Folds one K/V block (from device `src`) into the running softmax."""
-    m_raw, m_ref, denom, acc = state
-    k, v, kv_seg, src = block
-    kv_idx = (src * tl + jnp.arange(tl))[None, :]                   # [1, tl]
-    logits = jnp.einsum('btkgh,bskh->bkgts', qf, k.astype(jnp.float32)) * scale
-    logits = masking.softcap(logits, softcap)
-    if slopes is not None:
-      logits = logits + masking.alibi_bias(slopes, q_idx, kv_idx, num_memory)
-    mask = masking.visible(q_idx, kv_idx, q_seg, kv_seg[:, None, None, None, :],
-                           causal=causal, window=window, num_memory=num_memory)
-    logits = jnp.where(mask, logits, -jnp.inf)
-    new_raw = jnp.maximum(m_raw, jnp.max(logits, axis=-1))
-    new_ref = jnp.where(jnp.isfinite(new_raw), new_raw, 0.0)
-    alpha = jnp.where(jnp.isfinite(m_raw), jnp.exp(m_ref - new_ref), 0.0)
-    p = jnp.where(mask, jnp.exp(logits - new_ref[..., None]), 0.0)
-    denom = alpha * denom + jnp.sum(p, axis=-1)
-    acc = alpha[..., None] * acc + jnp.einsum('bkgts,bskh->bkgth', p, v.astype(jnp.float32))
-    return new_raw, new_ref, denom, acc
 
-  # Running max (-inf until a key is seen), its finite stand-in, denominator
-  # and weighted sum, per query row.
-  state = (jnp.full((b, kvh, g, tl), -jnp.inf, jnp.float32),
-           jnp.zeros((b, kvh, g, tl), jnp.float32),
-           jnp.zeros((b, kvh, g, tl), jnp.float32),
-           jnp.zeros((b, kvh, g, tl, h), jnp.float32))
-  # Step 0 is the device's own block, which always holds a visible pair.
-  state = fold(state, (k, v, seg, i))
-  for s in range(1, c):
-    k, v, seg = (jax.lax.ppermute(x, AXIS, shift) for x in (k, v, seg))
-    src = (i - s) % c
-    # Skip a block no query here can see (later positions under the causal
-    # mask, keys beyond a sliding window): no matmul, no exp.
-    seen = masking.tile_visible(i * tl, (i + 1) * tl, src * tl, (src + 1) * tl,
-                                causal=causal, window=window, num_memory=num_memory)
-    state = jax.lax.cond(seen, fold, lambda st, _: st, state, (k, v, seg, src))
-  m_raw, m_ref, denom, acc = state
-
-  sinks = extras.get('sinks')
+def _finish(state, sinks, dtype):
+  """The normalised output [b, rows, n, hv] of a running softmax."""
+  _, m_ref, denom, acc = state
+  b, kvh, g, rows, hv = acc.shape
   if sinks is not None:
     # The sink joins the denominator with no value (masking.softmax_with_sinks).
     sinks = sinks.reshape(kvh, g, 1)
@@ -199,5 +287,5 @@ def _ring_local(q, k, v, seg, extras, *, c, causal, window, softcap, scale, num_
     rescale = jnp.exp(m_ref - top)
     acc = acc * rescale[..., None]
     denom = denom * rescale + jnp.exp(sinks - top)
-  out = acc / jnp.where(denom == 0, 1.0, denom)[..., None]         # [b, kv, g, tl, h]
-  return jnp.moveaxis(out, 3, 1).reshape(b, tl, n, h).astype(q.dtype)
+  out = acc / jnp.where(denom == 0, 1.0, denom)[..., None]         # [b, kv, g, rows, hv]
+  return jnp.moveaxis(out, 3, 1).reshape(b, rows, kvh * g, hv).astype(dtype)
