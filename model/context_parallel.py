@@ -34,7 +34,9 @@ Outside the trainer's sharding context, or with c = 1, this is
 `attention_core.dot_product_attention`.
 """
 
+import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +45,7 @@ from jax.sharding import PartitionSpec as P
 from model import attention_core
 from model import masking
 from model import partitioning
+from model.kernels import flash
 
 AXIS = 'context'
 MODES = ('allgather', 'ring', 'ring_contiguous')
@@ -68,10 +71,19 @@ def dot_product_attention(q, k, v, *, mode='allgather', impl='xla', segment_ids=
                                                 block_kv=block_kv, **kwargs)
   if mode not in MODES:
     raise ValueError(f'model.context_parallel={mode!r}: must be one of {", ".join(MODES)}')
-  if impl not in ('auto', 'xla'):
-    raise ValueError(f'model.attention_impl={impl!r} has no context-parallel path '
-                     f'(mesh.context={c}); use attention_impl=xla or auto')
-  return _sharded(q, k, v, mode=mode, mesh=partitioning.current_mesh(), c=c, **kwargs)
+  if impl == 'cudnn':
+    raise ValueError(f"model.attention_impl='cudnn' has no context-parallel path "
+                     f'(mesh.context={c}); use attention_impl=xla, auto or pallas')
+  if impl == 'pallas':
+    why = kernel_unsupported(**kwargs)
+    if why:
+      raise ValueError(f"model.attention_impl='pallas' with mesh.context={c}: the flash "
+                       f'kernel has no context-parallel path with {why} (its mask depends '
+                       'on global offsets the kernel does not take); use attention_impl=xla '
+                       'or auto')
+  return _sharded(q, k, v, mode=mode, mesh=partitioning.current_mesh(), c=c,
+                  impl='pallas' if impl == 'pallas' else 'xla', block_q=block_q,
+                  block_kv=block_kv, **kwargs)
 
 
 def _axes(spec_entry):
@@ -83,10 +95,11 @@ def _axes(spec_entry):
 
 def _sharded(q, k, v, *, mode, mesh, c, segment_ids, causal, sliding_window,
              alibi_slopes, logit_softcap, scale, num_memory_tokens, sink_logits,
-             kernel=None, count_folds=False):
+             impl='xla', block_q=None, block_kv=None, count_folds=False):
   """Pads, splits and runs `mode` under shard_map.
 
-  kernel: None (the XLA fold) or a `_KernelCall` (the flash kernel per block).
+  impl: 'xla' (the online softmax in jnp) or 'pallas' (the flash kernel per
+    chunk pair; block_q, block_kv as `kernels.flash_attention`).
   count_folds: also return the number of (query chunk, key chunk) pairs each
     device folded in, [c] (how the tests see the ring's balance).
   """
@@ -116,12 +129,20 @@ def _sharded(q, k, v, *, mode, mesh, c, segment_ids, causal, sliding_window,
     extras['sinks'], extra_specs['sinks'] = jnp.asarray(sink_logits, jnp.float32), P(heads)
 
   mask = dict(causal=causal, window=sliding_window, num_memory=num_memory_tokens)
+  kernel = None
+  if impl == 'pallas':
+    kernel = _plan_kernel(c=c, parts=parts, gather=mode == 'allgather', causal=causal,
+                          segments=segment_ids is not None or pad > 0, softcap=logit_softcap,
+                          scale=scale, rows=(t + pad) // (c * parts),
+                          head_dim=max(h, v.shape[3]), block_q=block_q, block_kv=block_kv)
   local = functools.partial(_local, c=c, parts=parts, gather=mode == 'allgather', mask=mask,
                             softcap=logit_softcap, scale=scale, kernel=kernel)
   out, folds = jax.shard_map(
       local, mesh=mesh,
       in_specs=(x_spec, x_spec, x_spec, P(batch, AXIS), extra_specs),
-      out_specs=(x_spec, P(AXIS)))(q, k, v, seg, extras)
+      out_specs=(x_spec, P(AXIS)),
+      # The kernel's custom VJP and Pallas calls carry no varying-axis types.
+      check_vma=kernel is None)(q, k, v, seg, extras)
   out = out[:, :t] if pad else out
   return (out, folds) if count_folds else out
 
@@ -196,8 +217,11 @@ def _local(q, k, v, seg, extras, *, c, parts, gather, mask, softcap, scale, kern
   block = lambda x_all, src: jax.lax.dynamic_slice_in_dim(x_all, src * tl, tl, axis=1)
   shift = [(j, (j + 1) % c) for j in range(c)]
   if kernel is not None:
-    return kernel.run(q, k, v, seg, extras, c=c, parts=parts, gather=gather, mask=mask,
-                      softcap=softcap, scale=scale)
+    kv = (k_all, v_all, seg_all) if gather else (k, v, seg)
+    out = _kernel_attention(kernel, q, seg, *kv, extras.get('sinks'))
+    if parts == 2:
+      out = _from_zigzag(out, c)
+    return out, jnp.zeros((1,), jnp.int32)     # folds are counted on the XLA path only
   if gather:
     # The XLA path attends the local queries over the gathered sequence at once.
     out = attention_core.reference_attention(
@@ -289,3 +313,217 @@ def _finish(state, sinks, dtype):
     denom = denom * rescale + jnp.exp(sinks - top)
   out = acc / jnp.where(denom == 0, 1.0, denom)[..., None]         # [b, kv, g, rows, hv]
   return jnp.moveaxis(out, 3, 1).reshape(b, rows, kvh * g, hv).astype(dtype)
+
+
+# ------------------------------------------------------ the flash kernel per chunk
+#
+# With attention_impl='pallas' each (query chunk, key chunk) pair that the
+# XLA path would fold is one call of the flash kernel (model/kernels/flash.py,
+# `chunk_forward`), which returns the chunk's output and row log-sum-exp; the
+# chunks merge by their lse (o = sum_j o_j exp(lse_j - lse), lse =
+# logaddexp_j lse_j). The backward pass runs the kernel's backward on each
+# chunk with the merged output and lse (`chunk_backward`); in the ring, each
+# block's dK/dV accumulators travel with it and take one more hand-on home.
+# The kernel takes no index offsets, so a chunk pair is either a diagonal one
+# (same chunk: the causal mask in local indices is the global one) or a full
+# one (an earlier chunk: every key visible but for segments); sliding
+# windows, ALiBi and memory tokens, whose masks depend on the global offset,
+# stay on the XLA path.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Static description of the kernel path on one device."""
+  c: int
+  parts: int
+  gather: bool
+  causal: bool
+  segments: bool        # segment ids (or padding) present: rows may see nothing in a chunk
+  softcap: Any
+  scale: float
+  backend: str
+  interpret: Any
+  head_dim_multiple: int
+  blocks: tuple         # (block_q, block_kv, bwd_block_q, bwd_block_kv)
+
+  def spec(self, causal, rows):
+    return flash.block_spec(causal=causal, softcap=self.softcap, scale=self.scale,
+                            q_len=rows, kv_len=rows, blocks=self.blocks,
+                            backend=self.backend, interpret=self.interpret)
+
+
+def kernel_unsupported(*, sliding_window=None, alibi_slopes=None, num_memory_tokens=0,
+                       **unused):
+  """Why the flash kernel cannot run under context parallelism, or None."""
+  del unused
+  if sliding_window is not None:
+    return 'a sliding window'
+  if alibi_slopes is not None:
+    return 'ALiBi'
+  if num_memory_tokens:
+    return 'memory tokens'
+  return None
+
+
+def _plan_kernel(*, c, parts, gather, causal, segments, softcap, scale, rows, head_dim,
+                 block_q, block_kv):
+  from model import kernels  # pylint: disable=import-outside-toplevel
+  backend, interpret, multiple = kernels._backend()  # pylint: disable=protected-access
+  fwd, bwd = kernels.block_sizes(backend, head_dim, rows, rows, block_q, block_kv)
+  return _Plan(c=c, parts=parts, gather=gather, causal=causal, segments=segments,
+               softcap=softcap, scale=scale, backend=backend, interpret=interpret,
+               head_dim_multiple=multiple, blocks=(*fwd, *bwd))
+
+
+def _kind(plan, s, a, e, q_chunk, kv_chunk):
+  """0: diagonal (causal kernel), 1: full (non-causal kernel), 2: skip; a
+  Python int when known at trace time."""
+  if not plan.causal:
+    return 1
+  if not plan.gather:
+    if s == 0 and a == e:
+      return 0
+    # The ring meets its own chunks only there: the key chunk is earlier or later.
+    return jnp.where(kv_chunk < q_chunk, 1, 2)
+  return jnp.where(kv_chunk == q_chunk, 0, jnp.where(kv_chunk < q_chunk, 1, 2))
+
+
+def _run(kind, branches):
+  return branches[kind]() if isinstance(kind, int) else jax.lax.switch(kind, branches)
+
+
+def _any_match(q_seg, kv_seg):
+  """[b, rows]: whether each query's segment occurs among the chunk's keys."""
+  keys = jnp.sort(kv_seg, axis=-1)
+  at = jax.vmap(jnp.searchsorted)(keys, q_seg)
+  return jnp.take_along_axis(keys, jnp.minimum(at, keys.shape[1] - 1), axis=1) == q_seg
+
+
+def _merge(o, lse, o_b, lse_b):
+  """Two partial softmaxes [b, rows, n, hv] with their lse [b, n, rows] as one."""
+  new = jnp.logaddexp(lse, lse_b)
+  ref = jnp.where(jnp.isfinite(new), new, 0.0)
+  weight = lambda x: jnp.exp(x - ref).transpose(0, 2, 1)[..., None]
+  return o * weight(lse) + o_b * weight(lse_b), new
+
+
+def _block(plan, s, src, gathered, held):
+  """The K/V arrays of step s: slices of the gathered ones (allgather), or the
+  ring's `held` tuple (K, V, segments, and what travels with them) handed on
+  one device."""
+  if plan.gather:
+    tl = gathered[0].shape[1] // plan.c
+    return tuple(jax.lax.dynamic_slice_in_dim(x, src * tl, tl, axis=1) for x in gathered)
+  if s:
+    shift = [(j, (j + 1) % plan.c) for j in range(plan.c)]
+    return tuple(jax.lax.ppermute(x, AXIS, shift) for x in held)
+  return held
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _kernel_attention(plan, q, q_seg, k, v, kv_seg, sinks):
+  return _kernel_forward(plan, q, q_seg, k, v, kv_seg, sinks)[0]
+
+
+def _kernel_forward(plan, q, q_seg, k, v, kv_seg, sinks):
+  i = jax.lax.axis_index(AXIS)
+  b, tl, n, _ = q.shape
+  hv = v.shape[3]
+  hc = tl // plan.parts
+  own = _chunk_ids(i, plan.c, plan.parts)
+  piece = lambda x, a: x[:, a * hc:(a + 1) * hc]
+  segs = lambda x: x if plan.segments else None
+  o = [jnp.zeros((b, hc, n, hv), jnp.float32) for _ in range(plan.parts)]
+  lse = [jnp.full((b, n, hc), -jnp.inf, jnp.float32) for _ in range(plan.parts)]
+  held = (k, v, kv_seg)
+  for s in range(plan.c):
+    src = (i - s) % plan.c
+    kb, vb, sb = held = _block(plan, s, src, (k, v, kv_seg), held)
+    theirs = _chunk_ids(src, plan.c, plan.parts)
+    for a in range(plan.parts):
+      for e in range(plan.parts):
+        qa, qsa, ke, ve, se = piece(q, a), piece(q_seg, a), piece(kb, e), piece(vb, e), piece(sb, e)
+
+        def attend(causal, qa=qa, qsa=qsa, ke=ke, ve=ve, se=se):
+          out_b, lse_b = flash.chunk_forward(plan.spec(causal, hc), qa, ke, ve, segs(qsa),
+                                             segs(se), plan.head_dim_multiple)
+          if plan.segments and not causal:
+            # A row whose segment is not in the chunk saw nothing (lse 0 from the kernel).
+            lse_b = jnp.where(_any_match(qsa, se)[:, None, :], lse_b, -jnp.inf)
+          return out_b.astype(jnp.float32), lse_b
+
+        skip = lambda: (jnp.zeros((b, hc, n, hv), jnp.float32),
+                        jnp.full((b, n, hc), -jnp.inf, jnp.float32))
+        out_b, lse_b = _run(_kind(plan, s, a, e, own[a], theirs[e]),
+                            [lambda: attend(True), lambda: attend(False), skip])
+        o[a], lse[a] = _merge(o[a], lse[a], out_b, lse_b)
+  o, lse = jnp.concatenate(o, 1), jnp.concatenate(lse, 2)
+  if sinks is not None:
+    # The sink joins every row's denominator with no value (flash._with_sinks).
+    with_sink = jnp.logaddexp(lse, sinks[None, :, None])
+    o = o * jnp.exp(lse - with_sink).transpose(0, 2, 1)[..., None]
+    lse = with_sink
+  out = o.astype(q.dtype)
+  return out, (q, q_seg, k, v, kv_seg, sinks, out, lse)
+
+
+def _kernel_backward(plan, res, dout):
+  q, q_seg, k, v, kv_seg, sinks, out, lse = res
+  i = jax.lax.axis_index(AXIS)
+  tl = q.shape[1]
+  hc = tl // plan.parts
+  own = _chunk_ids(i, plan.c, plan.parts)
+  piece = lambda x, a: x[:, a * hc:(a + 1) * hc]
+  segs = lambda x: x if plan.segments else None
+  dq = [jnp.zeros(piece(q, a).shape, jnp.float32) for a in range(plan.parts)]
+  f32 = lambda x: x.astype(jnp.float32)
+  # The gathered dK/dV (allgather), or the travelling ones (ring).
+  dk, dv = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+  held = (k, v, kv_seg, dk, dv)
+  for s in range(plan.c):
+    src = (i - s) % plan.c
+    if plan.gather:
+      kb, vb, sb = _block(plan, s, src, (k, v, kv_seg), None)
+      dkb, dvb = jnp.zeros(kb.shape, jnp.float32), jnp.zeros(vb.shape, jnp.float32)
+    else:
+      kb, vb, sb, dkb, dvb = _block(plan, s, src, None, held)
+    theirs = _chunk_ids(src, plan.c, plan.parts)
+    for a in range(plan.parts):
+      for e in range(plan.parts):
+        args = (piece(q, a), piece(kb, e), piece(vb, e), segs(piece(q_seg, a)),
+                segs(piece(sb, e)), piece(out, a), lse[:, :, a * hc:(a + 1) * hc],
+                piece(dout, a))
+
+        def grads(causal, args=args):
+          return tuple(map(f32, flash.chunk_backward(plan.spec(causal, hc), *args,
+                                                      plan.head_dim_multiple)))
+
+        skip = lambda e=e: (jnp.zeros(dq[0].shape, jnp.float32),
+                            jnp.zeros(piece(dkb, e).shape, jnp.float32),
+                            jnp.zeros(piece(dvb, e).shape, jnp.float32))
+        dq_ae, dk_ae, dv_ae = _run(_kind(plan, s, a, e, own[a], theirs[e]),
+                                   [lambda: grads(True), lambda: grads(False), skip])
+        dq[a] = dq[a] + dq_ae
+        dkb = dkb.at[:, e * hc:(e + 1) * hc].add(dk_ae)
+        dvb = dvb.at[:, e * hc:(e + 1) * hc].add(dv_ae)
+    if plan.gather:
+      add = lambda acc, x: jax.lax.dynamic_update_slice_in_dim(
+          acc, jax.lax.dynamic_slice_in_dim(acc, src * tl, tl, axis=1) + x, src * tl, axis=1)
+      dk, dv = add(dk, dkb), add(dv, dvb)
+    else:
+      held = (kb, vb, sb, dkb, dvb)
+      dk, dv = dkb, dvb
+  if not plan.gather:
+    # Each block's accumulators sit one device before its home: hand them on.
+    shift = [(j, (j + 1) % plan.c) for j in range(plan.c)]
+    dk, dv = (jax.lax.ppermute(x, AXIS, shift) for x in (dk, dv))
+  dsinks = None
+  if sinks is not None:
+    # As flash._flash_bwd: -sum over rows of P_sink * rowsum(dO * O).
+    delta = jnp.einsum('btnh,btnh->bnt', f32(out), f32(dout))
+    dsinks = -jnp.sum(jnp.exp(sinks[None, :, None] - lse) * delta, axis=(0, 2))
+  return (jnp.concatenate(dq, 1).astype(q.dtype), None, dk.astype(k.dtype),
+          dv.astype(v.dtype), None, dsinks)
+
+
+_kernel_attention.defvjp(_kernel_forward, _kernel_backward)
