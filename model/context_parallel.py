@@ -4,34 +4,50 @@ With `mesh.context = c > 1` the trainer splits the residual stream's sequence
 dimension over c devices (logical axis `sequence`), so every activation
 outside attention is 1/c per device. Attention is the one place where
 positions meet; `dot_product_attention` below runs it under `jax.shard_map`
-over the trainer's mesh, each device computing the queries of its own
-contiguous block of positions, in one of two ways (`model.context_parallel`):
+over the trainer's mesh, each device computing the queries it holds, in one
+of three ways (`model.context_parallel`):
 
 - `allgather`: each device all-gathers K and V (and the key segment ids)
-  over `context` and attends its queries over the whole sequence at their
-  global positions (as Llama 3's context parallelism, Dubey et al. 2024).
-  Simple; K/V of the whole sequence live on every device for the layer.
+  over `context` and attends its contiguous block of queries over the whole
+  sequence at their global positions (as Llama 3's context parallelism,
+  Dubey et al. 2024). Simple; K/V of the whole sequence live on every device
+  for the layer.
 - `ring`: K/V blocks travel round the context ring with `ppermute`; each
   device folds one block at a time into an online softmax (running max,
   denominator and weighted sum, as flash attention), so it never holds more
-  than two K/V blocks (ring attention, Liu et al. 2023). A block that no
-  local query can see (later positions, keys outside a sliding window) is
-  skipped with `lax.cond`. The causal order is plain, not load-balanced:
-  the device holding the last positions folds every block while the first
-  skips all but its own, so step time is that of the last device.
+  than two K/V blocks (ring attention, Liu et al. 2023). Under the causal
+  mask the order is load-balanced ("zigzag", as Megatron-LM's and Llama 3's
+  context parallelism lay the sequence out): the sequence is cut into 2c
+  chunks and device d takes chunks d and 2c-1-d, one early and one late, so
+  every device folds the same 2c + 1 visible (query chunk, key chunk) pairs
+  of half-size chunks, every ring step costs the same on every device, and
+  pairs no query can see are skipped (`lax.cond`: no matmul, no exp). The
+  layout change is inside the layer: two collective-permutes per array in
+  (q, k, v, segment ids) and two for the output, on top of the ring's c - 1
+  hand-ons of K, V and segment ids.
+- `ring_contiguous`: the same ring on the trainer's contiguous layout: the
+  device holding the last positions folds all c blocks while the first
+  skips all but its own, so a step takes as long as the last device's work;
+  kept for comparison (and used for non-causal attention by `ring`, where
+  the order makes no difference).
 
-Both use global query and key indices, so the causal mask, sliding windows,
+All use global query and key indices, so the causal mask, sliding windows,
 segment ids, ALiBi distances, memory tokens (the first `num_memory_tokens`
 positions), logit soft-capping, GQA/MQA and attention sinks are those of
 `attention_core.reference_attention`, which they equal to float rounding. A
-sequence that does not divide by c (memory tokens add to it) is padded at
-the end with keys of their own segment, which no real query sees.
+sequence that does not divide by c (2c for `ring`; memory tokens add to it)
+is padded at the end with keys of their own segment, which no real query
+sees.
 
-Heads stay split over `tensor` when both query and KV heads divide by it. The
-computation inside is the XLA one (float32 logits); `attention_impl`
-'pallas' and 'cudnn' are refused with context parallelism, 'auto' uses it.
-Outside the trainer's sharding context, or with c = 1, this is
-`attention_core.dot_product_attention`.
+Heads stay split over `tensor` when both query and KV heads divide by it.
+`attention_impl`: 'xla' and 'auto' compute in jnp (float32 logits); 'pallas'
+calls the flash kernel (`model/kernels/flash.py`, `chunk_forward` and
+`chunk_backward`) once per visible chunk pair and merges the chunks by their
+log-sum-exps; its backward runs the kernel's backward per chunk with the
+merged output and lse. The kernel takes no index offsets, so with a sliding
+window, ALiBi or memory tokens 'pallas' is refused (use 'xla' or 'auto');
+'cudnn' is refused. Outside the trainer's sharding context, or with c = 1,
+this is `attention_core.dot_product_attention`.
 """
 
 import dataclasses

@@ -230,6 +230,11 @@ def test_config_refuses_a_context_that_does_not_split_the_sequence():
     configs.load('configs/llama.py:tiny', ['mesh.context=3', 'train.seq_len=16'])
   with pytest.raises(configs.ConfigError, match='model.context_parallel'):
     configs.load('configs/llama.py:tiny', ['model.context_parallel=ulysses'])
+  with pytest.raises(configs.ConfigError, match='model.attention_impl=xla'):
+    configs.load('configs/llama.py:tiny', ['mesh.context=2', 'model.attention_impl=pallas',
+                                           'model.sliding_window=4'])
+  configs.load('configs/llama.py:tiny', ['mesh.context=2', 'model.attention_impl=pallas',
+                                         'model.context_parallel=ring'])
 
 
 @pytest.mark.parametrize('mode', ['allgather', 'ring'])
@@ -253,3 +258,39 @@ def test_switching_the_mode_is_a_runtime_change_on_resume():
   shape, runtime = checkpoint.model_differences(
       saved, configs.load('configs/llama.py:tiny', ['model.context_parallel=ring']))
   assert shape == [] and len(runtime) == 1 and 'context_parallel' in runtime[0]
+
+
+@pytest.mark.parametrize('mode', ['ring', 'allgather'])
+def test_flash_kernel_per_chunk_equals_the_xla_path(mode):
+  """attention_impl='pallas' (the kernel in interpret mode on CPU, one call per
+  chunk pair, merged by lse): output and q, k, v and sink gradients equal the
+  XLA context-parallel path, with GQA, packed segments, soft-capping and sinks."""
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 16, heads, 8)), jnp.float32) for heads in (4, 2, 2))
+  sinks = jnp.asarray([0.5, -1.0, 2.0, 0.0])
+  kwargs = dict(segment_ids=jnp.asarray([[0] * 6 + [1] * 10, [0] * 3 + [1] * 5 + [2] * 8]),
+                logit_softcap=3.0)
+  mesh = _mesh(data=2, context=4)
+
+  def run(impl):
+    def loss(q, k, v, sinks):
+      with sharding.activation_sharding(mesh):
+        out = context_parallel.dot_product_attention(q, k, v, mode=mode, impl=impl,
+                                                     sink_logits=sinks, **kwargs)
+      return jnp.sum(out ** 2), out
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(q, k, v, sinks)
+
+  (_, out_kernel), grads_kernel = run('pallas')
+  (_, out_xla), grads_xla = run('xla')
+  np.testing.assert_allclose(out_kernel, out_xla, atol=2e-6, rtol=0)
+  for g, w in zip(grads_kernel, grads_xla):
+    np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
+
+
+def test_flash_kernel_refuses_masks_with_global_offsets():
+  q = k = v = jnp.zeros((1, 16, 2, 8), jnp.float32)
+  mesh = _mesh(context=4)
+  with sharding.activation_sharding(mesh):
+    with pytest.raises(ValueError, match='attention_impl=xla'):
+      context_parallel.dot_product_attention(q, k, v, mode='ring', impl='pallas',
+                                             sliding_window=4)
