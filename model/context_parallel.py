@@ -306,11 +306,15 @@ def _fold(state, q, q_idx, q_seg, k, v, kv_idx, kv_seg, *, mask, softcap, scale,
                                          mask['num_memory'])
   visible = masking.visible(qi, ki, q_seg[:, None, None, :, None],
                             kv_seg[:, None, None, None, :], **mask)
-  logits = jnp.where(visible, logits, -jnp.inf)
-  new_raw = jnp.maximum(m_raw, jnp.max(logits, axis=-1))
+  # The running max only shifts the exponents (the result does not depend on
+  # it): no gradient through it, and no -inf ever reaches an exp, so no
+  # 0 * inf in the backward pass whatever XLA fuses.
+  tile_max = jnp.max(jnp.where(visible, logits, -jnp.inf), axis=-1)
+  new_raw = jax.lax.stop_gradient(jnp.maximum(m_raw, tile_max))
   new_ref = jnp.where(jnp.isfinite(new_raw), new_raw, 0.0)
   alpha = jnp.where(jnp.isfinite(m_raw), jnp.exp(m_ref - new_ref), 0.0)
-  p = jnp.where(visible, jnp.exp(logits - new_ref[..., None]), 0.0)
+  shifted = jnp.where(visible, logits - new_ref[..., None], 0.0)
+  p = jnp.where(visible, jnp.exp(shifted), 0.0)
   denom = alpha * denom + jnp.sum(p, axis=-1)
   acc = alpha[..., None] * acc + jnp.einsum('bkgts,bskh->bkgth', p, v.astype(jnp.float32))
   return new_raw, new_ref, denom, acc
