@@ -288,8 +288,8 @@ def test_flash_kernel_per_chunk_equals_the_xla_path(mode):
 
 
 def test_flash_kernel_refuses_masks_with_global_offsets():
-  q = k = v = jnp.zeros((1, 16, 2, 8), jnp.float32)
-  mesh = _mesh(context=4)
+  q = k = v = jnp.zeros((2, 16, 2, 8), jnp.float32)
+  mesh = _mesh(data=2, context=4)
   with sharding.activation_sharding(mesh):
     with pytest.raises(ValueError, match='attention_impl=xla'):
       context_parallel.dot_product_attention(q, k, v, mode='ring', impl='pallas',
