@@ -209,15 +209,15 @@ def _chunk_ids(d, c, parts):
 
 
 def _local(q, k, v, seg, extras, *, c, parts, gather, mask, softcap, scale, kernel):
-  """One device: its queries over every K/V block, block by block.
+  """One device: its queries over every K/V block; returns (out, folds [1]).
 
-  allgather (`gather`): K/V of the whole sequence are all-gathered and the
-  blocks are slices of it; ring: at step s this device holds the block of
-  device (i - s) mod c and hands it on to device i + 1 afterwards. Within a
-  block, each (query chunk, key chunk) pair that may hold a visible pair is
-  folded into a running online softmax per query row (max, denominator,
-  weighted sum, as flash attention); the others are skipped with `lax.cond`
-  (no matmul, no exp).
+  allgather (`gather`): K/V of the whole sequence are all-gathered; the XLA
+  path attends to them at once, the kernel path block by block. Ring: at
+  step s this device holds the block of device (i - s) mod c and hands it on
+  to device i + 1 afterwards. Within a block, each (query chunk, key chunk)
+  pair that may hold a visible pair is folded into a running online softmax
+  per query row (max, denominator, weighted sum, as flash attention); the
+  others are skipped with `lax.cond` (no matmul, no exp).
   """
   i = jax.lax.axis_index(AXIS)
   if parts == 2:
@@ -230,8 +230,6 @@ def _local(q, k, v, seg, extras, *, c, parts, gather, mask, softcap, scale, kern
   if gather:
     k_all, v_all, seg_all = (jax.lax.all_gather(x, AXIS, axis=1, tiled=True)
                              for x in (k, v, seg))
-  block = lambda x_all, src: jax.lax.dynamic_slice_in_dim(x_all, src * tl, tl, axis=1)
-  shift = [(j, (j + 1) % c) for j in range(c)]
   if kernel is not None:
     kv = (k_all, v_all, seg_all) if gather else (k, v, seg)
     out = _kernel_attention(kernel, q, seg, *kv, extras.get('sinks'))
@@ -247,26 +245,24 @@ def _local(q, k, v, seg, extras, *, c, parts, gather, mask, softcap, scale, kern
         q_idx=q_idx[0], kv_idx=jnp.arange(k_all.shape[1]), sink_logits=extras.get('sinks'))
     return out, jnp.full((1,), c, jnp.int32)
 
+  shift = [(j, (j + 1) % c) for j in range(c)]
   fold = functools.partial(_fold, mask=mask, softcap=softcap, scale=scale,
                            slopes=extras.get('slopes'))
   states = [_empty_state(b, k.shape[2], n // k.shape[2], hc, v.shape[3]) for _ in range(parts)]
   folds = jnp.zeros((), jnp.int32)
   for s in range(c):
     src = (i - s) % c
-    if gather:
-      kb, vb, segb = block(k_all, src), block(v_all, src), block(seg_all, src)
+    if s:
+      kb, vb, segb = (jax.lax.ppermute(x, AXIS, shift) for x in (kb, vb, segb))
     else:
-      if s:
-        kb, vb, segb = (jax.lax.ppermute(x, AXIS, shift) for x in (kb, vb, segb))
-      else:
-        kb, vb, segb = k, v, seg
+      kb, vb, segb = k, v, seg
     theirs = _chunk_ids(src, c, parts)
     for a in range(parts):
       for e in sorted(range(parts), key=lambda e: e != a):     # the diagonal first
         kv_idx = theirs[e] * hc + jnp.arange(hc)
         operands = (piece(q, a), q_idx[a], piece(seg, a), piece(kb, e), piece(vb, e),
                     kv_idx, piece(segb, e))
-        if s == 0 and a == e and not gather:
+        if s == 0 and a == e:
           # Each chunk's diagonal pair holds a visible pair (query = key).
           states[a] = fold(states[a], *operands)
           folds += 1
