@@ -26,7 +26,7 @@ CHOICES = {
     'model.attention_type': ('standard', 'mla', 'differential'),
     'model.remat': ('none', 'full', 'dots'),
     'model.moe_dispatch': ('auto', 'global', 'all_to_all'),
-    'model.context_parallel': ('allgather', 'ring'),
+    'model.context_parallel': ('allgather', 'ring', 'ring_contiguous'),
     'model.moe_router': ('softmax', 'sigmoid'),
     'model.dtype': ('float32', 'bfloat16', 'float16'),
     'model.param_dtype': ('float32', 'bfloat16', 'float16'),
@@ -496,6 +496,17 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
          f'mesh.context={context}: must be a positive divisor of train.seq_len='
          f'{t.seq_len} (each device holds seq_len / context positions)')
   _check(len(free) <= 1, f'{", ".join(free)}: at most one mesh axis may be -1')
+  if context != 1 and cfg.model.attention_impl in ('pallas', 'cudnn'):
+    # model/context_parallel.py: the kernel per chunk pair takes no global offsets.
+    offsets = [name for name, on in (('model.sliding_window', cfg.model.sliding_window),
+                                     ("model.position='alibi'", cfg.model.position == 'alibi'),
+                                     ('model.num_memory_tokens', cfg.model.num_memory_tokens))
+               if on]
+    _check(cfg.model.attention_impl == 'pallas' and not offsets,
+           f'model.attention_impl={cfg.model.attention_impl!r} with mesh.context={context}: '
+           + ('cuDNN has no context-parallel path' if cfg.model.attention_impl == 'cudnn'
+              else f'the flash kernel has no context-parallel path with {", ".join(offsets)}')
+           + '; use model.attention_impl=xla or auto')
   _check(isinstance(t.get('init_checkpoint', ''), str),
          f'train.init_checkpoint={t.get("init_checkpoint")!r}: must be a path '
          '(a workdir or a checkpoints/STEP folder) or empty')

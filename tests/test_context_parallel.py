@@ -2,6 +2,8 @@
 CPU devices: the split attention equals the single-device reference, and the
 decoder's loss and gradients equal the single-device run."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -50,32 +52,37 @@ def _attention_inputs(mask):
   return (q, k, v), kwargs
 
 
-# Every mask is causal; heads split over `tensor` on the second mesh.
-ATTENTION_CASES = [('window_segments', dict(data=2, context=4)),
-                   ('alibi_memory_softcap_sinks', dict(data=2, context=4)),
-                   ('alibi_memory_softcap_sinks', dict(data=2, context=2, tensor=2))]
+MODES = ['allgather', 'ring', 'ring_contiguous']
 
 
-@pytest.mark.parametrize('mode', ['allgather', 'ring'])
-@pytest.mark.parametrize('mask,axes', ATTENTION_CASES,
-                         ids=['window_segments', 'alibi_memory_softcap_sinks',
-                              'all_masks_with_tensor2'])
-def test_attention_equals_the_reference(mode, mask, axes):
-  (q, k, v), kwargs = _attention_inputs(MASKS[mask])
-  mesh = _mesh(**axes)
-
+def _split_attention(mode, mesh, **kwargs):
   def split(q, k, v):
     with sharding.activation_sharding(mesh):
       return context_parallel.dot_product_attention(q, k, v, mode=mode, **kwargs)
+  return split
 
-  def full(q, k, v):
-    return attention_core.reference_attention(q, k, v, **kwargs)
 
-  np.testing.assert_allclose(jax.jit(split)(q, k, v), full(q, k, v), atol=2e-6, rtol=0)
-  square = lambda f: lambda *a: jnp.sum(f(*a) ** 2)
-  got = jax.jit(jax.grad(square(split), argnums=(0, 1, 2)))(q, k, v)
-  want = jax.grad(square(full), argnums=(0, 1, 2))(q, k, v)
-  for g, w in zip(got, want):
+# Every mask is causal; heads split over `tensor` on the second mesh. Both
+# masks go through one jit per (mode, mesh): one compile each.
+@pytest.mark.parametrize('mode', MODES)
+@pytest.mark.parametrize('axes', [dict(data=2, context=4), dict(data=2, context=2, tensor=2)],
+                         ids=['data2_context4', 'data2_context2_tensor2'])
+def test_attention_equals_the_reference(mode, axes):
+  mesh = _mesh(**axes)
+  cases = [_attention_inputs(MASKS[name]) for name in MASKS]
+
+  def each(f):
+    return lambda inputs: [f(kwargs)(*qkv) for qkv, kwargs in zip(inputs, (c[1] for c in cases))]
+
+  split = each(lambda kwargs: _split_attention(mode, mesh, **kwargs))
+  full = each(lambda kwargs: functools.partial(attention_core.reference_attention, **kwargs))
+  inputs = [c[0] for c in cases]
+  for got, want in zip(jax.jit(split)(inputs), full(inputs)):
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
+  square = lambda f: lambda inputs: sum(jnp.sum(o ** 2) for o in f(inputs))
+  got = jax.jit(jax.grad(square(split)))(inputs)
+  want = jax.grad(square(full))(inputs)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
 
 
@@ -116,27 +123,43 @@ def _batch(cfg, segments: bool):
   return batch
 
 
-LLAMA_WINDOW_SEGMENTS = ('configs/llama.py:tiny', ['model.sliding_window=5'], True)
-GPT2_ALIBI_MEMORY = ('configs/gpt2.py:tiny', ['model.position=alibi',
-                                              'model.num_memory_tokens=3'], True)
+# Every mask type the decoder has, two presets: LLaMA (RoPE, GQA) with a
+# sliding window, soft-capped logits, attention sinks and packed segments;
+# GPT-2 with ALiBi, memory tokens, a window and packed segments.
+LLAMA_ALL = ('configs/llama.py:tiny', ['model.sliding_window=5', 'model.attn_logit_softcap=30.0',
+                                       'model.attention_sinks=True'])
+GPT2_ALL = ('configs/gpt2.py:tiny', ['model.position=alibi', 'model.num_memory_tokens=3',
+                                     'model.sliding_window=6'])
 DATA_CONTEXT, FSDP_CONTEXT = dict(data=2, context=4), dict(fsdp=2, context=4)
-# (mode, model case, mesh): each mode and each mesh sees each case once.
-DECODER_CASES = [('allgather', LLAMA_WINDOW_SEGMENTS, DATA_CONTEXT),
-                 ('allgather', GPT2_ALIBI_MEMORY, FSDP_CONTEXT),
-                 ('ring', GPT2_ALIBI_MEMORY, DATA_CONTEXT),
-                 ('ring', LLAMA_WINDOW_SEGMENTS, FSDP_CONTEXT)]
+# (mode, model case, mesh): the ring (load-balanced) on both meshes with both
+# presets; all-gather and the contiguous ring once each.
+DECODER_CASES = {
+    'ring_llama_data2_context4': ('ring', LLAMA_ALL, DATA_CONTEXT),
+    'ring_gpt2_data2_context4': ('ring', GPT2_ALL, DATA_CONTEXT),
+    'ring_llama_fsdp2_context4': ('ring', LLAMA_ALL, FSDP_CONTEXT),
+    'ring_gpt2_fsdp2_context4': ('ring', GPT2_ALL, FSDP_CONTEXT),
+    'allgather_llama_data2_context4': ('allgather', LLAMA_ALL, DATA_CONTEXT),
+    'allgather_gpt2_fsdp2_context4': ('allgather', GPT2_ALL, FSDP_CONTEXT),
+    'ring_contiguous_gpt2_fsdp2_context4': ('ring_contiguous', GPT2_ALL, FSDP_CONTEXT),
+}
 
 
-@pytest.mark.parametrize('mode,case,axes', DECODER_CASES, ids=[
-    'allgather_llama_window_segments_data2_context4', 'allgather_gpt2_alibi_memory_fsdp2_context4',
-    'ring_gpt2_alibi_memory_data2_context4', 'ring_llama_window_segments_fsdp2_context4'])
-def test_decoder_loss_and_grads_equal_one_device(mode, case, axes):
-  preset, overrides, segments = case
+@functools.lru_cache(maxsize=None)
+def _one_device(preset, overrides):
+  """The single-device loss and gradients (one compile per preset)."""
+  cfg = configs.load(preset, ['model.num_layers=2', 'train.seq_len=16',
+                              'train.global_batch_size=4', *overrides])
+  batch = _batch(cfg, segments=True)
+  return batch, _loss_and_grads(cfg, None, batch)
+
+
+@pytest.mark.parametrize('name', list(DECODER_CASES))
+def test_decoder_loss_and_grads_equal_one_device(name):
+  mode, (preset, overrides), axes = DECODER_CASES[name]
+  batch, (loss_1, grads_1) = _one_device(preset, tuple(overrides))
   cfg = configs.load(preset, ['model.num_layers=2', 'train.seq_len=16',
                               'train.global_batch_size=4', f'model.context_parallel={mode}',
                               *overrides])
-  batch = _batch(cfg, segments)
-  loss_1, grads_1 = _loss_and_grads(cfg, None, batch)
   loss_c, grads_c = _loss_and_grads(cfg, _mesh(**axes), batch)
   np.testing.assert_allclose(loss_c, loss_1, rtol=1e-6)
   # Relative to the largest gradient: some entries are exactly zero in exact
@@ -147,7 +170,40 @@ def test_decoder_loss_and_grads_equal_one_device(mode, case, axes):
     np.testing.assert_allclose(sharded[path], g1, atol=1e-5 * scale, rtol=0, err_msg=str(path))
 
 
+def _visible_chunk_pairs(chunks_of, c, num_chunks):
+  """Per device, the (query chunk, key chunk) pairs that hold a visible causal
+  pair, counted from the full causal mask in NumPy (one position per chunk)."""
+  causal = np.tril(np.ones((num_chunks, num_chunks), bool))
+  return [int(sum(causal[a].sum() for a in chunks_of(d))) for d in range(c)]
+
+
+def test_ring_order_balances_the_causal_work():
+  c = 8
+  mesh = _mesh(context=c)
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(1, 4 * c, heads, 8)), jnp.float32) for heads in (2, 1, 1))
+  folds = {}
+  for mode in ('ring', 'ring_contiguous'):
+    def split(q, k, v, mode=mode):
+      with sharding.activation_sharding(mesh):
+        return context_parallel._sharded(  # pylint: disable=protected-access
+            q, k, v, mode=mode, mesh=mesh, c=c, segment_ids=None, causal=True,
+            sliding_window=None, alibi_slopes=None, logit_softcap=None, scale=None,
+            num_memory_tokens=0, sink_logits=None, count_folds=True)[1]
+    folds[mode] = list(np.asarray(jax.jit(split)(q, k, v)))
+  # Zigzag: device d holds chunks d and 2c-1-d of 2c; every device folds the
+  # same number of half-size pairs (2c + 1), against d + 1 whole blocks in
+  # the contiguous order.
+  assert folds['ring'] == _visible_chunk_pairs(lambda d: (d, 2 * c - 1 - d), c, 2 * c)
+  assert folds['ring'] == [2 * c + 1] * c
+  assert folds['ring_contiguous'] == _visible_chunk_pairs(lambda d: (d,), c, c)
+  # The slowest device's work in units of (t/c)^2 score tiles: (2c+1)/4 against c.
+  assert max(folds['ring']) / 4 < 0.6 * max(folds['ring_contiguous'])
+
+
 @pytest.mark.parametrize('mode,present,absent', [('ring', 'collective-permute', 'all-gather'),
+                                                 ('ring_contiguous', 'collective-permute',
+                                                  'all-gather'),
                                                  ('allgather', 'all-gather', 'collective-permute')])
 def test_hlo_collectives(mode, present, absent):
   rng = np.random.default_rng(0)
@@ -162,8 +218,11 @@ def test_hlo_collectives(mode, present, absent):
   rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data', 'context'))
   hlo = jax.jit(split, in_shardings=rows, out_shardings=rows).lower(q, k, v).compile().as_text()
   assert present in hlo and absent not in hlo
-  if mode == 'ring':      # one hand-on per step but the last, for K, V and segment ids
-    assert hlo.count('collective-permute(') + hlo.count('collective-permute-start(') >= 3 * 3
+  permutes = hlo.count('collective-permute(') + hlo.count('collective-permute-start(')
+  if mode == 'ring_contiguous':   # one hand-on per step but the last, for K, V and segment ids
+    assert permutes >= 3 * 3
+  if mode == 'ring':   # and the zigzag layout: 2 per array in (q, k, v, segments), 2 out
+    assert permutes >= 3 * 3 + 2 * 4 + 2
 
 
 def test_config_refuses_a_context_that_does_not_split_the_sequence():
@@ -171,6 +230,11 @@ def test_config_refuses_a_context_that_does_not_split_the_sequence():
     configs.load('configs/llama.py:tiny', ['mesh.context=3', 'train.seq_len=16'])
   with pytest.raises(configs.ConfigError, match='model.context_parallel'):
     configs.load('configs/llama.py:tiny', ['model.context_parallel=ulysses'])
+  with pytest.raises(configs.ConfigError, match='model.attention_impl=xla'):
+    configs.load('configs/llama.py:tiny', ['mesh.context=2', 'model.attention_impl=pallas',
+                                           'model.sliding_window=4'])
+  configs.load('configs/llama.py:tiny', ['mesh.context=2', 'model.attention_impl=pallas',
+                                         'model.context_parallel=ring'])
 
 
 @pytest.mark.parametrize('mode', ['allgather', 'ring'])
@@ -195,3 +259,39 @@ def test_switching_the_mode_is_a_runtime_change_on_resume():
   shape, runtime = checkpoint.model_differences(
       saved, configs.load('configs/llama.py:tiny', ['model.context_parallel=ring']))
   assert shape == [] and len(runtime) == 1 and 'context_parallel' in runtime[0]
+
+
+@pytest.mark.parametrize('mode', ['ring', 'allgather'])
+def test_flash_kernel_per_chunk_equals_the_xla_path(mode):
+  """attention_impl='pallas' (the kernel in interpret mode on CPU, one call per
+  chunk pair, merged by lse): output and q, k, v and sink gradients equal the
+  XLA context-parallel path, with GQA, packed segments, soft-capping and sinks."""
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 16, heads, 8)), jnp.float32) for heads in (4, 2, 2))
+  sinks = jnp.asarray([0.5, -1.0, 2.0, 0.0])
+  kwargs = dict(segment_ids=jnp.asarray([[0] * 6 + [1] * 10, [0] * 3 + [1] * 5 + [2] * 8]),
+                logit_softcap=3.0)
+  mesh = _mesh(data=2, context=4)
+
+  def run(impl):
+    def loss(q, k, v, sinks):
+      with sharding.activation_sharding(mesh):
+        out = context_parallel.dot_product_attention(q, k, v, mode=mode, impl=impl,
+                                                     sink_logits=sinks, **kwargs)
+      return jnp.sum(out ** 2), out
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(q, k, v, sinks)
+
+  (_, out_kernel), grads_kernel = run('pallas')
+  (_, out_xla), grads_xla = run('xla')
+  np.testing.assert_allclose(out_kernel, out_xla, atol=2e-6, rtol=0)
+  for g, w in zip(grads_kernel, grads_xla):
+    np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
+
+
+def test_flash_kernel_refuses_masks_with_global_offsets():
+  q = k = v = jnp.zeros((2, 16, 2, 8), jnp.float32)
+  mesh = _mesh(data=2, context=4)
+  with sharding.activation_sharding(mesh):
+    with pytest.raises(ValueError, match='attention_impl=xla'):
+      context_parallel.dot_product_attention(q, k, v, mode='ring', impl='pallas',
+                                             sliding_window=4)

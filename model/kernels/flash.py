@@ -308,3 +308,71 @@ def attention(q, k, v, *, segment_ids=None, causal=True, sliding_window=None,
 
   out = _flash(spec, q_p, k_p, v_p, q_seg, kv_seg, slopes, sinks)
   return out[:, :t, :, :hv]
+
+
+# ------------------------------------------------------------- one block pair
+#
+# Context parallelism (model/context_parallel.py) attends a chunk of queries to
+# one chunk of keys at a time and merges the chunks' outputs by their
+# log-sum-exps (an online softmax across chunks). It calls the backend's
+# kernels directly, not through `_flash`: the forward needs each chunk's lse,
+# and the backward runs each chunk with the merged output and lse (then P =
+# exp(s - lse) is the whole row's softmax and delta = rowsum(dO * O) the whole
+# row's correction, so a chunk's dq, dk, dv are its share of the full ones).
+
+
+def block_spec(*, causal, softcap, scale, q_len, kv_len, blocks, backend, interpret):
+  """The `Spec` of one chunk pair: q_len x kv_len, no window, ALiBi or memory
+  (their masks depend on the chunks' global offsets, which a kernel does not
+  take); blocks = (block_q, block_kv, bwd_block_q, bwd_block_kv)."""
+  return Spec(causal=bool(causal), window=None,
+              softcap=None if softcap is None else float(softcap), scale=float(scale),
+              num_memory=0, q_len=q_len, kv_len=kv_len, block_q=blocks[0],
+              block_kv=blocks[1], bwd_block_q=blocks[2], bwd_block_kv=blocks[3],
+              backend=backend, interpret=interpret)
+
+
+def _pad_chunk(x, rows, head_multiple):
+  """x [b, t, ...(, h)] zero-padded to `rows` positions and the head dim rounded."""
+  widths = [(0, 0), (0, rows - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
+  if x.ndim == 4 and head_multiple != 1:
+    d = x.shape[3]
+    dp = (max(16, 1 << (d - 1).bit_length()) if head_multiple == 0
+          else _round_up(d, head_multiple))
+    widths[3] = (0, dp - d)
+  return jnp.pad(x, widths)
+
+
+def _chunk_rows(spec):
+  tp = _round_up(spec.q_len, math.lcm(spec.block_q, spec.bwd_block_q))
+  sp = _round_up(spec.kv_len, math.lcm(spec.block_kv, spec.bwd_block_kv))
+  return tp, sp
+
+
+def chunk_forward(spec, q, k, v, q_seg, kv_seg, head_dim_multiple=1):
+  """(out [b, t, n, hv] in q's dtype, lse [b, n, t] float32) of one chunk pair.
+
+  A row that sees no key of the chunk gets out 0 and lse 0 (`finish`); the
+  caller, which knows the segments, masks such rows out of its merge.
+  """
+  t, hv = q.shape[1], v.shape[3]
+  tp, sp = _chunk_rows(spec)
+  pad_q = lambda x: _pad_chunk(x, tp, head_dim_multiple)
+  pad_kv = lambda x: _pad_chunk(x, sp, head_dim_multiple)
+  out, lse = backend_module(spec.backend).forward(
+      spec, pad_q(q), pad_kv(k), pad_kv(v), None if q_seg is None else pad_q(q_seg),
+      None if kv_seg is None else pad_kv(kv_seg), None)
+  return out[:, :t, :, :hv], lse[:, :, :t]
+
+
+def chunk_backward(spec, q, k, v, q_seg, kv_seg, out, lse, dout, head_dim_multiple=1):
+  """(dq, dk, dv) of one chunk pair, given the merged row output and lse."""
+  t, s, h, hv = q.shape[1], k.shape[1], q.shape[3], v.shape[3]
+  tp, sp = _chunk_rows(spec)
+  pad_q = lambda x: _pad_chunk(x, tp, head_dim_multiple)
+  pad_kv = lambda x: _pad_chunk(x, sp, head_dim_multiple)
+  dq, dk, dv = backend_module(spec.backend).backward(
+      spec, pad_q(q), pad_kv(k), pad_kv(v), None if q_seg is None else pad_q(q_seg),
+      None if kv_seg is None else pad_kv(kv_seg), None, pad_q(out),
+      jnp.pad(lse, ((0, 0), (0, 0), (0, tp - t))), pad_q(dout))
+  return dq[:, :t, :, :h], dk[:, :s, :, :h], dv[:, :s, :, :hv]
