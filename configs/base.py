@@ -130,8 +130,10 @@ def model_config() -> ml_collections.ConfigDict:
   # when mesh.expert > 1 divides num_experts, else global.
   m.moe_dispatch = 'auto'
   # Context parallelism (mesh.context > 1 splits the sequence;
-  # model/context_parallel.py): allgather | ring. allgather: each device
-  # gathers every K/V block; ring: K/V blocks travel round the context axis.
+  # model/context_parallel.py): allgather | ring | ring_contiguous. allgather:
+  # each device gathers every K/V block; ring: K/V blocks travel round the
+  # context axis, causal sequences in the load-balanced (zigzag) order, each
+  # device holding chunks d and 2c-1-d; ring_contiguous: the plain order.
   m.context_parallel = 'allgather'
   # --- DeepSeek-V3 routing (issue 16; docs/moe.md) ---
   # Router scores: softmax over the experts (Switch, Mixtral) or an independent
