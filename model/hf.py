@@ -1165,6 +1165,7 @@ def _tensor_map(family, m, rope_interleave=True):
     return out
   if family == 'qwen3_next':
     _qwen3_next_tensor_map(m, add, out, norm_in, norm_out)
+    return out
   if family == 'gpt_oss':
     _gpt_oss_tensor_map(m, add)
     return out
