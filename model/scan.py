@@ -117,6 +117,12 @@ def _has(d, i):
   return i in d or str(i) in d
 
 
+def _raw(d):
+  """The plain dict under an `nnx.State` (whose items would wrap nested
+  dicts in States of their own); other mappings as they are."""
+  return getattr(d, 'raw_mapping', d)
+
+
 def _like(template, d: dict):
   """`d` as a mapping of `template`'s type (an `nnx.State` stays one)."""
   return d if type(template) is dict else type(template)(d)
@@ -150,11 +156,12 @@ def to_scanned(tree: dict, num_layers: int, prefix: int, period: int | None) -> 
   """The unrolled parameter tree `tree` in the scanned layout (see module doc)."""
   if period is None:
     return tree
-  blocks = tree['blocks']
-  out = {k: v for k, v in tree.items() if k != 'blocks'}
+  raw = _raw(tree)
+  blocks = raw['blocks']
+  out = {k: v for k, v in raw.items() if k != 'blocks'}
   kept = {_key_like(blocks, i): _get(blocks, i) for i in range(prefix) if _has(blocks, i)}
   if kept:
-    out['blocks'] = _like(tree['blocks'], kept)
+    out['blocks'] = _like(blocks, kept)
   groups = (num_layers - prefix) // period
   # A layer without entries (model_state: only MoE layers hold a selection
   # bias) has none in any group: its slot is left out.
@@ -164,7 +171,7 @@ def to_scanned(tree: dict, num_layers: int, prefix: int, period: int | None) -> 
           is_leaf=_is_variable)
       for j in range(period) if _has(blocks, prefix + j)}
   if stacked:
-    out['scan_blocks'] = _like(tree['blocks'], stacked)
+    out['scan_blocks'] = _like(blocks, stacked)
   return _like(tree, out)
 
 
@@ -172,9 +179,10 @@ def to_unrolled(tree: dict, num_layers: int, prefix: int, period: int | None) ->
   """The scanned parameter tree `tree` in the unrolled layout."""
   if period is None:
     return tree
-  blocks = tree.get('blocks', {})
-  scanned = tree.get('scan_blocks', {})
-  out = {k: v for k, v in tree.items() if k not in ('blocks', 'scan_blocks')}
+  raw = _raw(tree)
+  blocks = raw.get('blocks', {})
+  scanned = raw.get('scan_blocks', {})
+  out = {k: v for k, v in raw.items() if k not in ('blocks', 'scan_blocks')}
   key = lambda i: _key_like(scanned, i)
   new = {key(i): _get(blocks, i) for i in range(prefix) if _has(blocks, i)}
   groups = (num_layers - prefix) // period
@@ -184,7 +192,7 @@ def to_unrolled(tree: dict, num_layers: int, prefix: int, period: int | None) ->
         new[key(prefix + g * period + j)] = jax.tree.map(
             lambda x, g=g: _slice_leaf(x, g), _get(scanned, j), is_leaf=_is_variable)
   if new:
-    out['blocks'] = _like(tree.get('scan_blocks', tree.get('blocks')), new)
+    out['blocks'] = _like(scanned, new)
   return _like(tree, out)
 
 
@@ -216,7 +224,7 @@ def convert_state(tree, layout: tuple[int, int, int | None], *, scanned: bool):
           return x
         fn = to_scanned if scanned else to_unrolled
         return fn(x, num_layers, prefix, period)
-      return _like(x, {k: walk(v) for k, v in x.items()})
+      return _like(x, {k: walk(v) for k, v in _raw(x).items()})
     if isinstance(x, tuple) and hasattr(x, '_fields'):
       return type(x)(*[walk(v) for v in x])
     if isinstance(x, (tuple, list)):
