@@ -30,7 +30,7 @@ from train import workdir as workdir_lib
 
 RUN = ['model.num_layers=3', 'model.moe_first_dense_layers=1', 'model.num_experts=4',
        'model.moe_router=sigmoid', 'train.moe_bias_update_rate=0.01',
-       'train.seq_len=16', 'train.global_batch_size=4', 'train.warmup_steps=1',
+       'train.seq_len=16', 'train.lr_schedule=constant', 'train.global_batch_size=8', 'train.warmup_steps=1',
        'train.log_every_steps=1', 'train.eval_steps=0', 'train.checkpoint_every_steps=2',
        'train.keep_checkpoints=3']
 
