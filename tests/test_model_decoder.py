@@ -184,11 +184,16 @@ def build(spec, overrides=(), seed=1):
   run by test_model_presets.py.)
   """
   cfg = configs.load(spec, list(overrides)).model
-  abstract = nnx.eval_shape(lambda: model.Decoder(cfg, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
+  # Drawn per layer (a stacked [layers, d] bias is no matrix), then put in
+  # the decoder's layout (model.scan_layers).
+  unrolled = cfg.copy_and_resolve_references()
+  unrolled.scan_layers = False
+  _, state = nnx.split(nnx.eval_shape(lambda: model.Decoder(unrolled, rngs=nnx.Rngs(0))))
   rng = np.random.RandomState(seed)
   pure = jax.tree_util.tree_map_with_path(lambda p, x: _draw(rng, p, x),
                                           nnx.to_pure_dict(state))
+  pure = scan_lib.convert(pure, cfg, scanned=bool(cfg.scan_layers))
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: model.Decoder(cfg, rngs=nnx.Rngs(0))))
   nnx.replace_by_pure_dict(state, pure)
   return cfg, nnx.merge(graphdef, state)
 
