@@ -13,7 +13,10 @@ window/global alternation, p = 1 after a first dense layer of an MoE model).
 The stacked parameters are the unrolled decoder's, stacked: the decoder builds
 every block as the unrolled one does (same seed, same weights), then stacks.
 `to_scanned` / `to_unrolled` convert a parameter tree (nested dicts, as in a
-checkpoint or `nnx.to_pure_dict`) between the layouts, exactly.
+checkpoint or `nnx.to_pure_dict`) between the layouts, exactly;
+`convert_state` does so for every parameter-shaped subtree of a whole train
+state (the optimizer's moments, model_state), which is how a checkpoint of
+one layout restores into the other (`train.workdir.in_saved_layout`).
 
 Layouts in the parameter tree:
 - unrolled: `blocks/{i}` for i < num_layers;
