@@ -526,9 +526,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
          f'train.moe_bias_update_rate={rate} needs an MoE model with the sigmoid router '
          "(model.num_experts > 0, model.moe_router='sigmoid'), whose layers carry the "
          'selection bias; or set it to 0')
-  _check(not rate or not cfg.model.get('scan_layers', False),
-         f'train.moe_bias_update_rate={rate} with model.scan_layers=True: the bias update '
-         'moves each unrolled layer by its own load; set model.scan_layers=False')
   mtp_weight = t.get('mtp_loss_weight', 0.0)
   _check(isinstance(mtp_weight, (int, float)) and not isinstance(mtp_weight, bool)
          and mtp_weight >= 0,

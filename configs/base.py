@@ -169,10 +169,13 @@ def model_config() -> ml_collections.ConfigDict:
   m.dtype = 'float32'
   m.param_dtype = 'float32'
   m.remat = 'none'               # none | full | dots
-  # Stack the blocks on a leading `layers` axis and run them with one scan
-  # (model/scan.py): one compiled block instead of num_layers. Same weights
-  # and losses as unrolled; off by default (a performance switch).
-  m.scan_layers = False
+  # Stack the blocks that repeat on a leading `layers` axis and run them with
+  # one scan (model/scan.py): one compiled block per repeating group instead
+  # of num_layers; blocks that do not repeat stay unrolled. Same weights and
+  # losses as unrolled (a performance switch); checkpoints of either layout
+  # load into the other. train.coord_check and train.optimizer='adafactor'
+  # run unrolled.
+  m.scan_layers = True
   # --- muP (Yang et al. 2022, Tensor Programs V; docs/optimizers.md) ---
   # None: standard parametrisation. An int: the d_model the hyperparameters
   # were tuned at; m = d_model / mup_base_width scales the hidden init std

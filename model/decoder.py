@@ -422,9 +422,10 @@ class Decoder(nnx.Module):
   # -- aux-loss-free balancing ---------------------------------------------
 
   def moe_layers(self):
-    """The MoE layers in the order of aux['moe_layer_loads']: the blocks',
+    """The MoE layers in the order of aux['moe_layer_loads']: the blocks'
+    in layer order (a scanned one sliced out of its stack: a copy, to read),
     then the MTP blocks'."""
-    blocks = list(self.blocks) + [module.block for module in getattr(self, 'mtp', [])]
+    blocks = self.layers() + [module.block for module in getattr(self, 'mtp', [])]
     return [block.mlp for block in blocks if block.is_moe]
 
   def update_router_biases(self, loads, rate: float):
@@ -432,11 +433,34 @@ class Decoder(nnx.Module):
 
     loads: [L, E], aux['moe_layer_loads'] of the blocks, optionally followed
     by the MTP blocks'; L may stop after the main blocks (then the MTP
-    blocks' biases stay).
+    blocks' biases stay). A scanned slot's stacked bias [groups, E] moves
+    row by row, each group's layer by its own load, as unrolled.
     """
-    for layer, load in zip(self.moe_layers(), loads):
-      layer.update_bias(load, rate)
-
+    # Row of loads of each main MoE layer, in layer order.
+    main = [i for i, block in enumerate(self.layers()) if block.is_moe]
+    row = {layer: r for r, layer in enumerate(main)}
+    for i, block in enumerate(self.blocks):
+      if block.is_moe and row[i] < len(loads):
+        block.mlp.update_bias(loads[row[i]], rate)
+    if self.scan_period is not None:
+      groups = (self.num_layers - self.scan_prefix) // self.scan_period
+      for j, stacked in enumerate(self.scan_blocks):
+        if not stacked.is_moe:
+          continue
+        rows = [row[self.scan_prefix + g * self.scan_period + j] for g in range(groups)]
+        if rows[-1] >= len(loads):
+          continue
+        mlp = stacked.mlp
+        if not hasattr(mlp, 'bias'):
+          mlp.update_bias(loads[rows[0]], rate)    # raises: no selection bias
+        load = loads[jnp.asarray(rows)].astype(jnp.float32)      # [groups, E]
+        # MoE.update_bias per row: bias += rate * sign(mean load - load).
+        mlp.bias[...] = mlp.bias[...] + rate * jnp.sign(
+            jnp.mean(load, axis=-1, keepdims=True) - load)
+    mtp = [module.block.mlp for module in getattr(self, 'mtp', []) if module.block.is_moe]
+    for r, layer in enumerate(mtp, start=len(main)):
+      if r < len(loads):
+        layer.update_bias(loads[r], rate)
 
   def _scan(self, x, positions, segment_ids, residual_axes):
     """The scanned blocks: one `jax.lax.scan` over the groups, each step the

@@ -1295,6 +1295,7 @@ def load(hf_dir: str):
   with open(path) as fh:
     hf = json.load(fh)
   family, m = hf_to_model_config(hf)
+  m.scan_layers = False     # the tensor map names the unrolled blocks
   tensors = _read_tensors(hf_dir)
   # DeepSeek-V3's e_score_correction_bias is float32 in bfloat16 checkpoints
   # (ablax's selection bias is float32 whatever param_dtype).
@@ -1656,11 +1657,11 @@ def _unrolled(m, decoder):
     return m, decoder
   from model import scan as scan_lib  # pylint: disable=g-import-not-at-top
   m = m.copy_and_resolve_references()
-  params = scan_lib.convert(nnx.to_pure_dict(nnx.state(decoder, nnx.Param)), m,
-                            scanned=False)
+  # Parameters and the MoE selection bias alike.
+  state = scan_lib.convert(nnx.to_pure_dict(nnx.state(decoder)), m, scanned=False)
   m.scan_layers = False
   unrolled = _abstract_decoder(m)
-  nnx.update(unrolled, params)
+  nnx.update(unrolled, state)
   return m, unrolled
 
 

@@ -13,7 +13,10 @@ window/global alternation, p = 1 after a first dense layer of an MoE model).
 The stacked parameters are the unrolled decoder's, stacked: the decoder builds
 every block as the unrolled one does (same seed, same weights), then stacks.
 `to_scanned` / `to_unrolled` convert a parameter tree (nested dicts, as in a
-checkpoint or `nnx.to_pure_dict`) between the layouts, exactly.
+checkpoint or `nnx.to_pure_dict`) between the layouts, exactly;
+`convert_state` does so for every parameter-shaped subtree of a whole train
+state (the optimizer's moments, model_state), which is how a checkpoint of
+one layout restores into the other (`train.workdir.in_saved_layout`).
 
 Layouts in the parameter tree:
 - unrolled: `blocks/{i}` for i < num_layers;
@@ -21,6 +24,8 @@ Layouts in the parameter tree:
   `scan_blocks/{j}` (j < period) holding block prefix + g * period + j of
   every group g, stacked on a leading axis (logical name `layers`).
 """
+
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -111,6 +116,35 @@ def _get(d, i):
   return d[i] if i in d else d[str(i)]
 
 
+def _has(d, i):
+  return i in d or str(i) in d
+
+
+def _raw(d):
+  """The plain dict under an `nnx.State` (whose items would wrap nested
+  dicts in States of their own); other mappings as they are."""
+  return getattr(d, 'raw_mapping', d)
+
+
+def _like(template, d: dict):
+  """`d` as a mapping of `template`'s type (an `nnx.State` stays one)."""
+  return d if type(template) is dict else type(template)(d)
+
+
+def _stack_leaf(*xs):
+  """Layers' leaves stacked; a Variable gains the leading `layers` axis."""
+  if _is_variable(xs[0]):
+    return _with_axes(xs[0], _stack(*[x[...] for x in xs]), add=True)
+  return _stack(*xs)
+
+
+def _slice_leaf(x, g: int):
+  """Layer g of a stacked leaf; a Variable loses the `layers` axis."""
+  if _is_variable(x):
+    return _with_axes(x, x[...][g], add=False)
+  return x[g]
+
+
 def _key_like(d, i):
   return str(i) if any(isinstance(k, str) for k in d) else i
 
@@ -125,34 +159,82 @@ def to_scanned(tree: dict, num_layers: int, prefix: int, period: int | None) -> 
   """The unrolled parameter tree `tree` in the scanned layout (see module doc)."""
   if period is None:
     return tree
-  blocks = tree['blocks']
-  out = {k: v for k, v in tree.items() if k != 'blocks'}
-  if prefix:
-    out['blocks'] = {_key_like(blocks, i): _get(blocks, i) for i in range(prefix)}
+  raw = _raw(tree)
+  blocks = raw['blocks']
+  out = {k: v for k, v in raw.items() if k != 'blocks'}
+  kept = {_key_like(blocks, i): _get(blocks, i) for i in range(prefix) if _has(blocks, i)}
+  if kept:
+    out['blocks'] = _like(blocks, kept)
   groups = (num_layers - prefix) // period
-  out['scan_blocks'] = {
+  # A layer without entries (model_state: only MoE layers hold a selection
+  # bias) has none in any group: its slot is left out.
+  stacked = {
       _key_like(blocks, j): jax.tree.map(
-          _stack, *[_get(blocks, prefix + g * period + j) for g in range(groups)])
-      for j in range(period)}
-  return out
+          _stack_leaf, *[_get(blocks, prefix + g * period + j) for g in range(groups)],
+          is_leaf=_is_variable)
+      for j in range(period) if _has(blocks, prefix + j)}
+  if stacked:
+    out['scan_blocks'] = _like(blocks, stacked)
+  return _like(tree, out)
 
 
 def to_unrolled(tree: dict, num_layers: int, prefix: int, period: int | None) -> dict:
   """The scanned parameter tree `tree` in the unrolled layout."""
   if period is None:
     return tree
-  blocks = tree.get('blocks', {})
-  scanned = tree['scan_blocks']
-  out = {k: v for k, v in tree.items() if k not in ('blocks', 'scan_blocks')}
+  raw = _raw(tree)
+  blocks = raw.get('blocks', {})
+  scanned = raw.get('scan_blocks', {})
+  out = {k: v for k, v in raw.items() if k not in ('blocks', 'scan_blocks')}
   key = lambda i: _key_like(scanned, i)
-  new = {key(i): _get(blocks, i) for i in range(prefix)}
+  new = {key(i): _get(blocks, i) for i in range(prefix) if _has(blocks, i)}
   groups = (num_layers - prefix) // period
   for g in range(groups):
     for j in range(period):
-      new[key(prefix + g * period + j)] = jax.tree.map(lambda x, g=g: x[g],
-                                                       _get(scanned, j))
-  out['blocks'] = new
-  return out
+      if _has(scanned, j):
+        new[key(prefix + g * period + j)] = jax.tree.map(
+            lambda x, g=g: _slice_leaf(x, g), _get(scanned, j), is_leaf=_is_variable)
+  if new:
+    out['blocks'] = _like(scanned, new)
+  return _like(tree, out)
+
+
+def tree_layout(tree) -> tuple[int, int, int | None]:
+  """(num_layers, prefix, period) read off a parameter tree in either layout
+  (period None: unrolled)."""
+  blocks, scanned = tree.get('blocks', {}), tree.get('scan_blocks', {})
+  if not scanned:
+    return len(blocks), len(blocks), None
+  groups = jax.tree.leaves(scanned)[0].shape[0]
+  return len(blocks) + groups * len(scanned), len(blocks), len(scanned)
+
+
+def convert_state(tree, layout: tuple[int, int, int | None], *, scanned: bool):
+  """Any pytree holding parameter-shaped subtrees (a train state: params,
+  the optimizer's moments, which mirror them, and model_state) with each
+  decoder-shaped mapping (one with `blocks` or `scan_blocks`) converted to
+  the scanned layout `layout` = (num_layers, prefix, period) if `scanned`,
+  else to the unrolled one. Variables keep their metadata, their logical
+  axes gaining or losing `layers`; other nodes (optax's named tuples,
+  masked nodes, counts) are kept as they are."""
+  num_layers, prefix, period = layout
+
+  def walk(x):
+    if isinstance(x, Mapping):
+      if 'blocks' in x or 'scan_blocks' in x:
+        is_scanned = 'scan_blocks' in x
+        if is_scanned == scanned:
+          return x
+        fn = to_scanned if scanned else to_unrolled
+        return fn(x, num_layers, prefix, period)
+      return _like(x, {k: walk(v) for k, v in _raw(x).items()})
+    if isinstance(x, tuple) and hasattr(x, '_fields'):
+      return type(x)(*[walk(v) for v in x])
+    if isinstance(x, (tuple, list)):
+      return type(x)(walk(v) for v in x)
+    return x
+
+  return walk(tree)
 
 
 def convert(tree: dict, cfg_model, *, scanned: bool) -> dict:

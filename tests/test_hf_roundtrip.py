@@ -156,7 +156,8 @@ def test_alibi_export_refusals(preset, overrides, match, tmp_path):
 
 def test_mpt_export_refuses_layernorm_bias(tmp_path):
   """ablax's LayerNorm has a bias, MPT's has none: a nonzero one is refused."""
-  cfg = configs.load('configs/mpt.py:tiny')
+  # Unrolled, to set one layer's bias (export unrolls a scanned decoder too).
+  cfg = configs.load('configs/mpt.py:tiny', ['model.scan_layers=false'])
   decoder = model_lib.Decoder(cfg.model, rngs=nnx.Rngs(0))
   decoder.blocks[1].mlp_norm.bias.set_value(decoder.blocks[1].mlp_norm.bias[...] + 0.1)
   with pytest.raises(hf.HFError, match='blocks.1.mlp_norm.bias is not zero'):

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -19,6 +20,7 @@ from configs import base as base_config
 import model as model_lib
 from data import pipeline
 from model import hf
+from model import scan as scan_lib
 from tests import hf_families
 from train import loop as train_loop
 from train import mesh as mesh_lib
@@ -171,12 +173,15 @@ def test_an_imported_workdir_is_a_dpo_init_checkpoint(imported, tmp_path):
   reference, _ = align_loop.load_reference(cfg, step_dir, init_workdir, mesh,
                                            shardings['params'], model_fn)
   _, decoder = hf.load(str(imported / 'hf'))
-  want = nnx.to_flat_state(nnx.state(decoder, nnx.Param))
-  got = nnx.to_flat_state(reference)
-  assert [p for p, _ in got] == [p for p, _ in want]
-  for (path, a), (_, b) in zip(got, want):
-    np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()),
-                                  err_msg=str(path))
+  # hf.load gives the unrolled layout; the run's (model.scan_layers, the
+  # default) is read from the same checkpoint, converted on restore.
+  want = scan_lib.convert(nnx.to_pure_dict(nnx.state(decoder, nnx.Param)), cfg.model,
+                          scanned=bool(cfg.model.scan_layers))
+  got = nnx.to_pure_dict(reference)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for (path, a), (_, b) in zip(jax.tree_util.tree_flatten_with_path(got)[0],
+                               jax.tree_util.tree_flatten_with_path(want)[0]):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
 
   # And align runs from it: policy = reference at step 1, so the loss is ln 2.
   summary = align_loop.train_and_evaluate(cfg, str(tmp_path / 'dpo'))

@@ -17,6 +17,7 @@ from flax import nnx
 
 import configs
 import model
+from model import scan as scan_lib
 
 # ---------------------------------------------------------------------------
 # NumPy reference (float64), one row at a time.
@@ -110,6 +111,9 @@ def np_attention(cfg, p, x, pos, seg, window, m):
 
 
 def np_decoder(cfg, params, tokens, segment_ids):
+  # The reference walks the layers one by one: a scanned decoder's stacks
+  # (model.scan_layers, the default) are read per layer.
+  params = scan_lib.convert(params, cfg, scanned=False)
   d, m = cfg.d_model, cfg.num_memory_tokens
   rows = []
   for toks, seg in zip(tokens, segment_ids):
@@ -180,11 +184,16 @@ def build(spec, overrides=(), seed=1):
   run by test_model_presets.py.)
   """
   cfg = configs.load(spec, list(overrides)).model
-  abstract = nnx.eval_shape(lambda: model.Decoder(cfg, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
+  # Drawn per layer (a stacked [layers, d] bias is no matrix), then put in
+  # the decoder's layout (model.scan_layers).
+  unrolled = cfg.copy_and_resolve_references()
+  unrolled.scan_layers = False
+  _, state = nnx.split(nnx.eval_shape(lambda: model.Decoder(unrolled, rngs=nnx.Rngs(0))))
   rng = np.random.RandomState(seed)
   pure = jax.tree_util.tree_map_with_path(lambda p, x: _draw(rng, p, x),
                                           nnx.to_pure_dict(state))
+  pure = scan_lib.convert(pure, cfg, scanned=bool(cfg.scan_layers))
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: model.Decoder(cfg, rngs=nnx.Rngs(0))))
   nnx.replace_by_pure_dict(state, pure)
   return cfg, nnx.merge(graphdef, state)
 
@@ -270,7 +279,7 @@ def test_sliding_window_hides_tokens_further_back_than_the_window():
 def test_global_layer_interval_makes_every_kth_layer_global():
   _, decoder = build('configs/gemma2.py', ['model.num_layers=6', 'model.sliding_window=3',
                                            'model.global_layer_interval=3'])
-  windows = [block.attn.sliding_window for block in decoder.blocks]
+  windows = [block.attn.sliding_window for block in decoder.layers()]
   assert windows == [3, 3, None, 3, 3, None]
   # With a global second layer, far tokens reach the last position.
   cfg, decoder = build('configs/gemma2.py', ['model.sliding_window=2'])
@@ -391,7 +400,7 @@ def _moe_layer_stats(graphdef, state, tokens):
   x = decoder.embed(tokens)
   pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
   stats = []
-  for block in decoder.blocks:
+  for block in decoder.layers():
     if block.is_moe:
       h = x + block.attn(block.attn_norm(x), pos)
       stats.append(block.mlp(block.mlp_norm(h))[1])
@@ -403,7 +412,7 @@ def test_moe_statistics_are_averaged_over_moe_layers():
   cfg, decoder = build('configs/deepseek.py', ['model.num_layers=4', 'model.num_experts=4',
                                                'model.experts_per_token=2',
                                                'model.moe_layer_interval=2'])
-  assert [b.is_moe for b in decoder.blocks] == [False, True, False, True]
+  assert [b.is_moe for b in decoder.layers()] == [False, True, False, True]
   _, aux = forward(decoder, TOKENS)
   per_layer = _moe_layer_stats(*nnx.split(decoder), jnp.asarray(TOKENS, jnp.int32))
   assert len(per_layer) == 2

@@ -207,7 +207,7 @@ def test_first_dense_layers_then_the_interval():
   assert [decoder_lib.is_moe_layer(m, i) for i in range(6)] == [
       False, False, False, True, False, True]
   m = _cfg(num_layers=3, moe_first_dense_layers=1, d_model=16, num_heads=2,
-           num_kv_heads=2, moe_router='sigmoid')
+           num_kv_heads=2, moe_router='sigmoid', scan_layers=False)   # per-layer view
   decoder = nnx.eval_shape(lambda: model.Decoder(m, rngs=nnx.Rngs(0)))
   assert [b.is_moe for b in decoder.blocks] == [False, True, True]
   n = sum(x.size for x in jax.tree.leaves(nnx.state(decoder, nnx.Param)))

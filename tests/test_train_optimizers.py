@@ -268,7 +268,10 @@ def test_mup_at_base_width_is_the_standard_model():
 def test_adafactor_factored_moments_are_replicated():
   """Adafactor's row/column moments sit in copies of the parameters' Variables
   with a reduced shape: they are replicated, the parameters stay sharded."""
-  cfg = configs.load('configs/llama.py:tiny', ['train.optimizer=adafactor'])
+  # Adafactor runs unrolled (train.loop.unrolled_if_needed).
+  cfg = loop.unrolled_if_needed(
+      configs.load('configs/llama.py:tiny', ['train.optimizer=adafactor']))
+  assert not cfg.model.scan_layers
   optimizer, _ = optim.make_optimizer(cfg.train, cfg.model)
   mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({'data': 1, 'fsdp': 8}))
   _, _, abstract, _ = step_lib.train_state_spec(

@@ -55,10 +55,12 @@ RUNTIME_MODEL_FIELDS = ('attention_impl', 'attention_block_q', 'attention_block_
                         'remat', 'dtype', 'moe_dispatch', 'context_parallel')
 
 
-# Model fields that change the parameters' layout, not their values: a resume
-# with another value is refused (the optimizer state has the saved layout),
-# but `train.init_checkpoint` converts the parameters (`model.scan`).
-LAYOUT_MODEL_FIELDS = ('scan_layers',)
+# Model fields that change the parameters' layout, not their values: a run
+# resumes, or starts from `train.init_checkpoint`, with another value, the
+# checkpoint converted on restore (`workdir.in_saved_layout`: the layout is
+# read from the checkpoint itself). A config.json that lacks the field was
+# written before layouts existed: unrolled.
+LAYOUT_MODEL_FIELDS = {'scan_layers': False}
 
 
 def _resolved_model(fields: dict) -> dict:
@@ -92,7 +94,9 @@ def model_differences(saved: dict, cfg) -> tuple[list[str], list[str]]:
   now = json.loads(workdir_lib.config_json(cfg))['model']
   before = dict(saved.get('model', {}))
   for field in set(now) - set(before):
-    if field in defaults:
+    if field in LAYOUT_MODEL_FIELDS:
+      before[field] = LAYOUT_MODEL_FIELDS[field]
+    elif field in defaults:
       before[field] = defaults[field]
   now_resolved, before_resolved = _resolved_model(now), _resolved_model(before)
   shape, runtime = [], []
@@ -100,7 +104,8 @@ def model_differences(saved: dict, cfg) -> tuple[list[str], list[str]]:
     if not _same(now_resolved.get(field), before_resolved.get(field)):
       line = (f'model.{field}: saved {before.get(field, "<absent>")!r}, '
               f'now {now.get(field, "<absent>")!r}')
-      (runtime if field in RUNTIME_MODEL_FIELDS else shape).append(line)
+      runtime_only = field in RUNTIME_MODEL_FIELDS or field in LAYOUT_MODEL_FIELDS
+      (runtime if runtime_only else shape).append(line)
   return shape, runtime
 
 
@@ -266,7 +271,11 @@ class Checkpointer:
     """The state saved at `step` (and `data_iterator` set to its position)."""
     self._check_process_count(step)
     self._check_files(step)
-    items = {'state': ocp.args.StandardRestore(abstract_state)}
+    # A checkpoint of the other block layout (`model.scan_layers`) is read
+    # in its own layout, then converted (`workdir.in_saved_layout`).
+    saved_abstract, to_target = workdir_lib.in_saved_layout(
+        os.path.join(self.directory, str(step), 'state'), abstract_state)
+    items = {'state': ocp.args.StandardRestore(saved_abstract)}
     # A step-0 checkpoint saved without the data item (`python -m model.hf
     # import` writes one before any data exists) leaves the iterator at the
     # start; at any later step a missing data item is an error.
@@ -278,7 +287,7 @@ class Checkpointer:
       logging.info('checkpoint %d holds no data-iterator state: the data starts '
                    'from the beginning', step)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    return restored['state']
+    return to_target(restored['state'])
 
   def restore_latest(self, abstract_state, data_iterator=None):
     """(state, step) of the newest loadable checkpoint, or (None, None).
@@ -355,8 +364,6 @@ def load_init_params(cfg, step_dir: str, init_workdir: str, abstract_state, *,
     saved, shape, runtime = _saved_differences(init_workdir, cfg)
   except configs.ConfigError as e:
     raise configs.ConfigError(f'{field}: {e}') from None
-  layout = tuple(f'model.{name}:' for name in LAYOUT_MODEL_FIELDS)
-  shape = [line for line in shape if not line.startswith(layout)]
   if shape:
     raise configs.ConfigError(
         f'{field}: {init_workdir} holds a different model; differing fields:\n  '
@@ -372,14 +379,6 @@ def load_init_params(cfg, step_dir: str, init_workdir: str, abstract_state, *,
   # An empty model_state (the decoder's) has nothing to read.
   keys = ['params'] + (['model_state'] if jax.tree.leaves(abstract_state['model_state'])
                        else [])
-  saved_scan = saved.get('model', {}).get('scan_layers', False)
-  if bool(saved_scan) != bool(cfg.model.get('scan_layers', False)):
-    params, _ = workdir_lib.restore_params_in_layout(
-        step_dir, cfg.model, saved_scan, abstract_state['params'])
-    keys.remove('params')
-    if not keys:
-      return params, abstract_state['model_state']
-    restored, _ = workdir_lib.restore(step_dir, {k: abstract_state[k] for k in keys})
-    return params, restored['model_state']
+  # Either block layout (`workdir.restore` converts).
   restored, _ = workdir_lib.restore(step_dir, {k: abstract_state[k] for k in keys})
   return restored['params'], restored.get('model_state', abstract_state['model_state'])

@@ -121,10 +121,6 @@ def check_supported(cfg) -> None:
         'train.coord_check walks pre-norm decoders without memory tokens: set '
         f'model.norm_position=pre (now {cfg.model.norm_position!r}) and '
         f'model.num_memory_tokens=0 (now {cfg.model.num_memory_tokens})')
-  if cfg.model.get('scan_layers', False):
-    raise configs.ConfigError(
-        'train.coord_check records each block of an unrolled decoder: set '
-        'model.scan_layers=False (a performance switch; the same weights and losses)')
 
 
 def run_width(cfg, batches, steps: int) -> list[dict]:
@@ -156,6 +152,9 @@ def coord_check(cfg, widths, steps: int) -> list[dict]:
   """Rows {parametrisation, width, step, <layer type>: RMS} for every width."""
   check_supported(cfg)
   cfg = ml_collections.ConfigDict(cfg.to_dict())
+  # It records each block of an unrolled decoder; `model.scan_layers` is a
+  # performance switch (the same weights and losses), so it runs unrolled.
+  cfg.model.scan_layers = False
   iterator = pipeline.make_iterator(cfg, 'train')
   batches = [{k: np.asarray(v) for k, v in next(iterator).items()} for _ in range(steps)]
   iterator.close()

@@ -52,6 +52,7 @@ def import_to_workdir(hf_dir: str, workdir: str, overwrite: bool = False):
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   import model as model_lib  # pylint: disable=g-import-not-at-top
+  from configs import base as base_config  # pylint: disable=g-import-not-at-top
   from train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   from train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from train import optim  # pylint: disable=g-import-not-at-top
@@ -71,9 +72,14 @@ def import_to_workdir(hf_dir: str, workdir: str, overwrite: bool = False):
   mesh = mesh_lib.make_mesh(cfg.mesh)
   optimizer, _ = optim.make_optimizer(cfg.train)
   # The full train state (a fresh optimizer state around the imported
-  # parameters), so `train` resumes from it as from any checkpoint.
+  # parameters), so `train` resumes from it as from any checkpoint. The
+  # checkpoint holds the imported (unrolled) layout; config.json keeps the
+  # default `model.scan_layers`, and a resume converts (`workdir.restore`).
+  unrolled = cfg.model.copy_and_resolve_references()
+  unrolled.scan_layers = False
+  cfg.model.scan_layers = base_config.model_config().scan_layers
   _, init, _, shardings = step_lib.train_state_spec(
-      lambda: model_lib.Decoder(cfg.model, rngs=nnx.Rngs(cfg.train.seed)),
+      lambda: model_lib.Decoder(unrolled, rngs=nnx.Rngs(cfg.train.seed)),
       optimizer, mesh, cfg.train.seed)
   state = jax.jit(init, out_shardings=shardings)()
   state['params'] = jax.device_put(nnx.state(decoder, nnx.Param), shardings['params'])

@@ -357,7 +357,22 @@ def run(cfg, workdir: str, make_objective, stage: str) -> dict:
                     lambda started: _run(cfg, workdir, make_objective, started))
 
 
+def unrolled_if_needed(cfg):
+  """`cfg`, with `model.scan_layers` off where the update must see each
+  layer's tensors apart: Adafactor factors a parameter's two largest dims and
+  clips each parameter's update to RMS 1, which on a stacked [layers, ...]
+  tensor would mix the layers (not the unrolled run's numerics). The
+  decoder's weights and losses do not depend on the layout."""
+  if cfg.train.get('optimizer', 'adamw') == 'adafactor' and cfg.model.get('scan_layers'):
+    logging.info("train.optimizer='adafactor' updates each layer's tensors apart: "
+                 'the blocks run unrolled (model.scan_layers=False)')
+    cfg = cfg.copy_and_resolve_references()
+    cfg.model.scan_layers = False
+  return cfg
+
+
 def _run(cfg, workdir: str, make_objective, started) -> dict:
+  cfg = unrolled_if_needed(cfg)
   t = cfg.train
   on_divergence = t.get('on_divergence', 'stop')
   max_rollbacks = t.get('max_rollbacks', 0)

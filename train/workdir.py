@@ -185,17 +185,73 @@ def restore(path: str, abstract: dict, step: int | None = None) -> tuple[dict, i
   `abstract` names them, e.g. {'params': ..., 'model_state': ...} (abstract
   arrays with shardings: what to restore into); the other entries (the
   optimizer state above all) are not read: orbax restores the sub-tree asked
-  for (`partial_restore`). `path` as in `resolve`.
+  for (`partial_restore`). `path` as in `resolve`. A checkpoint saved in the
+  other block layout (`model.scan_layers`) is converted (`in_saved_layout`).
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   _, folder = resolve(path, step)
+  state_dir = os.path.join(folder, 'state')
+  saved_abstract, to_target = in_saved_layout(state_dir, abstract)
   restored = ocp.PyTreeCheckpointer().restore(
-      os.path.join(folder, 'state'),
+      state_dir,
       args=ocp.args.PyTreeRestore(
-          item=abstract,
-          restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+          item=saved_abstract,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(saved_abstract),
           partial_restore=True))
-  return restored, int(os.path.basename(folder))
+  return to_target(restored), int(os.path.basename(folder))
+
+
+def saved_layout(state_dir: str):
+  """(num_layers, prefix, period) of the blocks in the checkpoint item
+  `state_dir` (period None: unrolled), read from orbax's tree metadata; None
+  when it has no decoder parameters."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from model import scan as scan_lib  # pylint: disable=g-import-not-at-top
+  metadata = ocp.PyTreeCheckpointer().metadata(state_dir)
+  tree = getattr(metadata, 'item_metadata', metadata)
+  try:
+    params = tree['params']
+  except (KeyError, TypeError):
+    return None
+  if 'blocks' not in params and 'scan_blocks' not in params:
+    return None
+  return scan_lib.tree_layout(params)
+
+
+def in_saved_layout(state_dir: str, abstract: dict):
+  """(what to restore into, convert) for reading the checkpoint item
+  `state_dir` into `abstract` (a train state or some of its entries, in this
+  run's block layout): when the checkpoint was saved in the other layout
+  (`model.scan_layers`: unrolled `blocks` or stacked `scan_blocks`), the
+  restore target is `abstract` in the saved layout (placed by the sharding
+  rules on the same mesh) and `convert` maps the restored tree into
+  `abstract`'s layout and shardings, exactly: parameters, the optimizer's
+  moments (which mirror them) and model_state alike. Otherwise (abstract,
+  identity). Checkpoints written before layouts existed are unrolled."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from model import scan as scan_lib  # pylint: disable=g-import-not-at-top
+  from train import sharding  # pylint: disable=g-import-not-at-top
+  identity = (abstract, lambda tree: tree)
+  params = abstract.get('params') if hasattr(abstract, 'get') else None
+  if params is None or ('blocks' not in params and 'scan_blocks' not in params):
+    return identity
+  saved = saved_layout(state_dir)
+  want = scan_lib.tree_layout(params)
+  if saved is None or (saved[2] is None) == (want[2] is None):
+    return identity
+  # The scanned side's (num_layers, prefix, period) converts both ways.
+  layout = saved if want[2] is None else want
+  saved_shapes = jax.eval_shape(
+      lambda a: scan_lib.convert_state(a, layout, scanned=saved[2] is not None), abstract)
+  mesh = jax.tree.leaves(abstract)[0].sharding.mesh
+  saved_abstract = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      saved_shapes, sharding.state_shardings(mesh, saved_shapes))
+  target_shardings = jax.tree.map(lambda a: a.sharding, abstract)
+  convert = jax.jit(lambda tree: scan_lib.convert_state(tree, layout,
+                                                        scanned=want[2] is not None),
+                    out_shardings=target_shardings)
+  return saved_abstract, convert
 
 
 def restore_params(path: str, abstract_params, step: int | None = None):
@@ -207,33 +263,6 @@ def restore_params(path: str, abstract_params, step: int | None = None):
   """
   restored, at = restore(path, {'params': abstract_params}, step)
   return restored['params'], at
-
-
-def restore_params_in_layout(path: str, cfg_model, saved_scan_layers: bool,
-                             abstract_params, step: int | None = None):
-  """(params, step) like `restore_params`, from a checkpoint saved with
-  `model.scan_layers=saved_scan_layers` into the layout of `cfg_model`
-  (`abstract_params` is in that layout): the tree is converted exactly
-  between the unrolled and the scanned layouts (`model.scan`)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  import model as model_lib  # pylint: disable=g-import-not-at-top
-  from model import scan as scan_lib  # pylint: disable=g-import-not-at-top
-  scanned = bool(cfg_model.get('scan_layers', False))
-  if bool(saved_scan_layers) == scanned:
-    return restore_params(path, abstract_params, step)
-  saved_model = cfg_model.copy_and_resolve_references()
-  saved_model.scan_layers = bool(saved_scan_layers)
-  leaf = jax.tree.leaves(abstract_params)[0]
-  mesh = leaf.sharding.mesh
-  _, saved_abstract, _ = abstract_model_state(
-      lambda: model_lib.Decoder(saved_model, rngs=nnx.Rngs(0)), mesh)
-  restored, at = restore_params(path, saved_abstract['params'], step)
-  pure = scan_lib.convert(nnx.to_pure_dict(restored), cfg_model, scanned=scanned)
-  params = jax.tree.map(lambda x: x, abstract_params)
-  nnx.replace_by_pure_dict(params, pure)
-  params = jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), params, abstract_params)
-  return params, at
 
 
 def abstract_model_state(model_fn, mesh):
