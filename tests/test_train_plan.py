@@ -92,11 +92,11 @@ def test_flops_near_the_analytic_count(planned):
   assert 0.5 < result['flops'] / result['model_flops'] < 2.0
 
 
-def test_data_parallel_all_reduces_every_gradient():
-  # Unrolled: the HLO text holds each layer's gradient all-reduce once; a
-  # scanned program's sit in the loop body, counted once for all layers
-  # (collective_bytes reads the text, not trip counts).
-  cfg = _cfg(['mesh.data=8', 'mesh.fsdp=1', 'mesh.tensor=1', 'model.scan_layers=false'])
+@pytest.mark.parametrize('scan', [False, True])
+def test_data_parallel_all_reduces_every_gradient(scan):
+  # Scanned, the layers' gradient all-reduces sit in the loop body once and
+  # run once per layer (the loop's trip count).
+  cfg = _cfg(['mesh.data=8', 'mesh.fsdp=1', 'mesh.tensor=1', f'model.scan_layers={scan}'])
   result = plan_lib.plan(cfg, 8, 'cpu')
   grads_f32 = model_lib.count_params(cfg.model) * 4
   assert result['collectives']['all-reduce']['bytes'] >= grads_f32
@@ -116,6 +116,35 @@ def test_collective_bytes_reads_hlo_text():
   assert out['all-gather'] == {'count': 1, 'bytes': 4 * 3 * 2}
   assert out['collective-permute'] == {'count': 1, 'bytes': 16 * 4}
   assert out['reduce-scatter']['count'] == 0
+
+
+def test_collective_bytes_count_loop_bodies_by_trip_count():
+  """A collective in a while body (a scan over 12 layers, nested in a loop
+  of 3 microbatches) counts 36 times; one in the entry computation once."""
+  trips = lambda n: 'backend_config={"known_trip_count":{"n":"%d"}}' % n
+  hlo = '\n'.join([
+      '%layer_body (p: (s32[], f32[4])) -> (s32[], f32[4]) {',
+      '  %ar = f32[4]{0} all-reduce(f32[4]{0} %x), channel_id=1',
+      '}',
+      '%layer_cond (p: (s32[], f32[4])) -> pred[] {',
+      '  ROOT %lt = pred[] compare(s32[] %i, s32[] %n), direction=LT',
+      '}',
+      '%micro_body (p: (s32[], f32[4])) -> (s32[], f32[4]) {',
+      '  %w = (s32[], f32[4]) while((s32[], f32[4]) %t), condition=%layer_cond, '
+      'body=%layer_body, ' + trips(12),
+      '}',
+      '%micro_cond (p: (s32[], f32[4])) -> pred[] {',
+      '  ROOT %lt = pred[] compare(s32[] %i, s32[] %n), direction=LT',
+      '}',
+      'ENTRY %main (a: f32[4]) -> f32[4] {',
+      '  %w2 = (s32[], f32[4]) while((s32[], f32[4]) %t0), condition=%micro_cond, '
+      'body=%micro_body, ' + trips(3),
+      '  %ag = f32[8]{0} all-gather(f32[4]{0} %a), dimensions={0}',
+      '}',
+  ])
+  out = plan_lib.collective_bytes(hlo)
+  assert out['all-reduce'] == {'count': 36, 'bytes': 36 * 4 * 4}
+  assert out['all-gather'] == {'count': 1, 'bytes': 8 * 4}
 
 
 def test_does_not_fit_names_the_biggest_consumers(planned):

@@ -99,16 +99,64 @@ def usable_fraction(device_kind: str) -> float:
   return USABLE_FRACTION.get(device_kind, TPU_USABLE_FRACTION)
 
 
+# An HLO computation's header (`%name (...) -> ... {`, `ENTRY %name ...`),
+# the computations an instruction calls, and a while loop's trip count.
+_COMPUTATION = re.compile(r'^(?:ENTRY\s+)?%([\w.\-]+)\s')
+_CALLS = re.compile(r'\b(body|condition|calls|to_apply|branch_computations)=(\{[^}]*\}|%[\w.\-]+)')
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+def _executions(hlo_text: str) -> dict[str, int]:
+  """{computation: how many times one run of the entry computation runs it}.
+
+  A while loop's body runs `known_trip_count` times per run of its caller
+  (a scan over layers or microbatches); other calls (fusions, conditionals'
+  branches, async wrappers) once. A loop without a known trip count counts
+  once.
+  """
+  calls = collections.defaultdict(list)       # caller -> [(callee, times)]
+  entry, current = None, None
+  for line in hlo_text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header and line.rstrip().endswith('{'):
+      current = header.group(1)
+      if line.startswith('ENTRY'):
+        entry = current
+      continue
+    if current is None:
+      continue
+    trips = _TRIP_COUNT.search(line)
+    for kind, names in _CALLS.findall(line):
+      times = int(trips.group(1)) if kind == 'body' and trips else 1
+      for name in names.strip('{}').split(','):
+        calls[current].append((name.strip().lstrip('%'), times))
+  runs = collections.Counter()
+
+  def visit(name, times):
+    runs[name] += times
+    for callee, n in calls.get(name, ()):
+      visit(callee, times * n)
+  if entry is not None:
+    visit(entry, 1)
+  return runs
+
+
 def collective_bytes(hlo_text: str) -> dict[str, dict[str, int]]:
-  """{kind: {'count', 'bytes'}} of the collectives in an HLO module's text.
+  """{kind: {'count', 'bytes'}} of the collectives one step executes.
 
   `bytes` sums the result shapes (a tuple's elements added): what each
   device holds after the op, an upper bound of what it sends or receives.
-  An op inside a loop body (a scan over layers or microbatches) is counted
-  once, not once per iteration.
+  An op inside a loop body (a scan over layers or microbatches) counts once
+  per iteration (the loop's known trip count).
   """
+  runs = _executions(hlo_text)
   out = {k: {'count': 0, 'bytes': 0} for k in COLLECTIVES}
+  current = None
   for line in hlo_text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header and line.rstrip().endswith('{'):
+      current = header.group(1)
+      continue
     m = _OP.search(line)
     if not m:
       continue
@@ -119,8 +167,9 @@ def collective_bytes(hlo_text: str) -> dict[str, dict[str, int]]:
       shapes = shapes[len(shapes) // 2:] if len(shapes) > 1 else shapes
     size = sum(_DTYPE_BYTES[d] * math.prod(int(x) for x in dims.split(',') if x)
                for d, dims in shapes)
-    out[m.group(2)]['count'] += 1
-    out[m.group(2)]['bytes'] += size
+    times = runs.get(current, 1) if runs else 1
+    out[m.group(2)]['count'] += times
+    out[m.group(2)]['bytes'] += times * size
   return out
 
 
@@ -313,7 +362,7 @@ def report(result: dict) -> str:
   if r['flops'] is not None:
     lines.append(f'FLOPs per device per step: {r["flops"]:.4g} compiled, '
                  f'{r["model_flops"]:.4g} by model.flops_per_token')
-  lines.append('collectives in the HLO (count, result bytes; loop bodies counted once):')
+  lines.append('collectives per step (count, result bytes; loop bodies times their trip count):')
   for kind, c in r['collectives'].items():
     if c['count']:
       lines.append(f'  {kind:20s} {c["count"]:5d} {_gib(c["bytes"]):>14s}')
