@@ -38,14 +38,13 @@ def _decoder(overrides, seed=1, scale=8.0, spec='configs/llama.py:tiny'):
   return cfg, decoder
 
 
-@pytest.mark.parametrize('depth,spec', [(1, 'configs/llama.py:tiny'),
-                                        (2, 'configs/llama.py:tiny'),
+@pytest.mark.parametrize('depth,spec', [(2, 'configs/llama.py:tiny'),
                                         (1, 'configs/deepseek.py:tiny')])   # MLA + MoE
 def test_greedy_speculative_is_token_identical_to_plain_greedy(depth, spec):
   cfg, decoder = _decoder([f'model.mtp_depth={depth}'], spec=spec)
   rng = np.random.default_rng(depth)
   drafted = accepted = 0
-  for n in range(6):
+  for n in range(3):
     prompt = rng.integers(0, 64, size=int(rng.integers(1, 9))).tolist()
     want = sample.generate(decoder, cfg.model, [prompt], max_new_tokens=12)
     got = sample.generate(decoder, cfg.model, [prompt], max_new_tokens=12, speculative=True,

@@ -57,12 +57,12 @@ def test_scoring_equals_one_at_a_time_reference(tiny):
   rng = np.random.default_rng(0)
   words = ['alpha', 'be', 'gamma delta', 'x', 'return self', 'import os, sys']
   examples = []
-  for k in range(11):       # 15 examples x 3 choices: the last call is padded
+  for k in range(5):        # 7 examples x 3 choices: the last call is padded
     context = ' '.join(rng.choice(words, size=int(rng.integers(2, 20))))
     choices = [' ' + ' '.join(rng.choice(words, size=int(rng.integers(1, 4))))
                for _ in range(3)]
     examples.append(tasks.Example([context] * 3, choices, k % 3))
-  for k in range(4):        # partial scoring (WinoGrande): contexts vary, one continuation
+  for k in range(2):        # partial scoring (WinoGrande): contexts vary, one continuation
     contexts = [' '.join(rng.choice(words, size=int(rng.integers(2, 12)))) for _ in range(3)]
     examples.append(tasks.parse_example(
         {'contexts': contexts, 'continuation': ' return self', 'label': k % 3}, 'x'))
