@@ -709,6 +709,30 @@ def _deepseek_v3_from_hf(f: _Fields, m):
   return f.get('hidden_act', 'silu')
 
 
+def _yarn_parameters(f: _Fields, m, default_theta: float):
+  """(entries left, original_max_seq_len, factor, where) of an HF YaRN rope
+  config, with `m.rope_theta` set; None after mapping any other rope type
+  through `_rope`. The factor defaults to max_seq_len / original."""
+  params = dict(f.get('rope_parameters') or {})
+  legacy = f.get('rope_scaling')
+  if legacy:
+    params.update(legacy)
+  if params.get('rope_type', params.get('type')) != 'yarn':
+    _rope(f, m)
+    return None
+  theta = params.pop('rope_theta', None)
+  m.rope_theta = float(f.get('rope_theta', default_theta) if theta is None else theta)
+  params.pop('rope_type', None)
+  params.pop('type', None)
+  where = f'{f.family} config.json: rope yarn'
+  if 'original_max_position_embeddings' not in params:
+    raise HFError(f'{where}: original_max_position_embeddings is missing')
+  original = int(params.pop('original_max_position_embeddings'))
+  factor = params.pop('factor', None)
+  factor = float(m.max_seq_len / original if factor is None else factor)
+  return params, original, factor, where
+
+
 def _deepseek_v3_rope(f: _Fields, m):
   """DeepSeek-V3's rope fields; YaRN (the released config: factor 40,
   original_max_position_embeddings 4096, mscale = mscale_all_dim = 1) here,
@@ -720,22 +744,11 @@ def _deepseek_v3_rope(f: _Fields, m):
   YaRN's attention factor, squared, on the whole softmax scale and leaves
   cos/sin alone (model/mla.py), so mscale must equal mscale_all_dim; then
   ablax's `attention_factor` is 0.1 mscale_all_dim ln(factor) + 1."""
-  params = dict(f.get('rope_parameters') or {})
-  legacy = f.get('rope_scaling')
-  if legacy:
-    params.update(legacy)
-  if params.get('rope_type', params.get('type')) != 'yarn':
-    _rope(f, m)
+  yarn = _yarn_parameters(f, m, 10000.0)
+  if yarn is None:
     return
-  theta = params.pop('rope_theta', None)
-  m.rope_theta = float(f.get('rope_theta', 10000.0) if theta is None else theta)
-  params.pop('rope_type', None)
-  params.pop('type', None)
-  original = int(params.pop('original_max_position_embeddings'))
-  factor = params.pop('factor', None)
-  factor = float(m.max_seq_len / original if factor is None else factor)
+  params, original, factor, where = yarn
   mscale, all_dim = params.pop('mscale', None), params.pop('mscale_all_dim', None)
-  where = f'{f.family} config.json: rope yarn'
   if params.pop('attention_factor', None) is not None:
     raise HFError(f'{where} attention_factor: transformers puts it on the rotated part '
                   "only; ablax's MLA has no counterpart (set mscale and mscale_all_dim)")
@@ -1002,23 +1015,10 @@ def _gpt_oss_rope(f: _Fields, m):
   `_rope`. transformers' YaRN attention factor (on cos and sin, so the logits
   carry its square) is ablax's `attention_factor`: given, or from
   mscale / mscale_all_dim, or 0.1 ln(factor) + 1 (ablax's default)."""
-  params = dict(f.get('rope_parameters') or {})
-  legacy = f.get('rope_scaling')
-  if legacy:
-    params.update(legacy)
-  if params.get('rope_type', params.get('type')) != 'yarn':
-    _rope(f, m)
+  yarn = _yarn_parameters(f, m, 150000.0)
+  if yarn is None:
     return
-  theta = params.pop('rope_theta', None)
-  m.rope_theta = float(f.get('rope_theta', 150000.0) if theta is None else theta)
-  params.pop('rope_type', None)
-  params.pop('type', None)
-  where = 'gpt_oss config.json: rope yarn'
-  if 'original_max_position_embeddings' not in params:
-    raise HFError(f'{where}: original_max_position_embeddings is missing')
-  original = int(params.pop('original_max_position_embeddings'))
-  factor = params.pop('factor', None)
-  factor = float(m.max_seq_len / original if factor is None else factor)
+  params, original, factor, where = yarn
   if factor < 1:
     raise HFError(f'{where} factor={factor}: ablax needs a factor >= 1')
   attention = params.pop('attention_factor', None)
