@@ -188,6 +188,22 @@ def _layer_types(f: _Fields, num_layers, allowed):
                   'by ablax (expected ' + ', '.join(allowed(i) for i in range(num_layers)) + ')')
 
 
+def _llama_shape(f: _Fields, m, norm_eps: float = 1e-6):
+  """The shape and norm fields every Llama-like config.json spells alike
+  (hidden_size, heads with optional GQA and head_dim, intermediate_size,
+  max_position_embeddings, RMSNorm pre-norm with rms_norm_eps)."""
+  m.vocab_size = f.require('vocab_size')
+  m.d_model = f.require('hidden_size')
+  m.num_layers = f.require('num_hidden_layers')
+  m.num_heads = f.require('num_attention_heads')
+  m.num_kv_heads = f.get('num_key_value_heads') or m.num_heads
+  m.head_dim = f.get('head_dim') or m.d_model // m.num_heads
+  m.d_ff = f.require('intermediate_size')
+  m.max_seq_len = f.require('max_position_embeddings')
+  m.norm_type, m.norm_position = 'rmsnorm', 'pre'
+  m.norm_eps = float(f.get('rms_norm_eps', norm_eps))
+
+
 def hf_to_model_config(hf: dict):
   """(family, ablax `config.model`) from an HF config dict; raises HFError."""
   family = hf.get('model_type')
@@ -226,16 +242,7 @@ def hf_to_model_config(hf: dict):
     f.expect('scale_attn_weights', (None, True), 'attention is scaled by 1/sqrt(head_dim)')
     f.expect('scale_attn_by_inverse_layer_idx', (None, False), 'no per-layer scaling')
   else:
-    m.vocab_size = f.require('vocab_size')
-    m.d_model = f.require('hidden_size')
-    m.num_layers = f.require('num_hidden_layers')
-    m.num_heads = f.require('num_attention_heads')
-    m.num_kv_heads = f.get('num_key_value_heads') or m.num_heads
-    m.head_dim = f.get('head_dim') or m.d_model // m.num_heads
-    m.d_ff = f.require('intermediate_size')
-    m.max_seq_len = f.require('max_position_embeddings')
-    m.norm_type, m.norm_position = 'rmsnorm', 'pre'
-    m.norm_eps = float(f.get('rms_norm_eps', 1e-6))
+    _llama_shape(f, m)
     m.mlp_gated = True
     act = f.get('hidden_activation') if family == 'gemma2' else None
     act = act or f.get('hidden_act', 'silu')
@@ -329,16 +336,8 @@ def _qwen3_next_from_hf(f: _Fields, m):
   moe_layer_interval and moe_first_dense_layers; the shared expert's width
   must be a multiple of moe_intermediate_size (`num_shared_experts`)."""
   fam = 'qwen3_next config.json'
-  m.vocab_size = f.require('vocab_size')
-  m.d_model = f.require('hidden_size')
-  m.num_layers = layers = f.require('num_hidden_layers')
-  m.num_heads = f.require('num_attention_heads')
-  m.num_kv_heads = f.get('num_key_value_heads') or m.num_heads
-  m.head_dim = f.get('head_dim') or m.d_model // m.num_heads
-  m.d_ff = f.require('intermediate_size')
-  m.max_seq_len = f.require('max_position_embeddings')
-  m.norm_type, m.norm_position = 'rmsnorm', 'pre'
-  m.norm_eps = float(f.get('rms_norm_eps', 1e-6))
+  _llama_shape(f, m)
+  layers = m.num_layers
   m.mlp_gated, m.use_bias = True, False
   f.expect('attention_bias', (None, False), 'Qwen3-Next projections have no biases')
   m.qk_norm, m.attention_gate = True, 'elementwise'
@@ -948,16 +947,7 @@ def _gpt_oss_from_hf(f: _Fields, m):
   f.expect('quantization_config', (None,), 'MXFP4 expert weights are not read; load the '
            "model with transformers' Mxfp4Config(dequantize=True) and save_pretrained "
            'it, then import that folder')
-  m.vocab_size = f.require('vocab_size')
-  m.d_model = f.require('hidden_size')
-  m.num_layers = f.require('num_hidden_layers')
-  m.num_heads = f.require('num_attention_heads')
-  m.num_kv_heads = f.get('num_key_value_heads') or m.num_heads
-  m.head_dim = f.get('head_dim') or m.d_model // m.num_heads
-  m.d_ff = f.require('intermediate_size')
-  m.max_seq_len = f.require('max_position_embeddings')
-  m.norm_type, m.norm_position = 'rmsnorm', 'pre'
-  m.norm_eps = float(f.get('rms_norm_eps', 1e-5))
+  _llama_shape(f, m, norm_eps=1e-5)
   _gpt_oss_rope(f, m)
   f.expect('attention_bias', (None, True), "ablax's use_bias puts biases on the attention "
            'projections and the experts alike; GPT-OSS without attention biases is not mapped')
